@@ -1,0 +1,130 @@
+"""`fft-dist` console script: train | export | ckpt."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+USAGE = """fft-dist <command> [args]
+
+commands:
+  train [hydra overrides]        train; self-launches launcher.nproc_per_node ranks via torchrun's API
+  export <checkpoint> <out_dir>  write a Hugging Face folder from a checkpoint
+  ckpt verify <checkpoint>       check completeness and sha256 checksums
+  ckpt info <checkpoint>         step, backend, world size, tensors, bytes
+"""
+
+
+def train(overrides: list[str]) -> int:
+    """Resolve the config once, write run.dir/config.yaml, then start the ranks (or be one)."""
+    from fft_dist.dist import launched_by_launcher, strip_launcher_args
+    from fft_dist.train import CONFIG_ENV, EXIT_CONFIG_ERROR, run_worker
+
+    overrides = strip_launcher_args(overrides)
+    if launched_by_launcher():
+        return run_worker(overrides)
+    from fft_dist.config import compose, describe_error, resolve, to_typed, to_yaml, validate
+
+    try:
+        cfg_node = resolve(compose(overrides))
+        cfg = to_typed(cfg_node)
+        nproc = cfg.launcher.nproc_per_node
+        validate(cfg, nproc)
+    except Exception as e:
+        print(f"fft-dist: config error: {describe_error(e)}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    run_dir = Path(cfg.run.dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.yaml"
+    config_path.write_text(to_yaml(cfg_node), encoding="utf-8")
+    print(f"fft-dist: run dir {run_dir}; starting {nproc} rank(s)", flush=True)
+    return launch_local(config_path, nproc, cfg.launcher.master_port)
+
+
+def launch_local(config_path: Path, nproc: int, master_port: int) -> int:
+    """Start `nproc` workers with torch.distributed.run (torchrun's own code, not a home-made spawner)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from fft_dist.train import CONFIG_ENV
+
+    os.environ[CONFIG_ENV] = str(config_path)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    rdzv = ["--standalone"] if master_port == 0 else ["--master_addr", "127.0.0.1", "--master_port", str(master_port)]
+    args = get_args_parser().parse_args(
+        ["--nproc_per_node", str(nproc), *rdzv, "--max_restarts", "0", "--monitor_interval", "0.5",
+         "-m", "fft_dist.train"]
+    )
+    try:
+        run(args)
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        code = next((c for c in codes if c and c > 0), 1)
+        print(f"fft-dist: a rank exited with code {code}; see the messages above", file=sys.stderr)
+        return code
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        sys.exit(train(rest))
+    if command == "export":
+        sys.exit(export(rest))
+    if command == "ckpt":
+        sys.exit(ckpt(rest))
+    print(f"fft-dist: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    sys.exit(2)
+
+
+def export(argv: list[str]) -> int:
+    from fft_dist.checkpoint import CheckpointError, export_hf
+
+    p = argparse.ArgumentParser(prog="fft-dist export")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: the one the run used)")
+    a = p.parse_args(argv)
+    try:
+        export_hf(a.checkpoint, a.out_dir, dtype=a.dtype, max_shard_size=a.max_shard_size, tokenizer_dir=a.tokenizer)
+    except CheckpointError as e:
+        print(f"fft-dist: {e}", file=sys.stderr)
+        return 1
+    print(f"fft-dist: wrote {a.out_dir}")
+    return 0
+
+
+def ckpt(argv: list[str]) -> int:
+    import json
+
+    from fft_dist.checkpoint import CheckpointError, checkpoint_info, verify_checkpoint
+
+    p = argparse.ArgumentParser(prog="fft-dist ckpt")
+    p.add_argument("action", choices=["verify", "info"])
+    p.add_argument("checkpoint", type=Path)
+    a = p.parse_args(argv)
+    try:
+        if a.action == "verify":
+            problems = verify_checkpoint(a.checkpoint)
+            for problem in problems:
+                print(f"fft-dist: {problem}", file=sys.stderr)
+            if problems:
+                return 1
+            print(f"fft-dist: {a.checkpoint} is complete and every checksum matches")
+            return 0
+        print(json.dumps(checkpoint_info(a.checkpoint), indent=2))
+        return 0
+    except CheckpointError as e:
+        print(f"fft-dist: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    main()

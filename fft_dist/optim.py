@@ -1,0 +1,80 @@
+"""Optimizers with the usual decay / no-decay parameter groups, and step -> lr schedules.
+
+The schedule is a pure function of the step, so resuming needs nothing but the step
+count, and every backend applies exactly the same lr.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fft_dist.config import OptimizerConfig, OptimizerName, Schedule, TrainConfig
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
+    """Trainable parameters split into weight-decay and no-decay groups (1-D tensors never decay)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or _matches(name, cfg.no_decay):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def optimizer_factory(cfg: OptimizerConfig, lr: float) -> Callable[[nn.Module], torch.optim.Optimizer]:
+    """A factory so strategies can build the optimizer after they wrap or partition the model."""
+
+    def make(model: nn.Module) -> torch.optim.Optimizer:
+        groups = param_groups(model, cfg)
+        if not groups:
+            raise ValueError("no trainable parameters: model.freeze / model.freeze_layers froze everything")
+        betas = tuple(cfg.betas)
+        if cfg.name == OptimizerName.adamw:
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.eps, foreach=False)
+        if cfg.name == OptimizerName.adam:
+            return torch.optim.Adam(groups, lr=lr, betas=betas, eps=cfg.eps, foreach=False)
+        if cfg.name == OptimizerName.sgd:
+            return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, foreach=False)
+        if cfg.name == OptimizerName.adafactor:
+            return torch.optim.Adafactor(groups, lr=lr, foreach=False)
+        raise ValueError(f"unknown optimizer {cfg.name}")
+
+    return make
+
+
+def lr_schedule(train: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """lr for 0-based step s: linear warmup to train.lr, then constant / linear / cosine decay."""
+    warmup = train.warmup_steps or int(round(train.warmup_ratio * total_steps))
+    peak, floor = train.lr, train.lr * train.min_lr_ratio
+
+    def lr_at(step: int) -> float:
+        if warmup and step < warmup:
+            return peak * (step + 1) / warmup
+        if train.lr_schedule == Schedule.constant:
+            return peak
+        decay_steps = max(1, total_steps - warmup)
+        progress = min(1.0, (step - warmup) / decay_steps)
+        if train.lr_schedule == Schedule.linear:
+            return peak + (floor - peak) * progress
+        return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return lr_at
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,83 @@
+"""The seam between the training loop and a parallelism backend.
+
+DeepSpeed owns its optimizer, accumulation and clipping, so the seam sits at
+forward / backward / step rather than at "wrap the model". The loop never touches
+backend objects; the checkpoint code only sees :class:`Fragment`s.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
+
+import torch
+from torch import nn
+
+# (model) -> optimizer over model's trainable parameters, with our param groups.
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+# step index (0-based, the step about to be taken) -> learning rate.
+LrSchedule = Callable[[int], float]
+
+
+@dataclass
+class Fragment:
+    """A contiguous range of one flattened full tensor that this rank owns.
+
+    FSDP2 row shards, ZeRO-3 flat partitions and ZeRO-2 group partitions all reduce to this,
+    which is why one checkpoint format serves every backend.
+    """
+
+    name: str
+    """Parameter name as in the unwrapped Hugging Face model (e.g. model.layers.0.mlp.up_proj.weight)."""
+    kind: str
+    """'param' or an optimizer-state key such as 'exp_avg', 'exp_avg_sq', 'momentum_buffer'."""
+    full_shape: tuple[int, ...]
+    flat_start: int
+    """Offset of local[0] in the flattened full tensor."""
+    local: torch.Tensor
+    """1-D tensor of this rank's elements; writing into it updates the live state."""
+
+    @property
+    def flat_stop(self) -> int:
+        return self.flat_start + self.local.numel()
+
+
+class FragmentSource(Protocol):
+    """What load_fragments reads from: any flat range of any stored tensor."""
+
+    def read(self, name: str, kind: str, start: int, stop: int) -> torch.Tensor: ...
+
+    def has(self, name: str, kind: str) -> bool: ...
+
+
+class Strategy(Protocol):
+    """One parallelism backend. Implementations: none, fsdp (FSDP2), zero2/zero3 (DeepSpeed)."""
+
+    name: str
+    model: nn.Module
+    """The wrapped, trainable model (call through :meth:`forward`)."""
+
+    def setup(
+        self, *, build_model: Callable[[], nn.Module], make_optimizer: OptimizerFactory, lr_at: LrSchedule
+    ) -> None:
+        """Build (or partition-build) the model, shard it, and create the optimizer."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits for a micro batch, under the configured precision."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of a micro-batch loss that is already normalised by the global-batch token count.
+
+        The strategy undoes its backend's own averaging (over ranks, over accumulation steps)
+        so that the summed gradient is exactly d(sum of token losses / global tokens).
+        """
+
+    def step(self, step: int) -> float:
+        """Clip, optimizer step at lr_at(step), zero grads. Returns the pre-clip global grad norm."""
+
+    def fragments(self) -> Iterator[Fragment]:
+        """Every parameter and optimizer-state range this rank owns (each range owned by one rank)."""
+
+    def load_fragments(self, source: FragmentSource) -> None:
+        """Fill this rank's ranges from a checkpoint, whatever world size or backend wrote it."""
+
+    def train(self, mode: bool = True) -> None: ...

@@ -1,0 +1,25 @@
+"""parallelism=none: one process, no sharding. The numerical reference for every backend."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from fft_dist.config import Precision, TrainConfig
+from fft_dist.strategy.torch_common import TorchOptimizerStrategy
+
+
+class SingleProcessStrategy(TorchOptimizerStrategy):
+    name = "none"
+
+    def __init__(self, *, train: TrainConfig, device: torch.device):
+        super().__init__(train=train, device=device, world_size=1)
+
+    def setup(self, *, build_model, make_optimizer, lr_at) -> None:
+        self.model = build_model().to(self.device)
+        self._finish_setup(make_optimizer, lr_at)
+
+    def _autocast(self):
+        if self.train_cfg.precision == Precision.fp32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)

@@ -1,0 +1,148 @@
+"""Pieces shared by the strategies that drive a plain torch optimizer (none, fsdp)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from fft_dist.config import Precision, TrainConfig
+from fft_dist.optim import set_lr
+from fft_dist.strategy.base import Fragment, FragmentSource, LrSchedule
+
+COMPUTE_DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
+
+
+class TorchOptimizerStrategy:
+    """Common step / clip / loss-scaling / optimizer-state logic; subclasses shard (or not) the model."""
+
+    name = "torch"
+
+    def __init__(self, *, train: TrainConfig, device: torch.device, world_size: int):
+        self.train_cfg = train
+        self.device = device
+        self.world_size = world_size
+        self.compute_dtype = COMPUTE_DTYPES[train.precision]
+        self.model: nn.Module
+        self.optimizer: torch.optim.Optimizer
+        self.lr_at: LrSchedule
+        self.scaler = None
+        self._param_names: dict[int, str] = {}
+
+    # -- hooks for subclasses -------------------------------------------------------------
+    def _grad_divide_factor(self) -> float:
+        """How much the backend divides gradients by when it reduces them over ranks."""
+        return 1.0
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def _local_range(self, tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], int]:
+        """(1-D local view, full shape, flat offset) of a parameter or state tensor."""
+        return tensor.view(-1), tuple(tensor.shape), 0
+
+    def _owns_replicated(self) -> bool:
+        return True
+
+    # -- Strategy protocol ---------------------------------------------------------------
+    def _finish_setup(self, make_optimizer, lr_at: LrSchedule) -> None:
+        self.lr_at = lr_at
+        self.optimizer = make_optimizer(self.model)
+        self._param_names = {id(p): n for n, p in self.model.named_parameters()}
+        if self.train_cfg.precision == Precision.fp16:
+            self.scaler = self._make_scaler()
+
+    def _make_scaler(self):
+        return torch.amp.GradScaler(self.device.type)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+        return out.logits
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss * self._grad_divide_factor()
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        loss.backward()
+
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def step(self, step: int) -> float:
+        set_lr(self.optimizer, self.lr_at(step))
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self._trainable() if p.grad is not None]
+        grads = [p.grad for p in params]
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        norm = self._full_norm(norm)
+        if self.train_cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.train_cfg.max_grad_norm, norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def _full_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        return norm
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    # -- checkpoint fragments --------------------------------------------------------------
+    def ensure_optimizer_state(self) -> None:
+        """Create optimizer states with a zero-gradient, zero-lr step so they can be loaded into."""
+        if all(p in self.optimizer.state and self.optimizer.state[p] for p in self._trainable()):
+            return
+        saved = [g["lr"] for g in self.optimizer.param_groups]
+        for p in self._trainable():
+            p.grad = torch.zeros_like(p)
+        set_lr(self.optimizer, 0.0)
+        self.optimizer.step()
+        for g, lr in zip(self.optimizer.param_groups, saved):
+            g["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def fragments(self) -> Iterator[Fragment]:
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                local, shape, start = self._local_range(p)
+                yield Fragment(name, "param", shape, start, local)
+                state = self.optimizer.state.get(p, {})
+                for kind, value in state.items():
+                    if not isinstance(value, torch.Tensor):
+                        continue
+                    if kind == "step":
+                        if self._owns_replicated():
+                            yield Fragment(name, "step", (1,), 0, value.detach().reshape(1))
+                        continue
+                    if tuple(value.shape) != tuple(p.shape):
+                        raise NotImplementedError(
+                            f"optimizer state {kind!r} of {name} is not shaped like the parameter "
+                            f"({tuple(value.shape)} vs {tuple(p.shape)}); checkpointing factored states "
+                            "(Adafactor) is not supported yet"
+                        )
+                    s_local, s_shape, s_start = self._local_range(value)
+                    yield Fragment(name, kind, s_shape, s_start, s_local)
+
+    def load_fragments(self, source: FragmentSource) -> None:
+        self.ensure_optimizer_state()
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                local, _, start = self._local_range(p)
+                local.copy_(source.read(name, "param", start, start + local.numel()).to(local.dtype))
+                if not p.requires_grad:
+                    continue
+                for kind, value in self.optimizer.state.get(p, {}).items():
+                    if not isinstance(value, torch.Tensor) or not source.has(name, kind):
+                        continue
+                    if kind == "step":
+                        value.copy_(source.read(name, "step", 0, 1).reshape(value.shape).to(value.dtype))
+                        continue
+                    s_local, _, s_start = self._local_range(value)
+                    s_local.copy_(source.read(name, kind, s_start, s_start + s_local.numel()).to(s_local.dtype))
