@@ -26,6 +26,7 @@ TINY_JOB = TINY_MODEL + [
     "data.max_examples=256",
     "train.max_steps=10",
     "train.global_batch_size=4",
+    "train.micro_batch_size=2",
     "train.lr=3e-3",
     "train.warmup_steps=2",
     "eval.every_steps=0",

@@ -77,6 +77,8 @@ def required_columns(cfg: DataConfig) -> list[str]:
 def encode_rows(rows: list[dict], cfg: DataConfig, tok: PreTrainedTokenizerBase, stats: DataStats) -> list[Example]:
     eos = tok.eos_token_id
     out: list[Example] = []
+    if not rows:
+        return out
     if cfg.format == DataFormat.text:
         texts = tok([r[cfg.text_key] for r in rows], add_special_tokens=False)["input_ids"]
         pairs = [([], t) for t in texts]

@@ -1,0 +1,79 @@
+"""Real multi-process training runs (gloo, fp32, tiny Llama): parity, accumulation, full fine-tuning, NaN."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY_JOB, assert_close_rel, eval_losses, read_metrics, train, train_losses
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """parallelism=none, 1 process, micro batch 4 x accumulation 1 (global batch 4)."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    train(run, *TINY_JOB, "train.micro_batch_size=4", nproc=1, parallelism="none")
+    return train_losses(run)
+
+
+def test_reference_learns(reference):
+    assert len(reference) == 10
+    assert reference[-1] < reference[0] - 0.2, reference
+
+
+@pytest.mark.parametrize("label,nproc,parallelism,micro", [
+    ("none: micro 2 x accum 2", 1, "none", 2),
+    ("fsdp: 2 ranks x micro 2 x accum 1", 2, "fsdp", 2),
+    ("fsdp: 2 ranks x micro 1 x accum 2", 2, "fsdp", 1),
+])
+def test_same_losses_for_every_split_of_the_global_batch(reference, tmp_path, label, nproc, parallelism, micro):
+    """Rows have unequal lengths, so a per-micro-batch mean would fail this; we normalise by global tokens."""
+    train(tmp_path / "run", *TINY_JOB, f"train.micro_batch_size={micro}", nproc=nproc, parallelism=parallelism)
+    assert_close_rel(train_losses(tmp_path / "run"), reference, 1e-5, label)
+
+
+def test_per_micro_batch_mean_would_differ(tmp_path):
+    """Guard for the test above: the data really has unequal token counts per micro batch."""
+    from fft_dist.config import compose, resolve, to_typed
+    from fft_dist.data import GlobalBatchSampler, load_datasets
+    from fft_dist.model import load_tokenizer
+
+    cfg = to_typed(resolve(compose(list(TINY_JOB))))
+    data, _, _ = load_datasets(cfg.data, load_tokenizer(cfg.model))
+    sampler = GlobalBatchSampler(len(data), 4, seed=cfg.train.seed)
+    counts = {data[i].loss_tokens for step in range(10) for i in sampler.global_batch(step)}
+    assert len(counts) > 5, counts
+
+
+def test_nan_loss_stops_with_clear_message(tmp_path):
+    proc = train(tmp_path / "run", *TINY_JOB, "train.lr=1e30", "train.max_grad_norm=0", "train.warmup_steps=0",
+                 "train.lr_schedule=constant", expect_rc=3)
+    assert "loss is nan" in proc.stderr or "loss is inf" in proc.stderr, proc.stderr[-2000:]
+    assert "Lower train.lr" in proc.stderr
+
+
+def test_metrics_and_tensorboard_written(tmp_path):
+    run = tmp_path / "run"
+    proc = train(run, *TINY_JOB, "train.max_steps=4", "eval.every_steps=2")
+    records = read_metrics(run)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_mb"):
+        assert key in steps[0], key
+    assert steps[0]["mfu"] is None, "MFU on CPU must be null, not a made-up figure"
+    assert [s for s, _ in eval_losses(run)] == [0, 2, 4]
+    assert list((run / "tb").glob("events.out.tfevents.*")), "TensorBoard events missing"
+    assert (run / "config.yaml").is_file()
+    assert "completed after 4 steps" in proc.stdout
+    assert proc.stdout.count("completed after") == 1, "the summary must come from rank 0 only"
+
+
+def test_early_stopping_tracks_best_step(tmp_path):
+    run = tmp_path / "run"
+    # A huge constant lr makes eval loss get worse after the first evaluations.
+    train(run, *TINY_JOB, "train.max_steps=30", "eval.every_steps=2", "eval.patience=2", "train.lr=0.5",
+          "train.lr_schedule=constant", "train.warmup_steps=0")
+    evals = eval_losses(run)
+    last_step = max(r["step"] for r in read_metrics(run) if "loss" in r)
+    assert last_step < 30, "patience should have stopped training early"
+    best = min(evals, key=lambda e: e[1])
+    final = [r for r in read_metrics(run) if "eval_best_step" in r][-1]
+    assert final["eval_best_step"] == best[0]
