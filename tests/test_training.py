@@ -77,3 +77,30 @@ def test_early_stopping_tracks_best_step(tmp_path):
     best = min(evals, key=lambda e: e[1])
     final = [r for r in read_metrics(run) if "eval_best_step" in r][-1]
     assert final["eval_best_step"] == best[0]
+
+
+def test_default_job_eval_loss_falls(tmp_path):
+    """The embedded default (tiny_llama, stdlib corpus, fsdp x 2), shortened to 30 steps."""
+    run = tmp_path / "run"
+    train(run, "train.max_steps=30", "eval.every_steps=0", "eval.max_batches=4", "checkpoint.save_final=false",
+          "train.warmup_steps=5")
+    evals = eval_losses(run)
+    assert [s for s, _ in evals] == [0, 30]
+    assert evals[1][1] < evals[0][1] - 1.0, evals
+
+
+def test_runs_under_torchrun_as_worker(tmp_path):
+    """`torchrun --nproc_per_node 2 -m fft_dist.train [overrides]`: rank 0's resolved config wins."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, child_env
+
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+         "fft_dist.train", f"run.dir={run}", *TINY_JOB, "train.max_steps=3"],
+        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3]
+    assert "max_steps: 3" in (run / "config.yaml").read_text()
