@@ -104,3 +104,17 @@ def test_runs_under_torchrun_as_worker(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3]
     assert "max_steps: 3" in (run / "config.yaml").read_text()
+
+
+def test_activation_checkpointing_keeps_the_numbers(reference, tmp_path):
+    train(tmp_path / "run", *TINY_JOB, "model.activation_checkpointing=true")
+    assert_close_rel(train_losses(tmp_path / "run"), reference, 1e-5, "fsdp + activation checkpointing")
+
+
+@pytest.mark.parametrize("precision,nproc,parallelism", [("bf16", 2, "fsdp"), ("fp16", 2, "fsdp"), ("bf16", 1, "none")])
+def test_mixed_precision_tracks_fp32(reference, tmp_path, precision, nproc, parallelism):
+    """Low-precision compute with fp32 master weights follows the fp32 curve loosely (bf16 has 8 mantissa bits)."""
+    train(tmp_path / "run", *TINY_JOB, f"train.precision={precision}", nproc=nproc, parallelism=parallelism)
+    losses = train_losses(tmp_path / "run")
+    assert_close_rel(losses, reference, 0.03, f"{parallelism} {precision} vs fp32")
+    assert losses[-1] < losses[0]

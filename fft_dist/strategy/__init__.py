@@ -15,7 +15,8 @@ def make_strategy(cfg: FFTConfig, plan: BatchPlan, ctx: DistContext) -> Strategy
     if name == Backend.fsdp:
         from fft_dist.strategy.fsdp import FSDPStrategy
 
-        return FSDPStrategy(parallelism=cfg.parallelism, train=cfg.train, device=ctx.device, world_size=ctx.world_size)
+        return FSDPStrategy(parallelism=cfg.parallelism, train=cfg.train, device=ctx.device, world_size=ctx.world_size,
+                            meta_init=cfg.model.path is not None)
     from fft_dist.strategy.deepspeed import DeepSpeedStrategy  # lazy: FSDP users never import deepspeed
 
     return DeepSpeedStrategy(parallelism=cfg.parallelism, train=cfg.train, plan=plan, ctx=ctx)

@@ -20,13 +20,25 @@ from fft_dist.strategy.torch_common import TorchOptimizerStrategy
 class FSDPStrategy(TorchOptimizerStrategy):
     name = "fsdp"
 
-    def __init__(self, *, parallelism: ParallelismConfig, train: TrainConfig, device: torch.device, world_size: int):
+    def __init__(self, *, parallelism: ParallelismConfig, train: TrainConfig, device: torch.device, world_size: int,
+                 meta_init: bool = False):
         super().__init__(train=train, device=device, world_size=world_size)
         self.parallelism = parallelism
+        self.meta_init = meta_init
         self.mesh = init_device_mesh(device.type, (world_size,))
 
     def setup(self, *, build_model, make_optimizer, lr_at) -> None:
-        model = build_model().to(self.device)
+        """Shard per decoder layer, then the root.
+
+        With meta_init (weights come from model.path afterwards), the model is built on the meta
+        device and only this rank's shards are ever allocated. Otherwise every rank builds the same
+        seeded full model on CPU once and keeps its shards, which matches HF's own init exactly.
+        """
+        if self.meta_init:
+            with torch.device("meta"):
+                model = build_model()
+        else:
+            model = build_model().to(self.device)
         if self.train_cfg.precision == Precision.fp32:
             mp = MixedPrecisionPolicy()
         else:
@@ -35,6 +47,9 @@ class FSDPStrategy(TorchOptimizerStrategy):
         for layer in decoder_layers(model):
             fully_shard(layer, reshard_after_forward=self.parallelism.reshard_after_forward, **kwargs)
         fully_shard(model, reshard_after_forward=self.parallelism.reshard_after_forward, **kwargs)
+        if self.meta_init:
+            model.to_empty(device=self.device)
+            reinit_buffers(model)
         self.model = model
         self._finish_setup(make_optimizer, lr_at)
 
@@ -64,3 +79,17 @@ class FSDPStrategy(TorchOptimizerStrategy):
         for d in shape[1:]:
             row_numel *= d
         return local.view(-1), shape, row * row_numel
+
+
+def reinit_buffers(model: torch.nn.Module) -> None:
+    """Recompute non-persistent buffers (rotary inv_freq) lost by meta-device construction.
+
+    Parameters are loaded from the checkpoint / HF folder afterwards; buffers are not stored there.
+    """
+    init = getattr(model, "_init_weights", None)
+    for module in model.modules():
+        if any(True for _ in module.buffers(recurse=False)) and not any(True for _ in module.parameters(recurse=False)):
+            if init is None:
+                raise RuntimeError(f"cannot re-create buffers of {type(module).__name__} after meta init")
+            with torch.no_grad():
+                init(module)

@@ -11,6 +11,7 @@ from fft_dist.config import Precision, TrainConfig
 from fft_dist.optim import set_lr
 from fft_dist.strategy.base import Fragment, FragmentSource, LrSchedule
 
+OPTIMIZER_STATE_KINDS = ("step", "exp_avg", "exp_avg_sq", "momentum_buffer")
 COMPUTE_DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
 
 
@@ -131,7 +132,10 @@ class TorchOptimizerStrategy:
                     yield Fragment(name, kind, s_shape, s_start, s_local)
 
     def load_fragments(self, source: FragmentSource) -> None:
-        self.ensure_optimizer_state()
+        # A pretrained HF folder has parameters only: then the optimizer must stay fresh (step 0).
+        trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        if trainable and any(source.has(trainable[0], k) for k in OPTIMIZER_STATE_KINDS):
+            self.ensure_optimizer_state()
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 local, _, start = self._local_range(p)
