@@ -19,7 +19,8 @@ commands:
 def train(overrides: list[str]) -> int:
     """Resolve the config once, write run.dir/config.yaml, then start the ranks (or be one)."""
     from fft_dist.dist import launched_by_launcher, strip_launcher_args
-    from fft_dist.train import CONFIG_ENV, EXIT_CONFIG_ERROR, run_worker
+    from fft_dist.exit_codes import CONFIG_ERROR
+    from fft_dist.train import run_worker
 
     overrides = strip_launcher_args(overrides)
     if launched_by_launcher():
@@ -33,7 +34,7 @@ def train(overrides: list[str]) -> int:
         validate(cfg, nproc)
     except Exception as e:
         print(f"fft-dist: config error: {describe_error(e)}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return CONFIG_ERROR
     run_dir = Path(cfg.run.dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
@@ -44,12 +45,16 @@ def train(overrides: list[str]) -> int:
 
 def launch_local(config_path: Path, nproc: int, master_port: int) -> int:
     """Start `nproc` workers with torch.distributed.run (torchrun's own code, not a home-made spawner)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     from fft_dist.train import CONFIG_ENV
+    from fft_dist.exit_codes import PREEMPTED
 
     os.environ[CONFIG_ENV] = str(config_path)
+    # Forward SLURM's pre-emption signal (USR1) to the workers too; they checkpoint and exit.
+    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     rdzv = ["--standalone"] if master_port == 0 else ["--master_addr", "127.0.0.1", "--master_port", str(master_port)]
     args = get_args_parser().parse_args(
@@ -58,6 +63,10 @@ def launch_local(config_path: Path, nproc: int, master_port: int) -> int:
     )
     try:
         run(args)
+    except SignalException as e:
+        print(f"fft-dist: received {e.sigval.name}; the ranks were asked to checkpoint and stop "
+              f"(resume with resume=auto)", file=sys.stderr)
+        return PREEMPTED
     except ChildFailedError as e:
         codes = [f.exitcode for f in e.failures.values()]
         code = next((c for c in codes if c and c > 0), 1)

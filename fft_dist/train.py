@@ -11,11 +11,10 @@ import sys
 from pathlib import Path
 
 from fft_dist.config import ConfigError, FFTConfig, compose, describe_error, load_yaml, resolve, to_typed, to_yaml, validate
+from fft_dist import exit_codes
 from fft_dist.dist import env_world_size, init_distributed, print0, strip_launcher_args
 
 CONFIG_ENV = "FFT_DIST_CONFIG"
-EXIT_CONFIG_ERROR = 2
-EXIT_NONFINITE_LOSS = 3
 
 
 def load_config(argv: list[str]) -> tuple[FFTConfig, str, bool]:
@@ -54,7 +53,7 @@ def run_worker(argv: list[str]) -> int:
     except Exception as e:  # config errors are identical on every rank: report once
         if rank == 0:
             print(f"fft-dist: config error: {describe_error(e)}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG_ERROR
+        return exit_codes.CONFIG_ERROR
     ctx = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
     try:
         if not from_file:
@@ -68,17 +67,15 @@ def run_worker(argv: list[str]) -> int:
         summary = Trainer(cfg, ctx=ctx, plan=plan, run_dir=run_dir, config_yaml=text).run()
     except (ConfigError, DataError) as e:
         print(f"fft-dist: error{'' if ctx.world_size == 1 else f' (rank {ctx.rank})'}: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG_ERROR
+        return exit_codes.CONFIG_ERROR
     except NonFiniteLossError as e:
         print0(f"fft-dist: error: {e}", file=sys.stderr)
-        return EXIT_NONFINITE_LOSS
+        return exit_codes.NONFINITE_LOSS
     finally:
         _shutdown()
     if ctx.is_main:
         print_summary(summary)
-    from fft_dist.trainer import EXIT_PREEMPTED
-
-    return EXIT_PREEMPTED if summary.stopped == "preempted" else 0
+    return exit_codes.PREEMPTED if summary.stopped == "preempted" else exit_codes.OK
 
 
 def _shutdown() -> None:

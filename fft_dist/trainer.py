@@ -34,10 +34,6 @@ from fft_dist.model import (
 from fft_dist.optim import lr_schedule, optimizer_factory
 from fft_dist.strategy import make_strategy
 
-EXIT_PREEMPTED = 75
-"""Exit code after a SIGTERM/SIGUSR1-triggered checkpoint (EX_TEMPFAIL: rerun with resume=auto)."""
-
-
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; training stops and no checkpoint of this state is written."""
 
