@@ -42,6 +42,7 @@ def _agree_on_config(text: str) -> str:
 def run_worker(argv: list[str]) -> int:
     from omegaconf import OmegaConf
 
+    from fft_dist.checkpoint import CheckpointError
     from fft_dist.config import to_typed as typed_from
     from fft_dist.data import DataError
     from fft_dist.trainer import NonFiniteLossError, Trainer
@@ -65,9 +66,14 @@ def run_worker(argv: list[str]) -> int:
             if not from_file:
                 (run_dir / "config.yaml").write_text(text, encoding="utf-8")
         summary = Trainer(cfg, ctx=ctx, plan=plan, run_dir=run_dir, config_yaml=text).run()
+        _barrier()  # rank 0 may still be exporting; gloo can abort if the group goes away mid-flight
     except (ConfigError, DataError) as e:
         print(f"fft-dist: error{'' if ctx.world_size == 1 else f' (rank {ctx.rank})'}: {e}", file=sys.stderr, flush=True)
         return exit_codes.CONFIG_ERROR
+    except CheckpointError as e:
+        print(f"fft-dist: checkpoint error{'' if ctx.world_size == 1 else f' (rank {ctx.rank})'}: {e}",
+              file=sys.stderr, flush=True)
+        return exit_codes.CHECKPOINT_ERROR
     except NonFiniteLossError as e:
         print0(f"fft-dist: error: {e}", file=sys.stderr)
         return exit_codes.NONFINITE_LOSS
@@ -76,6 +82,13 @@ def run_worker(argv: list[str]) -> int:
     if ctx.is_main:
         print_summary(summary)
     return exit_codes.PREEMPTED if summary.stopped == "preempted" else exit_codes.OK
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def _shutdown() -> None:

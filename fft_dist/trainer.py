@@ -139,7 +139,7 @@ class Trainer:
         if cfg.model.path is not None:
             from fft_dist import checkpoint as ckpt
 
-            self.strategy.load_fragments(ckpt.HFFolderSource(cfg.model.path))
+            ckpt.load_pretrained(self.strategy, cfg.model.path)
         hidden = getattr(self.hf_config, "hidden_size", None) or getattr(self.hf_config, "n_embd", 0)
         self.flops_per_token = flops_per_token(self.n_params, self.n_layers, hidden, cfg.data.max_length)
         self.peak_flops = peak_flops(self.ctx.device)
@@ -241,7 +241,8 @@ class Trainer:
                          "tokens_seen": self.state.tokens_seen, "step": step},
             keep_last=self.cfg.checkpoint.keep_last,
             meta={"config_yaml": self.config_yaml, "model_config": self.hf_config.to_dict(),
-                  "backend": self.cfg.parallelism.name.value, "tokenizer_dir": str(tokenizer_dir(self.cfg.model))},
+                  "backend": self.cfg.parallelism.name.value, "model_path": self.cfg.model.path,
+                  "tokenizer_dir": str(tokenizer_dir(self.cfg.model))},
         )
 
     def run(self) -> Summary:

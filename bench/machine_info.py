@@ -1,0 +1,38 @@
+"""The machine line every bench/RESULTS.md entry carries (results mean nothing without it)."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
+
+
+def versions(*modules: str) -> str:
+    out = []
+    for mod in modules:
+        try:
+            out.append(f"{mod} {__import__(mod).__version__}")
+        except Exception:  # noqa: BLE001 - a missing optional package is reported, not fatal
+            out.append(f"{mod} missing")
+    return ", ".join(out)
+
+
+def record(text: str, results_md: Path) -> None:
+    """Print a result and append it to bench/RESULTS.md (created with a title if new)."""
+    print("\n" + text)
+    head = "" if results_md.exists() else "# Benchmark results\n\n"
+    with open(results_md, "a", encoding="utf-8") as f:
+        f.write(head + text + "\n")
+    print(f"appended to {results_md}")

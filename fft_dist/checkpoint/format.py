@@ -1,0 +1,234 @@
+"""The fft-dist checkpoint format: one layout for every backend and every world size.
+
+Every backend we support (FSDP2 row shards, ZeRO-3 flat partitions, ZeRO-2 group partitions,
+a single process) owns, of each parameter and of each optimizer state, a *contiguous range of
+the flattened full tensor*. A checkpoint therefore stores exactly those ranges, as 1-D tensors,
+and an index that says which file holds which range. Reading any other split (another world
+size, another backend) is just reading other ranges; nothing is ever converted.
+
+Layout
+------
+::
+
+    <checkpoint.dir>/
+      step-0000100/                                 one complete checkpoint ("step-%07d")
+        model/shard-00000-of-00002.safetensors      rank 0's ranges of the parameters (kind "param")
+        model/shard-00001-of-00002.safetensors
+        optim/shard-00000-of-00002.safetensors      rank 0's ranges of the optimizer states
+        optim/shard-00001-of-00002.safetensors
+        tokenizer/...                               optional copy of the tokenizer files
+        index.json                                  where every range of every tensor lives
+        train_state.json                            loop state, per-rank RNG, config, versions
+        MANIFEST.json                               size + sha256 of every other file; written last
+      step-0000100.tmp/                             a save in progress (never read)
+      latest                                        text file: the folder name of the newest commit
+
+A save writes into ``step-N.tmp/``, fsyncs every file and the folder, renames it to
+``step-N/``, fsyncs the parent, and only then replaces ``latest`` atomically
+(``latest.tmp`` + ``os.replace``). A folder without a valid ``MANIFEST.json`` is incomplete
+and is refused, with the reason, by every reader.
+
+Shard files
+-----------
+Plain safetensors files (no pickle). Every tensor is 1-D and stored under the key
+``"{name}@{kind}@{flat_start}"`` (see :func:`tensor_key`), e.g.
+``model.layers.0.mlp.up_proj.weight@exp_avg@49152``. ``name`` is the parameter name in the
+unwrapped Hugging Face model; ``kind`` is ``param`` or an optimizer-state key (``exp_avg``,
+``exp_avg_sq``, ``momentum_buffer``, ``step`` ...). The safetensors ``__metadata__`` holds
+``{"format": "pt", "fft_dist_format": "1", "rank": "...", "world_size": "..."}``.
+
+index.json
+----------
+::
+
+    {
+      "format": "fft-dist-checkpoint", "format_version": 1,
+      "world_size": 2,
+      "tensors": {
+        "<name>": {
+          "shape": [d0, d1, ...],            # full shape of the parameter
+          "dtype": "float32",                # dtype of the stored parameter ranges
+          "kinds": {
+            "param":   {"shape": [...], "dtype": "float32",
+                        "ranges": [[start, stop, "model/shard-00000-of-00002.safetensors", "<key>"], ...]},
+            "exp_avg": {"shape": [...], "dtype": "float32", "ranges": [...]},
+            "step":    {"shape": [1],   "dtype": "float32", "ranges": [[0, 1, "optim/...", "<key>"]]}
+          }
+        }
+      }
+    }
+
+``ranges`` are sorted, do not overlap, and cover ``[0, numel(shape))`` of that kind exactly;
+the writer refuses to commit anything else. Each kind carries its own shape and dtype because
+some states (the scalar ``step``) are not shaped like the parameter.
+
+train_state.json
+----------------
+``{"format", "format_version", "fft_dist_version", "torch_version", "step", "world_size",
+"backend", "created", "train_state": <the trainer's dict, returned by load_checkpoint>,
+"rng": [<rank 0>, <rank 1>, ...], "config_yaml": "...", "model_config": {...} | null,
+"meta": {<other JSON-able meta>}}``. Each RNG entry is JSON (no pickle):
+``{"python": [version, [625 ints], gauss_next], "numpy": {"key": [624 ints], "pos", "has_gauss",
+"cached_gaussian"}, "torch": "<base64 of torch.get_rng_state()>", "cuda": ["<base64>", ...]}``.
+
+MANIFEST.json
+-------------
+``{"format", "format_version", "step", "created", "files": {"<relative path>": {"size": int,
+"sha256": "<hex>"}}}``: every file of the checkpoint except the manifest itself. Written last,
+after everything it lists is fsynced, so its presence marks a complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_NAME = "fft-dist-checkpoint"
+FORMAT_VERSION = 1
+
+MODEL_DIR = "model"
+OPTIM_DIR = "optim"
+TOKENIZER_DIR = "tokenizer"
+INDEX_FILE = "index.json"
+TRAIN_STATE_FILE = "train_state.json"
+MANIFEST_FILE = "MANIFEST.json"
+LATEST_FILE = "latest"
+TMP_SUFFIX = ".tmp"
+PARAM_KIND = "param"
+KEY_SEP = "@"
+
+STEP_DIR_RE = re.compile(r"^step-(\d{7,})$")
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+"""Files copied as "the tokenizer" (into a checkpoint's tokenizer/ and into an HF export)."""
+
+# torch dtype <-> safetensors dtype tag <-> the name we write in JSON.
+_DTYPES: dict[torch.dtype, tuple[str, str]] = {
+    torch.float64: ("F64", "float64"),
+    torch.float32: ("F32", "float32"),
+    torch.float16: ("F16", "float16"),
+    torch.bfloat16: ("BF16", "bfloat16"),
+    torch.int64: ("I64", "int64"),
+    torch.int32: ("I32", "int32"),
+    torch.int16: ("I16", "int16"),
+    torch.int8: ("I8", "int8"),
+    torch.uint8: ("U8", "uint8"),
+    torch.bool: ("BOOL", "bool"),
+}
+if hasattr(torch, "float8_e4m3fn"):
+    _DTYPES[torch.float8_e4m3fn] = ("F8_E4M3", "float8_e4m3fn")
+    _DTYPES[torch.float8_e5m2] = ("F8_E5M2", "float8_e5m2")
+_BY_NAME = {name: dt for dt, (_, name) in _DTYPES.items()}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written, found or loaded. The message names the file or tensor."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def parse_step(folder_name: str) -> int | None:
+    m = STEP_DIR_RE.match(folder_name)
+    return int(m.group(1)) if m else None
+
+
+def shard_file(subdir: str, rank: int, world_size: int) -> str:
+    """Relative path of one rank's shard, e.g. ``model/shard-00001-of-00002.safetensors``."""
+    return f"{subdir}/shard-{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+def tensor_key(name: str, kind: str, flat_start: int) -> str:
+    return f"{name}{KEY_SEP}{kind}{KEY_SEP}{flat_start}"
+
+
+def parse_tensor_key(key: str) -> tuple[str, str, int]:
+    name, kind, start = key.rsplit(KEY_SEP, 2)
+    return name, kind, int(start)
+
+
+def numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def safetensors_dtype(dtype: torch.dtype) -> str:
+    try:
+        return _DTYPES[dtype][0]
+    except KeyError:
+        raise CheckpointError(f"dtype {dtype} cannot be stored in a checkpoint") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _DTYPES[dtype][1]
+    except KeyError:
+        raise CheckpointError(f"dtype {dtype} cannot be stored in a checkpoint") from None
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return _BY_NAME[name.removeprefix("torch.")]
+    except KeyError:
+        raise CheckpointError(f"unknown dtype {name!r}; expected one of {sorted(_BY_NAME)}") from None
+
+
+def read_json(path: Path, what: str | None = None) -> Any:
+    """Parse a JSON file of a checkpoint, turning every failure into a CheckpointError naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing{f' ({what})' if what else ''}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable{f' {what}' if what else ''}: {e}") from None
+
+
+def write_json_durable(path: Path, obj: Any, *, indent: int | None = 1) -> None:
+    """Write JSON and fsync it (the caller fsyncs the folder)."""
+    data = json.dumps(obj, indent=indent, separators=None if indent else (",", ":")).encode("utf-8")
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def parse_size(size: str | int) -> int:
+    """'2GB' -> 2*10**9, '500MiB' -> 500*2**20, 1000 -> 1000 (the same units as transformers)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"cannot parse size {size!r}; use e.g. 2GB, 500MB, 1GiB or a number of bytes")
+    value, unit = float(m.group(1)), m.group(2)
+    powers = {"": 0, "B": 0, "K": 1, "M": 2, "G": 3, "T": 4}
+    prefix = unit.rstrip("B").rstrip("I")
+    base = 1024 if "I" in unit else 1000
+    return int(value * base ** powers[prefix])

@@ -1,0 +1,147 @@
+"""Sharded load of a pretrained Hugging Face folder: each rank reads only the rows it owns."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fft_dist.checkpoint import format as fmt
+from fft_dist.checkpoint.format import CheckpointError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight")
+INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+
+class HFFolderSource:
+    """A FragmentSource (kind 'param' only) over ``model.safetensors`` or a sharded HF folder.
+
+    ``read(name, 'param', a, b)`` opens the tensor lazily, reads only the rows of dim 0 that
+    cover the flat range ``[a, b)`` (``get_slice(key)[r0:r1]``) and cuts the range out, so a
+    rank that owns 1/N of every tensor reads about 1/N of the bytes and holds about 1/N of the
+    model. Values come back in the file's dtype; the strategy casts them.
+
+    Name resolution, in order: the exact name; the name without its first component (older
+    files saved from the base model, e.g. ``h.0...`` for ``transformer.h.0...``); and, for an
+    output embedding (``lm_head.weight``) absent from the files, the input embedding, because
+    HF omits a tied lm_head when saving (unless config.json says tie_word_embeddings=false).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: no such model folder")
+        if (self.path / INDEX_FILE).is_file():
+            idx = fmt.read_json(self.path / INDEX_FILE, "safetensors index")
+            self.weight_map: dict[str, str] = dict(idx.get("weight_map", {}))
+        elif (self.path / SINGLE_FILE).is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(self.path / SINGLE_FILE), framework="pt") as f:
+                self.weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
+        else:
+            others = sorted(p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+            hint = f" (found {others}: pickle files are not loaded; convert them to safetensors)" if others else ""
+            raise CheckpointError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+        for f in sorted(set(self.weight_map.values())):
+            if not (self.path / f).is_file():
+                raise CheckpointError(f"{self.path / f}: missing (named in {INDEX_FILE})")
+        self.tied = True
+        cfg_path = self.path / "config.json"
+        if cfg_path.is_file():
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            self.tied = cfg.get("tie_word_embeddings", True) is not False
+        self._handles: dict[str, Any] = {}
+        self._resolved: dict[str, str | None] = {}
+
+    def _resolve(self, name: str) -> str | None:
+        if name in self._resolved:
+            return self._resolved[name]
+        key = None
+        if name in self.weight_map:
+            key = name
+        elif "." in name and name.split(".", 1)[1] in self.weight_map:
+            key = name.split(".", 1)[1]
+        elif self.tied and name.endswith(OUTPUT_EMBEDDINGS):
+            cands = [k for k in self.weight_map if k.endswith(INPUT_EMBEDDING_SUFFIXES)]
+            if len(cands) == 1:
+                key = cands[0]
+        self._resolved[name] = key
+        return key
+
+    def _handle(self, file: str):
+        from safetensors import safe_open
+
+        h = self._handles.get(file)
+        if h is None:
+            try:
+                h = self._handles[file] = safe_open(str(self.path / file), framework="pt")
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"{self.path / file}: unreadable safetensors file: {e}") from None
+        return h
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def has(self, name: str, kind: str) -> bool:
+        return kind == fmt.PARAM_KIND and self._resolve(name) is not None
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        key = self._resolve(name)
+        if key is None:
+            return None
+        return tuple(self._handle(self.weight_map[key]).get_slice(key).get_shape())
+
+    def read(self, name: str, kind: str, start: int, stop: int) -> torch.Tensor:
+        key = self._resolve(name) if kind == fmt.PARAM_KIND else None
+        if key is None:
+            raise CheckpointError(f"{self.path}: {name} ({kind}) is not in this model folder")
+        file = self.weight_map[key]
+        sl = self._handle(file).get_slice(key)
+        shape = tuple(sl.get_shape())
+        total = fmt.numel(shape)
+        if not 0 <= start <= stop <= total:
+            raise CheckpointError(f"{self.path / file}: range [{start}, {stop}) is outside {key} (shape {list(shape)})")
+        try:
+            if len(shape) == 0:
+                return sl[:].reshape(1)[start:stop]
+            row = fmt.numel(shape[1:])
+            if start == stop or row == 0:
+                r0 = r1 = 0
+            else:
+                r0, r1 = start // row, -(-stop // row)
+            rows = sl[r0:r1]
+            return rows.reshape(-1)[start - r0 * row : stop - r0 * row]
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{self.path / file}: cannot read {key}: {e}") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def load_pretrained(strategy, path: str | Path) -> None:
+    """Collective: check every model parameter against the folder (names + shapes), then load.
+
+    Parameters the folder lacks, or has with another shape, are listed in one CheckpointError
+    on every rank before anything is loaded. Tensors in the folder that the model does not have
+    (buffers such as rotary caches, or heads of another task) are ignored.
+    """
+    from fft_dist.checkpoint.reader import _agree, _raise, strategy_shapes
+
+    source = HFFolderSource(path)
+    expected = strategy_shapes(strategy)
+    problems = []
+    for name, shape in expected.items():
+        got = source.shape(name)
+        if got is None:
+            problems.append(f"{name}: missing from {path} (the model has shape {list(shape)})")
+        elif tuple(got) != tuple(shape):
+            problems.append(f"{name}: {path} has shape {list(got)}, the model has {list(shape)}")
+    _raise(_agree(problems), f"model.path={path} does not match the model (nothing was loaded):")
+    strategy.load_fragments(source)
+    source.close()
