@@ -356,10 +356,8 @@ def validate(cfg: FFTConfig, world_size: int) -> BatchPlan:
         raise ConfigError("data.max_length must be >= 2")
     if cfg.model.tokenizer is not None and not Path(cfg.model.tokenizer).is_dir():
         raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r} is not a folder")
-    if cfg.train.precision == Precision.fp16 and cfg.parallelism.name == Backend.none:
-        pass  # GradScaler handles it
     if cfg.parallelism.name in (Backend.zero2, Backend.zero3):
-        _validate_deepspeed(cfg)
+        _validate_deepspeed(cfg, plan)
     if cfg.resume not in ("none", "auto") and not Path(cfg.resume).exists():
         raise ConfigError(f"resume={cfg.resume!r} does not exist")
     if cfg.checkpoint.keep_last < 1:
@@ -367,7 +365,8 @@ def validate(cfg: FFTConfig, world_size: int) -> BatchPlan:
     return plan
 
 
-def _validate_deepspeed(cfg: FFTConfig) -> None:
+def _validate_deepspeed(cfg: FFTConfig, plan: BatchPlan) -> None:
+    """Catch before launch what DeepSpeed would only reject on every rank after start-up."""
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
@@ -377,3 +376,11 @@ def _validate_deepspeed(cfg: FFTConfig) -> None:
         )
     if cfg.parallelism.offload_params and cfg.parallelism.name != Backend.zero3:
         raise ConfigError("parallelism.offload_params needs ZeRO-3 (parallelism=zero3_offload)")
+    if cfg.train.precision == Precision.fp16:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("train.precision=fp16 with DeepSpeed needs a CUDA device; use bf16 or fp32 on CPU")
+    from fft_dist.strategy.deepspeed import build_deepspeed_config
+
+    build_deepspeed_config(cfg.parallelism, cfg.train, plan)  # raises on overrides that fight our options

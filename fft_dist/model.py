@@ -101,5 +101,5 @@ def count_parameters(model: nn.Module) -> int:
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
-            total += p.numel()
+            total += getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitions leave p.numel() == 0
     return total

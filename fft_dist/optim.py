@@ -25,7 +25,7 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or _matches(name, cfg.no_decay):
+        if len(getattr(p, "ds_shape", p.shape)) < 2 or _matches(name, cfg.no_decay):  # ds_shape: ZeRO-3 partitioned
             no_decay.append(p)
         else:
             decay.append(p)
