@@ -153,7 +153,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every_steps: int = 0
-    """Evaluate every N optimizer steps; 0 means only at the start and at the end."""
+    """Evaluate at step 0, every N optimizer steps and at the end; 0 means only at the end."""
     patience: int = 0
     """Stop after this many evaluations without a new best eval loss (0: never)."""
     micro_batch_size: int = 8

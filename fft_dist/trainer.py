@@ -250,7 +250,7 @@ class Trainer:
         self._resume()
         cfg, s = self.cfg, self.state
         start_time = time.perf_counter()
-        if s.step == 0 and self.eval_set:
+        if s.step == 0 and self.eval_set and cfg.eval.every_steps:  # 0: evaluate only at the end
             self._eval_and_track(0)
         last_ckpt: Path | None = None
         last_saved_step: int | None = None

@@ -11,6 +11,7 @@ def reference(tmp_path_factory):
     """parallelism=none, 1 process, micro batch 4 x accumulation 1 (global batch 4)."""
     run = tmp_path_factory.mktemp("ref") / "run"
     train(run, *TINY_JOB, "train.micro_batch_size=4", nproc=1, parallelism="none")
+    assert [s for s, _ in eval_losses(run)] == [10], "eval.every_steps=0 evaluates only at the end"
     return train_losses(run)
 
 
@@ -82,7 +83,7 @@ def test_early_stopping_tracks_best_step(tmp_path):
 def test_default_job_eval_loss_falls(tmp_path):
     """The embedded default (tiny_llama, stdlib corpus, fsdp x 2), shortened to 30 steps."""
     run = tmp_path / "run"
-    train(run, "train.max_steps=30", "eval.every_steps=0", "eval.max_batches=4", "checkpoint.save_final=false",
+    train(run, "train.max_steps=30", "eval.every_steps=30", "eval.max_batches=4", "checkpoint.save_final=false",
           "train.warmup_steps=5")
     evals = eval_losses(run)
     assert [s for s, _ in evals] == [0, 30]
