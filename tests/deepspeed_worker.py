@@ -227,10 +227,20 @@ def mode_train(args, ctx) -> None:
 
 
 # -- memory -------------------------------------------------------------------------------------
-def tensor_bytes() -> int:
-    """Bytes of every distinct storage that a live Python tensor refers to."""
+def tensor_bytes(module=None) -> int:
+    """Bytes of every distinct storage that a live Python tensor refers to.
+
+    A plain parameter's .grad has no Python object until someone reads it, so the gradients of
+    ``module`` are added explicitly (storages are deduplicated, nothing counts twice).
+    """
+    from torch.distributed.tensor import DTensor
+
+    grads = []
+    if module is not None:
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                 for p in module.parameters() if p.grad is not None]
     seen: dict[int, int] = {}
-    for obj in gc.get_objects():
+    for obj in [*gc.get_objects(), *grads]:
         try:
             if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
                 st = obj.untyped_storage()
@@ -263,10 +273,10 @@ def mode_memory(args, ctx) -> None:
             strategy.backward(loss / n_global)
             del loss
         gc.collect()
-        after_backward = tensor_bytes() - base
+        after_backward = tensor_bytes(strategy_module(strategy)) - base
         strategy.step(2)
         gc.collect()
-        after_step = tensor_bytes() - base
+        after_step = tensor_bytes(strategy_module(strategy)) - base
         breakdown = memory_breakdown(strategy)
         results[backend] = {"n_params": n_params, "after_backward": after_backward, "after_step": after_step,
                             "bucket_elems": args.bucket, **breakdown}

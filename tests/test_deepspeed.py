@@ -340,6 +340,8 @@ def test_resume_none_checkpoint_into_zero3(matrix, tmp_path):
 def expected_state_bytes(backend: str, n: int, world: int, bucket: int) -> dict[str, float]:
     """fp32 + AdamW, per rank; derived in the module docstring of fft_dist/strategy/deepspeed.py."""
     psi = 4.0 * n  # bytes of one fp32 copy of the model
+    if backend == "none":  # 1 process: params, grads, exp_avg, exp_avg_sq (grads freed by zero_grad)
+        return {"after_backward": 4 * psi, "after_step": 3 * psi}
     if backend == "fsdp":  # params, grads, exp_avg + exp_avg_sq: all 1/N (grads freed by zero_grad)
         return {"after_backward": 4 * psi / world, "after_step": 3 * psi / world}
     if backend == "zero2":  # full working params + 1/N of master, grads, Adam (grads freed after step)
@@ -355,19 +357,24 @@ def test_model_state_bytes_match_formulas(tmp_path):
     check(run(torchrun(2, str(WORKER), "memory", "--backends", "zero2", "zero3", "fsdp", "--scale", "2",
                        "--vocab", "2048", "--bucket", str(bucket), "--out", str(tmp_path))))
     ranks = json.loads((tmp_path / "memory.json").read_text())
+    (tmp_path / "single").mkdir()
+    check(run(torchrun(1, str(WORKER), "memory", "--backends", "none", "--scale", "2",
+                       "--vocab", "2048", "--bucket", str(bucket), "--out", str(tmp_path / "single"))))
+    ranks[0].update(json.loads((tmp_path / "single" / "memory.json").read_text())[0])
     table = []
     for rank, results in enumerate(ranks):
         for backend, r in results.items():
             n = r["n_params"]
-            want = expected_state_bytes(backend, n, 2, bucket)
+            world = 1 if backend == "none" else 2
+            want = expected_state_bytes(backend, n, world, bucket)
             for when in ("after_backward", "after_step"):
                 ratio = r[when] / want[when]
                 table.append(f"rank {rank} {backend:5s} {when:14s} {r[when] / 1e6:7.3f} MB vs {want[when] / 1e6:7.3f} MB")
                 assert abs(ratio - 1) < 0.10, "\n".join(table)
             # the parts themselves, from each backend's own structures
-            assert r["optimizer_states"] == pytest.approx(8 * n / 2, rel=0.01)
-            assert r["working_params"] == pytest.approx(4 * n if backend == "zero2" else 4 * n / 2, rel=0.01)
-            assert r["fp32_master"] == pytest.approx(0 if backend == "fsdp" else 4 * n / 2, rel=0.01)
+            assert r["optimizer_states"] == pytest.approx(8 * n / world, rel=0.01)
+            assert r["working_params"] == pytest.approx(4 * n if backend == "zero2" else 4 * n / world, rel=0.01)
+            assert r["fp32_master"] == pytest.approx(0 if backend in ("none", "fsdp") else 4 * n / 2, rel=0.01)
     print("\n".join(table))
 
 
