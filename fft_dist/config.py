@@ -362,6 +362,13 @@ def validate(cfg: FFTConfig, world_size: int) -> BatchPlan:
         raise ConfigError(f"resume={cfg.resume!r} does not exist")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.keep_last must be >= 1")
+    if cfg.optimizer.name == OptimizerName.adafactor and (cfg.checkpoint.save_final or cfg.checkpoint.every_steps):
+        # Refuse now rather than fail at the first save and lose the run.
+        raise ConfigError(
+            "optimizer=adafactor keeps factored (row/column) states that the checkpoint format cannot store "
+            "yet; use optimizer=adamw, or train without checkpoints: checkpoint.save_final=false "
+            "checkpoint.every_steps=0"
+        )
     return plan
 
 

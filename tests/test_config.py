@@ -25,7 +25,8 @@ def test_groups_exist():
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_group_option_composes_and_validates(group, option):
-    cfg = typed(f"{group}={option}")
+    no_ckpt = ["checkpoint.save_final=false"] if (group, option) == ("optimizer", "adafactor") else []
+    cfg = typed(f"{group}={option}", *no_ckpt)
     world = 1 if cfg.parallelism.name == Backend.none else 2
     plan = validate(cfg, world)
     assert plan.grad_accum * plan.micro_batch_size * world == cfg.train.global_batch_size
@@ -44,6 +45,13 @@ def test_model_configs_build_a_transformers_config():
     for model in GROUPS["model"]:
         config = hf_config(typed(f"model={model}").model)
         assert config.model_type in ("llama", "qwen2", "gpt2")
+
+
+def test_adafactor_with_checkpoints_is_refused_before_training():
+    with pytest.raises(ConfigError, match="checkpoint.save_final=false"):
+        validate(typed("optimizer=adafactor"), 2)
+    with pytest.raises(ConfigError, match="adafactor"):
+        validate(typed("optimizer=adafactor", "checkpoint.save_final=false", "checkpoint.every_steps=5"), 2)
 
 
 def test_grad_accum_is_derived():
