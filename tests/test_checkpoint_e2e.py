@@ -120,31 +120,39 @@ def test_layout_and_export_of_a_real_run(uninterrupted):
     assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
 
 
-def test_exact_resume_fsdp(uninterrupted, tmp_path):
-    """Stop at step 4 (its checkpoint), resume to 8: bit-identical losses, eval losses, weights, state."""
+def run_with_step4_of(source: Path, tmp_path: Path) -> Path:
+    """A fresh run dir that holds only step 4 of ``source``: what a job stopped at step 4 leaves."""
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    shutil.copytree(uninterrupted / "checkpoints" / "step-0000004", run / "checkpoints" / "step-0000004")
-    torchrun_train(run, "resume=auto")
-    full, resumed = losses_by_step(uninterrupted), losses_by_step(run)
+    shutil.copytree(source / "checkpoints" / "step-0000004", run / "checkpoints" / "step-0000004")
+    return run
+
+
+def resume_and_assert_exact(full_run: Path, tmp_path: Path, parallelism: str) -> None:
+    """Stop at step 4 (its checkpoint), resume to 8: bit-identical losses, eval losses, weights, state."""
+    run = run_with_step4_of(full_run, tmp_path)
+    torchrun_train(run, "resume=auto", parallelism=parallelism)
+    full, resumed = losses_by_step(full_run), losses_by_step(run)
     assert sorted(resumed) == [5, 6, 7, 8]
     assert [resumed[s] for s in range(5, 9)] == [full[s] for s in range(5, 9)]  # bit-identical
-    full_eval, resumed_eval = losses_by_step(uninterrupted, "eval_loss"), losses_by_step(run, "eval_loss")
+    full_eval, resumed_eval = losses_by_step(full_run, "eval_loss"), losses_by_step(run, "eval_loss")
     assert [resumed_eval[s] for s in (6, 8)] == [full_eval[s] for s in (6, 8)]
-    assert_same_state(uninterrupted / "checkpoints" / "step-0000008", run / "checkpoints" / "step-0000008")
-    a = ckpt.read_train_state(uninterrupted / "checkpoints" / "step-0000008")["train_state"]
+    assert_same_state(full_run / "checkpoints" / "step-0000008", run / "checkpoints" / "step-0000008")
+    a = ckpt.read_train_state(full_run / "checkpoints" / "step-0000008")["train_state"]
     b = ckpt.read_train_state(run / "checkpoints" / "step-0000008")["train_state"]
     assert a == b  # step, tokens seen, sampler position, best eval / early-stopping state
+
+
+def test_exact_resume_fsdp(uninterrupted, tmp_path):
+    resume_and_assert_exact(uninterrupted, tmp_path, "fsdp")
 
 
 def test_resume_from_corrupt_checkpoint_exits_4_and_writes_nothing(uninterrupted, tmp_path):
     """One flipped byte in one rank's optimizer shard: every rank refuses it, naming the file."""
     from fft_dist.exit_codes import CHECKPOINT_ERROR
 
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
+    run = run_with_step4_of(uninterrupted, tmp_path)
     good = run / "checkpoints" / "step-0000004"
-    shutil.copytree(uninterrupted / "checkpoints" / "step-0000004", good)
     shard = good / "optim" / "shard-00001-of-00002.safetensors"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -163,10 +171,8 @@ def test_nonfinite_loss_after_resume_keeps_the_last_good_checkpoint(uninterrupte
     """Resume at step 4 with an absurd lr: the loss goes NaN/inf, exit 3, step-4 stays the newest."""
     from fft_dist.exit_codes import NONFINITE_LOSS
 
-    run = tmp_path / "run"
+    run = run_with_step4_of(uninterrupted, tmp_path)
     root = run / "checkpoints"
-    root.mkdir(parents=True)
-    shutil.copytree(uninterrupted / "checkpoints" / "step-0000004", root / "step-0000004")
     proc = torchrun_train(run, "resume=auto", "train.lr=1e30", "train.max_grad_norm=0",
                           "checkpoint.every_steps=1", expect_rc=1)
     assert f"exitcode  : {NONFINITE_LOSS}" in proc.stderr, proc.stderr[-3000:]
@@ -226,16 +232,7 @@ def test_exact_resume_deepspeed(uninterrupted_zero, backend, tmp_path):
     """As test_exact_resume_fsdp, under DeepSpeed: the fp32 master, Adam states and step restore exactly."""
     full_run = uninterrupted_zero(backend)
     assert ckpt.checkpoint_info(full_run / "checkpoints" / "step-0000004")["backend"] == backend
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full_run / "checkpoints" / "step-0000004", run / "checkpoints" / "step-0000004")
-    torchrun_train(run, "resume=auto", parallelism=backend)
-    full, resumed = losses_by_step(full_run), losses_by_step(run)
-    assert sorted(resumed) == [5, 6, 7, 8]
-    assert [resumed[s] for s in range(5, 9)] == [full[s] for s in range(5, 9)]  # bit-identical
-    full_eval, resumed_eval = losses_by_step(full_run, "eval_loss"), losses_by_step(run, "eval_loss")
-    assert [resumed_eval[s] for s in (6, 8)] == [full_eval[s] for s in (6, 8)]
-    assert_same_state(full_run / "checkpoints" / "step-0000008", run / "checkpoints" / "step-0000008")
+    resume_and_assert_exact(full_run, tmp_path, backend)
 
 
 @pytest.mark.slow
