@@ -79,9 +79,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when no process group exists (a single process, a script)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if rank_world()[1] > 1:
         dist.barrier()
+
+
+def all_gather_small(obj):
+    """Gather a small object from every rank (pickled, but only between our own ranks)."""
+    world = rank_world()[1]
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_small(obj, src: int = 0):
+    """Rank `src`'s small object on every rank (pickled, but only between our own ranks)."""
+    if rank_world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device | None = None) -> torch.Tensor:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fft_dist.config import ConfigError, FFTConfig, compose, describe_error, load_yaml, resolve, to_typed, to_yaml, validate
 from fft_dist import exit_codes
-from fft_dist.dist import env_world_size, init_distributed, print0, strip_launcher_args
+from fft_dist.dist import barrier, broadcast_small, env_world_size, init_distributed, print0, strip_launcher_args
 
 CONFIG_ENV = "FFT_DIST_CONFIG"
 
@@ -27,16 +27,6 @@ def load_config(argv: list[str]) -> tuple[FFTConfig, str, bool]:
         return load_yaml(path), text, True
     cfg = resolve(compose(argv))
     return to_typed(cfg), to_yaml(cfg), False
-
-
-def _agree_on_config(text: str) -> str:
-    """Rank 0's resolved config wins, so ${now:} and env defaults cannot differ between ranks."""
-    import torch.distributed as dist
-
-    box = [text]
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def run_worker(argv: list[str]) -> int:
@@ -58,7 +48,7 @@ def run_worker(argv: list[str]) -> int:
     ctx = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
     try:
         if not from_file:
-            text = _agree_on_config(text)
+            text = broadcast_small(text)  # rank 0's resolution wins: ${now:} cannot differ between ranks
             cfg = typed_from(OmegaConf.create(text))
         run_dir = Path(cfg.run.dir)
         if ctx.is_main:
@@ -66,7 +56,7 @@ def run_worker(argv: list[str]) -> int:
             if not from_file:
                 (run_dir / "config.yaml").write_text(text, encoding="utf-8")
         summary = Trainer(cfg, ctx=ctx, plan=plan, run_dir=run_dir, config_yaml=text).run()
-        _barrier()  # rank 0 may still be exporting; gloo can abort if the group goes away mid-flight
+        barrier()  # rank 0 may still be exporting; gloo can abort if the group goes away mid-flight
     except (ConfigError, DataError) as e:
         print(f"fft-dist: error{'' if ctx.world_size == 1 else f' (rank {ctx.rank})'}: {e}", file=sys.stderr, flush=True)
         return exit_codes.CONFIG_ERROR
@@ -82,13 +72,6 @@ def run_worker(argv: list[str]) -> int:
     if ctx.is_main:
         print_summary(summary)
     return exit_codes.PREEMPTED if summary.stopped == "preempted" else exit_codes.OK
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def _shutdown() -> None:

@@ -131,17 +131,11 @@ def load_pretrained(strategy, path: str | Path) -> None:
     on every rank before anything is loaded. Tensors in the folder that the model does not have
     (buffers such as rotary caches, or heads of another task) are ignored.
     """
-    from fft_dist.checkpoint.reader import _agree, _raise, strategy_shapes
+    from fft_dist.checkpoint.reader import _agree, _raise, shape_problems, strategy_shapes
 
     source = HFFolderSource(path)
-    expected = strategy_shapes(strategy)
-    problems = []
-    for name, shape in expected.items():
-        got = source.shape(name)
-        if got is None:
-            problems.append(f"{name}: missing from {path} (the model has shape {list(shape)})")
-        elif tuple(got) != tuple(shape):
-            problems.append(f"{name}: {path} has shape {list(got)}, the model has {list(shape)}")
+    # source_names=(): extra tensors in an HF folder are fine (see above), unlike in a checkpoint.
+    problems = shape_problems(strategy_shapes(strategy), source.shape, (), str(path))
     _raise(_agree(problems), f"model.path={path} does not match the model (nothing was loaded):")
     strategy.load_fragments(source)
     source.close()

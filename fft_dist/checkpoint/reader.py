@@ -10,7 +10,8 @@ import torch
 from fft_dist.checkpoint import format as fmt
 from fft_dist.checkpoint.format import CheckpointError
 from fft_dist.checkpoint.rng import restore_rng, rng_for_rank
-from fft_dist.checkpoint.writer import _rank_world, all_gather_small, hash_file, iter_committed
+from fft_dist.checkpoint.writer import hash_file, iter_committed
+from fft_dist.dist import all_gather_small, rank_world
 
 
 # -- completeness and checksums --------------------------------------------------------------------
@@ -304,7 +305,7 @@ def load_checkpoint(strategy, path: Path, *, verify: bool = True) -> dict:
     Returns the ``train_state`` dict that was passed to save_checkpoint.
     """
     path = Path(path)
-    rank, world = _rank_world()
+    rank, world = rank_world()
     try:
         manifest = read_manifest(path)
         problems = check_files(path, manifest, checksums=False)

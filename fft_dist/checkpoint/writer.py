@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-import torch.distributed as dist
 
 from fft_dist.checkpoint import format as fmt
 from fft_dist.checkpoint.format import CheckpointError
 from fft_dist.checkpoint.rng import capture_rng
+from fft_dist.dist import all_gather_small, broadcast_small, rank_world
 
 KILL_ENV = "FFT_DIST_TEST_KILL_AT"
 """Test hook: SIGKILL this process at the named point of a save (see :data:`KILL_POINTS`)."""
@@ -38,37 +38,6 @@ LAST_SAVE_TIMINGS: dict[str, float] = {}
 """Seconds per phase of this process's last save (shards, gather, commit, total); for benchmarks."""
 
 
-# -- rank helpers ---------------------------------------------------------------------------------
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_gather_small(obj: Any) -> list[Any]:
-    """Gather a small JSON-able object from every rank (between our own processes only)."""
-    rank, world = _rank_world()
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast_small(obj: Any, src: int = 0) -> Any:
-    _, world = _rank_world()
-    if world == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def barrier() -> None:
-    if _rank_world()[1] > 1:
-        dist.barrier()
-
-
 def _maybe_kill(point: str, step: int) -> None:
     where = os.environ.get(KILL_ENV)
     if where != point:
@@ -77,7 +46,7 @@ def _maybe_kill(point: str, step: int) -> None:
     if want_step not in (None, "") and int(want_step) != step:
         return
     want_rank = os.environ.get(KILL_RANK_ENV, "0")
-    if want_rank != "all" and int(want_rank) != _rank_world()[0]:
+    if want_rank != "all" and int(want_rank) != rank_world()[0]:
         return
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -354,7 +323,7 @@ def save_checkpoint(strategy, *, ckpt_root: Path, step: int, train_state: dict, 
     """
     meta = dict(meta or {})
     ckpt_root = Path(ckpt_root)
-    rank, world = _rank_world()
+    rank, world = rank_world()
     name = fmt.step_dir_name(step)
     final = ckpt_root / name
     tmp = ckpt_root / (name + fmt.TMP_SUFFIX)
