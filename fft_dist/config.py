@@ -28,7 +28,7 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
-class Backend(str, Enum):
+class Parallelism(str, Enum):
     none = "none"
     fsdp = "fsdp"
     zero2 = "zero2"
@@ -163,7 +163,7 @@ class EvalConfig:
 
 @dataclass
 class ParallelismConfig:
-    name: Backend = Backend.fsdp
+    name: Parallelism = Parallelism.fsdp
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after forward (ZeRO-3 style) instead of keeping them for backward."""
     offload_optimizer: bool = False
@@ -315,7 +315,7 @@ def batch_plan(train: TrainConfig, world_size: int) -> BatchPlan:
 def validate(cfg: FFTConfig, world_size: int) -> BatchPlan:
     """Cross-field checks that Hydra's type checks cannot express. Raises ConfigError."""
     plan = batch_plan(cfg.train, world_size)
-    if cfg.parallelism.name == Backend.none and world_size != 1:
+    if cfg.parallelism.name == Parallelism.none and world_size != 1:
         raise ConfigError(
             f"parallelism=none runs a single process, but the world size is {world_size}. "
             "Use launcher.nproc_per_node=1, or pick parallelism=fsdp|zero2|zero3."
@@ -356,7 +356,7 @@ def validate(cfg: FFTConfig, world_size: int) -> BatchPlan:
         raise ConfigError("data.max_length must be >= 2")
     if cfg.model.tokenizer is not None and not Path(cfg.model.tokenizer).is_dir():
         raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r} is not a folder")
-    if cfg.parallelism.name in (Backend.zero2, Backend.zero3):
+    if cfg.parallelism.name in (Parallelism.zero2, Parallelism.zero3):
         _validate_deepspeed(cfg, plan)
     if cfg.resume not in ("none", "auto") and not Path(cfg.resume).exists():
         raise ConfigError(f"resume={cfg.resume!r} does not exist")
@@ -381,7 +381,7 @@ def _validate_deepspeed(cfg: FFTConfig, plan: BatchPlan) -> None:
             f"parallelism={cfg.parallelism.name.value} needs DeepSpeed, which is not installed. "
             "Install it after torch with: pip install --no-build-isolation 'fft-dist[deepspeed]'"
         )
-    if cfg.parallelism.offload_params and cfg.parallelism.name != Backend.zero3:
+    if cfg.parallelism.offload_params and cfg.parallelism.name != Parallelism.zero3:
         raise ConfigError("parallelism.offload_params needs ZeRO-3 (parallelism=zero3_offload)")
     if cfg.train.precision == Precision.fp16:
         import torch

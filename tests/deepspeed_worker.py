@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fft_dist.config import Backend, FFTConfig, Precision, batch_plan
+from fft_dist.config import Parallelism, FFTConfig, Precision, batch_plan
 from fft_dist.dist import all_reduce_sum, init_distributed, seed_everything
 from fft_dist.optim import lr_schedule, optimizer_factory
 from fft_dist.strategy import make_strategy
@@ -53,7 +53,7 @@ def tiny_config(scale: int = 1, vocab: int = 256, tie: bool = False, layers: int
 def make_cfg(backend: str, *, micro: int, global_batch: int, steps: int, offload: bool = False,
              bucket: int = 2_000_000) -> FFTConfig:
     cfg = FFTConfig()
-    cfg.parallelism.name = Backend(backend)
+    cfg.parallelism.name = Parallelism(backend)
     if offload:
         cfg.parallelism.offload_optimizer = True
         cfg.parallelism.offload_params = backend == "zero3"

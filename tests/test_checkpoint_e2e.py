@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, assert_close_rel, child_env, read_metrics
+from helpers import REPO, assert_close_rel, child_env, read_metrics
 from fft_dist import checkpoint as ckpt
 from fft_dist.checkpoint import CheckpointReader
 

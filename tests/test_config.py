@@ -5,8 +5,8 @@ import itertools
 
 import pytest
 
-from conftest import REPO, fft_dist
-from fft_dist.config import Backend, ConfigError, compose, resolve, to_typed, validate
+from helpers import REPO, fft_dist
+from fft_dist.config import Parallelism, ConfigError, compose, resolve, to_typed, validate
 
 GROUPS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml"))
           for g in ("model", "data", "optimizer", "parallelism", "launcher")}
@@ -27,7 +27,7 @@ def test_groups_exist():
 def test_every_group_option_composes_and_validates(group, option):
     no_ckpt = ["checkpoint.save_final=false"] if (group, option) == ("optimizer", "adafactor") else []
     cfg = typed(f"{group}={option}", *no_ckpt)
-    world = 1 if cfg.parallelism.name == Backend.none else 2
+    world = 1 if cfg.parallelism.name == Parallelism.none else 2
     plan = validate(cfg, world)
     assert plan.grad_accum * plan.micro_batch_size * world == cfg.train.global_batch_size
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from fft_dist.config import (
-    Backend,
+    Parallelism,
     BatchPlan,
     ConfigError,
     ParallelismConfig,
@@ -89,7 +89,7 @@ PLAN = BatchPlan(world_size=2, micro_batch_size=2, grad_accum=3, global_batch_si
 
 
 def par(name: str = "zero2", **kw) -> ParallelismConfig:
-    return ParallelismConfig(name=Backend(name), **kw)
+    return ParallelismConfig(name=Parallelism(name), **kw)
 
 
 def test_config_zero2_keys():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TINY_JOB, assert_close_rel, eval_losses, read_metrics, train, train_losses
+from helpers import TINY_JOB, assert_close_rel, eval_losses, read_metrics, train, train_losses
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_runs_under_torchrun_as_worker(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO, child_env
+    from helpers import REPO, child_env
 
     run = tmp_path / "run"
     proc = subprocess.run(

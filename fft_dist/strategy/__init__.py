@@ -1,18 +1,18 @@
 """Parallelism backends behind one protocol; `make_strategy` picks one from the config."""
 from __future__ import annotations
 
-from fft_dist.config import Backend, BatchPlan, FFTConfig
+from fft_dist.config import Parallelism, BatchPlan, FFTConfig
 from fft_dist.dist import DistContext
 from fft_dist.strategy.base import Fragment, FragmentSource, Strategy
 
 
 def make_strategy(cfg: FFTConfig, plan: BatchPlan, ctx: DistContext) -> Strategy:
     name = cfg.parallelism.name
-    if name == Backend.none:
+    if name == Parallelism.none:
         from fft_dist.strategy.single import SingleProcessStrategy
 
         return SingleProcessStrategy(train=cfg.train, device=ctx.device)
-    if name == Backend.fsdp:
+    if name == Parallelism.fsdp:
         from fft_dist.strategy.fsdp import FSDPStrategy
 
         return FSDPStrategy(parallelism=cfg.parallelism, train=cfg.train, device=ctx.device, world_size=ctx.world_size,

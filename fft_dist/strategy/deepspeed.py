@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from fft_dist.config import Backend, BatchPlan, ConfigError, ParallelismConfig, Precision, TrainConfig
+from fft_dist.config import Parallelism, BatchPlan, ConfigError, ParallelismConfig, Precision, TrainConfig
 from fft_dist.dist import DistContext
 from fft_dist.strategy.base import Fragment, FragmentSource, LrSchedule, OptimizerFactory
 
@@ -53,7 +53,7 @@ INSTALL_HINT = "pip install --no-build-isolation 'fft-dist[deepspeed]'"
 # Large enough that DeepSpeed never prints its own progress lines (we log through metrics).
 _STEPS_PER_PRINT = 2**62
 
-_STAGES = {Backend.zero2: 2, Backend.zero3: 3}
+_STAGES = {Parallelism.zero2: 2, Parallelism.zero3: 3}
 
 # DeepSpeed keys that fft-dist sets from its own options: an override may repeat the value we set,
 # but a different value is an error that names the fft-dist option to change instead.
@@ -93,7 +93,7 @@ _MISSING = object()
 # --------------------------------------------------------------------------------------------
 def zero_stage(parallelism: ParallelismConfig) -> int:
     try:
-        return _STAGES[Backend(parallelism.name)]
+        return _STAGES[Parallelism(parallelism.name)]
     except (KeyError, ValueError):
         raise ConfigError(
             f"parallelism.name={getattr(parallelism.name, 'value', parallelism.name)!r} is not a DeepSpeed "

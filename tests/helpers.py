@@ -1,0 +1,80 @@
+"""Test helpers (import with `from helpers import ...`): run real fft-dist jobs (real processes, gloo)
+on tiny models and read their output."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A ~100k-parameter Llama: hidden 64, 2 layers; uses the bundled 2048-token tokenizer.
+TINY_MODEL = [
+    "model.name=test_tiny",
+    "model.arch.hidden_size=64",
+    "model.arch.intermediate_size=128",
+    "model.arch.num_hidden_layers=2",
+    "model.arch.num_attention_heads=4",
+    "model.arch.num_key_value_heads=2",
+]
+# Small, fast, fully deterministic job: 64-token rows of unequal length, no warmup surprises.
+TINY_JOB = TINY_MODEL + [
+    "data.max_length=64",
+    "data.max_examples=256",
+    "train.max_steps=10",
+    "train.global_batch_size=4",
+    "train.micro_batch_size=2",
+    "train.lr=3e-3",
+    "train.warmup_steps=2",
+    "eval.every_steps=0",
+    "eval.max_batches=2",
+    "checkpoint.save_final=false",
+]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("FFT_DIST_CONFIG", None)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    env.update(extra)
+    return env
+
+
+def fft_dist(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real console entry point (`fft-dist ...`) in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "fft_dist.cli", *args], cwd=REPO, env=env or child_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def train(run_dir: Path, *overrides: str, nproc: int = 2, parallelism: str = "fsdp",
+          expect_rc: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = fft_dist("train", f"run.dir={run_dir}", f"parallelism={parallelism}",
+                    f"launcher.nproc_per_node={nproc}", *overrides, timeout=timeout)
+    if proc.returncode != expect_rc:
+        raise AssertionError(f"fft-dist train exited {proc.returncode} (expected {expect_rc})\n"
+                             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def eval_losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["eval_loss"]) for r in read_metrics(run_dir) if "eval_loss" in r]
+
+
+def assert_close_rel(a: list[float], b: list[float], rel: float, what: str) -> None:
+    assert len(a) == len(b) and a, f"{what}: lengths differ ({len(a)} vs {len(b)})"
+    worst = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
+    assert worst <= rel, f"{what}: max relative error {worst:.3e} > {rel:.0e}\n{a}\n{b}"
