@@ -10,68 +10,60 @@ USAGE = """fft-dist <command> [args]
 
 commands:
   train [hydra overrides]        train; self-launches launcher.nproc_per_node ranks via torchrun's API
+                                 (fft-dist train --help lists every option; --cfg job prints the config)
   export <checkpoint> <out_dir>  write a Hugging Face folder from a checkpoint
   ckpt verify <checkpoint>       check completeness and sha256 checksums
   ckpt info <checkpoint>         step, backend, world size, tensors, bytes
 """
 
 
-def train(overrides: list[str]) -> int:
-    """Resolve the config once, write run.dir/config.yaml, then start the ranks (or be one)."""
-    from fft_dist.dist import launched_by_launcher, strip_launcher_args
-    from fft_dist.exit_codes import CONFIG_ERROR
-    from fft_dist.train import run_worker
+def train(argv: list[str]) -> int:
+    """`fft-dist train`: Hydra-style flags first (--help, --cfg job, --info, --config-dir), then launch."""
+    from fft_dist import config_help
+    from fft_dist.launch import train_command
 
-    overrides = strip_launcher_args(overrides)
-    if launched_by_launcher():
-        return run_worker(overrides)
-    from fft_dist.config import compose, describe_error, resolve, to_typed, to_yaml, validate
+    overrides, config_dirs, show = [], [], None
+    it = iter(argv)
+    for arg in it:
+        if arg in ("-h", "--help"):
+            print(config_help.help_text())
+            return 0
+        if arg in ("--cfg", "-c"):
+            show = next(it, "job")
+        elif arg.startswith("--cfg="):
+            show = arg.split("=", 1)[1]
+        elif arg == "--info":
+            show = "info"
+        elif arg == "--config-dir" or arg.startswith("--config-dir="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(it, None)
+            if not value or not Path(value).is_dir():
+                print(f"fft-dist: --config-dir {value!r} is not a folder", file=sys.stderr)
+                return 2
+            config_dirs.append(value)
+        else:
+            overrides.append(arg)
+    if show == "info":
+        print(config_help.info_text(config_dirs))
+        return 0
+    if show is not None:
+        return print_config(overrides, config_dirs, show)
+    return train_command(overrides, config_dirs=config_dirs)
 
+
+def print_config(overrides: list[str], config_dirs: list[str], what: str) -> int:
+    """`--cfg job`: the composed and resolved config, exactly what config.yaml would hold."""
+    from fft_dist.compose import config_error_types
+    from fft_dist.launch import prepare, report
+
+    if what not in ("job", "all"):
+        print(f"fft-dist: --cfg {what!r}: use --cfg job", file=sys.stderr)
+        return 2
     try:
-        cfg_node = resolve(compose(overrides))
-        cfg = to_typed(cfg_node)
-        nproc = cfg.launcher.nproc_per_node
-        validate(cfg, nproc)
-    except Exception as e:
-        print(f"fft-dist: config error: {describe_error(e)}", file=sys.stderr)
-        return CONFIG_ERROR
-    run_dir = Path(cfg.run.dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.yaml"
-    config_path.write_text(to_yaml(cfg_node), encoding="utf-8")
-    print(f"fft-dist: run dir {run_dir}; starting {nproc} rank(s)", flush=True)
-    return launch_local(config_path, nproc, cfg.launcher.master_port)
-
-
-def launch_local(config_path: Path, nproc: int, master_port: int) -> int:
-    """Start `nproc` workers with torch.distributed.run (torchrun's own code, not a home-made spawner)."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    from fft_dist.train import CONFIG_ENV
-    from fft_dist.exit_codes import PREEMPTED
-
-    os.environ[CONFIG_ENV] = str(config_path)
-    # Forward SLURM's pre-emption signal (USR1) to the workers too; they checkpoint and exit.
-    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    rdzv = ["--standalone"] if master_port == 0 else ["--master_addr", "127.0.0.1", "--master_port", str(master_port)]
-    args = get_args_parser().parse_args(
-        ["--nproc_per_node", str(nproc), *rdzv, "--max_restarts", "0", "--monitor_interval", "0.5",
-         "-m", "fft_dist.train"]
-    )
-    try:
-        run(args)
-    except SignalException as e:
-        print(f"fft-dist: received {e.sigval.name}; the ranks were asked to checkpoint and stop "
-              f"(resume with resume=auto)", file=sys.stderr)
-        return PREEMPTED
-    except ChildFailedError as e:
-        codes = [f.exitcode for f in e.failures.values()]
-        code = next((c for c in codes if c and c > 0), 1)
-        print(f"fft-dist: a rank exited with code {code}; see the messages above", file=sys.stderr)
-        return code
+        prepared = prepare(overrides, world_size=None, config_dirs=config_dirs)
+    except config_error_types() as e:
+        report("config error", e)
+        return 2
+    print(prepared.yaml, end="")
     return 0
 
 

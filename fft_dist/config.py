@@ -1,18 +1,17 @@
 """Typed configuration: the dataclass schema Hydra composes into, plus cross-field validation.
 
-Components receive these dataclasses (via :func:`to_typed`), never the raw Hydra config.
-Validation runs once, in the launcher or worker, before any process group exists.
+Components receive these dataclasses (built by :mod:`fft_dist.compose`), never the raw Hydra
+config. Validation runs once, in the launcher or worker, before any process group exists.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
-from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
@@ -39,13 +38,22 @@ class OptimizerName(str, Enum):
     adamw = "adamw"
     adam = "adam"
     sgd = "sgd"
-    adafactor = "adafactor"
+
+
+class OnNonFinite(str, Enum):
+    stop = "stop"
+    skip = "skip"
 
 
 class Schedule(str, Enum):
     constant = "constant"
     linear = "linear"
     cosine = "cosine"
+
+
+class ExportChoice(str, Enum):
+    last = "last"
+    best = "best"
 
 
 class DataFormat(str, Enum):
@@ -70,15 +78,13 @@ class DistConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny_llama"
-    """Label for logs; the model/ config group sets it."""
+    """Label for logs; the model/ config group sets it. With model.path it defaults to the folder's name."""
     path: str | None = None
     """Local Hugging Face folder (config.json, safetensors weights). None: build `arch` with random init."""
     arch: dict[str, Any] = field(default_factory=dict)
     """transformers config kwargs including model_type; used when path is None."""
     tokenizer: str | None = None
     """Tokenizer folder. None: model.path if it holds one, else the bundled byte-level BPE."""
-    dtype: str = "float32"
-    """Storage dtype of the trainable (master) weights. Keep float32; train.precision sets compute."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers (sdpa works on CPU and GPU)."""
     activation_checkpointing: bool = False
@@ -134,10 +140,12 @@ class TrainConfig:
     micro_batch_size: int = 4
     """Sequences per forward pass on one rank."""
     lr: float = 1e-3
+    """Peak learning rate."""
     lr_schedule: Schedule = Schedule.cosine
     warmup_steps: int = 0
+    """Linear warmup steps; 0: use warmup_ratio. Setting both is an error."""
     warmup_ratio: float = 0.0
-    """Warmup as a fraction of max_steps; used when warmup_steps is 0."""
+    """Warmup as a fraction of the total steps, so any run length works; used when warmup_steps is 0."""
     min_lr_ratio: float = 0.1
     """Final lr / peak lr for the linear and cosine schedules."""
     seed: int = 1234
@@ -145,7 +153,11 @@ class TrainConfig:
     """Compute precision. bf16/fp16 keep fp32 master weights; fp16 adds dynamic loss scaling."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
+    on_nonfinite: OnNonFinite = OnNonFinite.stop
+    """A NaN/inf gradient norm never updates the weights. stop: exit 3 (the last checkpoint stays good).
+    skip: drop that step's update, count it in metrics (skipped_steps) and go on."""
     log_every_steps: int = 1
+    """Write a metrics record every N optimizer steps."""
     deterministic: bool = True
     """torch.use_deterministic_algorithms; required for bit-exact resume."""
 
@@ -157,6 +169,7 @@ class EvalConfig:
     patience: int = 0
     """Stop after this many evaluations without a new best eval loss (0: never)."""
     micro_batch_size: int = 8
+    """Sequences per eval forward on one rank."""
     max_batches: int = 0
     """Cap on eval micro-batches per rank (0: the whole eval split)."""
 
@@ -198,9 +211,18 @@ class CheckpointConfig:
     every_steps: int = 0
     """Save every N optimizer steps (0: only at the end if save_final)."""
     keep_last: int = 2
+    """Intact checkpoints kept; older ones are pruned after each commit."""
+    keep_best: bool = False
+    """Also keep the checkpoint with the best eval loss, whatever keep_last says."""
     save_final: bool = True
     export_final: bool = False
-    """Also write a consolidated Hugging Face folder to run.dir/hf at the end."""
+    """Also write a consolidated Hugging Face folder to run.dir/hf at the end (after the ranks are done)."""
+    export: ExportChoice = ExportChoice.last
+    """Which checkpoint export_final writes: last, or best (needs keep_best and evaluations)."""
+    overwrite: bool = False
+    """With resume=none, delete the checkpoints an earlier run left in checkpoint.dir instead of refusing."""
+    load_optimizer: bool = True
+    """On resume, restore the optimizer states. false: weights, step and schedule only (to switch optimizer)."""
 
 
 @dataclass
@@ -227,69 +249,6 @@ def conf_dir() -> Path:
     return PACKAGE_DIR.parent / "conf"
 
 
-def _register_resolvers() -> None:
-    if not OmegaConf.has_resolver("now"):
-        OmegaConf.register_new_resolver("now", lambda fmt: datetime.now().strftime(fmt), use_cache=True)
-    if not OmegaConf.has_resolver("asset"):
-        OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS_DIR / name))
-
-
-def _store_schema() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="fft_dist_schema", node=FFTConfig)
-
-
-def compose(overrides: list[str]) -> DictConfig:
-    """Compose conf/config.yaml with CLI overrides; Hydra reports unknown keys and bad types."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    _register_resolvers()
-    _store_schema()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
-    return cfg
-
-
-def describe_error(e: BaseException) -> str:
-    """Hydra hides the useful part (e.g. "Key 'max_stepz' is not in struct") in the cause chain."""
-    parts, seen = [], set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        text = str(e).strip()
-        if text and text not in parts and "$VALUE" not in text:
-            parts.append(text)
-        e = e.__cause__ or e.__context__
-    return "\n  ".join(parts)
-
-
-def resolve(cfg: DictConfig) -> DictConfig:
-    """Resolve every interpolation (${now:}, ${asset:}, ${run.dir}) exactly once."""
-    _register_resolvers()
-    OmegaConf.resolve(cfg)
-    return cfg
-
-
-def to_typed(cfg: DictConfig) -> FFTConfig:
-    schema = OmegaConf.structured(FFTConfig)
-    merged = OmegaConf.merge(schema, cfg)
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
-
-
-def to_yaml(cfg: FFTConfig | DictConfig) -> str:
-    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
-    return OmegaConf.to_yaml(node, resolve=True)
-
-
-def load_yaml(path: str | os.PathLike) -> FFTConfig:
-    """Load a resolved config.yaml written by the launcher (every rank reads the same file)."""
-    _register_resolvers()
-    return to_typed(OmegaConf.load(path))
-
-
 @dataclass(frozen=True)
 class BatchPlan:
     world_size: int
@@ -312,82 +271,112 @@ def batch_plan(train: TrainConfig, world_size: int) -> BatchPlan:
     return BatchPlan(world_size, train.micro_batch_size, train.global_batch_size // per_step, train.global_batch_size)
 
 
+def warmup_steps_for(train: TrainConfig, total_steps: int) -> int:
+    """The one rule for warmup: absolute steps or a ratio of the run, never longer than the run."""
+    warmup = train.warmup_steps or int(round(train.warmup_ratio * total_steps))
+    if warmup > total_steps:
+        source = f"train.warmup_steps={train.warmup_steps}" if train.warmup_steps else f"train.warmup_ratio={train.warmup_ratio}"
+        raise ConfigError(
+            f"{source} gives {warmup} warmup steps, longer than training ({total_steps} steps); "
+            "lower the warmup (a ratio such as train.warmup_ratio=0.1 fits any length) or train longer."
+        )
+    return warmup
+
+
+def _finite(value: float) -> bool:
+    # Values are used as float32 inside torch: 1e39 is finite in Python but inf there.
+    return math.isfinite(value) and abs(value) < 3.4e38
+
+
+def _check_ranges(cfg: FFTConfig) -> None:
+    """Numbers that would only fail (or silently misbehave) after the ranks start."""
+    t = cfg.train
+    checks = [
+        (cfg.launcher.nproc_per_node >= 1, "launcher.nproc_per_node must be >= 1 (ranks on this node)"),
+        (t.max_steps >= 0, "train.max_steps must be >= 0 (0 means: derive from train.epochs)"),
+        (t.max_steps > 0 or (_finite(t.epochs) and t.epochs > 0), "set train.max_steps > 0 or train.epochs > 0"),
+        (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio must be in [0, 1)"),
+        (not (t.warmup_steps and t.warmup_ratio),
+         "set train.warmup_steps or train.warmup_ratio, not both (put the other to 0)"),
+        (_finite(t.lr) and t.lr > 0, f"train.lr must be a finite number > 0, got {t.lr}"),
+        (_finite(t.min_lr_ratio) and 0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
+        (_finite(t.max_grad_norm) and t.max_grad_norm >= 0,
+         f"train.max_grad_norm must be a finite number >= 0 (0 disables clipping), got {t.max_grad_norm}"),
+        (t.log_every_steps >= 1, "train.log_every_steps must be >= 1"),
+        (cfg.eval.micro_batch_size >= 1, "eval.micro_batch_size must be >= 1"),
+        (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0 (0: evaluate only at the end)"),
+        (cfg.eval.patience >= 0, "eval.patience must be >= 0"),
+        (cfg.eval.max_batches >= 0, "eval.max_batches must be >= 0"),
+        (cfg.dist.timeout_s >= 1, "dist.timeout_s must be >= 1 second"),
+        (cfg.dist.backend in ("auto", "gloo", "nccl"), f"dist.backend={cfg.dist.backend!r}: choose auto, gloo or nccl"),
+        (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0: save only at the end)"),
+        (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
+        (0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)"),
+        (cfg.data.max_length >= 2, "data.max_length must be >= 2"),
+        (cfg.data.max_examples >= 0, "data.max_examples must be >= 0 (0: all rows)"),
+        (cfg.model.freeze_layers >= 0, "model.freeze_layers must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for i, beta in enumerate(cfg.optimizer.betas):
+        if not (_finite(beta) and 0.0 <= beta < 1.0):
+            raise ConfigError(f"optimizer.betas[{i}]={beta} must be in [0, 1)")
+    if len(cfg.optimizer.betas) != 2:
+        raise ConfigError(f"optimizer.betas needs 2 values, got {list(cfg.optimizer.betas)}")
+    if not (_finite(cfg.optimizer.eps) and cfg.optimizer.eps > 0):
+        raise ConfigError(f"optimizer.eps must be a finite number > 0, got {cfg.optimizer.eps}")
+    if not (_finite(cfg.optimizer.weight_decay) and cfg.optimizer.weight_decay >= 0):
+        raise ConfigError(f"optimizer.weight_decay must be a finite number >= 0, got {cfg.optimizer.weight_decay}")
+
+
+def _check_paths(cfg: FFTConfig) -> None:
+    if cfg.model.path is not None:
+        path = Path(cfg.model.path)
+        if not path.is_dir():
+            what = "a file" if path.exists() else "missing"
+            raise ConfigError(f"model.path={cfg.model.path!r} is not a Hugging Face model folder ({path} is {what})")
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.path={cfg.model.path!r} is not a Hugging Face model folder (no config.json in {path})")
+    elif not cfg.model.arch.get("model_type"):
+        raise ConfigError("model.arch.model_type is required when model.path is not set")
+    for key in ("path", "eval_path"):
+        value = getattr(cfg.data, key)
+        if value is None:
+            continue
+        path = Path(value)
+        if path.is_dir():
+            raise ConfigError(f"data.{key}={value!r} is a directory; point it at a JSONL file")
+        if not path.is_file():
+            raise ConfigError(f"data.{key}={value!r} does not exist")
+    if cfg.model.tokenizer is not None and not Path(cfg.model.tokenizer).is_dir():
+        raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r} is not a folder")
+
+
 def validate(cfg: FFTConfig, world_size: int) -> BatchPlan:
-    """Cross-field checks that Hydra's type checks cannot express. Raises ConfigError."""
+    """Cross-field checks that Hydra's type checks cannot express. Raises ConfigError.
+
+    Pure and cheap (no torch, no processes): the launcher runs it before any rank starts. Checks
+    that need a package (DeepSpeed) or real I/O (data, checkpoints) live with their owners and are
+    called next to this one by :mod:`fft_dist.launch`.
+    """
+    _check_ranges(cfg)
     plan = batch_plan(cfg.train, world_size)
     if cfg.parallelism.name == Parallelism.none and world_size != 1:
         raise ConfigError(
             f"parallelism=none runs a single process, but the world size is {world_size}. "
             "Use launcher.nproc_per_node=1, or pick parallelism=fsdp|zero2|zero3."
         )
-    if cfg.train.max_steps < 0:
-        raise ConfigError("train.max_steps must be >= 0 (0 means: derive from train.epochs)")
-    if cfg.train.max_steps == 0 and cfg.train.epochs <= 0:
-        raise ConfigError("set train.max_steps > 0 or train.epochs > 0")
-    if cfg.train.warmup_steps < 0 or not 0.0 <= cfg.train.warmup_ratio < 1.0:
-        raise ConfigError("train.warmup_steps must be >= 0 and train.warmup_ratio in [0, 1)")
-    if cfg.train.max_steps and cfg.train.warmup_steps > cfg.train.max_steps:
-        raise ConfigError(
-            f"train.warmup_steps={cfg.train.warmup_steps} is longer than training "
-            f"(train.max_steps={cfg.train.max_steps}); lower the warmup or train longer."
-        )
-    if cfg.train.lr <= 0:
-        raise ConfigError(f"train.lr must be > 0, got {cfg.train.lr}")
-    if cfg.train.max_grad_norm < 0:
-        raise ConfigError("train.max_grad_norm must be >= 0 (0 disables clipping)")
-    if cfg.dist.backend not in ("auto", "gloo", "nccl"):
-        raise ConfigError(f"dist.backend={cfg.dist.backend!r}: choose auto, gloo or nccl")
-    if cfg.model.path is not None:
-        path = Path(cfg.model.path)
-        if not (path / "config.json").is_file():
-            raise ConfigError(
-                f"model.path={cfg.model.path!r} is not a Hugging Face model folder "
-                f"({'missing' if not path.exists() else 'no config.json in'} {path})."
-            )
-    elif not cfg.model.arch.get("model_type"):
-        raise ConfigError("model.arch.model_type is required when model.path is not set")
-    for key in ("path", "eval_path"):
-        value = getattr(cfg.data, key)
-        if value is not None and not Path(value).is_file():
-            raise ConfigError(f"data.{key}={value!r} does not exist")
-    if not 0.0 <= cfg.data.eval_fraction < 1.0:
-        raise ConfigError("data.eval_fraction must be in [0, 1)")
-    if cfg.data.max_length < 2:
-        raise ConfigError("data.max_length must be >= 2")
-    if cfg.model.tokenizer is not None and not Path(cfg.model.tokenizer).is_dir():
-        raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r} is not a folder")
-    if cfg.parallelism.name in (Parallelism.zero2, Parallelism.zero3):
-        _validate_deepspeed(cfg, plan)
-    if cfg.resume not in ("none", "auto") and not Path(cfg.resume).exists():
-        raise ConfigError(f"resume={cfg.resume!r} does not exist")
-    if cfg.checkpoint.keep_last < 1:
-        raise ConfigError("checkpoint.keep_last must be >= 1")
-    if cfg.optimizer.name == OptimizerName.adafactor and (cfg.checkpoint.save_final or cfg.checkpoint.every_steps):
-        # Refuse now rather than fail at the first save and lose the run.
-        raise ConfigError(
-            "optimizer=adafactor keeps factored (row/column) states that the checkpoint format cannot store "
-            "yet; use optimizer=adamw, or train without checkpoints: checkpoint.save_final=false "
-            "checkpoint.every_steps=0"
-        )
+    if cfg.train.max_steps:
+        warmup_steps_for(cfg.train, cfg.train.max_steps)
+    _check_paths(cfg)
+    if cfg.checkpoint.export == ExportChoice.best and not cfg.checkpoint.keep_best:
+        raise ConfigError("checkpoint.export=best needs checkpoint.keep_best=true (else the best one may be pruned)")
+    if cfg.checkpoint.export == ExportChoice.best and not cfg.checkpoint.export_final:
+        raise ConfigError("checkpoint.export=best only matters with checkpoint.export_final=true")
+    if cfg.checkpoint.keep_best and not cfg.checkpoint.every_steps:
+        raise ConfigError("checkpoint.keep_best=true needs checkpoint.every_steps > 0 (else only the final one is saved)")
+    if cfg.checkpoint.keep_best and not cfg.eval.every_steps:
+        raise ConfigError("checkpoint.keep_best=true needs eval.every_steps > 0 (the best is chosen by eval loss)")
     return plan
-
-
-def _validate_deepspeed(cfg: FFTConfig, plan: BatchPlan) -> None:
-    """Catch before launch what DeepSpeed would only reject on every rank after start-up."""
-    import importlib.util
-
-    if importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(
-            f"parallelism={cfg.parallelism.name.value} needs DeepSpeed, which is not installed. "
-            "Install it after torch with: pip install --no-build-isolation 'fft-dist[deepspeed]'"
-        )
-    if cfg.parallelism.offload_params and cfg.parallelism.name != Parallelism.zero3:
-        raise ConfigError("parallelism.offload_params needs ZeRO-3 (parallelism=zero3_offload)")
-    if cfg.train.precision == Precision.fp16:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("train.precision=fp16 with DeepSpeed needs a CUDA device; use bf16 or fp32 on CPU")
-    from fft_dist.strategy.deepspeed import build_deepspeed_config
-
-    build_deepspeed_config(cfg.parallelism, cfg.train, plan)  # raises on overrides that fight our options

@@ -1,7 +1,8 @@
 """Process-group setup from the launcher's environment, rank helpers and seeding.
 
 torchrun, the deepspeed launcher and our self-launch all export RANK / WORLD_SIZE /
-LOCAL_RANK / MASTER_ADDR / MASTER_PORT, so one env:// init serves them all.
+LOCAL_RANK / MASTER_ADDR / MASTER_PORT, so one env:// init serves them all. Which launcher
+started us, and how, is :mod:`fft_dist.launch`'s business.
 """
 from __future__ import annotations
 
@@ -27,15 +28,6 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def launched_by_launcher() -> bool:
-    """True when a launcher (torchrun, deepspeed, srun+torchrun) already started us as a rank."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def pick_backend(requested: str) -> str:
@@ -137,27 +129,6 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         if torch.backends.cudnn.is_available():
             torch.backends.cudnn.benchmark = False
-
-
-def strip_launcher_args(argv: list[str]) -> list[str]:
-    """Drop `--local_rank=N` / `--local-rank N` that the deepspeed launcher appends (Hydra rejects them).
-
-    LOCAL_RANK is also in the environment, which is what we read.
-    """
-    out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg in ("--local_rank", "--local-rank"):
-            skip = True
-            continue
-        if arg.startswith(("--local_rank=", "--local-rank=")):
-            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
-            continue
-        out.append(arg)
-    return out
 
 
 def warn0(msg: str) -> None:

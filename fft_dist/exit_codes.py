@@ -1,11 +1,17 @@
 """Process exit codes, documented in the README (scripts and SLURM requeue logic rely on them)."""
 
 OK = 0
+BUG = 1
+"""An unexpected error in fft-dist itself: its traceback is printed. Please report it."""
 CONFIG_ERROR = 2
 """Bad configuration or data; nothing was trained."""
 NONFINITE_LOSS = 3
-"""The loss became NaN/inf; the last good checkpoint is kept and no newer one is written."""
+"""The loss or gradient norm became NaN/inf; no update of that step was applied and no checkpoint of it written."""
 CHECKPOINT_ERROR = 4
 """A checkpoint or pretrained folder is missing, truncated, corrupt or mismatched; nothing was written."""
 PREEMPTED = 75
-"""SIGTERM/SIGUSR1 arrived: the current step finished, a checkpoint was written; rerun with resume=auto."""
+"""A stop signal arrived; the ranks finished the current step and wrote a checkpoint: rerun with resume=auto."""
+STOPPED_NO_CHECKPOINT = 76
+"""A stop signal arrived before any rank started training: nothing was trained and nothing was saved."""
+
+DOCUMENTED = frozenset({OK, BUG, CONFIG_ERROR, NONFINITE_LOSS, CHECKPOINT_ERROR, PREEMPTED, STOPPED_NO_CHECKPOINT})

@@ -16,7 +16,13 @@ BUNDLED_TOKENIZER = ASSETS_DIR / "tokenizer"
 def hf_config(cfg: ModelConfig) -> PretrainedConfig:
     """The transformers config: from model.path, or from model.arch for a random init."""
     if cfg.path is not None:
-        config = AutoConfig.from_pretrained(cfg.path, local_files_only=True)
+        try:
+            config = AutoConfig.from_pretrained(cfg.path, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # JSON errors are ValueErrors
+            from fft_dist.checkpoint.format import CheckpointError
+
+            raise CheckpointError(f"model.path={cfg.path}: {Path(cfg.path) / 'config.json'} is not a usable "
+                                  f"transformers config: {e}") from None
     else:
         arch = dict(cfg.arch)
         model_type = arch.pop("model_type")

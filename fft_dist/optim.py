@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fft_dist.config import OptimizerConfig, OptimizerName, Schedule, TrainConfig
+from fft_dist.config import ConfigError, OptimizerConfig, OptimizerName, Schedule, TrainConfig, warmup_steps_for
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -41,7 +41,7 @@ def optimizer_factory(cfg: OptimizerConfig, lr: float) -> Callable[[nn.Module], 
     def make(model: nn.Module) -> torch.optim.Optimizer:
         groups = param_groups(model, cfg)
         if not groups:
-            raise ValueError("no trainable parameters: model.freeze / model.freeze_layers froze everything")
+            raise ConfigError("no trainable parameters: model.freeze / model.freeze_layers froze everything")
         betas = tuple(cfg.betas)
         if cfg.name == OptimizerName.adamw:
             return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.eps, foreach=False)
@@ -49,8 +49,6 @@ def optimizer_factory(cfg: OptimizerConfig, lr: float) -> Callable[[nn.Module], 
             return torch.optim.Adam(groups, lr=lr, betas=betas, eps=cfg.eps, foreach=False)
         if cfg.name == OptimizerName.sgd:
             return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, foreach=False)
-        if cfg.name == OptimizerName.adafactor:
-            return torch.optim.Adafactor(groups, lr=lr, foreach=False)
         raise ValueError(f"unknown optimizer {cfg.name}")
 
     return make
@@ -58,7 +56,7 @@ def optimizer_factory(cfg: OptimizerConfig, lr: float) -> Callable[[nn.Module], 
 
 def lr_schedule(train: TrainConfig, total_steps: int) -> Callable[[int], float]:
     """lr for 0-based step s: linear warmup to train.lr, then constant / linear / cosine decay."""
-    warmup = train.warmup_steps or int(round(train.warmup_ratio * total_steps))
+    warmup = warmup_steps_for(train, total_steps)
     peak, floor = train.lr, train.lr * train.min_lr_ratio
 
     def lr_at(step: int) -> float:

@@ -1,83 +1,100 @@
 """Worker entry point: one process = one rank. Also `python -m fft_dist.train [overrides]`.
 
-Under torchrun or the deepspeed launcher this is the worker. Every rank uses the single
-resolved config: the file named by FFT_DIST_CONFIG (written by `fft-dist train`), or, when a
-user calls the launcher directly, rank 0's resolved composition broadcast to the others.
+Under torchrun or the deepspeed launcher this is the worker (see :mod:`fft_dist.launch` for
+where its config comes from). The stop-signal handler is installed before anything heavy is
+imported, so a signal during start-up is never a traceback.
 """
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
-from fft_dist.config import ConfigError, FFTConfig, compose, describe_error, load_yaml, resolve, to_typed, to_yaml, validate
 from fft_dist import exit_codes
-from fft_dist.dist import barrier, broadcast_small, env_world_size, init_distributed, print0, strip_launcher_args
-
-CONFIG_ENV = "FFT_DIST_CONFIG"
+from fft_dist.preemption import StopSignal, die_with_parent
 
 
-def load_config(argv: list[str]) -> tuple[FFTConfig, str, bool]:
-    """(typed config, resolved YAML, came_from_file). Raises ConfigError or Hydra errors."""
-    path = os.environ.get(CONFIG_ENV)
-    if path:
-        if argv:
-            raise ConfigError(f"{CONFIG_ENV}={path} is set, so command-line overrides {argv} would be ignored")
-        text = Path(path).read_text(encoding="utf-8")
-        return load_yaml(path), text, True
-    cfg = resolve(compose(argv))
-    return to_typed(cfg), to_yaml(cfg), False
-
-
-def run_worker(argv: list[str]) -> int:
-    from omegaconf import OmegaConf
-
+def run_worker(argv: list[str], *, stop: StopSignal | None = None) -> int:
+    stop = stop or StopSignal()
+    if "RANK" in os.environ:
+        die_with_parent()
     from fft_dist.checkpoint import CheckpointError
-    from fft_dist.config import to_typed as typed_from
+    from fft_dist.compose import config_error_types
     from fft_dist.data import DataError
-    from fft_dist.trainer import NonFiniteLossError, Trainer
+    from fft_dist.dist import destroy, init_distributed
+    from fft_dist.launch import load_worker_config, report
+    from fft_dist.trainer import NonFiniteError
 
-    rank = int(os.environ.get("RANK", "0"))
+    is_rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
-        cfg, text, from_file = load_config(argv)
-        plan = validate(cfg, env_world_size())
-    except Exception as e:  # config errors are identical on every rank: report once
-        if rank == 0:
-            print(f"fft-dist: config error: {describe_error(e)}", file=sys.stderr, flush=True)
+        prepared, from_file = load_worker_config(argv)
+    except config_error_types() as e:  # identical on every rank: report once
+        if is_rank0:
+            report("config error", e)
         return exit_codes.CONFIG_ERROR
+    cfg = prepared.cfg
     ctx = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
+    summary = None
     try:
         if not from_file:
-            text = broadcast_small(text)  # rank 0's resolution wins: ${now:} cannot differ between ranks
-            cfg = typed_from(OmegaConf.create(text))
-        run_dir = Path(cfg.run.dir)
+            prepared = _claim_run_dir(prepared, ctx)
+        from fft_dist.trainer import Trainer
+
+        summary = Trainer(prepared.cfg, ctx=ctx, plan=prepared.plan, config_yaml=prepared.yaml, stop=stop).run()
+    except (*config_error_types(), DataError) as e:  # every rank sees the same data and config
         if ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not from_file:
-                (run_dir / "config.yaml").write_text(text, encoding="utf-8")
-        summary = Trainer(cfg, ctx=ctx, plan=plan, run_dir=run_dir, config_yaml=text).run()
-        barrier()  # rank 0 may still be exporting; gloo can abort if the group goes away mid-flight
-    except (ConfigError, DataError) as e:
-        print(f"fft-dist: error{'' if ctx.world_size == 1 else f' (rank {ctx.rank})'}: {e}", file=sys.stderr, flush=True)
+            report("config error" if not isinstance(e, DataError) else "data error", e)
         return exit_codes.CONFIG_ERROR
-    except CheckpointError as e:
-        print(f"fft-dist: checkpoint error{'' if ctx.world_size == 1 else f' (rank {ctx.rank})'}: {e}",
-              file=sys.stderr, flush=True)
+    except CheckpointError as e:  # the checkpoint code agrees on errors across ranks
+        if ctx.is_main:
+            report("checkpoint error", e)
         return exit_codes.CHECKPOINT_ERROR
-    except NonFiniteLossError as e:
-        print0(f"fft-dist: error: {e}", file=sys.stderr)
+    except NonFiniteError as e:
+        if ctx.is_main:
+            report("error", e)
         return exit_codes.NONFINITE_LOSS
     finally:
-        _shutdown()
+        destroy()
+    if not ctx.is_main:
+        return summary.exit_code
+    if summary.export_source is not None:
+        code = _export(summary)  # after the process group is gone: no collective timeout applies
+        if code:
+            return code
+    print_summary(summary)
+    return summary.exit_code
+
+
+def _claim_run_dir(prepared, ctx):
+    """Under a user's own launcher: agree on rank 0's config, and rank 0 prepares run.dir."""
+    from fft_dist.config import ConfigError
+    from fft_dist.dist import broadcast_small
+    from fft_dist.launch import agree_on_config
+    from fft_dist.rundir import prepare_run_dir
+
+    prepared = agree_on_config(prepared)
+    error = None
     if ctx.is_main:
-        print_summary(summary)
-    return exit_codes.PREEMPTED if summary.stopped == "preempted" else exit_codes.OK
+        try:
+            prepare_run_dir(prepared.cfg, prepared.yaml)
+        except ConfigError as e:
+            error = str(e)
+    error = broadcast_small(error)
+    if error:
+        raise ConfigError(error)
+    return prepared
 
 
-def _shutdown() -> None:
-    from fft_dist.dist import destroy
+def _export(summary) -> int:
+    from fft_dist.checkpoint import CheckpointError, export_hf
+    from fft_dist.launch import report
 
-    destroy()
+    print(f"fft-dist: exporting {summary.export_source} to {summary.export}", flush=True)
+    try:
+        export_hf(summary.export_source, summary.export, tokenizer_dir=summary.tokenizer_dir)
+    except CheckpointError as e:
+        report("export failed", e)
+        return exit_codes.CHECKPOINT_ERROR
+    return exit_codes.OK
 
 
 def _fmt(x: float | None) -> str:
@@ -93,15 +110,19 @@ def print_summary(summary) -> None:
             f"(best {_fmt(summary.best_eval_loss)} at step {summary.best_step})",
             f"  run dir:    {summary.run_dir}  (config.yaml, metrics.jsonl, tb/)",
             f"  checkpoint: {summary.checkpoint or 'none'}",
-            *([f"  HF export:  {summary.export}"] if summary.export else []),
+            *([f"  HF export:  {summary.export} (from {summary.export_source})"] if summary.export_source else []),
+            *([f"  stopped by {summary.signal}: rerun with resume=auto to continue"] if summary.signal else []),
         ]),
         flush=True,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
+    stop = StopSignal()
+    from fft_dist.launch import strip_launcher_args
+
     argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)
-    sys.exit(run_worker(argv))
+    sys.exit(run_worker(argv, stop=stop))
 
 
 if __name__ == "__main__":

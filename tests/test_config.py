@@ -6,7 +6,8 @@ import itertools
 import pytest
 
 from helpers import REPO, fft_dist
-from fft_dist.config import Parallelism, ConfigError, compose, resolve, to_typed, validate
+from fft_dist.compose import compose, resolve, to_typed
+from fft_dist.config import ConfigError, Parallelism, validate
 
 GROUPS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml"))
           for g in ("model", "data", "optimizer", "parallelism", "launcher")}
@@ -18,15 +19,14 @@ def typed(*overrides: str):
 
 def test_groups_exist():
     assert {"tiny_llama", "llama3_1b", "llama3_8b", "qwen2_0_5b", "gpt2"} <= set(GROUPS["model"])
-    assert {"adamw", "adam", "sgd", "adafactor"} <= set(GROUPS["optimizer"])
+    assert set(GROUPS["optimizer"]) == {"adamw", "adam", "sgd"}  # adafactor left the menu (no checkpointing)
     assert {"fsdp", "none"} <= set(GROUPS["parallelism"])
     assert "local" in GROUPS["launcher"]
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_group_option_composes_and_validates(group, option):
-    no_ckpt = ["checkpoint.save_final=false"] if (group, option) == ("optimizer", "adafactor") else []
-    cfg = typed(f"{group}={option}", *no_ckpt)
+    cfg = typed(f"{group}={option}")
     world = 1 if cfg.parallelism.name == Parallelism.none else 2
     plan = validate(cfg, world)
     assert plan.grad_accum * plan.micro_batch_size * world == cfg.train.global_batch_size
@@ -47,11 +47,9 @@ def test_model_configs_build_a_transformers_config():
         assert config.model_type in ("llama", "qwen2", "gpt2")
 
 
-def test_adafactor_with_checkpoints_is_refused_before_training():
-    with pytest.raises(ConfigError, match="checkpoint.save_final=false"):
-        validate(typed("optimizer=adafactor"), 2)
-    with pytest.raises(ConfigError, match="adafactor"):
-        validate(typed("optimizer=adafactor", "checkpoint.save_final=false", "checkpoint.every_steps=5"), 2)
+def test_adafactor_is_not_on_the_menu():
+    with pytest.raises(Exception, match="adafactor"):
+        typed("optimizer=adafactor")
 
 
 def test_grad_accum_is_derived():
@@ -65,7 +63,7 @@ def test_non_divisible_batch_says_what_to_change():
 
 
 def test_warmup_longer_than_training():
-    with pytest.raises(ConfigError, match="warmup_steps=50 is longer than training"):
+    with pytest.raises(ConfigError, match="warmup_steps=50 gives 50 warmup steps, longer than training"):
         validate(typed("train.max_steps=10", "train.warmup_steps=50"), 2)
 
 
@@ -84,11 +82,6 @@ def test_missing_data_path(tmp_path):
         validate(typed(f"data.path={tmp_path / 'missing.jsonl'}"), 2)
 
 
-def test_resume_path_must_exist(tmp_path):
-    with pytest.raises(ConfigError, match="resume=.*does not exist"):
-        validate(typed(f"resume={tmp_path / 'ckpt'}"), 2)
-
-
 @pytest.mark.parametrize("override,message", [
     ("train.max_stepz=3", "Key 'max_stepz' not in 'TrainConfig'"),
     ("train.lr=abc", "could not be converted to Float"),
@@ -103,3 +96,135 @@ def test_cli_rejects_bad_config_before_any_rank_starts(override, message, tmp_pa
     assert message in proc.stderr
     assert "config error" in proc.stderr
     assert not (tmp_path / "run").exists(), "nothing may be written for a rejected config"
+
+
+# -- values that used to pass validation and fail (or misbehave) only after the ranks started ----------
+@pytest.mark.parametrize("override,message", [
+    ("launcher.nproc_per_node=-1", "launcher.nproc_per_node must be >= 1"),
+    ("launcher.nproc_per_node=0", "launcher.nproc_per_node must be >= 1"),
+    ("train.log_every_steps=0", "train.log_every_steps must be >= 1"),
+    ("eval.micro_batch_size=0", "eval.micro_batch_size must be >= 1"),
+    ("train.lr=nan", "train.lr must be a finite number > 0"),
+    ("train.lr=inf", "train.lr must be a finite number > 0"),
+    ("train.lr=1e39", "train.lr must be a finite number > 0"),
+    ("dist.timeout_s=0", "dist.timeout_s must be >= 1"),
+    ("checkpoint.every_steps=-1", "checkpoint.every_steps must be >= 0"),
+    ("train.max_grad_norm=nan", "train.max_grad_norm must be a finite number >= 0"),
+    ("optimizer.betas=[0.9,1.5]", "optimizer.betas[1]=1.5 must be in [0, 1)"),
+    ("+foo=bar", "unknown config key(s) ['foo']"),
+    ("+train.foo=1", "unknown config key(s) ['train.foo']"),
+])
+def test_bad_values_are_config_errors(override, message):
+    with pytest.raises(ConfigError) as e:
+        validate(typed(override), 2)
+    assert message in str(e.value)
+
+
+def test_short_runs_just_work_with_the_default_warmup_ratio():
+    cfg = typed("train.max_steps=5")
+    validate(cfg, 2)
+    assert cfg.train.warmup_ratio > 0 and cfg.train.warmup_steps == 0
+
+
+def test_explicit_warmup_steps_replace_the_default_ratio_and_both_explicit_is_an_error():
+    cfg = typed("train.warmup_steps=3")
+    assert (cfg.train.warmup_steps, cfg.train.warmup_ratio) == (3, 0.0)
+    with pytest.raises(ConfigError, match="not both"):
+        validate(typed("train.warmup_steps=3", "train.warmup_ratio=0.1"), 2)
+
+
+def test_epochs_set_by_the_user_beats_the_default_max_steps():
+    cfg = typed("train.epochs=2")
+    assert cfg.train.max_steps == 0 and cfg.train.epochs == 2
+    with pytest.raises(ConfigError, match="both set the run length"):
+        typed("train.epochs=2", "train.max_steps=10")
+    assert typed("train.epochs=2", "train.max_steps=0").train.max_steps == 0
+
+
+def _hf_folder(path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1).save_pretrained(path)
+    return path
+
+
+def test_model_path_names_and_records_the_model_actually_trained(tmp_path):
+    folder = _hf_folder(tmp_path / "my-qwen")
+    cfg = typed(f"model.path={folder}")
+    assert cfg.model.name == "my-qwen"
+    assert cfg.model.arch["hidden_size"] == 32 and cfg.model.arch["num_key_value_heads"] == 1
+    assert typed(f"model.path={folder}", "model.name=label").model.name == "label"
+    with pytest.raises(ConfigError, match="model.arch.* and model.path both describe the architecture"):
+        typed(f"model.path={folder}", "model.arch.hidden_size=64")
+
+
+def test_train_help_lists_groups_and_options_without_launching(tmp_path):
+    proc = fft_dist("train", "--help", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "parallelism  fsdp, none, zero2" in proc.stdout
+    assert "train.lr : float" in proc.stdout and "Peak learning rate." in proc.stdout
+    assert "checkpoint.keep_best : bool = False" in proc.stdout
+
+
+def test_cfg_job_prints_the_resolved_config(tmp_path):
+    proc = fft_dist("train", "--cfg", "job", f"run.dir={tmp_path / 'r'}", "train.lr=0.5", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "lr: 0.5" in proc.stdout and "${" not in proc.stdout
+    assert not (tmp_path / "r").exists(), "--cfg job launches nothing and writes nothing"
+    info = fft_dist("train", "--info", timeout=120)
+    assert info.returncode == 0 and "bundled configs:" in info.stdout
+
+
+def test_own_group_file_via_config_dir(tmp_path):
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    (tmp_path / "conf" / "model" / "mine.yaml").write_text(
+        "name: mine\narch:\n  model_type: llama\n  vocab_size: 2048\n  hidden_size: 48\n"
+        "  intermediate_size: 96\n  num_hidden_layers: 1\n  num_attention_heads: 2\n  num_key_value_heads: 2\n")
+    proc = fft_dist("train", "--config-dir", str(tmp_path / "conf"), "model=mine", "--cfg", "job", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "name: mine" in proc.stdout and "hidden_size: 48" in proc.stdout
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b'{"prompt": "a", "completion": "b"}\n' * 3 + b'{"prompt": "\xff\xfe", "completion": "x"}\n', ":4: not UTF-8 text"),
+    (b"PAR1\x00\x01\x02binary", ":1: a binary file"),
+    (b'{"prompt": "a"}\n', "missing column(s) ['completion']"),
+])
+def test_bad_data_is_reported_once_before_launch(tmp_path, content, needle):
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(content)
+    proc = fft_dist("train", f"run.dir={tmp_path / 'run'}", f"data.path={data}", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and str(data) in proc.stderr
+    assert proc.stderr.count("data error") == 1 and "Traceback" not in proc.stderr
+    assert "starting" not in proc.stdout, "no rank may start"
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_path_directory_says_what_it_is(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        validate(typed(f"data.path={tmp_path}"), 2)
+
+
+def test_missing_resume_path_is_a_checkpoint_error_before_launch(tmp_path):
+    proc = fft_dist("train", f"run.dir={tmp_path / 'run'}", f"resume={tmp_path / 'nope'}", timeout=120)
+    assert proc.returncode == 4, proc.stderr
+    assert "checkpoint error" in proc.stderr and str(tmp_path / "nope") in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_garbage_model_config_is_a_named_checkpoint_error(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    proc = fft_dist("train", f"run.dir={tmp_path / 'run'}", f"model.path={folder}", timeout=120)
+    assert proc.returncode == 4, proc.stderr
+    assert str(folder / "config.json") in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_bug_is_a_traceback_not_a_config_error():
+    """Only known error types become exit 2; anything else shows its traceback and exits 1."""
+    from fft_dist.compose import config_error_types
+
+    assert KeyError not in config_error_types() and ValueError not in config_error_types()

@@ -7,7 +7,7 @@ import torch
 
 from helpers import TINY_JOB, eval_losses, train
 from fft_dist.checkpoint import CheckpointReader
-from fft_dist.config import compose, resolve, to_typed
+from fft_dist.compose import compose, resolve, to_typed
 from fft_dist.model import build_model, hf_config
 
 

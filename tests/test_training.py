@@ -33,7 +33,7 @@ def test_same_losses_for_every_split_of_the_global_batch(reference, tmp_path, la
 
 def test_per_micro_batch_mean_would_differ(tmp_path):
     """Guard for the test above: the data really has unequal token counts per micro batch."""
-    from fft_dist.config import compose, resolve, to_typed
+    from fft_dist.compose import compose, resolve, to_typed
     from fft_dist.data import GlobalBatchSampler, load_datasets
     from fft_dist.model import load_tokenizer
 

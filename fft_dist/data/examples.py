@@ -39,13 +39,29 @@ class DataStats:
     notes: list[str] = field(default_factory=list)
 
 
-def read_jsonl(path: str | Path, required: list[str]) -> list[dict]:
+def _describe(path: Path) -> str:
+    return "a directory" if path.is_dir() else "missing"
+
+
+def iter_jsonl(path: str | Path, required: list[str], *, max_lines: int | None = None):
+    """Yield (line number, row) of a JSONL file, checking each row; errors name the file and line.
+
+    Lines are decoded one by one, so a stray non-UTF-8 byte or a binary file (parquet, arrow) is
+    reported where it is instead of as a decoder traceback.
+    """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: data file does not exist")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+        raise DataError(f"{path}: data file is {_describe(path)}")
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if max_lines is not None and lineno > max_lines:
+                return
+            if b"\0" in raw or (lineno == 1 and raw.startswith((b"PAR1", b"ARROW1"))):
+                raise DataError(f"{path}:{lineno}: a binary file (parquet/arrow?), not JSONL text")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -62,10 +78,29 @@ def read_jsonl(path: str | Path, required: list[str]) -> list[dict]:
             bad = [k for k in required if not isinstance(row[k], str)]
             if bad:
                 raise DataError(f"{path}:{lineno}: column(s) {bad} must be strings")
-            rows.append(row)
+            yield lineno, row
+
+
+def read_jsonl(path: str | Path, required: list[str]) -> list[dict]:
+    rows = [row for _, row in iter_jsonl(path, required)]
     if not rows:
         raise DataError(f"{path}: the data set is empty (no rows)")
     return rows
+
+
+PRECHECK_LINES = 100_000
+"""Lines of each data file the launcher checks before starting ranks (all of a typical fine-tuning set)."""
+
+
+def check_data_files(cfg: DataConfig) -> None:
+    """Before launch: the files exist, decode, parse and have the columns (cheap: no tokenizer)."""
+    cols = required_columns(cfg)
+    for path in (cfg.path, cfg.eval_path):
+        if path is None:
+            continue
+        rows = sum(1 for _ in iter_jsonl(path, cols, max_lines=PRECHECK_LINES))
+        if not rows:
+            raise DataError(f"{path}: the data set is empty (no rows)")
 
 
 def required_columns(cfg: DataConfig) -> list[str]:

@@ -22,4 +22,12 @@ def make_strategy(cfg: FFTConfig, plan: BatchPlan, ctx: DistContext) -> Strategy
     return DeepSpeedStrategy(parallelism=cfg.parallelism, train=cfg.train, plan=plan, ctx=ctx)
 
 
-__all__ = ["Fragment", "FragmentSource", "Strategy", "make_strategy"]
+def check(cfg: FFTConfig, plan: BatchPlan) -> None:
+    """Pre-launch checks of the chosen backend (raises ConfigError)."""
+    if cfg.parallelism.name in (Parallelism.zero2, Parallelism.zero3):
+        from fft_dist.strategy.deepspeed import build_deepspeed_config
+
+        build_deepspeed_config(cfg.parallelism, cfg.train, plan)
+
+
+__all__ = ["Fragment", "FragmentSource", "Strategy", "check", "make_strategy"]

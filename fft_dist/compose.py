@@ -1,0 +1,163 @@
+"""Hydra composition: CLI overrides -> one resolved, typed config.
+
+The launcher composes once, resolves every interpolation (``${now:}``, ``${asset:}``) once, and
+writes the result; every rank reads that. What the user typed last wins over a group default:
+:func:`apply_user_intent` turns the few defaults that would silently override an explicit
+choice into that choice, or into an error when two explicit choices conflict.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from fft_dist.config import ASSETS_DIR, ConfigError, FFTConfig, conf_dir
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("now"):
+        OmegaConf.register_new_resolver("now", lambda fmt: datetime.now().strftime(fmt), use_cache=True)
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS_DIR / name))
+
+
+def _store_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="fft_dist_schema", node=FFTConfig)
+
+
+def override_keys(overrides: list[str]) -> set[str]:
+    """Dotted keys the user set on the command line (``+a.b=1``, ``++a.b=1``, ``~a.b`` -> ``a.b``)."""
+    keys = set()
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~").strip()
+        if key and not key.startswith("hydra."):
+            keys.add(key)
+    return keys
+
+
+def _set_by(keys: set[str], key: str) -> bool:
+    return key in keys or any(k.startswith(key + ".") for k in keys)
+
+
+def compose(overrides: list[str], *, config_dirs: list[str] | None = None) -> DictConfig:
+    """Compose conf/config.yaml with CLI overrides, then apply the user-intent rules.
+
+    ``config_dirs`` are extra folders searched for group files (a user's own
+    ``model/my_model.yaml`` or ``data/my_data.yaml``), ahead of the bundled ones.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    _register_resolvers()
+    _store_schema()
+    hydra_overrides = list(overrides)
+    if config_dirs:
+        paths = ",".join(f"file://{Path(d).resolve()}" for d in config_dirs)
+        hydra_overrides.append(f"hydra.searchpath=[{paths}]")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=hydra_overrides)
+    apply_user_intent(cfg, override_keys(overrides))
+    return cfg
+
+
+def apply_user_intent(cfg: DictConfig, keys: set[str]) -> None:
+    """Explicit choices beat group defaults; two explicit choices that contradict are an error."""
+    train = cfg.train
+    if "train.epochs" in keys:
+        if "train.max_steps" in keys and train.max_steps:
+            raise ConfigError(
+                f"train.epochs={train.epochs} and train.max_steps={train.max_steps} both set the run length; "
+                "set one (train.max_steps=0 derives the length from train.epochs)"
+            )
+        train.max_steps = 0
+    if "train.warmup_steps" in keys and "train.warmup_ratio" not in keys:
+        train.warmup_ratio = 0.0
+    if "train.warmup_ratio" in keys and "train.warmup_steps" not in keys:
+        train.warmup_steps = 0
+    model = cfg.model
+    if model.path:
+        if _set_by(keys, "model.arch"):
+            raise ConfigError(
+                "model.arch.* and model.path both describe the architecture; with model.path the architecture "
+                f"comes from {Path(model.path) / 'config.json'}, so drop the model.arch overrides"
+            )
+        if "model.name" not in keys:
+            model.name = Path(model.path).resolve().name
+        config_json = Path(model.path) / "config.json"
+        try:  # record what is actually trained; a missing or broken file is reported by the checks
+            model.arch = json.loads(config_json.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            pass
+
+
+def _unknown_keys(node, schema: type, prefix: str = "") -> list[str]:
+    """Keys in `node` that the dataclass `schema` does not have (``+foo=bar`` slips past Hydra)."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    unknown = []
+    for key in node.keys():
+        if key not in fields:
+            unknown.append(f"{prefix}{key}")
+            continue
+        sub = hints.get(key)
+        if dataclasses.is_dataclass(sub) and isinstance(node[key], DictConfig):
+            unknown += _unknown_keys(node[key], sub, f"{prefix}{key}.")
+    return unknown
+
+
+def resolve(cfg: DictConfig) -> DictConfig:
+    """Resolve every interpolation (${now:}, ${asset:}, ${run.dir}) exactly once."""
+    _register_resolvers()
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def to_typed(cfg: DictConfig) -> FFTConfig:
+    unknown = _unknown_keys(cfg, FFTConfig)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}; `fft-dist train --help` lists the options")
+    schema = OmegaConf.structured(FFTConfig)
+    merged = OmegaConf.merge(schema, cfg)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: FFTConfig | DictConfig) -> str:
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+    return OmegaConf.to_yaml(node, resolve=True)
+
+
+def load_yaml(path: str | os.PathLike) -> FFTConfig:
+    """Load a resolved config.yaml written by the launcher (every rank reads the same file)."""
+    _register_resolvers()
+    return to_typed(OmegaConf.load(path))
+
+
+def config_error_types() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "this config cannot run" (exit 2). Anything else is a bug (exit 1)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return ConfigError, HydraException, OmegaConfBaseException
+
+
+def describe_error(e: BaseException) -> str:
+    """Hydra hides the useful part (e.g. "Key 'max_stepz' is not in struct") in the cause chain."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        text = str(cur).strip()
+        if text and text not in parts and "$VALUE" not in text:
+            parts.append(text)
+        cur = cur.__cause__ or cur.__context__
+    return "\n  ".join(parts)

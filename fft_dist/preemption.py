@@ -1,0 +1,110 @@
+"""Pre-emption: a stop signal means "finish this step, checkpoint, exit 75", wherever it lands.
+
+SIGTERM, SIGUSR1 (SLURM's ``--signal``), SIGINT (Ctrl-C) and SIGHUP are treated alike, whether
+they reach the launcher, the whole process group or a single rank:
+
+- a rank (:class:`StopSignal`) only raises a flag; the trainer all-reduces it after every step,
+  so one signalled rank stops the whole job at the same step, which is then checkpointed;
+- the launcher (:class:`SignalForwarder`) passes the signal on to its ranks and keeps waiting
+  for them, so their exit code (75: a checkpoint was written) is what the user gets. torchrun's
+  own handling would kill the ranks after a grace period and lose that code;
+- ranks started by a launcher die with it (:func:`die_with_parent`): after ``kill -9`` of the
+  launcher no rank trains or writes a checkpoint unsupervised.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+
+
+def signal_name(signum: int | None) -> str:
+    return signal.Signals(signum).name if signum else "none"
+
+
+class StopSignal:
+    """Worker side: remembers the first stop signal; the loop checks :attr:`received` after each step."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+
+class StartupInterrupted(Exception):
+    """A stop signal reached the launcher before any rank existed: nothing ran, nothing to save."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal_name(signum))
+        self.signum = signum
+
+
+class SignalForwarder:
+    """Launcher side: forward stop signals to the ranks (our direct children) and keep waiting."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.forwarded = False
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame) -> None:
+        first = self.received is None
+        if first:
+            self.received = signum
+        children = child_pids(os.getpid())
+        if not children:
+            if first:
+                raise StartupInterrupted(signum)  # unwinds torch's launch; nothing trained yet
+            return
+        for pid in children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+        self.forwarded = True
+        if first:
+            print(f"fft-dist: received {signal_name(signum)}; the ranks finish the current step, "
+                  "save a checkpoint and stop", file=sys.stderr, flush=True)
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid` (Linux /proc); the ranks torchrun's agent started for us."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
+                out += [int(x) for x in f.read().split()]
+        except OSError:
+            continue
+    return out
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent (the launcher) dies (PR_SET_PDEATHSIG).
+
+    SIGKILL, not a stop signal: a rank whose launcher is gone must not start a checkpoint that
+    nobody supervises. A no-op where prctl is unavailable.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before prctl took effect
+        os._exit(1)
