@@ -220,11 +220,17 @@ class FFTConfig:
 
 
 def conf_dir() -> Path:
-    """The conf/ tree: FFT_DIST_CONF_DIR, else the one beside the package (editable install)."""
+    """The conf/ tree: FFT_DIST_CONF_DIR, else the package's own copy.
+
+    In git, fft_dist/conf is a symlink to the top-level conf/ (the menu users read), so wheels
+    and sdists carry real files and every install finds them here. A checkout made without
+    symlink support leaves a plain file there; then the top-level conf/ is used.
+    """
     env = os.environ.get("FFT_DIST_CONF_DIR")
     if env:
         return Path(env).resolve()
-    return PACKAGE_DIR.parent / "conf"
+    bundled = PACKAGE_DIR / "conf"
+    return bundled if bundled.is_dir() else PACKAGE_DIR.parent / "conf"
 
 
 def _register_resolvers() -> None:
