@@ -1,14 +1,20 @@
-"""A normal (non-editable) install works: the wheel carries the configs and assets, and its
-`fft-dist` console script trains from an empty directory, importing the installed package."""
+"""Packaging: a normal (non-editable) install works (the wheel carries the configs and assets, and
+its `fft-dist` console script trains from an empty directory, importing the installed package),
+and the declared version floors agree with .ci/run and with the environment the tests ran in."""
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import shutil
 import site
 import subprocess
 import sys
+import tomllib
 import venv
 import zipfile
 from pathlib import Path
+
+from packaging.requirements import Requirement
 
 from helpers import REPO, TINY_JOB, child_env, train_losses
 
@@ -80,3 +86,22 @@ def test_wheel_installs_and_trains_from_empty_dir(tmp_path):
     resolved = (work / "run" / "config.yaml").read_text()
     assert f"path: {env_dir.resolve()}/" in resolved, resolved
     assert str(REPO) not in resolved, "the run used the repo's files, not the installed package's"
+
+
+def _requirements() -> dict[str, Requirement]:
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = list(meta["dependencies"]) + [r for extra in meta["optional-dependencies"].values() for r in extra]
+    return {Requirement(r).name: Requirement(r) for r in reqs}
+
+
+def test_version_floors_match_ci_and_the_tested_environment():
+    reqs = _requirements()
+    ci = (REPO / ".ci" / "run").read_text()
+    # .ci/run installs torch and DeepSpeed by hand; it must ask for what pyproject declares.
+    assert f"'{reqs['deepspeed']}'" in ci, f".ci/run must install '{reqs['deepspeed']}' (pyproject's extra)"
+    torch_pin = re.search(r"pip install -q torch==(\S+)", ci).group(1)
+    assert reqs["torch"].specifier.contains(torch_pin), f".ci/run pins torch=={torch_pin}, pyproject wants {reqs['torch']}"
+    # The environment running the tests is the tested one: it must satisfy every floor.
+    for name, req in reqs.items():
+        have = importlib.metadata.version(name).split("+")[0]
+        assert req.specifier.contains(have, prereleases=True), f"{name} {have} does not satisfy {req}"
