@@ -74,6 +74,7 @@ def test_writer_on_other_ranks_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_has_config_and_history(tmp_path):
     run = tmp_path / "run"
     home = tmp_path / "wandb_home"  # keep wandb's settings and caches out of the user's home
