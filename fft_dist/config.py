@@ -226,6 +226,29 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    enabled: bool = False
+    """Mirror metrics to Weights & Biases from rank 0; needs `pip install 'fft-dist[wandb]'`."""
+    project: str = "fft-dist"
+    """W&B project the run is filed under."""
+    run_name: str | None = None
+    """Display name of the W&B run; null: the name of run.dir."""
+    tags: list[str] = field(default_factory=list)
+    """Tags attached to the W&B run."""
+    mode: str = "offline"
+    """offline (files only, upload later with `wandb sync`) or online (needs `wandb login`)."""
+    dir: str = "${run.dir}"
+    """Folder W&B writes into (its files go to a wandb/ folder inside it)."""
+
+
+@dataclass
+class LoggingConfig:
+    """Experiment trackers beside metrics.jsonl and TensorBoard (which are always written)."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class FFTConfig:
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -237,16 +260,23 @@ class FFTConfig:
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     resume: str = "none"
     """none | auto (newest complete checkpoint in checkpoint.dir, else fresh) | a checkpoint path."""
 
 
 def conf_dir() -> Path:
-    """The conf/ tree: FFT_DIST_CONF_DIR, else the one beside the package (editable install)."""
+    """The conf/ tree: FFT_DIST_CONF_DIR, else the package's own copy.
+
+    In git, fft_dist/conf is a symlink to the top-level conf/ (the menu users read), so wheels
+    and sdists carry real files and every install finds them here. A checkout made without
+    symlink support leaves a plain file there; then the top-level conf/ is used.
+    """
     env = os.environ.get("FFT_DIST_CONF_DIR")
     if env:
         return Path(env).resolve()
-    return PACKAGE_DIR.parent / "conf"
+    bundled = PACKAGE_DIR / "conf"
+    return bundled if bundled.is_dir() else PACKAGE_DIR.parent / "conf"
 
 
 @dataclass(frozen=True)

@@ -75,9 +75,11 @@ def preflight(cfg: FFTConfig, plan: BatchPlan) -> None:
     """Checks that need a package or a file but no process group: run before any rank starts."""
     from fft_dist.checkpoint import find_resume
     from fft_dist.data import check_data_files
+    from fft_dist.metrics import check_logging
     from fft_dist.strategy import check as check_strategy
 
     check_strategy(cfg, plan)
+    check_logging(cfg)
     check_data_files(cfg.data)
     if cfg.model.path is not None:
         from fft_dist.model import hf_config

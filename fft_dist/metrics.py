@@ -1,12 +1,18 @@
-"""Rank-0 metrics: metrics.jsonl, TensorBoard events, MFU and peak-memory helpers."""
+"""Rank-0 metrics: metrics.jsonl, TensorBoard events, an optional W&B run, MFU and peak-memory helpers."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import resource
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+
+from fft_dist.config import ConfigError, FFTConfig, LoggingConfig, WandbConfig
+
+WANDB_MODES = ("offline", "online")
 
 # Dense bf16 peak FLOP/s per device (no sparsity). Unknown devices report MFU as null.
 PEAK_BF16_FLOPS = {
@@ -41,12 +47,62 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-class MetricsWriter:
-    """Writes one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard."""
+def check_logging(cfg: FFTConfig) -> None:
+    """Refuse tracker settings that cannot work, before any rank starts (a ConfigError, exit 2)."""
+    wb = cfg.logging.wandb
+    if not wb.enabled:
+        return
+    if wb.mode not in WANDB_MODES:
+        raise ConfigError(f"logging.wandb.mode={wb.mode!r} is not one of {', '.join(WANDB_MODES)} "
+                          f"(to turn W&B off, set logging.wandb.enabled=false)")
+    if not wb.project:
+        raise ConfigError("logging.wandb.project is empty; name the W&B project the run goes to")
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError("logging.wandb.enabled=true but the wandb package is not installed: "
+                          "pip install 'fft-dist[wandb]' (or set logging.wandb.enabled=false)")
 
-    def __init__(self, run_dir: Path, *, enabled: bool):
+
+def _series_name(key: str) -> str:
+    """One naming for every tracker: eval_loss -> eval/loss, loss -> train/loss."""
+    return "eval/" + key[len("eval_"):] if key.startswith("eval_") else f"train/{key}"
+
+
+def _scalars(record: dict) -> dict[str, float]:
+    return {_series_name(k): v for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class _WandbRun:
+    """A W&B run holding the resolved config; each metrics record is logged at its step."""
+
+    def __init__(self, wb: WandbConfig, *, run_dir: Path, config_yaml: str):
+        import wandb
+
+        wandb_dir = Path(wb.dir)
+        wandb_dir.mkdir(parents=True, exist_ok=True)
+        self._run = wandb.init(
+            project=wb.project, name=wb.run_name or run_dir.resolve().name, tags=list(wb.tags), mode=wb.mode,
+            dir=str(wandb_dir), config=OmegaConf.to_container(OmegaConf.create(config_yaml)),
+            # No stdout/stderr capture: the ranks' output stays as torchrun and tqdm print it.
+            settings=wandb.Settings(console="off"),
+        )
+
+    def log(self, record: dict) -> None:
+        if "step" in record:
+            self._run.log(_scalars(record), step=int(record["step"]))
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class MetricsWriter:
+    """Writes one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard and,
+    if logging.wandb.enabled, to W&B. Only the writer built with enabled=True (rank 0) writes."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, logging_cfg: LoggingConfig, config_yaml: str):
         self.enabled = enabled
         self._tb = None
+        self._wandb = None
         if not enabled:
             return
         self._file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
@@ -56,6 +112,8 @@ class MetricsWriter:
             self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
         except ImportError:  # tensorboard is a declared dependency; stay usable without it
             self._tb = None
+        if logging_cfg.wandb.enabled:
+            self._wandb = _WandbRun(logging_cfg.wandb, run_dir=run_dir, config_yaml=config_yaml)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -64,10 +122,10 @@ class MetricsWriter:
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
         if self._tb is not None and "step" in record:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
-                    self._tb.add_scalar(key.replace("eval_", "eval/") if key.startswith("eval_") else f"train/{key}",
-                                        value, record["step"])
+            for name, value in _scalars(record).items():
+                self._tb.add_scalar(name, value, record["step"])
+        if self._wandb is not None:
+            self._wandb.log(record)
 
     def close(self) -> None:
         if not self.enabled:
@@ -76,3 +134,5 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()

@@ -107,7 +107,8 @@ class Trainer:
         self.config_yaml = config_yaml
         self.ckpt_root = Path(cfg.checkpoint.dir)
         self.state = TrainState()
-        self.metrics = MetricsWriter(self.run_dir, enabled=ctx.is_main)
+        self.metrics = MetricsWriter(self.run_dir, enabled=ctx.is_main, logging_cfg=cfg.logging,
+                                     config_yaml=config_yaml)
         self.stop_signal = stop or StopSignal()
         self._bar = None
 
