@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -52,8 +51,7 @@ def train(argv: list[str]) -> int:
 
 def print_config(overrides: list[str], config_dirs: list[str], what: str) -> int:
     """`--cfg job`: the composed and resolved config, exactly what config.yaml would hold."""
-    from fft_dist.compose import config_error_types
-    from fft_dist.launch import prepare, report
+    from fft_dist.compose import config_error_types, prepare, report
 
     if what not in ("job", "all"):
         print(f"fft-dist: --cfg {what!r}: use --cfg job", file=sys.stderr)

@@ -10,13 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import typing
 from datetime import datetime
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fft_dist.config import ASSETS_DIR, ConfigError, FFTConfig, conf_dir
+from fft_dist.config import ASSETS_DIR, BatchPlan, ConfigError, FFTConfig, conf_dir
+from fft_dist.validate import validate
 
 
 def _register_resolvers() -> None:
@@ -161,3 +163,27 @@ def describe_error(e: BaseException) -> str:
             parts.append(text)
         cur = cur.__cause__ or cur.__context__
     return "\n  ".join(parts)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A resolved config ready to run: typed, its YAML (what config.yaml holds), and the batch plan."""
+
+    cfg: FFTConfig
+    yaml: str
+    plan: BatchPlan
+
+
+def prepare(overrides: list[str], *, world_size: int | None, config_dirs: list[str] | None = None) -> Prepared:
+    """Compose, resolve once, type and validate; raises one of :func:`config_error_types`.
+
+    ``world_size=None``: the ranks the launcher will start (launcher.nproc_per_node).
+    """
+    node = resolve(compose(overrides, config_dirs=config_dirs))
+    cfg = to_typed(node)
+    return Prepared(cfg, to_yaml(node), validate(cfg, world_size or cfg.launcher.nproc_per_node))
+
+
+def report(kind: str, error: BaseException) -> None:
+    """One clear line (plus causes) on stderr for an error the user can fix."""
+    print(f"fft-dist: {kind}: {describe_error(error)}", file=sys.stderr, flush=True)

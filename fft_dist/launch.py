@@ -12,32 +12,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from fft_dist import exit_codes
-from fft_dist.compose import compose, config_error_types, describe_error, load_yaml, resolve, to_typed, to_yaml
-from fft_dist.config import BatchPlan, FFTConfig, validate
+from fft_dist.compose import config_error_types, prepare, report
+from fft_dist.config import BatchPlan, FFTConfig
 from fft_dist.preemption import SignalForwarder, StartupInterrupted, signal_name
-
-CONFIG_ENV = "FFT_DIST_CONFIG"
-"""Set by the self-launcher: the resolved config.yaml every rank reads (no overrides allowed then)."""
-
-
-@dataclass
-class Prepared:
-    cfg: FFTConfig
-    yaml: str
-    plan: BatchPlan
+from fft_dist.worker import CONFIG_ENV, run_worker
 
 
 def launched_by_launcher() -> bool:
     """True when a launcher (torchrun, deepspeed, srun+torchrun) already started us as a rank."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:
@@ -61,16 +47,6 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
-def prepare(overrides: list[str], *, world_size: int | None, config_dirs: list[str] | None = None) -> Prepared:
-    """Compose, resolve once, type and validate; raises one of :func:`config_error_types`.
-
-    ``world_size=None``: the ranks this launcher will start (launcher.nproc_per_node).
-    """
-    node = resolve(compose(overrides, config_dirs=config_dirs))
-    cfg = to_typed(node)
-    return Prepared(cfg, to_yaml(node), validate(cfg, world_size or cfg.launcher.nproc_per_node))
-
-
 def preflight(cfg: FFTConfig, plan: BatchPlan) -> None:
     """Checks that need a package or a file but no process group: run before any rank starts."""
     from fft_dist.checkpoint import find_resume
@@ -89,16 +65,10 @@ def preflight(cfg: FFTConfig, plan: BatchPlan) -> None:
         find_resume(cfg.resume, Path(cfg.checkpoint.dir))
 
 
-def report(kind: str, error: BaseException) -> None:
-    print(f"fft-dist: {kind}: {describe_error(error)}", file=sys.stderr, flush=True)
-
-
 def train_command(overrides: list[str], *, config_dirs: list[str] | None = None) -> int:
     """``fft-dist train``: a rank when a launcher started us, else the self-launcher."""
     overrides = strip_launcher_args(overrides)
     if launched_by_launcher():
-        from fft_dist.train import run_worker
-
         return run_worker(overrides)
     forwarder = SignalForwarder()
     try:
@@ -166,28 +136,3 @@ def job_exit_code(failures: dict, forwarder: SignalForwarder) -> int:
     return code
 
 
-def load_worker_config(argv: list[str]) -> tuple[Prepared, bool]:
-    """(prepared config, came_from_file) for a rank: the launcher's file, else compose the overrides."""
-    path = os.environ.get(CONFIG_ENV)
-    world = env_world_size()
-    if path:
-        if argv:
-            from fft_dist.config import ConfigError
-
-            raise ConfigError(f"{CONFIG_ENV}={path} is set, so command-line overrides {argv} would be ignored")
-        cfg = load_yaml(path)
-        return Prepared(cfg, Path(path).read_text(encoding="utf-8"), validate(cfg, world)), True
-    return prepare(argv, world_size=world), False
-
-
-def agree_on_config(prepared: Prepared) -> Prepared:
-    """Rank 0's resolution wins (collective): ``${now:}`` cannot differ between ranks."""
-    from omegaconf import OmegaConf
-
-    from fft_dist.dist import broadcast_small
-
-    text = broadcast_small(prepared.yaml)
-    if text == prepared.yaml:
-        return prepared
-    cfg = to_typed(OmegaConf.create(text))
-    return Prepared(cfg, text, validate(cfg, env_world_size()))

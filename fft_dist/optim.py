@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fft_dist.config import ConfigError, OptimizerConfig, OptimizerName, Schedule, TrainConfig, warmup_steps_for
+from fft_dist.config import ConfigError, OptimizerConfig, OptimizerName, Schedule, TrainConfig
+from fft_dist.validate import warmup_steps_for
 
 
 def _matches(name: str, patterns: list[str]) -> bool:

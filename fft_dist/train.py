@@ -1,125 +1,19 @@
-"""Worker entry point: one process = one rank. Also `python -m fft_dist.train [overrides]`.
+"""Worker entry point: `python -m fft_dist.train [overrides]`, what torchrun / deepspeed start per rank.
 
-Under torchrun or the deepspeed launcher this is the worker (see :mod:`fft_dist.launch` for
-where its config comes from). The stop-signal handler is installed before anything heavy is
-imported, so a signal during start-up is never a traceback.
+The stop-signal handler is installed before anything heavy is imported, so a signal during
+start-up is never a traceback. The rank's work is :func:`fft_dist.worker.run_worker`.
 """
 from __future__ import annotations
 
-import os
 import sys
 
-from fft_dist import exit_codes
-from fft_dist.preemption import StopSignal, die_with_parent
-
-
-def run_worker(argv: list[str], *, stop: StopSignal | None = None) -> int:
-    stop = stop or StopSignal()
-    if "RANK" in os.environ:
-        die_with_parent()
-    from fft_dist.checkpoint import CheckpointError
-    from fft_dist.compose import config_error_types
-    from fft_dist.data import DataError
-    from fft_dist.dist import destroy, init_distributed
-    from fft_dist.launch import load_worker_config, report
-    from fft_dist.trainer import NonFiniteError
-
-    is_rank0 = int(os.environ.get("RANK", "0")) == 0
-    try:
-        prepared, from_file = load_worker_config(argv)
-    except config_error_types() as e:  # identical on every rank: report once
-        if is_rank0:
-            report("config error", e)
-        return exit_codes.CONFIG_ERROR
-    cfg = prepared.cfg
-    ctx = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
-    summary = None
-    try:
-        if not from_file:
-            prepared = _claim_run_dir(prepared, ctx)
-        from fft_dist.trainer import Trainer
-
-        summary = Trainer(prepared.cfg, ctx=ctx, plan=prepared.plan, config_yaml=prepared.yaml, stop=stop).run()
-    except (*config_error_types(), DataError) as e:  # every rank sees the same data and config
-        if ctx.is_main:
-            report("config error" if not isinstance(e, DataError) else "data error", e)
-        return exit_codes.CONFIG_ERROR
-    except CheckpointError as e:  # the checkpoint code agrees on errors across ranks
-        if ctx.is_main:
-            report("checkpoint error", e)
-        return exit_codes.CHECKPOINT_ERROR
-    except NonFiniteError as e:
-        if ctx.is_main:
-            report("error", e)
-        return exit_codes.NONFINITE_LOSS
-    finally:
-        destroy()
-    if not ctx.is_main:
-        return summary.exit_code
-    if summary.export_source is not None:
-        code = _export(summary)  # after the process group is gone: no collective timeout applies
-        if code:
-            return code
-    print_summary(summary)
-    return summary.exit_code
-
-
-def _claim_run_dir(prepared, ctx):
-    """Under a user's own launcher: agree on rank 0's config, and rank 0 prepares run.dir."""
-    from fft_dist.config import ConfigError
-    from fft_dist.dist import broadcast_small
-    from fft_dist.launch import agree_on_config
-    from fft_dist.rundir import prepare_run_dir
-
-    prepared = agree_on_config(prepared)
-    error = None
-    if ctx.is_main:
-        try:
-            prepare_run_dir(prepared.cfg, prepared.yaml)
-        except ConfigError as e:
-            error = str(e)
-    error = broadcast_small(error)
-    if error:
-        raise ConfigError(error)
-    return prepared
-
-
-def _export(summary) -> int:
-    from fft_dist.checkpoint import CheckpointError, export_hf
-    from fft_dist.launch import report
-
-    print(f"fft-dist: exporting {summary.export_source} to {summary.export}", flush=True)
-    try:
-        export_hf(summary.export_source, summary.export, tokenizer_dir=summary.tokenizer_dir)
-    except CheckpointError as e:
-        report("export failed", e)
-        return exit_codes.CHECKPOINT_ERROR
-    return exit_codes.OK
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
-
-
-def print_summary(summary) -> None:
-    print(
-        "\n".join([
-            "",
-            f"fft-dist: {summary.stopped} after {summary.steps} steps in {summary.seconds:.1f} s",
-            f"  eval loss: first {_fmt(summary.first_eval_loss)} -> final {_fmt(summary.final_eval_loss)} "
-            f"(best {_fmt(summary.best_eval_loss)} at step {summary.best_step})",
-            f"  run dir:    {summary.run_dir}  (config.yaml, metrics.jsonl, tb/)",
-            f"  checkpoint: {summary.checkpoint or 'none'}",
-            *([f"  HF export:  {summary.export} (from {summary.export_source})"] if summary.export_source else []),
-            *([f"  stopped by {summary.signal}: rerun with resume=auto to continue"] if summary.signal else []),
-        ]),
-        flush=True,
-    )
+from fft_dist.preemption import StopSignal
 
 
 def main(argv: list[str] | None = None) -> None:
     stop = StopSignal()
     from fft_dist.launch import strip_launcher_args
+    from fft_dist.worker import run_worker
 
     argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)
     sys.exit(run_worker(argv, stop=stop))

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from fft_dist import resume as resume_rules
-from fft_dist.config import BatchPlan, ConfigError, ExportChoice, FFTConfig, OnNonFinite, warmup_steps_for
+from fft_dist.config import BatchPlan, ExportChoice, FFTConfig, OnNonFinite
+from fft_dist.validate import warmup_steps_for
 from fft_dist.data import GlobalBatchSampler, collate, load_datasets
 from fft_dist.data.examples import IGNORE_INDEX, Example
 from fft_dist.dist import DistContext, all_reduce_sum, print0, seed_everything

@@ -7,7 +7,8 @@ import pytest
 
 from helpers import REPO, fft_dist
 from fft_dist.compose import compose, resolve, to_typed
-from fft_dist.config import ConfigError, Parallelism, validate
+from fft_dist.config import ConfigError, Parallelism
+from fft_dist.validate import validate
 
 GROUPS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml"))
           for g in ("model", "data", "optimizer", "parallelism", "launcher")}

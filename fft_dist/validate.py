@@ -1,0 +1,131 @@
+"""Cross-field validation of the typed config: everything cheap that would otherwise fail after launch.
+
+Pure (no torch, no processes, no heavy imports), so the launcher runs it before any rank starts.
+Checks that need a package (DeepSpeed) or real I/O (data, checkpoints) live with their owners and
+are called next to this one by :mod:`fft_dist.launch`.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from fft_dist.config import (
+    BatchPlan,
+    ConfigError,
+    ExportChoice,
+    FFTConfig,
+    Parallelism,
+    TrainConfig,
+    batch_plan,
+)
+
+
+def warmup_steps_for(train: TrainConfig, total_steps: int) -> int:
+    """The one rule for warmup: absolute steps or a ratio of the run, never longer than the run."""
+    warmup = train.warmup_steps or int(round(train.warmup_ratio * total_steps))
+    if warmup > total_steps:
+        source = f"train.warmup_steps={train.warmup_steps}" if train.warmup_steps else f"train.warmup_ratio={train.warmup_ratio}"
+        raise ConfigError(
+            f"{source} gives {warmup} warmup steps, longer than training ({total_steps} steps); "
+            "lower the warmup (a ratio such as train.warmup_ratio=0.1 fits any length) or train longer."
+        )
+    return warmup
+
+
+def _finite(value: float) -> bool:
+    # Values are used as float32 inside torch: 1e39 is finite in Python but inf there.
+    return math.isfinite(value) and abs(value) < 3.4e38
+
+
+def _check_ranges(cfg: FFTConfig) -> None:
+    """Numbers that would only fail (or silently misbehave) after the ranks start."""
+    t = cfg.train
+    checks = [
+        (cfg.launcher.nproc_per_node >= 1, "launcher.nproc_per_node must be >= 1 (ranks on this node)"),
+        (t.max_steps >= 0, "train.max_steps must be >= 0 (0 means: derive from train.epochs)"),
+        (t.max_steps > 0 or (_finite(t.epochs) and t.epochs > 0), "set train.max_steps > 0 or train.epochs > 0"),
+        (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio must be in [0, 1)"),
+        (not (t.warmup_steps and t.warmup_ratio),
+         "set train.warmup_steps or train.warmup_ratio, not both (put the other to 0)"),
+        (_finite(t.lr) and t.lr > 0, f"train.lr must be a finite number > 0, got {t.lr}"),
+        (_finite(t.min_lr_ratio) and 0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
+        (_finite(t.max_grad_norm) and t.max_grad_norm >= 0,
+         f"train.max_grad_norm must be a finite number >= 0 (0 disables clipping), got {t.max_grad_norm}"),
+        (t.log_every_steps >= 1, "train.log_every_steps must be >= 1"),
+        (cfg.eval.micro_batch_size >= 1, "eval.micro_batch_size must be >= 1"),
+        (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0 (0: evaluate only at the end)"),
+        (cfg.eval.patience >= 0, "eval.patience must be >= 0"),
+        (cfg.eval.max_batches >= 0, "eval.max_batches must be >= 0"),
+        (cfg.dist.timeout_s >= 1, "dist.timeout_s must be >= 1 second"),
+        (cfg.dist.backend in ("auto", "gloo", "nccl"), f"dist.backend={cfg.dist.backend!r}: choose auto, gloo or nccl"),
+        (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0: save only at the end)"),
+        (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
+        (0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)"),
+        (cfg.data.max_length >= 2, "data.max_length must be >= 2"),
+        (cfg.data.max_examples >= 0, "data.max_examples must be >= 0 (0: all rows)"),
+        (cfg.model.freeze_layers >= 0, "model.freeze_layers must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for i, beta in enumerate(cfg.optimizer.betas):
+        if not (_finite(beta) and 0.0 <= beta < 1.0):
+            raise ConfigError(f"optimizer.betas[{i}]={beta} must be in [0, 1)")
+    if len(cfg.optimizer.betas) != 2:
+        raise ConfigError(f"optimizer.betas needs 2 values, got {list(cfg.optimizer.betas)}")
+    if not (_finite(cfg.optimizer.eps) and cfg.optimizer.eps > 0):
+        raise ConfigError(f"optimizer.eps must be a finite number > 0, got {cfg.optimizer.eps}")
+    if not (_finite(cfg.optimizer.weight_decay) and cfg.optimizer.weight_decay >= 0):
+        raise ConfigError(f"optimizer.weight_decay must be a finite number >= 0, got {cfg.optimizer.weight_decay}")
+
+
+def _check_paths(cfg: FFTConfig) -> None:
+    if cfg.model.path is not None:
+        path = Path(cfg.model.path)
+        if not path.is_dir():
+            what = "a file" if path.exists() else "missing"
+            raise ConfigError(f"model.path={cfg.model.path!r} is not a Hugging Face model folder ({path} is {what})")
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.path={cfg.model.path!r} is not a Hugging Face model folder (no config.json in {path})")
+    elif not cfg.model.arch.get("model_type"):
+        raise ConfigError("model.arch.model_type is required when model.path is not set")
+    for key in ("path", "eval_path"):
+        value = getattr(cfg.data, key)
+        if value is None:
+            continue
+        path = Path(value)
+        if path.is_dir():
+            raise ConfigError(f"data.{key}={value!r} is a directory; point it at a JSONL file")
+        if not path.is_file():
+            raise ConfigError(f"data.{key}={value!r} does not exist")
+    if cfg.model.tokenizer is not None and not Path(cfg.model.tokenizer).is_dir():
+        raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r} is not a folder")
+
+
+def validate(cfg: FFTConfig, world_size: int) -> BatchPlan:
+    """Cross-field checks that Hydra's type checks cannot express. Raises ConfigError.
+
+    Pure and cheap (no torch, no processes): the launcher runs it before any rank starts. Checks
+    that need a package (DeepSpeed) or real I/O (data, checkpoints) live with their owners and are
+    called next to this one by :mod:`fft_dist.launch`.
+    """
+    _check_ranges(cfg)
+    plan = batch_plan(cfg.train, world_size)
+    if cfg.parallelism.name == Parallelism.none and world_size != 1:
+        raise ConfigError(
+            f"parallelism=none runs a single process, but the world size is {world_size}. "
+            "Use launcher.nproc_per_node=1, or pick parallelism=fsdp|zero2|zero3."
+        )
+    if cfg.train.max_steps:
+        warmup_steps_for(cfg.train, cfg.train.max_steps)
+    _check_paths(cfg)
+    if cfg.checkpoint.export == ExportChoice.best and not cfg.checkpoint.keep_best:
+        raise ConfigError("checkpoint.export=best needs checkpoint.keep_best=true (else the best one may be pruned)")
+    if cfg.checkpoint.export == ExportChoice.best and not cfg.checkpoint.export_final:
+        raise ConfigError("checkpoint.export=best only matters with checkpoint.export_final=true")
+    if cfg.checkpoint.keep_best and not cfg.checkpoint.every_steps:
+        raise ConfigError("checkpoint.keep_best=true needs checkpoint.every_steps > 0 (else only the final one is saved)")
+    if cfg.checkpoint.keep_best and not cfg.eval.every_steps:
+        raise ConfigError("checkpoint.keep_best=true needs eval.every_steps > 0 (the best is chosen by eval loss)")
+    return plan

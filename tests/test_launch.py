@@ -1,0 +1,183 @@
+"""Launching for real: stop signals to the launcher, the process group or one rank; kill -9 of the
+launcher; one run per run directory; never on top of another run's checkpoints.
+
+Every case runs the real `fft-dist train` (a launcher process plus 2 gloo ranks) and checks the
+exit code, the checkpoint on disk and that no process of the job is left.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, TINY_JOB, child_env, read_metrics, train
+from fft_dist import checkpoint as ckpt
+from fft_dist.exit_codes import PREEMPTED, STOPPED_NO_CHECKPOINT
+
+LONG_JOB = [*TINY_JOB, "train.max_steps=400"]
+
+
+def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    """`fft-dist train` in its own session, so a process-group signal reaches only this job."""
+    return subprocess.Popen([sys.executable, "-m", "fft_dist.cli", "train", f"run.dir={run_dir}", *LONG_JOB,
+                             *overrides], cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for_steps(proc: subprocess.Popen, run_dir: Path, steps: int = 1, timeout: float = 240) -> list[int]:
+    """Wait until `steps` training steps are logged; return the rank pids."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"the job ended early: {proc.communicate()}"
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= steps:
+            ranks = children(proc.pid)
+            assert len(ranks) == 2, ranks
+            return ranks
+        time.sleep(0.05)
+    raise AssertionError("training did not start in time")
+
+
+def finish(proc: subprocess.Popen, ranks: list[int], timeout: float = 180) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    deadline = time.time() + 10
+    while any(alive(p) for p in ranks) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in ranks if alive(p)], f"orphaned ranks: {ranks}"
+    return proc.returncode, out, err
+
+
+def assert_clean_stop(code: int, out: str, err: str, run_dir: Path) -> None:
+    assert code == PREEMPTED, f"exit {code}\n{out[-2000:]}\n{err[-4000:]}"
+    assert "Traceback" not in err and "ChildFailedError" not in err, err[-4000:]
+    lines = [ln for ln in err.splitlines() if ln.strip() and "it/s" not in ln and "train:" not in ln]
+    assert len(lines) <= 6, "a stop should say a few clear lines:\n" + "\n".join(lines)
+    found = ckpt.find_resume("auto", run_dir / "checkpoints")
+    assert found is not None and ckpt.verify_checkpoint(found) == []
+    logged = max(r["step"] for r in read_metrics(run_dir) if "loss" in r)
+    assert found.name == f"step-{logged:07d}", (found, logged)
+    assert logged < 400, "the signal must stop the run early"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target,sig", [
+    ("launcher", signal.SIGTERM), ("launcher", signal.SIGUSR1), ("launcher", signal.SIGINT),
+    ("launcher", signal.SIGHUP), ("group", signal.SIGINT), ("rank", signal.SIGUSR1), ("rank", signal.SIGHUP),
+])
+def test_stop_signal_checkpoints_and_exits_75(tmp_path, target, sig):
+    run = tmp_path / "run"
+    proc = start(run)
+    ranks = wait_for_steps(proc, run)
+    if target == "launcher":
+        os.kill(proc.pid, sig)
+    elif target == "group":
+        os.killpg(proc.pid, sig)  # what Ctrl-C in a terminal does
+    else:
+        os.kill(ranks[1], sig)
+    assert_clean_stop(*finish(proc, ranks), run)
+
+
+@pytest.mark.slow
+def test_preempted_run_resumes_with_resume_auto(tmp_path):
+    run = tmp_path / "run"
+    proc = start(run, "train.max_steps=30", "checkpoint.every_steps=0")
+    ranks = wait_for_steps(proc, run, steps=2)
+    os.kill(proc.pid, signal.SIGUSR1)
+    code, out, err = finish(proc, ranks)
+    assert code == PREEMPTED, err[-3000:]
+    train(run, *LONG_JOB, "train.max_steps=30", "resume=auto")
+    steps = [r["step"] for r in read_metrics(run) if "loss" in r]
+    assert max(steps) == 30 and ckpt.find_resume("auto", run / "checkpoints").name == "step-0000030"
+
+
+def _catches(pid: int, sig: int) -> bool:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
+def test_signal_before_any_rank_starts_exits_76_and_says_nothing_was_saved(tmp_path):
+    run = tmp_path / "run"
+    proc = start(run)
+    deadline = time.time() + 60
+    while not _catches(proc.pid, signal.SIGTERM) and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == STOPPED_NO_CHECKPOINT, err[-3000:]
+    assert "nothing trained, nothing saved" in err and "Traceback" not in err
+    assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_launcher_stops_the_ranks_before_they_write_anything(tmp_path):
+    run = tmp_path / "run"
+    proc = start(run, "checkpoint.every_steps=1", "checkpoint.keep_last=1000")
+    ranks = wait_for_steps(proc, run, steps=2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    deadline = time.time() + 10
+    while any(alive(p) for p in ranks) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in ranks if alive(p)], "the ranks outlived their launcher"
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    logged = len(read_metrics(run))
+    time.sleep(3)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    assert len(read_metrics(run)) == logged, "no rank may go on training unsupervised"
+
+
+# -- the run directory ---------------------------------------------------------------------------------
+def test_second_run_on_a_busy_run_dir_is_refused_with_the_holder(tmp_path):
+    run = tmp_path / "run"
+    proc = start(run)
+    try:
+        wait_for_steps(proc, run)
+        second = subprocess.run([sys.executable, "-m", "fft_dist.cli", "train", f"run.dir={run}", *TINY_JOB],
+                                cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert f"pid {proc.pid} on host" in second.stderr and "in use by another fft-dist run" in second.stderr
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+
+
+def test_new_run_never_touches_another_runs_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    job = [*TINY_JOB, "train.max_steps=2", "checkpoint.save_final=true"]
+    train(run, *job)
+    first = ckpt.find_resume("auto", run / "checkpoints")
+    digest = {p.name: p.stat().st_mtime_ns for p in first.rglob("*")}
+    proc = train(run, *job, expect_rc=2)
+    assert "resume=auto" in proc.stderr and "checkpoint.overwrite=true" in proc.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in first.rglob("*")} == digest
+    train(run, *job, "checkpoint.overwrite=true")  # explicit opt-in: a fresh run in the same dir
+    assert ckpt.find_resume("auto", run / "checkpoints").name == "step-0000002"
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2], "metrics of the old run are gone"
