@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fft_dist import resume as resume_rules
+from fft_dist import resume_checks
 from fft_dist.config import BatchPlan, ExportChoice, FFTConfig, OnNonFinite
 from fft_dist.validate import warmup_steps_for
 from fft_dist.data import GlobalBatchSampler, collate, load_datasets
@@ -166,7 +166,7 @@ class Trainer:
         if path is None:
             return
         envelope = ckpt.read_train_state(path)
-        problems = resume_rules.incompatibilities(
+        problems = resume_checks.incompatibilities(
             envelope, model_config=self.hf_config.to_dict(), optimizer=self.cfg.optimizer.name.value,
             load_optimizer=self.cfg.checkpoint.load_optimizer)
         if problems:
@@ -175,7 +175,7 @@ class Trainer:
         known = TrainState.__dataclass_fields__
         self.state = TrainState(**{k: v for k, v in saved.get("trainer", {}).items() if k in known})
         self.state.step = int(envelope["step"])
-        notes = resume_rules.changes({**saved.get("sampler", {}), **saved.get("schedule", {})}, self._plan_facts())
+        notes = resume_checks.changes({**saved.get("sampler", {}), **saved.get("schedule", {})}, self._plan_facts())
         print0(f"fft-dist: resumed from {path} at step {self.state.step}")
         for note in notes:
             print0(f"fft-dist: warning: since the checkpoint, {note}; the lr schedule and data order follow "
