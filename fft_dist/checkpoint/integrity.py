@@ -7,6 +7,7 @@ from pathlib import Path
 from fft_dist.checkpoint import format as fmt
 from fft_dist.checkpoint.format import CheckpointError
 from fft_dist.checkpoint.layout import resolve_checkpoint
+from fft_dist.checkpoint.rng import check_rng
 from fft_dist.checkpoint.safetensors_io import hash_file
 from fft_dist.checkpoint.schema import read_index, read_manifest, read_train_state_file
 
@@ -38,15 +39,33 @@ def check_files(path: Path, manifest: dict, *, checksums: bool, only: list[str] 
 
 
 def quick_problems(path: Path) -> list[str]:
-    """The cheap check: a valid manifest, and every file it lists present with its size. No hashing."""
+    """The cheap check: a valid manifest, every file it lists present with its size, and a
+    well-formed index and train state (JSON only; no hashing, no tensor data read)."""
     try:
-        return check_files(path, read_manifest(path), checksums=False)
+        manifest = read_manifest(path)
+        problems = check_files(path, manifest, checksums=False)
+        if not problems:
+            problems = _structure_problems(path, manifest)
+        return problems
     except CheckpointError as e:
         return [str(e)]
 
 
+def _structure_problems(path: Path, manifest: dict) -> list[str]:
+    """The index (types, safe paths listed in the manifest, exact tiling) and the train state
+    (types, restorable RNG states) of a checkpoint whose files are all present."""
+    try:
+        read_index(path, manifest=manifest)
+        state = read_train_state_file(path)
+        for r, rng in enumerate(state["rng"]):
+            check_rng(rng, f"{path / fmt.TRAIN_STATE_FILE}: rng[{r}]")
+    except CheckpointError as e:
+        return [str(e)]
+    return []
+
+
 def is_complete(path: Path) -> bool:
-    """True when :func:`quick_problems` finds nothing (what resume and pruning call intact)."""
+    """True when :func:`quick_problems` finds nothing: what resume and pruning call *intact*."""
     return not quick_problems(path)
 
 
@@ -58,14 +77,7 @@ def verify_checkpoint(path: Path, *, checksums: bool = True) -> list[str]:
         manifest = read_manifest(path)
     except CheckpointError as e:
         return [str(e)]
-    problems = check_files(path, manifest, checksums=checksums)
-    if not problems:
-        for check in (lambda: read_index(path, manifest=manifest), lambda: read_train_state_file(path)):
-            try:
-                check()
-            except CheckpointError as e:
-                problems.append(str(e))
-    return problems
+    return check_files(path, manifest, checksums=checksums) or _structure_problems(path, manifest)
 
 
 def checkpoint_info(path: Path) -> dict:
