@@ -235,9 +235,11 @@ def hf_folder(tmp_path) -> Path:
     ("config.json", b"[1, 2]"),
     ("model.safetensors", b"\x00" * 7),
     ("model.safetensors", b"\xff" * 64),
-    ("model.safetensors.index.json", b'{"weight_map": {"model.a.weight": "../../etc/passwd"}}'),
+    ("model.safetensors.index.json", b'{"weight_map": {"model.a.weight": "../outside.safetensors"}}'),
+    ("model.safetensors.index.json", b'{"weight_map": ["model.safetensors"]}'),
 ])
 def test_garbage_in_model_path_is_a_named_error(hf_folder, target, content):
+    shutil.copy(hf_folder / "model.safetensors", hf_folder.parent / "outside.safetensors")  # a readable escape
     (hf_folder / target).write_bytes(content)
     s = strategy(steps=0, seed=9)
     before = {n: p.detach().clone() for n, p in s.params.items()}
