@@ -26,8 +26,9 @@ class CheckpointReader:
     """
 
     def __init__(self, path: Path, *, manifest: dict | None = None):
-        """`manifest` (already validated): also require every shard the index names to be listed in it."""
-        self.path = Path(path)
+        """`path`: a step-N folder, a checkpoint root or its ``latest``. `manifest` (already validated):
+        also require every shard the index names to be listed in it."""
+        self.path = resolve_checkpoint(path)
         self.index = read_index(self.path, manifest=manifest)  # types, safe paths, exact tiling
         self.tensors: dict[str, dict] = self.index["tensors"]
         self._starts: dict[tuple[str, str], list[int]] = {

@@ -15,7 +15,7 @@ from typing import Any, Collection
 import torch
 
 from fft_dist.checkpoint import format as fmt
-from fft_dist.checkpoint.collective import agree, agree_or_raise
+from fft_dist.checkpoint.collective import agree_or_raise
 from fft_dist.checkpoint.faults import check_fault_env, fault_point
 from fft_dist.checkpoint.format import CheckpointError
 from fft_dist.checkpoint.integrity import is_complete
