@@ -2,6 +2,9 @@
 
     python bench/checkpoint.py [--params 100e6] [--rounds 3] [--dir /tmp/fft-dist-bench]
 
+It starts itself under torch.distributed.run (``--worker``); each rank holds the test strategy of
+tests/checkpoint_worker.py (FlatShardStrategy) and times the rounds in-process.
+
 In one run it measures
   1. the raw sequential write speed of the disk that holds --dir: `dd ... conv=fsync` from
      /dev/zero, and a Python loop writing random bytes in 64 MiB blocks and fsyncing (the way
@@ -32,11 +35,188 @@ from pathlib import Path
 from machine_info import machine, record, versions
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # FlatShardStrategy, the sharded test double of a real backend
 NOTE = ("- reading it: every saved byte is hashed (sha256) and copied into the page cache once, by 2 ranks on "
         "2 cores, so the save is CPU-bound here; this VM's disk bursts and then throttles (raw runs vary "
-        "several-fold), so only the per-round ratio is a fair comparison. Our save adds ~1 MB of RSS; DCP's "
+        "several-fold), so only the per-round ratio is a fair comparison. Our save adds a few MB of RSS (the NaN/inf check runs in 1M-element chunks); DCP's "
         "HuggingFaceStorageWriter serialises each rank's whole shard into one bytes object first (+1x the "
         "rank's state) and writes no checksums.")
+
+
+# -- the worker (one per rank, under torch.distributed.run) ---------------------------------------------
+def worker(argv: list[str]) -> int:
+    import torch.distributed as dist
+
+    from checkpoint_worker import FlatShardStrategy
+
+    from fft_dist import checkpoint as ckpt
+
+    p = argparse.ArgumentParser(prog="bench/checkpoint.py --worker")
+    p.add_argument("--spec", required=True)
+    p.add_argument("--ckpt-root", required=True)
+    p.add_argument("--out", required=True, help="rank r writes {out}.rank{r}.json")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--raw-bytes", type=int, default=0,
+                   help="before each timed save, rank 0 measures raw write speed (dd and Python) with this many bytes")
+    p.add_argument("--dcp", action="store_true", help="also time DCP's HuggingFaceStorageWriter on the same fragments")
+    args = p.parse_args(argv)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shapes = {n: tuple(s) for n, s in json.loads(Path(args.spec).read_text())["tensors"]}
+    strategy = FlatShardStrategy(shapes, split="flat", rank=rank, world=world)
+    strategy.train_step(0)  # AdamW states exist from here on
+    root = Path(args.ckpt_root)
+    meta = {"backend": "flatshard-flat"}
+    # one untimed save first, so the timed rounds (and their RSS) show the steady state of a training run
+    ckpt.save_checkpoint(strategy, ckpt_root=root, step=1, keep_last=2, train_state={"step": 1}, meta=dict(meta))
+    result = {"bench": _bench(strategy, root, args.rounds, 1, meta, dcp=args.dcp, raw_bytes=args.raw_bytes)}
+    Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _drop_cache(path: Path) -> None:
+    """Evict a checkpoint's files from the page cache (POSIX_FADV_DONTNEED after sync), no root needed."""
+    for f in Path(path).rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def raw_write_python(path: Path, nbytes: int) -> float:
+    """Bytes/s of writing random bytes to a new file in 64 MiB write()s, then fsync (like our writer)."""
+    block = os.urandom(64 << 20)
+    n = max(1, nbytes // len(block))
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(n):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    dt = time.perf_counter() - t0
+    path.unlink()
+    return n * len(block) / dt
+
+
+def raw_write_dd(path: Path, nbytes: int) -> float:
+    """Bytes/s of `dd if=/dev/zero bs=16M conv=fsync` into a new file."""
+    import subprocess
+
+    count = max(1, nbytes // (16 << 20))
+    t0 = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=16M", f"count={count}", "conv=fsync"],
+                   check=True, capture_output=True)
+    dt = time.perf_counter() - t0
+    size = path.stat().st_size
+    path.unlink()
+    return size / dt
+
+
+def _bench(strategy, root: Path, rounds: int, step: int, meta: dict, dcp: bool = False, raw_bytes: int = 0) -> dict:
+    """Timed rounds of: [raw disk write by rank 0] -> save (RSS sampled every 5 ms) -> cold load
+    (page cache dropped) -> warm load -> warm load without checksums. Times are between barriers,
+    so they cover every rank. The raw write runs right before each save so that both see the
+    disk in the same state (this VM's disk bursts, then throttles)."""
+    import threading
+
+    import torch.distributed as dist
+
+    from fft_dist import checkpoint as ckpt
+
+    def sync():
+        if dist.is_initialized():
+            dist.barrier()
+
+    import gc
+
+    gc.collect()
+    out = {"local_state_bytes": strategy.state_bytes(), "rss_before_mb": _rss_mb(), "rss_peak_during_save_mb": 0.0,
+           "save_s": [], "load_cold_s": [], "load_warm_s": [], "load_warm_noverify_s": [],
+           "raw_python_Bps": [], "raw_dd_Bps": []}
+    for r in range(rounds):
+        if raw_bytes:
+            sync()
+            if strategy.rank == 0:
+                out["raw_dd_Bps"].append(raw_write_dd(root.parent / "raw.bin", raw_bytes))
+                out["raw_python_Bps"].append(raw_write_python(root.parent / "raw.bin", raw_bytes))
+            sync()
+        peak = [_rss_mb()]
+        stop = threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], _rss_mb())
+                time.sleep(0.005)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        sync()
+        t0 = time.perf_counter()
+        path = ckpt.save_checkpoint(strategy, ckpt_root=root, step=step + 1000 + r, keep_last=1,
+                                    train_state={"step": step}, meta=dict(meta))
+        sync()
+        out["save_s"].append(time.perf_counter() - t0)
+        from fft_dist.checkpoint.writer import LAST_SAVE_TIMINGS
+
+        out.setdefault("save_phases", []).append(dict(LAST_SAVE_TIMINGS))
+        stop.set()
+        th.join()
+        out["rss_peak_during_save_mb"] = max(out["rss_peak_during_save_mb"], peak[0])
+        if strategy.rank == 0:
+            _drop_cache(path)
+        for key, verify in (("load_cold_s", True), ("load_warm_s", True), ("load_warm_noverify_s", False)):
+            sync()
+            t0 = time.perf_counter()
+            ckpt.load_checkpoint(strategy, path, verify=verify)
+            sync()
+            out[key].append(time.perf_counter() - t0)
+    if dcp:  # the engine DESIGN.md suggests, on the same 1-D fragments (keys name@kind@start), for comparison
+        import shutil
+
+        import torch.distributed.checkpoint as dcp_mod
+        from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+        out["dcp_save_s"], out["dcp_rss_peak_mb"] = [], 0.0
+        for r in range(rounds):
+            target = root.parent / f"dcp-{r}"
+            sd = {f"{f.name}@{f.kind}@{f.flat_start}": f.local for f in strategy.fragments()}
+            peak = [_rss_mb()]
+            stop = threading.Event()
+            th = threading.Thread(target=sample_into, args=(peak, stop), daemon=True)
+            th.start()
+            sync()
+            t0 = time.perf_counter()
+            dcp_mod.save(sd, storage_writer=HuggingFaceStorageWriter(str(target), save_distributed=True))
+            sync()
+            out["dcp_save_s"].append(time.perf_counter() - t0)
+            stop.set()
+            th.join()
+            out["dcp_rss_peak_mb"] = max(out["dcp_rss_peak_mb"], peak[0])
+            del sd
+            sync()
+            if strategy.rank == 0:
+                shutil.rmtree(target, ignore_errors=True)
+    out["rss_after_mb"] = _rss_mb()
+    return out
+
+
+def sample_into(peak: list, stop) -> None:
+    while not stop.is_set():
+        peak[0] = max(peak[0], _rss_mb())
+        time.sleep(0.005)
 
 
 def llama_like_spec(params: float) -> dict:
@@ -87,10 +267,9 @@ def main() -> int:
 
     print(f"{args.nproc} ranks, {n_params / 1e6:.1f}M params, {args.rounds} rounds ...", flush=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--standalone",
-           "-m", "fft_dist.checkpoint.testing", "--spec", str(work / "spec.json"), "--ckpt-root", str(work / "ckpt"),
-           "--split", "flat", "--steps", "1", "--bench", str(args.rounds), "--out", str(work / "res"),
-           "--bench-raw-bytes", str(state_bytes_expected),
-           *([] if args.no_dcp else ["--bench-dcp"])]
+           str(Path(__file__).resolve()), "--worker", "--spec", str(work / "spec.json"),
+           "--ckpt-root", str(work / "ckpt"), "--rounds", str(args.rounds), "--out", str(work / "res"),
+           "--raw-bytes", str(state_bytes_expected), *([] if args.no_dcp else ["--dcp"])]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -166,4 +345,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(worker(sys.argv[2:]) if sys.argv[1:2] == ["--worker"] else main())

@@ -81,33 +81,55 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(2)
 
 
+def _shard_size(text: str) -> int:
+    """argparse type for --max-shard-size: a bad value is a usage error (exit 2), not a traceback."""
+    from fft_dist.checkpoint.format import parse_size
+
+    try:
+        size = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return size
+
+
 def export(argv: list[str]) -> int:
-    from fft_dist.checkpoint import CheckpointError, export_hf
+    """Exit 0 ok, 2 usage error (bad option, non-empty output folder without --force), 4 bad checkpoint."""
+    from fft_dist.checkpoint import CheckpointError, ExportTargetError, export_hf
+    from fft_dist.exit_codes import CHECKPOINT_ERROR, CONFIG_ERROR
 
     p = argparse.ArgumentParser(prog="fft-dist export")
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help="a step-N folder, a checkpoint root or its 'latest' file")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--max-shard-size", default="2GB", type=_shard_size, help="e.g. 2GB, 500MB, 1GiB")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: the one the run used)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty out_dir (atomically, when complete)")
     a = p.parse_args(argv)
     try:
-        export_hf(a.checkpoint, a.out_dir, dtype=a.dtype, max_shard_size=a.max_shard_size, tokenizer_dir=a.tokenizer)
+        export_hf(a.checkpoint, a.out_dir, dtype=a.dtype, max_shard_size=a.max_shard_size, tokenizer_dir=a.tokenizer,
+                  overwrite=a.force)
+    except ExportTargetError as e:
+        print(f"fft-dist: {e}", file=sys.stderr)
+        return CONFIG_ERROR
     except CheckpointError as e:
         print(f"fft-dist: {e}", file=sys.stderr)
-        return 1
+        return CHECKPOINT_ERROR
     print(f"fft-dist: wrote {a.out_dir}")
     return 0
 
 
 def ckpt(argv: list[str]) -> int:
+    """Exit 0 ok, 2 usage error, 4 when the checkpoint is missing, incomplete, corrupt or malformed."""
     import json
 
-    from fft_dist.checkpoint import CheckpointError, checkpoint_info, verify_checkpoint
+    from fft_dist.checkpoint import CheckpointError, checkpoint_info, resolve_checkpoint, verify_checkpoint
+    from fft_dist.exit_codes import CHECKPOINT_ERROR
 
     p = argparse.ArgumentParser(prog="fft-dist ckpt")
     p.add_argument("action", choices=["verify", "info"])
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help="a step-N folder, a checkpoint root or its 'latest' file")
     a = p.parse_args(argv)
     try:
         if a.action == "verify":
@@ -115,14 +137,14 @@ def ckpt(argv: list[str]) -> int:
             for problem in problems:
                 print(f"fft-dist: {problem}", file=sys.stderr)
             if problems:
-                return 1
-            print(f"fft-dist: {a.checkpoint} is complete and every checksum matches")
+                return CHECKPOINT_ERROR
+            print(f"fft-dist: {resolve_checkpoint(a.checkpoint)} is complete and every checksum matches")
             return 0
         print(json.dumps(checkpoint_info(a.checkpoint), indent=2))
         return 0
     except CheckpointError as e:
         print(f"fft-dist: {e}", file=sys.stderr)
-        return 1
+        return CHECKPOINT_ERROR
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, assert_close_rel, child_env, read_metrics
+from helpers import REPO, assert_close_rel, child_env, fft_dist, read_metrics
 from fft_dist import checkpoint as ckpt
 from fft_dist.checkpoint import CheckpointReader
 
@@ -118,6 +118,23 @@ def test_layout_and_export_of_a_real_run(uninterrupted):
     with torch.no_grad():
         a, b = trained(input_ids=ids).logits, exported(input_ids=ids).logits
     assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
+
+
+def test_readme_ckpt_and_export_commands_on_a_real_run(uninterrupted, tmp_path):
+    """The README's exact command shapes, through the real console script, on a trained checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    latest = uninterrupted / "checkpoints" / "latest"
+    proc = fft_dist("ckpt", "verify", str(latest), timeout=120)
+    assert proc.returncode == 0 and "step-0000008 is complete" in proc.stdout, proc.stderr[-3000:]
+    proc = fft_dist("ckpt", "info", str(latest), timeout=120)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["step"] == 8, proc.stderr[-3000:]
+    out = tmp_path / "out" / "hf"
+    proc = fft_dist("export", str(latest), str(out), "--dtype", "bfloat16", "--max-shard-size", "100KB", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    reader = CheckpointReader(uninterrupted / "checkpoints" / "step-0000008")
+    assert torch.equal(model.model.embed_tokens.weight, reader.read_full("model.embed_tokens.weight").bfloat16())
 
 
 def run_with_step4_of(source: Path, tmp_path: Path) -> Path:

@@ -1,37 +1,36 @@
 """One sharded-safetensors checkpoint format for every backend and world size.
 
-The format (layout, key naming, index and manifest schemas, version) is documented in
-:mod:`fft_dist.checkpoint.format`. Public API (functions marked *collective* are called by
-every rank of the process group; the others run in one process):
+The format (layout, key naming, index and manifest schemas, version, damaged checkpoints,
+path rules) is documented in :mod:`fft_dist.checkpoint.format`. Public API (functions marked
+*collective* are called by every rank of the process group; the others run in one process).
+Wherever a checkpoint path is taken, it may be a ``step-N`` folder, a checkpoint root or the
+root's ``latest`` file (:func:`resolve_checkpoint`).
 
+- :func:`check_writable`: create the checkpoint root and prove it is writable, before training.
 - :func:`save_checkpoint` (collective): each rank writes its own fragments; rank 0 writes
   index.json, train_state.json and MANIFEST.json (last), renames ``step-N.tmp`` to ``step-N``,
-  replaces ``latest`` atomically and prunes to ``keep_last``.
-- :func:`find_resume`: ``'none'`` / ``'auto'`` / a path -> the checkpoint folder to resume.
+  replaces ``latest`` atomically and prunes to ``keep_last`` intact ones (``protect`` keeps
+  named ones). Refuses NaN/inf; a failed save removes its ``step-N.tmp``.
+- :func:`find_resume`: ``'none'`` / ``'auto'`` / a path -> the checkpoint folder to resume;
+  ``auto`` skips damaged checkpoints with a warning and refuses when none is intact.
 - :func:`load_checkpoint` (collective): verify sizes and sha256, check names and shapes,
   ``strategy.load_fragments``, restore RNG; returns the saved ``train_state``.
 - :class:`CheckpointReader`: a ``FragmentSource`` over a checkpoint (any range of any tensor).
 - :class:`HFFolderSource` and :func:`load_pretrained` (collective): sharded load of a pretrained
   Hugging Face folder, each rank reading only the rows it owns.
 - :func:`export_hf`: a Hugging Face folder (config, generation config, tokenizer, sharded
-  safetensors + index), streamed tensor by tensor.
+  safetensors + index), streamed tensor by tensor, swapped into place only when complete.
 - :func:`verify_checkpoint` / :func:`checkpoint_info`: for ``fft-dist ckpt verify|info``.
 
 Every failure is a :class:`CheckpointError` whose message names the file or tensor.
 """
-from fft_dist.checkpoint.export import export_hf
+from fft_dist.checkpoint.export import ExportTargetError, export_hf
 from fft_dist.checkpoint.format import FORMAT_NAME, FORMAT_VERSION, CheckpointError
 from fft_dist.checkpoint.hf_source import HFFolderSource, load_pretrained
-from fft_dist.checkpoint.reader import (
-    CheckpointReader,
-    checkpoint_info,
-    find_resume,
-    is_complete,
-    load_checkpoint,
-    newest_complete,
-    read_train_state,
-    verify_checkpoint,
-)
+from fft_dist.checkpoint.integrity import checkpoint_info, is_complete, verify_checkpoint
+from fft_dist.checkpoint.layout import check_writable, resolve_checkpoint
+from fft_dist.checkpoint.reader import CheckpointReader, load_checkpoint, read_train_state
+from fft_dist.checkpoint.resume import find_resume, newest_complete
 from fft_dist.checkpoint.writer import save_checkpoint
 
 __all__ = [
@@ -39,7 +38,9 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "CheckpointReader",
+    "ExportTargetError",
     "HFFolderSource",
+    "check_writable",
     "checkpoint_info",
     "export_hf",
     "find_resume",
@@ -48,6 +49,7 @@ __all__ = [
     "load_pretrained",
     "newest_complete",
     "read_train_state",
+    "resolve_checkpoint",
     "save_checkpoint",
     "verify_checkpoint",
 ]

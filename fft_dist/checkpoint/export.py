@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from fft_dist.checkpoint import format as fmt
+from fft_dist.checkpoint.faults import check_fault_env, fault_point
 from fft_dist.checkpoint.format import CheckpointError
-from fft_dist.checkpoint.reader import CheckpointReader, read_train_state, verify_checkpoint
-from fft_dist.checkpoint.writer import write_safetensors_lazy
+from fft_dist.checkpoint.integrity import verify_checkpoint
+from fft_dist.checkpoint.layout import resolve_checkpoint
+from fft_dist.checkpoint.reader import CheckpointReader, read_train_state
+from fft_dist.checkpoint.safetensors_io import write_safetensors_lazy
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,32 +62,109 @@ def _copy_tokenizer(src: Path, out_dir: Path) -> list[str]:
     return copied
 
 
+class ExportTargetError(ValueError):
+    """The output folder exists and is not empty (a usage error: pass overwrite=True / --force)."""
+
+
+def _check_target(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportTargetError(f"{out_dir}: exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportTargetError(f"{out_dir}: not empty; refusing to write into it (pass --force / overwrite=True "
+                                f"to replace it as a whole)")
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Put the finished folder `new` at `target`; an existing `target` is replaced (and deleted).
+
+    Linux: renameat2(RENAME_EXCHANGE) swaps the two atomically, so `target` is always either
+    the old folder or the complete new one. Elsewhere: two renames (a crash between them
+    leaves both folders next to each other, never a half-written one at `target`).
+    """
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        os.replace(new, target)  # rename(2) replaces an empty folder atomically
+        return
+    if not _exchange(new, target):
+        old = new.with_name(new.name + ".old")
+        os.rename(target, old)
+        os.rename(new, target)
+        new = old
+    shutil.rmtree(new, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
 def export_hf(checkpoint: Path, out_dir: Path, *, dtype: str = "float32", max_shard_size: str | int = "2GB",
-              tokenizer_dir: Path | None = None, verify: bool = True, model_config: dict | None = None) -> dict:
+              tokenizer_dir: Path | None = None, verify: bool = True, model_config: dict | None = None,
+              overwrite: bool = False) -> dict:
     """Write `checkpoint` as a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads.
 
-    Single process. Output: config.json (from the model config stored at save time, or
-    `model_config`), generation_config.json, the tokenizer files (from `tokenizer_dir`, else
-    the checkpoint's own tokenizer/ copy, else the folder recorded at save time),
-    ``model-0000k-of-0000n.safetensors`` split at `max_shard_size`, and
-    ``model.safetensors.index.json``. Tensors are assembled from their stored ranges and written
-    one at a time, so peak memory is about one tensor (at most one output shard). With
-    ``tie_word_embeddings`` the output embedding is not written: it stays tied to the input one.
+    Single process. `checkpoint`: a step-N folder, a checkpoint root or its ``latest``. Output:
+    config.json (from the model config stored at save time, or `model_config`),
+    generation_config.json, the tokenizer files (from `tokenizer_dir`, else the checkpoint's own
+    tokenizer/ copy, else the folder recorded at save time), ``model-0000k-of-0000n.safetensors``
+    split at `max_shard_size`, and ``model.safetensors.index.json``. Tensors are assembled from
+    their stored ranges and written one at a time, so peak memory is about one tensor (at most
+    one output shard). With ``tie_word_embeddings`` the output embedding is not written: it
+    stays tied to the input one.
+
+    Everything is written into a temporary sibling folder that replaces `out_dir` only when
+    complete, so a failed or killed export never leaves a half-written `out_dir`. A non-empty
+    `out_dir` is refused (:class:`ExportTargetError`) unless `overwrite`. Bad `dtype` or
+    `max_shard_size`: ValueError; a bad checkpoint: CheckpointError.
     Returns a summary dict (files, shards, bytes, tokenizer files).
     """
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    out_dir = Path(os.path.abspath(out_dir))
     if dtype not in EXPORT_DTYPES:
-        raise CheckpointError(f"export dtype {dtype!r}: choose one of {sorted(EXPORT_DTYPES)}")
-    out_dtype = EXPORT_DTYPES[dtype]
+        raise ValueError(f"export dtype {dtype!r}: choose one of {sorted(EXPORT_DTYPES)}")
     max_bytes = fmt.parse_size(max_shard_size)
+    if max_bytes <= 0:
+        raise ValueError(f"max_shard_size {max_shard_size!r}: must be more than 0 bytes")
+    _check_target(out_dir, overwrite)
+    check_fault_env()
+    checkpoint = resolve_checkpoint(checkpoint)
     problems = verify_checkpoint(checkpoint, checksums=verify)
     if problems:
         raise CheckpointError(f"cannot export {checkpoint}:\n  " + "\n  ".join(problems))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        summary = _write_export(checkpoint, tmp, dtype=dtype, max_bytes=max_bytes, tokenizer_dir=tokenizer_dir,
+                                model_config=model_config)
+        _check_target(out_dir, overwrite)  # something may have appeared there meanwhile
+        _swap_in(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dict(summary, out_dir=str(out_dir))
+
+
+def _write_export(checkpoint: Path, out_dir: Path, *, dtype: str, max_bytes: int, tokenizer_dir: Path | None,
+                  model_config: dict | None) -> dict:
+    out_dtype = EXPORT_DTYPES[dtype]
     state = read_train_state(checkpoint)
     model_config = model_config or state.get("model_config")
     if not model_config:
         raise CheckpointError(f"{checkpoint / fmt.TRAIN_STATE_FILE}: has no model_config; pass model_config=")
-    config = _hf_config(model_config, dtype)
+    try:
+        config = _hf_config(model_config, dtype)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
+        raise CheckpointError(f"{checkpoint / fmt.TRAIN_STATE_FILE}: model_config is not a usable Hugging Face "
+                              f"config: {type(e).__name__}: {e}") from None
     reader = CheckpointReader(checkpoint)
     names = [n for n in reader.names() if reader.has(n, fmt.PARAM_KIND)]
     if getattr(config, "tie_word_embeddings", False):
@@ -93,10 +174,6 @@ def export_hf(checkpoint: Path, out_dir: Path, *, dtype: str = "float32", max_sh
     sizes = [(n, fmt.numel(reader.shape(n)) * elem) for n in names]
     shards = _plan_shards(sizes, max_bytes)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in list(out_dir.glob("model*.safetensors")) + [out_dir / WEIGHTS_INDEX]:
-        if stale.is_file():
-            stale.unlink()
     weight_map: dict[str, str] = {}
     files = []
     n = len(shards)
@@ -112,6 +189,7 @@ def export_hf(checkpoint: Path, out_dir: Path, *, dtype: str = "float32", max_sh
         write_safetensors_lazy(out_dir / fname, specs, produce, metadata={"format": "pt"}, digest=False)
         weight_map.update(dict.fromkeys(shard, fname))
         files.append(fname)
+        fault_point("mid_export")
     reader.close()
     total = sum(s for _, s in sizes)
     with open(out_dir / WEIGHTS_INDEX, "w", encoding="utf-8") as f:
@@ -133,7 +211,7 @@ def export_hf(checkpoint: Path, out_dir: Path, *, dtype: str = "float32", max_sh
             if tok_files:
                 break
     files += tok_files
-    return {"out_dir": str(out_dir), "shards": n, "bytes": total, "tensors": len(names), "dtype": dtype,
+    return {"shards": n, "bytes": total, "tensors": len(names), "dtype": dtype,
             "files": files, "tokenizer_files": tok_files}
 
 

@@ -26,7 +26,26 @@ Layout
 A save writes into ``step-N.tmp/``, fsyncs every file and the folder, renames it to
 ``step-N/``, fsyncs the parent, and only then replaces ``latest`` atomically
 (``latest.tmp`` + ``os.replace``). A folder without a valid ``MANIFEST.json`` is incomplete
-and is refused, with the reason, by every reader.
+and is refused, with the reason, by every reader. A save that fails (full disk, non-finite
+values, a rank's error) removes its ``step-N.tmp/``; one that is killed leaves it, and the next
+save removes it. ``latest`` holds exactly one ``step-N`` name (anything else is refused).
+
+Damaged checkpoints
+-------------------
+A ``step-N/`` folder whose manifest is missing or malformed, or whose files are missing or have
+the wrong size, is *damaged* (the cheap check; loading also verifies every sha256).
+``resume=auto`` skips damaged folders with a warning that names them and resumes from the
+newest intact one (``latest`` first when it names an intact folder); when checkpoints exist
+but none is intact it refuses (exit 4) rather than start again from step 0. Pruning
+(``keep_last``) counts only intact checkpoints and never touches a damaged one: damaged
+folders stay, untouched, for a person to inspect (``fft-dist ckpt verify``) and delete.
+Checkpoints named in ``save_checkpoint(protect=...)`` (e.g. the best-eval one) are never pruned.
+
+Paths
+-----
+Every path in ``MANIFEST.json`` and ``index.json`` is relative, uses ``/``, and has no ``..``
+or empty component: it stays inside the checkpoint folder. Every shard file the index names
+is listed in the manifest. Readers refuse anything else (see :mod:`.schema`).
 
 Shard files
 -----------
@@ -151,6 +170,15 @@ def parse_step(folder_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def iter_committed(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every ``step-N`` folder under a checkpoint root (intact or not), newest first."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = [(s, p) for p in root.iterdir() if p.is_dir() and (s := parse_step(p.name)) is not None]
+    return sorted(found, reverse=True)
+
+
 def shard_file(subdir: str, rank: int, world_size: int) -> str:
     """Relative path of one rank's shard, e.g. ``model/shard-00001-of-00002.safetensors``."""
     return f"{subdir}/shard-{rank:05d}-of-{world_size:05d}.safetensors"
@@ -204,12 +232,15 @@ def read_json(path: Path, what: str | None = None) -> Any:
 
 
 def write_json_durable(path: Path, obj: Any, *, indent: int | None = 1) -> None:
-    """Write JSON and fsync it (the caller fsyncs the folder)."""
+    """Write JSON and fsync it (the caller fsyncs the folder). OS errors name the file."""
     data = json.dumps(obj, indent=indent, separators=None if indent else (",", ":")).encode("utf-8")
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def fsync_dir(path: Path) -> None:

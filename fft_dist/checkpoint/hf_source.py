@@ -1,14 +1,16 @@
 """Sharded load of a pretrained Hugging Face folder: each rank reads only the rows it owns."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fft_dist.checkpoint import format as fmt
+from fft_dist.checkpoint.collective import agree_or_raise
 from fft_dist.checkpoint.format import CheckpointError
+from fft_dist.checkpoint.reader import shape_problems, strategy_shapes
+from fft_dist.checkpoint.schema import check_relpath
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -34,14 +36,17 @@ class HFFolderSource:
         self.path = Path(path)
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: no such model folder")
+        self._handles: dict[str, Any] = {}
         if (self.path / INDEX_FILE).is_file():
             idx = fmt.read_json(self.path / INDEX_FILE, "safetensors index")
-            self.weight_map: dict[str, str] = dict(idx.get("weight_map", {}))
+            wmap = idx.get("weight_map") if isinstance(idx, dict) else None
+            if not isinstance(wmap, dict) or not all(isinstance(k, str) for k in wmap):
+                raise CheckpointError(f"{self.path / INDEX_FILE}: no 'weight_map' object of tensor name -> file")
+            for key, file in wmap.items():
+                check_relpath(file, f"{self.path / INDEX_FILE}: weight_map[{key!r}]")
+            self.weight_map: dict[str, str] = dict(wmap)
         elif (self.path / SINGLE_FILE).is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(self.path / SINGLE_FILE), framework="pt") as f:
-                self.weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
+            self.weight_map = dict.fromkeys(self._handle(SINGLE_FILE).keys(), SINGLE_FILE)
         else:
             others = sorted(p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
             hint = f" (found {others}: pickle files are not loaded; convert them to safetensors)" if others else ""
@@ -52,9 +57,10 @@ class HFFolderSource:
         self.tied = True
         cfg_path = self.path / "config.json"
         if cfg_path.is_file():
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            cfg = fmt.read_json(cfg_path, "model config")
+            if not isinstance(cfg, dict):
+                raise CheckpointError(f"{cfg_path}: not a JSON object (a Hugging Face model config)")
             self.tied = cfg.get("tie_word_embeddings", True) is not False
-        self._handles: dict[str, Any] = {}
         self._resolved: dict[str, str | None] = {}
 
     def _resolve(self, name: str) -> str | None:
@@ -93,19 +99,25 @@ class HFFolderSource:
         key = self._resolve(name)
         if key is None:
             return None
-        return tuple(self._handle(self.weight_map[key]).get_slice(key).get_shape())
+        file = self.weight_map[key]
+        try:
+            return tuple(self._handle(file).get_slice(key).get_shape())
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(f"{self.path / file}: cannot read {key}: {e}") from None
 
     def read(self, name: str, kind: str, start: int, stop: int) -> torch.Tensor:
         key = self._resolve(name) if kind == fmt.PARAM_KIND else None
         if key is None:
             raise CheckpointError(f"{self.path}: {name} ({kind}) is not in this model folder")
         file = self.weight_map[key]
-        sl = self._handle(file).get_slice(key)
-        shape = tuple(sl.get_shape())
+        shape = self.shape(name)
         total = fmt.numel(shape)
         if not 0 <= start <= stop <= total:
             raise CheckpointError(f"{self.path / file}: range [{start}, {stop}) is outside {key} (shape {list(shape)})")
         try:
+            sl = self._handle(file).get_slice(key)
             if len(shape) == 0:
                 return sl[:].reshape(1)[start:stop]
             row = fmt.numel(shape[1:])
@@ -131,11 +143,18 @@ def load_pretrained(strategy, path: str | Path) -> None:
     on every rank before anything is loaded. Tensors in the folder that the model does not have
     (buffers such as rotary caches, or heads of another task) are ignored.
     """
-    from fft_dist.checkpoint.reader import _agree, _raise, shape_problems, strategy_shapes
-
-    source = HFFolderSource(path)
-    # source_names=(): extra tensors in an HF folder are fine (see above), unlike in a checkpoint.
-    problems = shape_problems(strategy_shapes(strategy), source.shape, (), str(path))
-    _raise(_agree(problems), f"model.path={path} does not match the model (nothing was loaded):")
+    try:
+        source = HFFolderSource(path)
+        problems = []
+    except CheckpointError as e:
+        source, problems = None, [str(e)]
+    agree_or_raise(problems, f"model.path={path} cannot be loaded:")
+    expected = strategy_shapes(strategy)
+    try:
+        # source_names=(): extra tensors in an HF folder are fine (see above), unlike in a checkpoint.
+        problems = shape_problems(expected, source.shape, (), str(path))
+    except CheckpointError as e:
+        problems = [str(e)]
+    agree_or_raise(problems, f"model.path={path} does not match the model (nothing was loaded):")
     strategy.load_fragments(source)
     source.close()

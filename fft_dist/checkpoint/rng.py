@@ -31,6 +31,25 @@ def capture_rng() -> dict:
     return state
 
 
+def check_rng(state: dict, where: str) -> None:
+    """Raise CheckpointError unless restore_rng(state) will succeed (checked before the model is loaded)."""
+    from fft_dist.checkpoint.format import CheckpointError
+
+    try:
+        version, internal, gauss = state["python"]
+        random.Random().setstate((version, tuple(internal), gauss))
+        n = state["numpy"]
+        np.random.RandomState().set_state((n["kind"], np.asarray(n["key"], dtype=np.uint32), n["pos"],
+                                           n["has_gauss"], n["cached_gaussian"]))
+        saved = _unb64(state["torch"])
+        if saved.numel() != torch.get_rng_state().numel():
+            raise ValueError(f"torch state has {saved.numel()} bytes, expected {torch.get_rng_state().numel()}")
+        for s in state.get("cuda") or []:
+            _unb64(s)
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise CheckpointError(f"{where}: malformed RNG state: {type(e).__name__}: {e}") from None
+
+
 def restore_rng(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))

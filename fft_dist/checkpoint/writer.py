@@ -5,200 +5,29 @@ Why not ``torch.distributed.checkpoint`` (DCP) with ``HuggingFaceStorageWriter``
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import signal
-import struct
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Collection
 
 import torch
 
 from fft_dist.checkpoint import format as fmt
+from fft_dist.checkpoint.collective import agree_or_raise
+from fft_dist.checkpoint.faults import check_fault_env, fault_point
 from fft_dist.checkpoint.format import CheckpointError
+from fft_dist.checkpoint.integrity import is_complete
+from fft_dist.checkpoint.layout import write_latest
 from fft_dist.checkpoint.rng import capture_rng
-from fft_dist.dist import all_gather_small, broadcast_small, rank_world
-
-KILL_ENV = "FFT_DIST_TEST_KILL_AT"
-"""Test hook: SIGKILL this process at the named point of a save (see :data:`KILL_POINTS`)."""
-KILL_RANK_ENV = "FFT_DIST_TEST_KILL_RANK"
-"""Which rank the hook kills (default 0; 'all' for every rank)."""
-KILL_STEP_ENV = "FFT_DIST_TEST_KILL_STEP"
-"""Only during the save of this step (default: any save)."""
-KILL_POINTS = ("mid_model_shard", "after_model_shards", "after_optim_shards", "before_index",
-               "before_manifest", "before_rename", "before_latest", "before_prune")
-
-_CHUNK = 64 << 20  # bytes per write()/hash update; bounds nothing in memory, only call sizes
+from fft_dist.checkpoint.safetensors_io import copy_durable, hash_file, write_safetensors
+from fft_dist.dist import all_gather_small, rank_world, warn0
 
 LAST_SAVE_TIMINGS: dict[str, float] = {}
 """Seconds per phase of this process's last save (shards, gather, commit, total); for benchmarks."""
 
-
-def _maybe_kill(point: str, step: int) -> None:
-    where = os.environ.get(KILL_ENV)
-    if where != point:
-        return
-    want_step = os.environ.get(KILL_STEP_ENV)
-    if want_step not in (None, "") and int(want_step) != step:
-        return
-    want_rank = os.environ.get(KILL_RANK_ENV, "0")
-    if want_rank != "all" and int(want_rank) != rank_world()[0]:
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-# -- safetensors streaming writer ---------------------------------------------------------------
-def _writeback_starter():
-    """Linux sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk without waiting.
-
-    Starting writeback chunk by chunk lets the disk work while we hash and copy the next chunk,
-    so the final fsync has little left to do (measured: 2 ranks x 400 MB, 0.54-0.7 s -> 0.49 s).
-    Elsewhere a no-op.
-    """
-    if os.environ.get("FFT_DIST_CKPT_NO_WRITEBACK"):
-        return lambda fd, offset, nbytes: None
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.sync_file_range
-        fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-    except (OSError, AttributeError):
-        return lambda fd, offset, nbytes: None
-
-    def start(fd: int, offset: int, nbytes: int) -> None:
-        fn(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE; errors only cost the optimisation
-
-    return start
-
-
-_start_writeback = _writeback_starter()
-
-_HASH_THREAD = not os.environ.get("FFT_DIST_CKPT_NO_HASH_THREAD")
-_HASH_POOL = None
-if _HASH_THREAD:
-    from concurrent.futures import ThreadPoolExecutor
-
-    _HASH_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fft-dist-sha256")
-
-
-@dataclass
-class FileRecord:
-    path: str
-    """Relative to the checkpoint folder."""
-    size: int
-    sha256: str
-
-
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous().reshape(-1)
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
-
-
-def write_safetensors(path: Path, items: list[tuple[str, torch.Tensor]], *, metadata: dict[str, str] | None = None,
-                      rel: str | None = None, on_tensor=None) -> FileRecord:
-    """Write (key, tensor) pairs to a safetensors file, hashing as the bytes go out, then fsync."""
-    specs = [(key, tuple(t.shape), t.dtype) for key, t in items]
-    return write_safetensors_lazy(path, specs, lambda i: items[i][1], metadata=metadata, rel=rel, on_tensor=on_tensor)
-
-
-def write_safetensors_lazy(path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]], produce, *,
-                           metadata: dict[str, str] | None = None, rel: str | None = None,
-                           on_tensor=None, digest: bool = True) -> FileRecord:
-    """Write a safetensors file tensor by tensor: ``produce(i)`` makes tensor i only when it is due.
-
-    Compared with ``safetensors.torch.save_file`` this computes the sha256 in the same pass (no
-    second read of the file) and holds one produced tensor at a time (export streams whole
-    models through this; checkpoint shards are written straight from the live fragments).
-    The layout follows the safetensors spec: u64 little-endian header length, a JSON header
-    padded with spaces to a multiple of 8 bytes, then the raw little-endian tensor bytes in
-    header order.
-    """
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset = 0
-    for key, shape, dtype in specs:
-        nbytes = fmt.numel(shape) * torch.empty(0, dtype=dtype).element_size()
-        header[key] = {"dtype": fmt.safetensors_dtype(dtype), "shape": [int(d) for d in shape],
-                       "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    head += b" " * (-len(head) % 8)
-    prefix = struct.pack("<Q", len(head)) + head
-    h = hashlib.sha256()
-    # sha256 runs on a helper thread, one chunk behind the write() of the same bytes (both release
-    # the GIL), so hashing overlaps the copy into the page cache when a spare core exists.
-    hasher = _HASH_POOL if _HASH_THREAD else None
-    pending = None
-    if not digest:
-        h = _NoHash()
-    with open(path, "wb") as f:
-        f.write(prefix)
-        h.update(prefix)
-        pos = len(prefix)
-        for i, (key, shape, dtype) in enumerate(specs):
-            t = produce(i)
-            if t.numel() != fmt.numel(shape) or t.dtype != dtype:
-                raise CheckpointError(f"{path}: {key} changed while being written "
-                                      f"({list(t.shape)} {t.dtype}, expected {list(shape)} {dtype})")
-            mv = _tensor_bytes(t)
-            for s in range(0, len(mv), _CHUNK):
-                chunk = mv[s : s + _CHUNK]
-                if hasher is None or not digest:
-                    h.update(chunk)
-                else:
-                    if pending is not None:
-                        pending.result()
-                    pending = hasher.submit(h.update, chunk)  # keeps `chunk` (and its tensor) alive
-                f.write(chunk)
-                _start_writeback(f.fileno(), pos, len(chunk))
-                pos += len(chunk)
-            if pending is not None:
-                pending.result()  # the tensor may be a temporary (device copy, export cast)
-                pending = None
-            del t, mv
-            if on_tensor is not None:
-                on_tensor(i)
-        f.flush()
-        os.fsync(f.fileno())
-    return FileRecord(rel or path.name, len(prefix) + offset, h.hexdigest())
-
-
-class _NoHash:
-    def update(self, _data) -> None:
-        pass
-
-    def hexdigest(self) -> str:
-        return ""
-
-
-def hash_file(path: Path) -> tuple[int, str]:
-    """(size, sha256) of a file, read through one reused 4 MiB buffer."""
-    h = hashlib.sha256()
-    size = 0
-    buf = bytearray(4 << 20)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-            size += n
-    return size, h.hexdigest()
-
-
-def _copy_durable(src: Path, dst: Path) -> None:
-    shutil.copyfile(src, dst)
-    with open(dst, "rb+") as f:
-        os.fsync(f.fileno())
+_FINITE_CHUNK = 1 << 20  # elements per isfinite() call: its temporaries (a bool and a float copy) stay ~5 MB
 
 
 # -- building the index from every rank's fragment metadata ----------------------------------
@@ -249,6 +78,18 @@ def build_index(entries_per_rank: list[list[list]], world_size: int) -> dict:
 
 
 # -- the collective save ------------------------------------------------------------------------------
+def first_nonfinite(t: torch.Tensor) -> int | None:
+    """Flat index of the first NaN/inf element of a floating tensor (None if all finite), in chunks."""
+    if not t.is_floating_point():
+        return None
+    flat = t.reshape(-1)
+    for s in range(0, flat.numel(), _FINITE_CHUNK):
+        part = flat[s : s + _FINITE_CHUNK]
+        if not bool(torch.isfinite(part).all()):
+            return s + int((~torch.isfinite(part)).nonzero()[0, 0])
+    return None
+
+
 def _write_rank_shards(strategy, tmp: Path, rank: int, world: int, step: int) -> tuple[list[list], list[dict]]:
     model_items: list[tuple[str, torch.Tensor]] = []
     optim_items: list[tuple[str, torch.Tensor]] = []
@@ -267,6 +108,10 @@ def _write_rank_shards(strategy, tmp: Path, rank: int, world: int, step: int) ->
             continue
         if stop - start != local.numel():
             local = local[: stop - start]
+        bad = first_nonfinite(local)  # params and optimizer states: a NaN in either ruins the resume
+        if bad is not None:
+            raise CheckpointError(f"{frag.name} ({frag.kind}) holds NaN/inf (first at flat element {start + bad}); "
+                                  f"a checkpoint never stores non-finite values")
         key = fmt.tensor_key(frag.name, frag.kind, start)
         if key in seen:
             raise CheckpointError(f"rank {rank} yielded {frag.name} ({frag.kind}) at {start} twice")
@@ -283,13 +128,13 @@ def _write_rank_shards(strategy, tmp: Path, rank: int, world: int, step: int) ->
 
     def model_hook(i: int) -> None:
         if i == mid:
-            _maybe_kill("mid_model_shard", step)
+            fault_point("mid_model_shard", step)
 
     records.append(write_safetensors(tmp / model_file, model_items, metadata=meta, rel=model_file,
                                      on_tensor=model_hook))
-    _maybe_kill("after_model_shards", step)
+    fault_point("after_model_shards", step)
     records.append(write_safetensors(tmp / optim_file, optim_items, metadata=meta, rel=optim_file))
-    _maybe_kill("after_optim_shards", step)
+    fault_point("after_optim_shards", step)
     return entries, [r.__dict__ for r in records]
 
 
@@ -301,15 +146,25 @@ def _jsonable(obj: Any) -> Any:
         return json.loads(json.dumps(obj, default=str))
 
 
+def _describe(e: BaseException) -> str:
+    return str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
+
+
 def save_checkpoint(strategy, *, ckpt_root: Path, step: int, train_state: dict, keep_last: int,
-                    meta: dict | None = None) -> Path:
+                    meta: dict | None = None, protect: Collection[str] = ()) -> Path:
     """Write a complete checkpoint of `strategy` at `step` and commit it atomically. Collective.
 
     Every rank writes ``model/`` and ``optim/`` shards of the fragments it owns (no rank ever
     holds more than its own state; fragments are written straight from their storage). Rank 0
     writes index.json (built from every rank's small fragment metadata), train_state.json (with
     every rank's RNG state), an optional tokenizer copy, and MANIFEST.json last. Then it renames
-    ``step-N.tmp`` to ``step-N``, replaces ``latest`` and prunes to ``keep_last``.
+    ``step-N.tmp`` to ``step-N``, replaces ``latest`` and prunes to ``keep_last`` intact
+    checkpoints, never one named in `protect` (step-folder names, e.g. the best-eval one) and
+    never a damaged one (see the format docstring).
+
+    Refused, on every rank, with nothing committed and ``step-N.tmp`` removed: any parameter or
+    optimizer-state fragment holding NaN/inf (the error names the tensor and kind), a strategy
+    whose fragments do not tile the tensors, and any write error (the error names the file).
 
     I/O engine: our own streaming safetensors writer, not DCP's ``HuggingFaceStorageWriter``.
     DCP names files ``shard-0000r-model-0000k-of-0000n.safetensors`` in one folder (not
@@ -321,16 +176,30 @@ def save_checkpoint(strategy, *, ckpt_root: Path, step: int, train_state: dict, 
     pass over the data. Every file we write is an ordinary safetensors file that ``safe_open``
     reads.
     """
-    meta = dict(meta or {})
+    check_fault_env()
     ckpt_root = Path(ckpt_root)
     rank, world = rank_world()
     name = fmt.step_dir_name(step)
-    final = ckpt_root / name
     tmp = ckpt_root / (name + fmt.TMP_SUFFIX)
+    try:
+        return _save(strategy, ckpt_root=ckpt_root, step=step, train_state=train_state, keep_last=keep_last,
+                     meta=dict(meta or {}), protect=set(protect), rank=rank, world=world, tmp=tmp)
+    except BaseException:
+        # Every error above is agreed by all ranks first, so no rank is still writing into tmp.
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _save(strategy, *, ckpt_root: Path, step: int, train_state: dict, keep_last: int, meta: dict,
+          protect: set[str], rank: int, world: int, tmp: Path) -> Path:
+    name = fmt.step_dir_name(step)
+    final = ckpt_root / name
+    head = f"saving {final} failed (nothing was committed; {tmp.name} removed):"
     t0 = time.perf_counter()
 
     # 1. a clean temp folder (rank 0), seen by everyone
-    err = None
+    problems = []
     if rank == 0:
         try:
             ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -339,42 +208,40 @@ def save_checkpoint(strategy, *, ckpt_root: Path, step: int, train_state: dict, 
             (tmp / fmt.MODEL_DIR).mkdir(parents=True)
             (tmp / fmt.OPTIM_DIR).mkdir()
         except OSError as e:
-            err = f"cannot create {tmp}: {e}"
-    err = broadcast_small(err)
-    if err:
-        raise CheckpointError(err)
+            problems.append(f"cannot create {tmp}: {e.strerror or e}")
+    agree_or_raise(problems, head)
 
     # 2. every rank writes its own shards (errors are shared so that no rank waits forever)
     t_setup = time.perf_counter()
     mine: dict[str, Any] = {"rank": rank, "rng": capture_rng()}
+    problems = []
     try:
         mine["entries"], mine["files"] = _write_rank_shards(strategy, tmp, rank, world, step)
     except Exception as e:  # noqa: BLE001 - reported on every rank below
-        mine["error"] = f"rank {rank}: {type(e).__name__}: {e}"
+        problems.append(f"rank {rank}: {_describe(e)}")
+    agree_or_raise(problems, head)
     t_shards = time.perf_counter()
     gathered = all_gather_small(mine)
     t_gather = time.perf_counter()
-    errors = [g["error"] for g in gathered if "error" in g]
-    if errors:
-        raise CheckpointError(f"saving {name} failed:\n  " + "\n  ".join(errors))
     # every rank builds the same index, so a bad tiling raises everywhere at once
     index = build_index([g["entries"] for g in gathered], world)
 
     # 3. rank 0: metadata files, manifest last, commit
-    err = None
+    problems = []
     if rank == 0:
         try:
-            _maybe_kill("before_index", step)
+            fault_point("before_index", step)
             _commit(tmp=tmp, final=final, ckpt_root=ckpt_root, step=step, world=world, index=index,
-                    gathered=gathered, train_state=train_state, meta=meta, strategy=strategy,
-                    keep_last=keep_last)
-        except CheckpointError as e:
-            err = str(e)
-        except Exception as e:  # noqa: BLE001
-            err = f"committing {name} failed: {type(e).__name__}: {e}"
-    err = broadcast_small(err)
-    if err:
-        raise CheckpointError(err)
+                    gathered=gathered, train_state=train_state, meta=meta, strategy=strategy)
+        except Exception as e:  # noqa: BLE001 - reported on every rank below
+            problems.append(_describe(e))
+    agree_or_raise(problems, head)
+    if rank == 0:
+        fault_point("before_prune", step)
+        try:
+            prune(ckpt_root, keep_last=keep_last, keep=final.name, protect=protect)
+        except OSError as e:  # the new checkpoint is committed; a failed clean-up must not fail the run
+            warn0(f"pruning {ckpt_root} failed after saving {final.name}: {e}")
     t_end = time.perf_counter()
     LAST_SAVE_TIMINGS.clear()
     LAST_SAVE_TIMINGS.update(setup=t_setup - t0, shards=t_shards - t_setup, gather=t_gather - t_shards,
@@ -385,7 +252,7 @@ def save_checkpoint(strategy, *, ckpt_root: Path, step: int, train_state: dict, 
 
 
 def _commit(*, tmp: Path, final: Path, ckpt_root: Path, step: int, world: int, index: dict, gathered: list[dict],
-            train_state: dict, meta: dict, strategy, keep_last: int) -> None:
+            train_state: dict, meta: dict, strategy) -> None:
     import fft_dist
 
     files: dict[str, dict] = {}
@@ -415,19 +282,19 @@ def _commit(*, tmp: Path, final: Path, ckpt_root: Path, step: int, world: int, i
         if present:
             (tmp / fmt.TOKENIZER_DIR).mkdir()
             for f in present:
-                _copy_durable(Path(tok) / f, tmp / fmt.TOKENIZER_DIR / f)
+                copy_durable(Path(tok) / f, tmp / fmt.TOKENIZER_DIR / f)
                 size, digest = hash_file(tmp / fmt.TOKENIZER_DIR / f)
                 files[f"{fmt.TOKENIZER_DIR}/{f}"] = {"size": size, "sha256": digest}
             fmt.fsync_dir(tmp / fmt.TOKENIZER_DIR)
     for f in (fmt.INDEX_FILE, fmt.TRAIN_STATE_FILE):
         size, digest = hash_file(tmp / f)
         files[f] = {"size": size, "sha256": digest}
-    _maybe_kill("before_manifest", step)
+    fault_point("before_manifest", step)
     manifest = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "step": step,
                 "world_size": world, "created": state["created"], "files": dict(sorted(files.items()))}
     fmt.write_json_durable(tmp / fmt.MANIFEST_FILE, manifest)
     fmt.fsync_dir(tmp)
-    _maybe_kill("before_rename", step)
+    fault_point("before_rename", step)
 
     old = None
     if final.exists():  # saving the same step again (e.g. after resuming from an older checkpoint)
@@ -435,36 +302,27 @@ def _commit(*, tmp: Path, final: Path, ckpt_root: Path, step: int, world: int, i
         if old.exists():
             shutil.rmtree(old)
         os.rename(final, old)
-    os.rename(tmp, final)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if old is not None:
+            os.rename(old, final)  # put the previous save of this step back
+        raise
     fmt.fsync_dir(ckpt_root)
-    _maybe_kill("before_latest", step)
+    fault_point("before_latest", step)
     write_latest(ckpt_root, final.name)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    _maybe_kill("before_prune", step)
-    prune(ckpt_root, keep_last=keep_last, keep=final.name)
 
 
-def write_latest(ckpt_root: Path, folder_name: str) -> None:
-    """Point ``latest`` at a committed folder: write latest.tmp, fsync, os.replace, fsync the dir."""
-    tmp = ckpt_root / (fmt.LATEST_FILE + fmt.TMP_SUFFIX)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(folder_name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt_root / fmt.LATEST_FILE)
-    fmt.fsync_dir(ckpt_root)
-
-
-def prune(ckpt_root: Path, *, keep_last: int, keep: str) -> list[str]:
-    """Delete committed checkpoints beyond the newest `keep_last` (by step), never `keep`; and
-    leftovers of killed saves (``*.tmp``). A folder is first renamed to ``*.old.tmp`` (atomic),
-    then deleted, so a kill during deletion never leaves a half-deleted ``step-N``."""
+def prune(ckpt_root: Path, *, keep_last: int, keep: str, protect: Collection[str] = ()) -> list[str]:
+    """Keep `keep` plus the newest ``keep_last - 1`` other *intact* checkpoints; delete older intact ones
+    unless named in `protect`; never touch a damaged one (it does not count as kept either). Also
+    removes leftovers of killed saves (``*.tmp``). A folder is first renamed to ``*.old.tmp``
+    (atomic), then deleted, so a kill during deletion never leaves a half-deleted ``step-N``."""
     removed = []
-    steps = sorted(((s, p.name) for p in ckpt_root.iterdir()
-                    if p.is_dir() and (s := fmt.parse_step(p.name)) is not None), reverse=True)
-    others = [n for _, n in steps if n != keep]
-    doomed = others[max(keep_last - 1, 0):]
+    intact = [p.name for _, p in fmt.iter_committed(ckpt_root) if p.name != keep and is_complete(p)]
+    doomed = [n for n in intact[max(keep_last - 1, 0):] if n not in protect]
     for n in doomed:
         trash = ckpt_root / (n + ".old" + fmt.TMP_SUFFIX)
         if trash.exists():
@@ -477,11 +335,3 @@ def prune(ckpt_root: Path, *, keep_last: int, keep: str) -> list[str]:
         if p.name.endswith(fmt.TMP_SUFFIX) and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
     return removed
-
-
-def iter_committed(ckpt_root: Path) -> Iterable[tuple[int, Path]]:
-    """(step, folder) of every committed-looking step-N folder, newest step first."""
-    if not Path(ckpt_root).is_dir():
-        return []
-    found = [(s, p) for p in Path(ckpt_root).iterdir() if p.is_dir() and (s := fmt.parse_step(p.name)) is not None]
-    return sorted(found, reverse=True)

@@ -1,4 +1,4 @@
-"""A small sharded Strategy for tests and benchmarks of the checkpoint format (no model code).
+"""A small sharded Strategy for tests and benchmarks of the checkpoint format (no model code), and its worker.
 
 :class:`FlatShardStrategy` holds named tensors split over ranks the way real backends split
 them, and trains them with ``torch.optim.AdamW`` on its local pieces only, like ZeRO does:
@@ -13,8 +13,9 @@ Gradients are a fixed function of (tensor, flat element, step), so AdamW (elemen
 the same numbers however the tensors are split: a run resumed at another world size or split
 must end where an uninterrupted one does.
 
-Worker: ``python -m torch.distributed.run --nproc_per_node N -m fft_dist.checkpoint.testing ...``
-(see ``--help``); used by tests/test_checkpoint*.py and bench/checkpoint.py.
+Worker: ``python -m torch.distributed.run --nproc_per_node N tests/checkpoint_worker.py ...`` (see
+``--help``), or ``python tests/checkpoint_worker.py ...`` as one process; used by
+tests/test_checkpoint*.py. bench/checkpoint.py imports :class:`FlatShardStrategy` from here.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import argparse
 import json
 import os
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -184,7 +184,7 @@ def llama_shapes(config) -> dict[str, tuple[int, ...]]:
 
 # -- the worker ------------------------------------------------------------------------------------
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fft_dist.checkpoint.testing")
+    p = argparse.ArgumentParser(prog="python tests/checkpoint_worker.py")
     p.add_argument("--spec", required=True, help="JSON: {'tensors': [[name, shape], ...], 'model_config': {...}}")
     p.add_argument("--ckpt-root", required=True)
     p.add_argument("--split", default="rows", choices=SPLITS)
@@ -194,12 +194,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--resume", default="none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="rank r writes {out}.rank{r}.json")
-    p.add_argument("--bench", type=int, default=0, help="time N save+load rounds (bench/checkpoint.py)")
     p.add_argument("--no-verify", action="store_true")
-    p.add_argument("--bench-raw-bytes", type=int, default=0,
-                   help="before each timed save, rank 0 measures raw write speed (dd and Python) with this many bytes")
-    p.add_argument("--bench-dcp", action="store_true",
-                   help="also time DCP's save with HuggingFaceStorageWriter on the same fragments")
+    p.add_argument("--protect", default="", help="comma-separated step folders that pruning must keep")
+    p.add_argument("--nan-at", type=int, default=0, help="make one parameter element NaN before saving this step")
     return p.parse_args(argv)
 
 
@@ -237,18 +234,19 @@ def main(argv: list[str] | None = None) -> int:
             result["rand_after_resume"] = [torch.rand(3).tolist(), random.random(), float(np.random.rand())]
         meta = {"model_config": spec.get("model_config"), "backend": f"flatshard-{args.split}",
                 "config_yaml": "test: true\n", "tokenizer_dir": spec.get("tokenizer_dir")}
+        protect = [p for p in args.protect.split(",") if p]
         while step < args.steps:
             strategy.train_step(step)
             step += 1
+            if step == args.nan_at and strategy.params:
+                next(iter(strategy.params.values())).data.view(-1)[-1] = float("nan")
             if args.save_every and step % args.save_every == 0 or step == args.steps:
                 ckpt.save_checkpoint(strategy, ckpt_root=root, step=step, keep_last=args.keep_last,
-                                     train_state={"step": step, "tokens_seen": 100 * step}, meta=meta)
+                                     train_state={"step": step, "tokens_seen": 100 * step}, meta=meta,
+                                     protect=protect)
                 result.setdefault("saved", []).append(step)
                 result.setdefault("rand_after_save", {})[str(step)] = [torch.rand(3).tolist(), random.random(),
                                                                         float(np.random.rand())]
-        if args.bench:
-            result["bench"] = _bench(strategy, root, args.bench, step, meta, args.no_verify, dcp=args.bench_dcp,
-                                     raw_bytes=args.bench_raw_bytes)
     except ckpt.CheckpointError as e:
         result["error"] = str(e)
     if args.out:
@@ -257,150 +255,6 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()  # nothing in flight when the group goes away (gloo can abort otherwise)
         dist.destroy_process_group()
     return 1 if "error" in result else 0
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _drop_cache(path: Path) -> None:
-    """Evict a checkpoint's files from the page cache (POSIX_FADV_DONTNEED after sync), no root needed."""
-    for f in Path(path).rglob("*"):
-        if f.is_file():
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-def raw_write_python(path: Path, nbytes: int) -> float:
-    """Bytes/s of writing random bytes to a new file in 64 MiB write()s, then fsync (like our writer)."""
-    block = os.urandom(64 << 20)
-    n = max(1, nbytes // len(block))
-    t0 = time.perf_counter()
-    with open(path, "wb") as f:
-        for _ in range(n):
-            f.write(block)
-        f.flush()
-        os.fsync(f.fileno())
-    dt = time.perf_counter() - t0
-    path.unlink()
-    return n * len(block) / dt
-
-
-def raw_write_dd(path: Path, nbytes: int) -> float:
-    """Bytes/s of `dd if=/dev/zero bs=16M conv=fsync` into a new file."""
-    import subprocess
-
-    count = max(1, nbytes // (16 << 20))
-    t0 = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=16M", f"count={count}", "conv=fsync"],
-                   check=True, capture_output=True)
-    dt = time.perf_counter() - t0
-    size = path.stat().st_size
-    path.unlink()
-    return size / dt
-
-
-def _bench(strategy, root: Path, rounds: int, step: int, meta: dict, no_verify: bool, dcp: bool = False,
-           raw_bytes: int = 0) -> dict:
-    """Timed rounds of: [raw disk write by rank 0] -> save (RSS sampled every 5 ms) -> cold load
-    (page cache dropped) -> warm load -> warm load without checksums. Times are between barriers,
-    so they cover every rank. The raw write runs right before each save so that both see the
-    disk in the same state (this VM's disk bursts, then throttles)."""
-    import threading
-
-    import torch.distributed as dist
-
-    from fft_dist import checkpoint as ckpt
-
-    def sync():
-        if dist.is_initialized():
-            dist.barrier()
-
-    import gc
-
-    gc.collect()
-    out = {"local_state_bytes": strategy.state_bytes(), "rss_before_mb": _rss_mb(), "rss_peak_during_save_mb": 0.0,
-           "save_s": [], "load_cold_s": [], "load_warm_s": [], "load_warm_noverify_s": [],
-           "raw_python_Bps": [], "raw_dd_Bps": []}
-    for r in range(rounds):
-        if raw_bytes:
-            sync()
-            if strategy.rank == 0:
-                out["raw_dd_Bps"].append(raw_write_dd(root.parent / "raw.bin", raw_bytes))
-                out["raw_python_Bps"].append(raw_write_python(root.parent / "raw.bin", raw_bytes))
-            sync()
-        peak = [_rss_mb()]
-        stop = threading.Event()
-
-        def sample():
-            while not stop.is_set():
-                peak[0] = max(peak[0], _rss_mb())
-                time.sleep(0.005)
-
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
-        sync()
-        t0 = time.perf_counter()
-        path = ckpt.save_checkpoint(strategy, ckpt_root=root, step=step + 1000 + r, keep_last=1,
-                                    train_state={"step": step}, meta=dict(meta))
-        sync()
-        out["save_s"].append(time.perf_counter() - t0)
-        from fft_dist.checkpoint.writer import LAST_SAVE_TIMINGS
-
-        out.setdefault("save_phases", []).append(dict(LAST_SAVE_TIMINGS))
-        stop.set()
-        th.join()
-        out["rss_peak_during_save_mb"] = max(out["rss_peak_during_save_mb"], peak[0])
-        if strategy.rank == 0:
-            _drop_cache(path)
-        for key, verify in (("load_cold_s", True), ("load_warm_s", True), ("load_warm_noverify_s", False)):
-            sync()
-            t0 = time.perf_counter()
-            ckpt.load_checkpoint(strategy, path, verify=verify)
-            sync()
-            out[key].append(time.perf_counter() - t0)
-    if dcp:  # the engine DESIGN.md suggests, on the same 1-D fragments (keys name@kind@start), for comparison
-        import shutil
-
-        import torch.distributed.checkpoint as dcp_mod
-        from torch.distributed.checkpoint import HuggingFaceStorageWriter
-
-        out["dcp_save_s"], out["dcp_rss_peak_mb"] = [], 0.0
-        for r in range(rounds):
-            target = root.parent / f"dcp-{r}"
-            sd = {f"{f.name}@{f.kind}@{f.flat_start}": f.local for f in strategy.fragments()}
-            peak = [_rss_mb()]
-            stop = threading.Event()
-            th = threading.Thread(target=sample_into, args=(peak, stop), daemon=True)
-            th.start()
-            sync()
-            t0 = time.perf_counter()
-            dcp_mod.save(sd, storage_writer=HuggingFaceStorageWriter(str(target), save_distributed=True))
-            sync()
-            out["dcp_save_s"].append(time.perf_counter() - t0)
-            stop.set()
-            th.join()
-            out["dcp_rss_peak_mb"] = max(out["dcp_rss_peak_mb"], peak[0])
-            del sd
-            sync()
-            if strategy.rank == 0:
-                shutil.rmtree(target, ignore_errors=True)
-    out["rss_after_mb"] = _rss_mb()
-    return out
-
-
-def sample_into(peak: list, stop) -> None:
-    while not stop.is_set():
-        peak[0] = max(peak[0], _rss_mb())
-        time.sleep(0.005)
 
 
 if __name__ == "__main__":

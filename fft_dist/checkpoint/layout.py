@@ -1,0 +1,99 @@
+"""The checkpoint root on disk: ``latest``, which folder a user's path means, and a writability probe."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from fft_dist.checkpoint import format as fmt
+from fft_dist.checkpoint.format import CheckpointError
+from fft_dist.checkpoint.schema import read_latest_file
+
+
+def read_latest(ckpt_root: Path) -> str | None:
+    """The ``step-N`` name in ``<root>/latest``; None when there is no such file. Garbage raises."""
+    path = Path(ckpt_root) / fmt.LATEST_FILE
+    if not path.is_file():
+        return None
+    return read_latest_file(path)
+
+
+def write_latest(ckpt_root: Path, folder_name: str) -> None:
+    """Point ``latest`` at a committed folder: write latest.tmp, fsync, os.replace, fsync the dir."""
+    tmp = Path(ckpt_root) / (fmt.LATEST_FILE + fmt.TMP_SUFFIX)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(folder_name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, Path(ckpt_root) / fmt.LATEST_FILE)
+        fmt.fsync_dir(Path(ckpt_root))
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot update {Path(ckpt_root) / fmt.LATEST_FILE}: {e.strerror or e}") from None
+
+
+def is_root(path: Path) -> bool:
+    """A checkpoint root (holds ``latest`` or step-N folders) rather than one checkpoint."""
+    path = Path(path)
+    return (path.is_dir() and not (path / fmt.MANIFEST_FILE).exists()
+            and ((path / fmt.LATEST_FILE).exists() or bool(fmt.iter_committed(path))))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder a user's path means. Used by every command that takes a checkpoint.
+
+    - ``<root>/latest`` (the text file): the folder it names (it must exist);
+    - a checkpoint root: the folder ``latest`` names, else its highest ``step-N``;
+    - anything else (a ``step-N`` folder, any folder with a manifest): itself.
+
+    Strict: nothing here checks that the result is intact (``verify`` must report what
+    ``latest`` names, not quietly pick an older one); ``resume=auto`` falls back on its own
+    (:func:`fft_dist.checkpoint.resume.find_resume`).
+    """
+    p = Path(path)
+    if p.is_file():
+        if p.name != fmt.LATEST_FILE:
+            raise CheckpointError(f"{p}: a file; expected a checkpoint folder, a checkpoint root or its "
+                                  f"'{fmt.LATEST_FILE}' file")
+        target = p.parent / read_latest_file(p)
+        if not target.is_dir():
+            raise CheckpointError(f"{p}: names {target.name}, which does not exist")
+        return target
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint (expected a step-N folder, a checkpoint root or its "
+                              f"'{fmt.LATEST_FILE}' file)")
+    if is_root(p):
+        name = read_latest(p)
+        if name is not None:
+            if not (p / name).is_dir():
+                raise CheckpointError(f"{p / fmt.LATEST_FILE}: names {name}, which does not exist")
+            return p / name
+        return fmt.iter_committed(p)[0][1]
+    return p
+
+
+def check_writable(ckpt_root: str | Path) -> None:
+    """Fail early, before training, when checkpoints cannot be written under `ckpt_root`.
+
+    Creates the folder if needed, then writes, fsyncs and removes a small probe file. Raises
+    :class:`CheckpointError` naming the path and the OS error (read-only file system, no
+    space, permission denied). Safe on every rank at once: the probe's name is per host and pid.
+    """
+    root = Path(ckpt_root)
+    probe = root / f".write-probe-{socket.gethostname()}-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"fft-dist write probe\n" * 200)  # a few KB: a full disk fails here, not at the first save
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+        fmt.fsync_dir(root)
+    except OSError as e:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise CheckpointError(f"checkpoint.dir {root} is not writable: {e.strerror or e}"
+                              f"{f' ({e.filename})' if e.filename else ''}") from None
