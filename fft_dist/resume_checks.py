@@ -7,6 +7,7 @@ problem without an error.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 # transformers config entries that describe how a model runs, not what it computes.
@@ -18,7 +19,9 @@ RUNTIME_KEYS = frozenset({
 
 
 def _arch(config: dict | None) -> dict[str, Any]:
-    return {k: v for k, v in (config or {}).items() if k not in RUNTIME_KEYS}
+    """The architecture entries, as JSON sees them (the saved side went through JSON: int keys became str)."""
+    plain = json.loads(json.dumps(config or {}, default=str))
+    return {k: v for k, v in plain.items() if k not in RUNTIME_KEYS}
 
 
 def saved_optimizer(envelope: dict) -> str | None:

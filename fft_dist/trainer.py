@@ -116,6 +116,8 @@ class Trainer:
     # -- building ---------------------------------------------------------------------------
     def _build(self) -> None:
         cfg = self.cfg
+        if cfg.checkpoint.save_final or cfg.checkpoint.every_steps:
+            self._check_checkpoint_dir()
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.tokenizer = load_tokenizer(cfg.model)
         self.hf_config = hf_config(cfg.model)
@@ -156,6 +158,18 @@ class Trainer:
             f"global batch {self.plan.global_batch_size} = micro {self.plan.micro_batch_size} x "
             f"accum {self.plan.grad_accum} x world {self.plan.world_size} | {self.total_steps} steps"
         )
+
+    def _check_checkpoint_dir(self) -> None:
+        """A read-only or full checkpoint disk shows now, on every rank at once, not after training."""
+        from fft_dist import checkpoint as ckpt
+        from fft_dist.checkpoint.collective import agree_or_raise
+
+        problems = []
+        try:
+            ckpt.check_writable(self.ckpt_root)
+        except ckpt.CheckpointError as e:
+            problems.append(str(e))
+        agree_or_raise(problems, "checkpoints could not be saved (nothing was trained):")
 
     def _resume(self) -> None:
         if self.cfg.resume == "none":

@@ -122,7 +122,8 @@ def _export(summary) -> int:
 
     print(f"fft-dist: exporting {summary.export_source} to {summary.export}", flush=True)
     try:
-        export_hf(summary.export_source, summary.export, tokenizer_dir=summary.tokenizer_dir)
+        # run.dir/hf belongs to this run: a resumed run replaces its earlier export (atomically)
+        export_hf(summary.export_source, summary.export, tokenizer_dir=summary.tokenizer_dir, overwrite=True)
     except CheckpointError as e:
         report("export failed", e)
         return exit_codes.CHECKPOINT_ERROR

@@ -108,7 +108,7 @@ def test_preempted_run_resumes_with_resume_auto(tmp_path):
     os.kill(proc.pid, signal.SIGUSR1)
     code, out, err = finish(proc, ranks)
     assert code == PREEMPTED, err[-3000:]
-    train(run, *LONG_JOB, "train.max_steps=30", "resume=auto")
+    train(run, *LONG_JOB, "train.max_steps=30", "resume=auto", "checkpoint.save_final=true")
     steps = [r["step"] for r in read_metrics(run) if "loss" in r]
     assert max(steps) == 30 and ckpt.find_resume("auto", run / "checkpoints").name == "step-0000030"
 

@@ -139,7 +139,21 @@ def shape_problems(expected: dict[str, tuple[int, ...]], source_shape, source_na
     return problems
 
 
-def load_checkpoint(strategy, path: Path, *, verify: bool = True) -> dict:
+class ParamsOnly:
+    """A FragmentSource view that hides the optimizer states: the strategy then keeps a fresh
+    optimizer, as when loading a pretrained folder (``checkpoint.load_optimizer=false``)."""
+
+    def __init__(self, source):
+        self._source = source
+
+    def has(self, name: str, kind: str) -> bool:
+        return kind == fmt.PARAM_KIND and self._source.has(name, kind)
+
+    def read(self, name: str, kind: str, start: int, stop: int):
+        return self._source.read(name, kind, start, stop)
+
+
+def load_checkpoint(strategy, path: Path, *, verify: bool = True, params_only: bool = False) -> dict:
     """Verify `path`, check it fits `strategy`'s model, load every rank's ranges, restore RNG.
 
     Collective. `path`: a step-N folder, a checkpoint root or its ``latest``. Order: manifest
@@ -148,6 +162,7 @@ def load_checkpoint(strategy, path: Path, *, verify: bool = True) -> dict:
     parameter exists with the same full shape (and nothing extra) -> ``strategy.load_fragments``
     -> this rank's RNG. Any problem raises the same :class:`CheckpointError` on every rank
     before the model is touched. Returns the ``train_state`` dict that was passed to save_checkpoint.
+    ``params_only``: load the weights and leave the optimizer fresh (a deliberate optimizer switch).
     """
     rank, world = rank_world()
     try:
@@ -175,7 +190,7 @@ def load_checkpoint(strategy, path: Path, *, verify: bool = True) -> dict:
     problems = shape_problems(expected, lambda n: reader.shape(n) if reader.has(n, fmt.PARAM_KIND) else None,
                               reader.names(), f"checkpoint {path.name}")
     raise_problems(problems, f"checkpoint {path} does not match the model (nothing was loaded):")
-    strategy.load_fragments(reader)
+    strategy.load_fragments(ParamsOnly(reader) if params_only else reader)
     reader.close()
     if saved_rng is not None:
         restore_rng(saved_rng)
