@@ -30,7 +30,6 @@ class TorchOptimizerStrategy:
         self.optimizer: torch.optim.Optimizer
         self.lr_at: LrSchedule
         self.scaler = None
-        self._param_names: dict[int, str] = {}
 
     # -- hooks for subclasses -------------------------------------------------------------
     def _grad_divide_factor(self) -> float:
@@ -51,7 +50,6 @@ class TorchOptimizerStrategy:
     def _finish_setup(self, make_optimizer, lr_at: LrSchedule) -> None:
         self.lr_at = lr_at
         self.optimizer = make_optimizer(self.model)
-        self._param_names = {id(p): n for n, p in self.model.named_parameters()}
         if self.train_cfg.precision == Precision.fp16:
             self.scaler = self._make_scaler()
 
