@@ -106,8 +106,9 @@ class DeepSpeedStrategy:
         """ZeRO-3: build under zero.Init, so no rank ever holds the full model (each module is
         partitioned as soon as it is constructed), with the same weights as a plain build."""
         ds = self._ds
-        with keep_arange_dtype(), ds.zero.Init(config_dict_or_path=copy.deepcopy(self.ds_config)), \
-                hf_init_on_gathered_params(ds):
+        # Both patches are entered before zero.Init (see deepspeed_compat), and undone after it.
+        with keep_arange_dtype(), hf_init_on_gathered_params(ds), \
+                ds.zero.Init(config_dict_or_path=copy.deepcopy(self.ds_config)):
             return build_model()
 
     # -- forward / backward / step -----------------------------------------------------------

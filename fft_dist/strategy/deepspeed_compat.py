@@ -58,7 +58,9 @@ def hf_init_on_gathered_params(deepspeed) -> Iterator[None]:
     ``PreTrainedModel._initialize_weights`` (its signature in transformers 5.23:
     ``(self, module, is_custom_code=False)``) to gather one module's parameters while it runs, on
     every rank, gives bit-identical weights and RNG state at a peak of one module's parameters.
-    Undone on exit.
+    Undone on exit. Enter it before ``zero.Init``: DeepSpeed 0.19 replaces ``torch.Tensor.__new__``
+    inside ``zero.Init``, and importing transformers' modeling code there (which imports
+    ``torch._dynamo``, torch 2.13) fails with a signature mismatch.
     """
     try:
         from transformers import PreTrainedModel

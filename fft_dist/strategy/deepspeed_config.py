@@ -6,7 +6,7 @@ that only another backend reads, offload, fp16, overrides that fight our options
 dict it checked. The launcher runs it through :func:`fft_dist.strategy.check`, and
 :class:`~fft_dist.strategy.deepspeed.DeepSpeedStrategy` runs the same function again on every rank.
 
-Pure: no processes and no ``import deepspeed`` (the launcher has no DeepSpeed to spare).
+Pure: no processes and no ``import deepspeed`` (slow, and the launcher may not have it).
 """
 from __future__ import annotations
 
