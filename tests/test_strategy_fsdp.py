@@ -38,6 +38,9 @@ out = {"root": not isinstance(model.lm_head.weight, DTensor),
        "layer": not isinstance(model.model.layers[0].mlp.up_proj.weight, DTensor)}
 strategy.backward(logits.float().sum())
 strategy.step(0)
+with torch.no_grad():  # evaluation: nothing may stay gathered, the fragments must be the shards
+    strategy.forward(ids, torch.ones_like(ids))
+out["after_eval"] = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
 print(json.dumps(out))
 destroy()
 """
@@ -54,6 +57,7 @@ def gathered_after_forward(reshard: str) -> dict:
 
 def test_root_stays_gathered_and_layers_follow_reshard_after_forward():
     """The root (embeddings, norm, lm_head) keeps FSDP2's root default, whatever the per-layer setting:
-    resharding it after forward would all-gather it again at the start of backward."""
-    assert gathered_after_forward("true") == {"root": True, "layer": False}
-    assert gathered_after_forward("false") == {"root": True, "layer": True}
+    resharding it after forward would all-gather it again at the start of backward. After an
+    evaluation forward (no backward follows) everything is sharded again, as checkpoints need."""
+    assert gathered_after_forward("true") == {"root": True, "layer": False, "after_eval": []}
+    assert gathered_after_forward("false") == {"root": True, "layer": True, "after_eval": []}

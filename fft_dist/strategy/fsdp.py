@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -59,6 +59,31 @@ class FSDPStrategy(TorchOptimizerStrategy):
             reinit_buffers(model)
         self.model = model
         self._finish_setup(make_optimizer, lr_at)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(input_ids, attention_mask)
+        if not torch.is_grad_enabled():  # evaluation: no backward will reshard the root
+            self._reshard()
+        return logits
+
+    def _reshard(self) -> None:
+        """Free gathered parameters and register the shards again.
+
+        FSDP2 keeps the root (and layers with reshard_after_forward=false) gathered from forward
+        until backward; after a no-grad forward nothing else would reshard them, and the fragments
+        must be the shards.
+        """
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    def fragments(self):
+        self._reshard()
+        yield from super().fragments()
+
+    def load_fragments(self, source) -> None:
+        self._reshard()
+        super().load_fragments(source)
 
     def _make_scaler(self):
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
