@@ -84,7 +84,7 @@ def test_refusal_names_every_set_option_and_its_default():
 def test_reshard_after_forward_is_fsdp_only(group):
     if group != "none" and not HAS_DEEPSPEED:
         pytest.skip("DeepSpeed is not installed")
-    want = rf"parallelism\.reshard_after_forward=False has no effect under parallelism={group} \(an FSDP2 option"
+    want = rf"parallelism\.reshard_after_forward=False has no effect under parallelism={group} \(read by FSDP2 only"
     with pytest.raises(ConfigError, match=want):
         check(with_option(group, "reshard_after_forward"), PLAN)
 
@@ -92,7 +92,7 @@ def test_reshard_after_forward_is_fsdp_only(group):
 @needs_deepspeed
 @pytest.mark.parametrize("option", ["prefetch_bucket_size", "param_persistence_threshold"])
 def test_zero3_options_refused_under_zero2(option):
-    want = rf"parallelism\.{option}=\d+ has no effect under parallelism=zero2 \(ZeRO-3 options; use parallelism=zero3"
+    want = rf"parallelism\.{option}=\d+ has no effect under parallelism=zero2 \(read by ZeRO-3 only; use parallelism=zero3"
     with pytest.raises(ConfigError, match=want):
         check(with_option("zero2", option), PLAN)
     check(with_option("zero3", option), PLAN)  # read by ZeRO-3

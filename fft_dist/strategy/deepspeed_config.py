@@ -207,8 +207,8 @@ def check_deepspeed(cfg: FFTConfig, plan: BatchPlan) -> dict[str, Any]:
     if par.offload_params and stage != 3:
         raise ConfigError("parallelism.offload_params needs ZeRO-3 (parallelism=zero3_offload)")
     if stage != 3:
-        refuse_changed(par, ZERO3_ONLY, "ZeRO-3 options; use parallelism=zero3")
-    refuse_changed(par, FSDP_ONLY, "an FSDP2 option; ZeRO-3 always re-partitions after forward")
+        refuse_changed(par, ZERO3_ONLY, "read by ZeRO-3 only; use parallelism=zero3")
+    refuse_changed(par, FSDP_ONLY, "read by FSDP2 only; ZeRO-3 always re-partitions after forward")
     if Precision(cfg.train.precision) == Precision.fp16 and not torch.cuda.is_available():
         raise ConfigError("train.precision=fp16 with DeepSpeed needs a CUDA device; use bf16 or fp32 on CPU")
     return build_deepspeed_config(par, cfg.train, plan)  # raises on overrides that fight our options

@@ -24,14 +24,14 @@ FSDP_ONLY = ("reshard_after_forward",)
 _DEFAULTS = ParallelismConfig()
 
 
-def changed(parallelism: ParallelismConfig, fields: tuple[str, ...]) -> list[str]:
+def _changed(parallelism: ParallelismConfig, fields: tuple[str, ...]) -> list[str]:
     """The `fields` whose value differs from the ParallelismConfig default."""
     return [f for f in fields if getattr(parallelism, f) != getattr(_DEFAULTS, f)]
 
 
 def refuse_changed(parallelism: ParallelismConfig, fields: tuple[str, ...], why: str) -> None:
     """ConfigError naming every option in `fields` that is set, with its default to go back to."""
-    bad = changed(parallelism, fields)
+    bad = _changed(parallelism, fields)
     if bad:
         name = getattr(parallelism.name, "value", parallelism.name)
         settings = ", ".join(f"parallelism.{f}={getattr(parallelism, f)!r}" for f in bad)
@@ -50,8 +50,8 @@ def _yaml(value) -> str:
 def check_single(cfg: FFTConfig, plan: BatchPlan) -> None:
     """parallelism=none: no sharding, so every sharding option would be ignored."""
     del plan  # same signature as every check
-    refuse_changed(cfg.parallelism, DEEPSPEED_ONLY, "DeepSpeed options")
-    refuse_changed(cfg.parallelism, FSDP_ONLY, "an FSDP2 option")
+    refuse_changed(cfg.parallelism, DEEPSPEED_ONLY, "read by DeepSpeed only")
+    refuse_changed(cfg.parallelism, FSDP_ONLY, "read by FSDP2 only")
 
 
 def check_fsdp(cfg: FFTConfig, plan: BatchPlan) -> None:
@@ -64,5 +64,5 @@ def check_fsdp(cfg: FFTConfig, plan: BatchPlan) -> None:
                    "FSDP2 CPU offload is not implemented; parallelism=zero2_offload and zero3_offload "
                    "offload with DeepSpeed")
     rest = tuple(f for f in DEEPSPEED_ONLY if f not in ("offload_optimizer", "offload_params"))
-    refuse_changed(cfg.parallelism, rest, "DeepSpeed options")
+    refuse_changed(cfg.parallelism, rest, "read by DeepSpeed only")
 
