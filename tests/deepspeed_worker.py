@@ -3,13 +3,9 @@
 Run as one process (`python tests/deepspeed_worker.py ...`, world size 1) or under
 `python -m torch.distributed.run --nproc_per_node 2 tests/deepspeed_worker.py ...`.
 
-Modes:
-  train   train each `--backends` x `--accums` job for `--steps` steps on synthetic rows of unequal
-          length (the loop is the trainer's: global token count, backward(sum / N), step) and write
-          per-step losses, grad norms and the fragment-assembled final state to OUT/<job>.pt.
-          With --resume-from REF.pt, a second engine loads REF's state at --resume-step through
-          load_fragments and trains the remaining steps (cross-backend resume).
-  memory  per-rank bytes of every tensor held, by category, after backward and after step.
+Modes (results go to OUT/<mode>.json):
+  memory  per-rank bytes of every tensor held, by category, after backward and after step, on
+          synthetic rows of unequal length (the loop is the trainer's: backward(sum / N), step).
   build   peak RSS while building a model under the strategy (ZeRO-3: zero.Init) and plainly.
 """
 from __future__ import annotations
@@ -18,31 +14,30 @@ import argparse
 import ctypes
 import gc
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fft_dist.config import Parallelism, FFTConfig, Precision, batch_plan
+from fft_dist.config import FFTConfig, Parallelism, batch_plan
 from fft_dist.dist import all_reduce_sum, init_distributed, seed_everything
 from fft_dist.optim import lr_schedule, optimizer_factory
 from fft_dist.strategy import make_strategy
 
 IGNORE = -100
 SEED = 1234
+TORCH_LINEAR = F.linear  # DeepSpeed's zero.Init replaces torch.nn.functional.linear; the strategy puts it back
 
 
-def tiny_config(scale: int = 1, vocab: int = 256, tie: bool = False, layers: int = 2, intermediate: int = 0):
+def tiny_config(scale: int = 1, vocab: int = 256, layers: int = 2, intermediate: int = 0):
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(
         vocab_size=vocab, hidden_size=64 * scale, intermediate_size=intermediate or 128 * scale,
         num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
         initializer_range=0.02, rms_norm_eps=1e-5,
     )
     cfg._attn_implementation = "sdpa"
@@ -50,20 +45,18 @@ def tiny_config(scale: int = 1, vocab: int = 256, tie: bool = False, layers: int
     return cfg
 
 
-def make_cfg(backend: str, *, micro: int, global_batch: int, steps: int, offload: bool = False,
-             bucket: int = 2_000_000) -> FFTConfig:
+def make_cfg(backend: str, *, micro: int, global_batch: int, steps: int, bucket: int = 2_000_000) -> FFTConfig:
     cfg = FFTConfig()
     cfg.parallelism.name = Parallelism(backend)
-    if offload:
-        cfg.parallelism.offload_optimizer = True
-        cfg.parallelism.offload_params = backend == "zero3"
-    cfg.parallelism.reduce_bucket_size = bucket
-    cfg.parallelism.allgather_bucket_size = bucket
-    cfg.parallelism.prefetch_bucket_size = bucket
+    if backend in ("zero2", "zero3"):  # the other backends refuse DeepSpeed options
+        cfg.parallelism.reduce_bucket_size = bucket
+        cfg.parallelism.allgather_bucket_size = bucket
+    if backend == "zero3":
+        cfg.parallelism.prefetch_bucket_size = bucket
     cfg.train.micro_batch_size = micro
     cfg.train.global_batch_size = global_batch
     cfg.train.max_steps = steps
-    cfg.train.lr = float(os.environ.get("DSW_LR", "1e-3"))
+    cfg.train.lr = 1e-3
     cfg.train.warmup_steps = 2
     cfg.train.max_grad_norm = 1.0
     cfg.train.seed = SEED
@@ -124,106 +117,16 @@ def make(cfg: FFTConfig, ctx, model_cfg):
     return strategy, plan
 
 
-def train_steps(strategy, plan, ctx, vocab: int, steps: range) -> tuple[list[float], list[float], list[float]]:
-    losses, norms, times = [], [], []
+def train_steps(strategy, plan, ctx, vocab: int, steps: range) -> None:
     strategy.train(True)
     for step in steps:
-        t0 = time.perf_counter()
         batches = micro_batches(step, plan, ctx.rank, vocab)
         local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         n_global = float(all_reduce_sum([local])[0])
-        loss_sum = torch.zeros((), dtype=torch.float64)
         for b in batches:
             logits = strategy.forward(b["input_ids"], b["attention_mask"])
-            loss = token_loss_sum(logits, b["labels"])
-            strategy.backward(loss / n_global)
-            loss_sum += loss.detach().double()
-        total = float(all_reduce_sum([float(loss_sum)])[0])
-        norms.append(strategy.step(step))
-        losses.append(total / n_global)
-        times.append(time.perf_counter() - t0)
-    return losses, norms, times
-
-
-def gather_state(strategy, ctx) -> dict[tuple[str, str], torch.Tensor] | None:
-    """Assemble full tensors from every rank's fragments on rank 0; checks ranges tile exactly."""
-    mine = [(f.name, f.kind, f.full_shape, f.flat_start, f.local.detach().clone().float()) for f in strategy.fragments()]
-    parts = [None] * ctx.world_size
-    if ctx.world_size > 1:
-        dist.all_gather_object(parts, mine)
-    else:
-        parts = [mine]
-    if ctx.rank != 0:
-        return None
-    full: dict[tuple[str, str], torch.Tensor] = {}
-    covered: dict[tuple[str, str], torch.Tensor] = {}
-    for rank_parts in parts:
-        for name, kind, shape, start, local in rank_parts:
-            numel = 1
-            for d in shape:
-                numel *= d
-            key = (name, kind)
-            if key not in full:
-                full[key] = torch.zeros(numel)
-                covered[key] = torch.zeros(numel, dtype=torch.int32)
-            full[key][start : start + local.numel()] = local
-            covered[key][start : start + local.numel()] += 1
-    for key, c in covered.items():
-        if not bool((c == 1).all()):
-            raise AssertionError(f"fragments of {key} do not tile the tensor exactly once: counts {c.unique().tolist()}")
-    return full
-
-
-class DictSource:
-    """A FragmentSource over full flattened tensors (what a checkpoint reader serves)."""
-
-    def __init__(self, tensors: dict[tuple[str, str], torch.Tensor]):
-        self.tensors = tensors
-
-    def has(self, name: str, kind: str) -> bool:
-        return (name, kind) in self.tensors
-
-    def read(self, name: str, kind: str, start: int, stop: int) -> torch.Tensor:
-        return self.tensors[(name, kind)].reshape(-1)[start:stop].clone()
-
-
-def mode_train(args, ctx) -> None:
-    out = Path(args.out)
-    model_cfg = tiny_config(tie=args.tie)
-    for backend in args.backends:
-        for accum in args.accums:
-            micro = args.global_batch // (ctx.world_size * accum)
-            job = f"{backend}{'_offload' if args.offload else ''}_acc{accum}"
-            cfg = make_cfg(backend, micro=micro, global_batch=args.global_batch, steps=args.steps, offload=args.offload)
-            seed_everything(SEED, True)
-            strategy, plan = make(cfg, ctx, model_cfg)
-            result = {"job": job, "world_size": ctx.world_size}
-            if args.resume_from:
-                ref = torch.load(Path(args.resume_from.replace("{accum}", str(accum))), weights_only=False)
-                strategy.load_fragments(DictSource(ref["resume_state"]))
-                loaded = gather_state(strategy, ctx)
-                if ctx.rank == 0:
-                    result["loaded_max_err"] = max(
-                        float((loaded[k] - v.reshape(-1)).abs().max()) for k, v in ref["resume_state"].items())
-                steps = range(args.resume_step, args.steps)
-            else:
-                steps = range(args.steps)
-            first = steps if not args.save_at else range(steps.start, args.save_at)
-            losses, norms, times = train_steps(strategy, plan, ctx, model_cfg.vocab_size, first)
-            if args.save_at:
-                result["resume_state"] = gather_state(strategy, ctx)
-                rest = range(args.save_at, steps.stop)
-                l2, n2, t2 = train_steps(strategy, plan, ctx, model_cfg.vocab_size, rest)
-                losses, norms, times = losses + l2, norms + n2, times + t2
-            state = gather_state(strategy, ctx)
-            if ctx.rank == 0:
-                result.update(losses=losses, norms=norms, times=times, state=state,
-                              optimizer_steps=getattr(strategy, "optimizer_steps", None))
-                torch.save(result, out / f"{job}.pt")
-                print(f"{job}: losses {[round(x, 6) for x in losses]} s/step {sum(times[1:]) / max(1, len(times) - 1):.3f}",
-                      flush=True)
-            strategy = None
-            gc.collect()
+            strategy.backward(token_loss_sum(logits, b["labels"]) / n_global)
+        strategy.step(step)
 
 
 # -- memory -------------------------------------------------------------------------------------
@@ -260,7 +163,6 @@ def mode_memory(args, ctx) -> None:
         gc.collect()
         base = tensor_bytes()
         cfg = make_cfg(backend, micro=1, global_batch=ctx.world_size, steps=4, bucket=args.bucket)
-        cfg.train.precision = Precision(args.precision)
         seed_everything(SEED, True)
         strategy, plan = make(cfg, ctx, model_cfg)
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in strategy_module(strategy).parameters())
@@ -279,7 +181,8 @@ def mode_memory(args, ctx) -> None:
         after_step = tensor_bytes(strategy_module(strategy)) - base
         breakdown = memory_breakdown(strategy)
         results[backend] = {"n_params": n_params, "after_backward": after_backward, "after_step": after_step,
-                            "bucket_elems": args.bucket, **breakdown}
+                            "bucket_elems": args.bucket, **breakdown,
+                            "functional_linear_is_torch": F.linear is TORCH_LINEAR}
         strategy = breakdown = None
         gc.collect()
     all_results = [None] * ctx.world_size
@@ -359,7 +262,7 @@ def mode_build(args, ctx) -> None:
     model_cfg = tiny_config(scale=args.scale, vocab=args.vocab, layers=args.layers, intermediate=args.intermediate)
     cfg = make_cfg("zero3", micro=1, global_batch=ctx.world_size, steps=1)
     plan = batch_plan(cfg.train, ctx.world_size)
-    strategy = DeepSpeedStrategy(parallelism=cfg.parallelism, train=cfg.train, plan=plan, ctx=ctx)
+    strategy = DeepSpeedStrategy(cfg, plan, ctx)
     # warm-up: import the modeling code and touch every code path once, outside the measurement
     warm = strategy.build_partitioned(lambda: build_model(tiny_config()))
     warm = build_model(tiny_config())
@@ -394,28 +297,19 @@ def mode_build(args, ctx) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["train", "memory", "build"])
+    ap.add_argument("mode", choices=["memory", "build"])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--backends", nargs="+", default=["zero2", "zero3"])
-    ap.add_argument("--accums", nargs="+", type=int, default=[1, 2])
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--global-batch", type=int, default=4)
-    ap.add_argument("--offload", action="store_true")
-    ap.add_argument("--tie", action="store_true")
-    ap.add_argument("--save-at", type=int, default=0, help="also keep the full state after this many steps")
-    ap.add_argument("--resume-from", default="", help="REF.pt ({accum} is replaced); resume at --resume-step")
-    ap.add_argument("--resume-step", type=int, default=0)
-    ap.add_argument("--scale", type=int, default=1)
+    ap.add_argument("--backends", nargs="+", default=["zero2", "zero3"], help="memory: the backends to measure")
+    ap.add_argument("--scale", type=int, default=1, help="hidden size = 64 x scale")
     ap.add_argument("--vocab", type=int, default=256)
-    ap.add_argument("--bucket", type=int, default=2_000_000)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--intermediate", type=int, default=0)
+    ap.add_argument("--bucket", type=int, default=2_000_000, help="memory: DeepSpeed bucket sizes (elements)")
+    ap.add_argument("--layers", type=int, default=2, help="build: decoder layers")
+    ap.add_argument("--intermediate", type=int, default=0, help="build: MLP width (0: 128 x scale)")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     ctx = init_distributed("gloo", 300)
     try:
-        {"train": mode_train, "memory": mode_memory, "build": mode_build}[args.mode](args, ctx)
+        {"memory": mode_memory, "build": mode_build}[args.mode](args, ctx)
     finally:
         if dist.is_initialized():
             dist.barrier()

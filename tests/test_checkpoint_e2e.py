@@ -105,7 +105,7 @@ def test_layout_and_export_of_a_real_run(uninterrupted):
     assert (hf / "tokenizer.json").is_file() and (hf / "generation_config.json").is_file()
     exported = AutoModelForCausalLM.from_pretrained(str(hf)).eval()
     assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()
-    from fft_dist.config import compose, resolve, to_typed
+    from fft_dist.compose import compose, resolve, to_typed
     from fft_dist.model import build_model, hf_config
 
     cfg = to_typed(resolve(compose([f"run.dir={uninterrupted}", *ODD_TIED_JOB])))

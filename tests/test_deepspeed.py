@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-2 / ZeRO-3 behind the Strategy protocol (issue 3).
 
-- build_deepspeed_config: keys, bucket sizes, precision, offload, overrides and their errors (no processes);
+- build_deepspeed_config: keys, bucket sizes, precision, offload, overrides and their errors (no processes;
+  the refusals of check() are in tests/test_strategy_check.py);
 - the parity matrix through the real entry point (`torchrun -m fft_dist.train`): none (1 process) vs
   fsdp / zero2 / zero3 (2 ranks), accumulation 1 and 2, real rows of unequal length, 10 steps:
   per-step losses and grad norms (rel 1e-5) and the final weights and Adam states from each run's
@@ -34,7 +35,7 @@ from fft_dist.config import (
     compose,
     to_typed,
 )
-from fft_dist.strategy.deepspeed import build_deepspeed_config
+from fft_dist.strategy.deepspeed_config import build_deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("deepspeed_worker.py")
@@ -206,21 +207,13 @@ def test_not_a_zero_stage():
 
 
 def test_missing_deepspeed_names_install_command(monkeypatch):
-    from fft_dist.strategy import deepspeed as ds_module
+    """Reported by check() in the launcher, before any rank starts."""
+    from fft_dist.strategy import check
 
-    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` raises ImportError
-    with pytest.raises(ConfigError, match=r"pip install"):
-        ds_module.import_deepspeed()
-
-
-def test_validate_reports_missing_deepspeed_before_any_rank(monkeypatch):
-    from fft_dist import config
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # find_spec -> None, `import deepspeed` -> ImportError
     cfg = to_typed(compose(["parallelism=zero2"]))
-    with pytest.raises(ConfigError, match=r"pip install .*deepspeed"):
-        config.validate(cfg, 2)
+    with pytest.raises(ConfigError, match=r"parallelism=zero2 needs DeepSpeed.*pip install --no-build-isolation"):
+        check(cfg, BatchPlan(2, 4, 2, 16))
 
 
 def test_full_shapes_lets_the_decay_split_see_real_shapes():
@@ -229,13 +222,13 @@ def test_full_shapes_lets_the_decay_split_see_real_shapes():
 
     from fft_dist.config import OptimizerConfig
     from fft_dist.optim import param_groups
-    from fft_dist.strategy.deepspeed import _full_shapes
+    from fft_dist.strategy.deepspeed_compat import full_shapes
 
     model = nn.Linear(4, 3)
     for p in model.parameters():
         p.ds_shape = tuple(p.shape)
         p.data = torch.empty(0)
-    with _full_shapes(list(model.parameters())):
+    with full_shapes(list(model.parameters())):
         groups = param_groups(model, OptimizerConfig())
         assert model.weight.shape == (3, 4)
     assert model.weight.shape == (0,)
@@ -375,6 +368,8 @@ def test_model_state_bytes_match_formulas(tmp_path):
             assert r["optimizer_states"] == pytest.approx(8 * n / world, rel=0.01)
             assert r["working_params"] == pytest.approx(4 * n if backend == "zero2" else 4 * n / world, rel=0.01)
             assert r["fp32_master"] == pytest.approx(0 if backend in ("none", "fsdp") else 4 * n / 2, rel=0.01)
+            # a ZeRO-3 build must not leave torch.nn.functional.linear replaced for the rest of the process
+            assert r["functional_linear_is_torch"], (rank, backend)
     print("\n".join(table))
 
 

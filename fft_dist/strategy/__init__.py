@@ -1,33 +1,44 @@
-"""Parallelism backends behind one protocol; `make_strategy` picks one from the config."""
+"""Parallelism backends behind one protocol.
+
+``check(cfg, plan)`` refuses, before any rank starts, whatever the chosen backend cannot do or
+would ignore; ``make_strategy(cfg, plan, ctx)`` builds it on a rank (and runs the same check again).
+Both are plain lookups by :class:`~fft_dist.config.Parallelism`. The checks are pure (no
+torch.distributed, transformers or DeepSpeed import), so the launcher stays light.
+"""
 from __future__ import annotations
 
-from fft_dist.config import Parallelism, BatchPlan, FFTConfig
+from fft_dist.config import BatchPlan, FFTConfig, Parallelism
 from fft_dist.dist import DistContext
 from fft_dist.strategy.base import Fragment, FragmentSource, Strategy
+from fft_dist.strategy.deepspeed_config import check_deepspeed
+from fft_dist.strategy.options import check_fsdp, check_single
 
-
-def make_strategy(cfg: FFTConfig, plan: BatchPlan, ctx: DistContext) -> Strategy:
-    name = cfg.parallelism.name
-    if name == Parallelism.none:
-        from fft_dist.strategy.single import SingleProcessStrategy
-
-        return SingleProcessStrategy(train=cfg.train, device=ctx.device)
-    if name == Parallelism.fsdp:
-        from fft_dist.strategy.fsdp import FSDPStrategy
-
-        return FSDPStrategy(parallelism=cfg.parallelism, train=cfg.train, device=ctx.device, world_size=ctx.world_size,
-                            meta_init=cfg.model.path is not None)
-    from fft_dist.strategy.deepspeed import DeepSpeedStrategy  # lazy: FSDP users never import deepspeed
-
-    return DeepSpeedStrategy(parallelism=cfg.parallelism, train=cfg.train, plan=plan, ctx=ctx)
+_CHECKS = {
+    Parallelism.none: check_single,
+    Parallelism.fsdp: check_fsdp,
+    Parallelism.zero2: check_deepspeed,
+    Parallelism.zero3: check_deepspeed,
+}
 
 
 def check(cfg: FFTConfig, plan: BatchPlan) -> None:
-    """Pre-launch checks of the chosen backend (raises ConfigError)."""
-    if cfg.parallelism.name in (Parallelism.zero2, Parallelism.zero3):
-        from fft_dist.strategy.deepspeed import build_deepspeed_config
+    """Raise ConfigError, naming the option to change, if the chosen backend cannot run `cfg`."""
+    _CHECKS[Parallelism(cfg.parallelism.name)](cfg, plan)
 
-        build_deepspeed_config(cfg.parallelism, cfg.train, plan)
+
+def make_strategy(cfg: FFTConfig, plan: BatchPlan, ctx: DistContext) -> Strategy:
+    # Imported here, not at the top: the launcher imports this package for check() only.
+    from fft_dist.strategy.deepspeed import DeepSpeedStrategy  # never imports deepspeed itself
+    from fft_dist.strategy.fsdp import FSDPStrategy
+    from fft_dist.strategy.single import SingleProcessStrategy
+
+    classes = {
+        Parallelism.none: SingleProcessStrategy,
+        Parallelism.fsdp: FSDPStrategy,
+        Parallelism.zero2: DeepSpeedStrategy,
+        Parallelism.zero3: DeepSpeedStrategy,
+    }
+    return classes[Parallelism(cfg.parallelism.name)](cfg, plan, ctx)
 
 
 __all__ = ["Fragment", "FragmentSource", "Strategy", "check", "make_strategy"]

@@ -50,7 +50,10 @@ class FragmentSource(Protocol):
 
 
 class Strategy(Protocol):
-    """One parallelism backend. Implementations: none, fsdp (FSDP2), zero2/zero3 (DeepSpeed)."""
+    """One parallelism backend. Implementations: none, fsdp (FSDP2), zero2/zero3 (DeepSpeed).
+
+    Every implementation is constructed as ``Cls(cfg, plan, ctx)`` and takes batch sizes from ``plan`` only.
+    """
 
     name: str
     model: nn.Module

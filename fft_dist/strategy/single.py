@@ -5,15 +5,18 @@ import contextlib
 
 import torch
 
-from fft_dist.config import Precision, TrainConfig
+from fft_dist.config import BatchPlan, FFTConfig, Precision
+from fft_dist.dist import DistContext
+from fft_dist.strategy.options import check_single
 from fft_dist.strategy.torch_common import TorchOptimizerStrategy
 
 
 class SingleProcessStrategy(TorchOptimizerStrategy):
     name = "none"
 
-    def __init__(self, *, train: TrainConfig, device: torch.device):
-        super().__init__(train=train, device=device, world_size=1)
+    def __init__(self, cfg: FFTConfig, plan: BatchPlan, ctx: DistContext):
+        check_single(cfg, plan)
+        super().__init__(cfg, ctx)
 
     def setup(self, *, build_model, make_optimizer, lr_at) -> None:
         self.model = build_model().to(self.device)

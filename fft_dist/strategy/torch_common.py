@@ -7,7 +7,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from fft_dist.config import Precision, TrainConfig
+from fft_dist.config import FFTConfig, Precision
+from fft_dist.dist import DistContext
 from fft_dist.optim import set_lr
 from fft_dist.strategy.base import Fragment, FragmentSource, LrSchedule
 
@@ -20,16 +21,15 @@ class TorchOptimizerStrategy:
 
     name = "torch"
 
-    def __init__(self, *, train: TrainConfig, device: torch.device, world_size: int):
-        self.train_cfg = train
-        self.device = device
-        self.world_size = world_size
-        self.compute_dtype = COMPUTE_DTYPES[train.precision]
+    def __init__(self, cfg: FFTConfig, ctx: DistContext):
+        self.train_cfg = cfg.train
+        self.device = ctx.device
+        self.world_size = ctx.world_size
+        self.compute_dtype = COMPUTE_DTYPES[cfg.train.precision]
         self.model: nn.Module
         self.optimizer: torch.optim.Optimizer
         self.lr_at: LrSchedule
         self.scaler = None
-        self._param_names: dict[int, str] = {}
 
     # -- hooks for subclasses -------------------------------------------------------------
     def _grad_divide_factor(self) -> float:
@@ -50,7 +50,6 @@ class TorchOptimizerStrategy:
     def _finish_setup(self, make_optimizer, lr_at: LrSchedule) -> None:
         self.lr_at = lr_at
         self.optimizer = make_optimizer(self.model)
-        self._param_names = {id(p): n for n, p in self.model.named_parameters()}
         if self.train_cfg.precision == Precision.fp16:
             self.scaler = self._make_scaler()
 

@@ -1,0 +1,214 @@
+"""The DeepSpeed config dict and every DeepSpeed rule, checked before any rank starts.
+
+:func:`build_deepspeed_config` turns our typed config into DeepSpeed's JSON, so a user never
+writes DeepSpeed JSON; :func:`check_deepspeed` holds all the rules (DeepSpeed installed, options
+that only another backend reads, offload, fp16, overrides that fight our options) and returns the
+dict it checked. The launcher runs it through :func:`fft_dist.strategy.check`, and
+:class:`~fft_dist.strategy.deepspeed.DeepSpeedStrategy` runs the same function again on every rank.
+
+Pure: no processes and no ``import deepspeed`` (slow, and the launcher may not have it).
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+from typing import Any
+
+import torch
+
+from fft_dist.config import BatchPlan, ConfigError, FFTConfig, Parallelism, ParallelismConfig, Precision, TrainConfig
+from fft_dist.strategy.options import FSDP_ONLY, ZERO3_ONLY, refuse_changed
+
+INSTALL_HINT = "pip install --no-build-isolation 'fft-dist[deepspeed]'"
+
+# Large enough that DeepSpeed never prints its own progress lines (we log through metrics).
+_STEPS_PER_PRINT = 2**62
+
+_STAGES = {Parallelism.zero2: 2, Parallelism.zero3: 3}
+
+# DeepSpeed keys that fft-dist sets from its own options: an override may repeat the value we set,
+# but a different value is an error that names the fft-dist option to change instead.
+OWNED_KEYS: dict[str, str] = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size (accumulation = global / (micro x world size))",
+    "gradient_clipping": "train.max_grad_norm",
+    "bf16.enabled": "train.precision",
+    "fp16.enabled": "train.precision",
+    "torch_autocast.enabled": "train.precision",
+    "torch_autocast.dtype": "train.precision",
+    "torch_autocast.lower_precision_safe_modules": "train.precision (gradients are reduced in fp32)",
+    "zero_optimization.stage": "parallelism=zero2|zero3",
+    "zero_optimization.overlap_comm": "parallelism.overlap_comm",
+    "zero_optimization.contiguous_gradients": "parallelism.contiguous_gradients",
+    "zero_optimization.reduce_bucket_size": "parallelism.reduce_bucket_size",
+    "zero_optimization.allgather_bucket_size": "parallelism.allgather_bucket_size",
+    "zero_optimization.stage3_prefetch_bucket_size": "parallelism.prefetch_bucket_size",
+    "zero_optimization.stage3_param_persistence_threshold": "parallelism.param_persistence_threshold",
+    "zero_optimization.offload_optimizer": "parallelism.offload_optimizer (or parallelism=zero2_offload|zero3_offload)",
+    "zero_optimization.offload_param": "parallelism.offload_params (or parallelism=zero3_offload)",
+    "zero_allow_untested_optimizer": "optimizer.* (fft-dist always passes its own torch optimizer)",
+}
+
+# Keys that would change the optimisation problem behind fft-dist's back: refused outright.
+FORBIDDEN_KEYS: dict[str, str] = {
+    "optimizer": "the optimizer config group (optimizer=adamw|adam|sgd|adafactor, optimizer.*)",
+    "scheduler": "train.lr_schedule, train.lr, train.warmup_steps / train.warmup_ratio",
+}
+
+_MISSING = object()
+
+
+def zero_stage(parallelism: ParallelismConfig) -> int:
+    try:
+        return _STAGES[Parallelism(parallelism.name)]
+    except (KeyError, ValueError):
+        raise ConfigError(
+            f"parallelism.name={getattr(parallelism.name, 'value', parallelism.name)!r} is not a DeepSpeed "
+            "ZeRO stage; use parallelism=zero2, zero2_offload, zero3 or zero3_offload"
+        ) from None
+
+
+def build_deepspeed_config(parallelism: ParallelismConfig, train: TrainConfig, plan: BatchPlan) -> dict[str, Any]:
+    """The DeepSpeed config dict for our typed config (pure: no processes, no deepspeed import).
+
+    ``parallelism.deepspeed_overrides`` is deep-merged last. Repeating a value we set is fine; a
+    different value for a key we own raises :class:`ConfigError` naming the fft-dist option.
+    """
+    stage = zero_stage(parallelism)
+    if plan.micro_batch_size * plan.grad_accum * plan.world_size != plan.global_batch_size:
+        raise ConfigError(
+            f"inconsistent batch plan: micro {plan.micro_batch_size} x accumulation {plan.grad_accum} x "
+            f"world {plan.world_size} != global {plan.global_batch_size}"
+        )
+    precision = Precision(train.precision)
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "overlap_comm": bool(parallelism.overlap_comm),
+        "contiguous_gradients": bool(parallelism.contiguous_gradients),
+        "reduce_bucket_size": int(parallelism.reduce_bucket_size),
+        "allgather_bucket_size": int(parallelism.allgather_bucket_size),
+    }
+    if stage == 2:
+        zero["reduce_scatter"] = True
+    else:
+        zero["stage3_prefetch_bucket_size"] = int(parallelism.prefetch_bucket_size)
+        zero["stage3_param_persistence_threshold"] = int(parallelism.param_persistence_threshold)
+    if parallelism.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if parallelism.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config: dict[str, Any] = {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": float(train.max_grad_norm),
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": precision == Precision.fp16},
+        "zero_optimization": zero,
+        # Our optimizer, our semantics: a client torch optimizer, also under optimizer offload.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": _STEPS_PER_PRINT,
+        "wall_clock_breakdown": False,
+    }
+    if precision == Precision.bf16:
+        # fp32 weights (= master), bf16 compute under torch.autocast, fp32 gradients and reductions:
+        # the semantics of parallelism=none and (up to per-op vs per-param casting) of FSDP2. DeepSpeed's
+        # native "bf16" mode would keep bf16 working weights and seed its fp32 master from the bf16-rounded
+        # init, which changes every update from step 2 on. Empty lower_precision_safe_modules keeps the
+        # gradient reduction of Linear weights in fp32 as well.
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    if precision == Precision.fp16:
+        # Dynamic loss scaling, like torch.amp.GradScaler on the other backends.
+        config["fp16"].update({"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                               "hysteresis": 2, "min_loss_scale": 1})
+    overrides = dict(_plain(parallelism.deepspeed_overrides) or {})
+    native_bf16 = isinstance(overrides.get("bf16"), dict) and overrides["bf16"].get("enabled") is True
+    if precision == Precision.bf16 and native_bf16:
+        # Expert opt-in: DeepSpeed's own bf16 mode (bf16 working weights and gradients, fp32 master seeded
+        # from the bf16-rounded weights). Less memory (ZeRO-3 16 instead of 20 bytes/param/N, ZeRO-2 2
+        # instead of 4 bytes/param for the working copy), but the updates differ from the other backends.
+        config["bf16"]["enabled"] = True
+        del config["torch_autocast"]
+    for key, option in FORBIDDEN_KEYS.items():
+        if key in overrides:
+            raise ConfigError(
+                f"parallelism.deepspeed_overrides.{key} is not allowed: fft-dist drives DeepSpeed with its own "
+                f"{key} so every backend trains the same way. Use {option} instead."
+            )
+    return _merge_overrides(config, overrides)
+
+
+def _merge_overrides(base: dict[str, Any], overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        path = f"{prefix}{key}"
+        value = _plain(value)
+        ours = out.get(key, _MISSING)
+        if isinstance(value, dict) and (
+            isinstance(ours, dict) or (ours is _MISSING and path not in OWNED_KEYS and _owned_below(path))
+        ):  # descend, so an error names the deepest key
+            out[key] = _merge_overrides(ours if isinstance(ours, dict) else {}, value, prefix=f"{path}.")
+            continue
+        owner = OWNED_KEYS.get(path) or _owned_below(path)
+        if owner:
+            if ours is _MISSING or not _same(ours, value):
+                ours_text = "leaves it unset for this configuration" if ours is _MISSING else f"sets {ours!r}"
+                raise ConfigError(
+                    f"parallelism.deepspeed_overrides.{path}={value!r} conflicts with fft-dist, which {ours_text}. "
+                    f"Use {owner} instead of overriding the DeepSpeed key."
+                )
+            continue
+        out[key] = value
+    return out
+
+
+def _owned_below(path: str) -> str:
+    """The fft-dist option owning some key under `path` (a dict override replacing our dict)."""
+    for key, option in OWNED_KEYS.items():
+        if key.startswith(path + "."):
+            return option
+    return ""
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b or (isinstance(a, bool) and isinstance(b, bool) and a == b)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)
+    return a == b
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers (from Hydra) to plain Python."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a hard dependency
+        pass
+    return value
+
+
+def check_deepspeed(cfg: FFTConfig, plan: BatchPlan) -> dict[str, Any]:
+    """Every DeepSpeed rule in one place; returns the DeepSpeed config dict. Raises ConfigError.
+
+    Runs in the launcher (through ``fft_dist.strategy.check``) and again in the strategy's constructor.
+    """
+    par = cfg.parallelism
+    stage = zero_stage(par)
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            f"parallelism={Parallelism(par.name).value} needs DeepSpeed, which is not installed. "
+            f"Install it after torch with: {INSTALL_HINT}"
+        )
+    if par.offload_params and stage != 3:
+        raise ConfigError("parallelism.offload_params needs ZeRO-3 (parallelism=zero3_offload)")
+    if stage != 3:
+        refuse_changed(par, ZERO3_ONLY, "read by ZeRO-3 only; use parallelism=zero3")
+    refuse_changed(par, FSDP_ONLY, "read by FSDP2 only; ZeRO-3 always re-partitions after forward")
+    if Precision(cfg.train.precision) == Precision.fp16 and not torch.cuda.is_available():
+        raise ConfigError("train.precision=fp16 with DeepSpeed needs a CUDA device; use bf16 or fp32 on CPU")
+    return build_deepspeed_config(par, cfg.train, plan)  # raises on overrides that fight our options
