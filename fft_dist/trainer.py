@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fft_dist import resume_checks
-from fft_dist.config import BatchPlan, ExportChoice, FFTConfig, OnNonFinite
+from fft_dist.config import BatchPlan, ExportChoice, FFTConfig, OnNonFinite, Precision
 from fft_dist.validate import warmup_steps_for
 from fft_dist.data import GlobalBatchSampler, collate, load_datasets
 from fft_dist.data.examples import IGNORE_INDEX, Example
@@ -230,7 +230,8 @@ class Trainer:
                 f"loss is {loss_value} at step {step + 1}; stopping without applying or saving this step "
                 f"(the last good checkpoint, if any, is in {self.ckpt_root}). Lower train.lr or check the data.")
         grad_norm = self.strategy.step(step)  # a non-finite norm applies no update (Strategy contract)
-        if not math.isfinite(grad_norm) and not skip:
+        # fp16's loss scaler skips overflowing steps by design: that is not divergence
+        if not math.isfinite(grad_norm) and not skip and self.cfg.train.precision != Precision.fp16:
             raise NonFiniteError(
                 f"gradient norm is {grad_norm} at step {step + 1}; the update was not applied and nothing is saved "
                 f"(the last good checkpoint, if any, is in {self.ckpt_root}). Lower train.lr, or set "

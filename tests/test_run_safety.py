@@ -79,10 +79,10 @@ def test_resume_says_when_the_schedule_changes(tmp_path):
 
 def test_keep_best_survives_pruning_and_export_best_writes_it(tmp_path):
     run = tmp_path / "run"
-    # A huge constant lr makes the eval loss get worse after the first evaluations.
+    # With this constant lr the eval loss is best at step 4 and worse after it (checked below).
     train(run, *TINY_JOB, "train.max_steps=8", "eval.every_steps=2", "checkpoint.every_steps=2",
           "checkpoint.keep_last=1", "checkpoint.keep_best=true", "checkpoint.export_final=true",
-          "checkpoint.export=best", "train.lr=0.5", "train.lr_schedule=constant", "train.warmup_steps=0")
+          "checkpoint.export=best", "train.lr=0.03", "train.lr_schedule=constant", "train.warmup_steps=0")
     evals = {r["step"]: r["eval_loss"] for r in read_metrics(run) if "eval_loss" in r and r["step"] > 0}
     best = min(evals, key=evals.get)
     assert best < 8, f"the test needs the best eval before the end: {evals}"
@@ -107,10 +107,12 @@ def test_export_runs_after_the_process_group_so_no_collective_timeout_applies(tm
         "_real = c.export_hf\n"
         "def _slow(*args, **kwargs):\n"
         "    time.sleep(8)\n"
+        "    open(__import__('os').environ['SLOW_EXPORT_MARK'], 'w').close()\n"
         "    return _real(*args, **kwargs)\n"
         "c.export_hf = _slow\n")
     env = child_env()
     env["PYTHONPATH"] = f"{hook}:{env.get('PYTHONPATH', '')}"
+    env["SLOW_EXPORT_MARK"] = str(tmp_path / "slow-export-ran")
     import subprocess
     import sys
 
@@ -118,8 +120,10 @@ def test_export_runs_after_the_process_group_so_no_collective_timeout_applies(tm
 
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "fft_dist.cli", "train", f"run.dir={run}", *TINY_JOB,
-                           "train.max_steps=2", "checkpoint.export_final=true", "dist.timeout_s=3"],
+                           "train.max_steps=2", "checkpoint.save_final=true", "checkpoint.export_final=true",
+                           "dist.timeout_s=3"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "slow-export-ran").exists(), "the slowed-down export did not run"
     config = json.loads((run / "hf" / "config.json").read_text())
     assert config["num_hidden_layers"] == 2

@@ -75,7 +75,11 @@ class Strategy(Protocol):
         """
 
     def step(self, step: int) -> float:
-        """Clip, optimizer step at lr_at(step), zero grads. Returns the pre-clip global grad norm."""
+        """Clip, optimizer step at lr_at(step), zero grads. Returns the pre-clip global grad norm.
+
+        A non-finite norm applies no update (the gradients are dropped), except under ZeRO-3,
+        where DeepSpeed applies it before we can see the norm (so ``on_nonfinite=skip`` is refused there).
+        """
 
     def fragments(self) -> Iterator[Fragment]:
         """Every parameter and optimizer-state range this rank owns (each range owned by one rank)."""

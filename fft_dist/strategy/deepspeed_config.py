@@ -16,7 +16,16 @@ from typing import Any
 
 import torch
 
-from fft_dist.config import BatchPlan, ConfigError, FFTConfig, Parallelism, ParallelismConfig, Precision, TrainConfig
+from fft_dist.config import (
+    BatchPlan,
+    ConfigError,
+    FFTConfig,
+    OnNonFinite,
+    Parallelism,
+    ParallelismConfig,
+    Precision,
+    TrainConfig,
+)
 from fft_dist.strategy.options import FSDP_ONLY, ZERO3_ONLY, refuse_changed
 
 INSTALL_HINT = "pip install --no-build-isolation 'fft-dist[deepspeed]'"
@@ -209,6 +218,11 @@ def check_deepspeed(cfg: FFTConfig, plan: BatchPlan) -> dict[str, Any]:
     if stage != 3:
         refuse_changed(par, ZERO3_ONLY, "read by ZeRO-3 only; use parallelism=zero3")
     refuse_changed(par, FSDP_ONLY, "read by FSDP2 only; ZeRO-3 always re-partitions after forward")
+    if stage == 3 and cfg.train.on_nonfinite == OnNonFinite.skip and Precision(cfg.train.precision) != Precision.fp16:
+        # DeepSpeed 0.19 ZeRO-3 checks for overflow only in fp16, so it applies a NaN/inf update
+        # before we see the norm; skipping afterwards would keep the damaged weights.
+        raise ConfigError("train.on_nonfinite=skip is not possible with ZeRO-3 in fp32/bf16 (DeepSpeed applies "
+                          "a non-finite update itself); use train.on_nonfinite=stop, or parallelism=zero2|fsdp")
     if Precision(cfg.train.precision) == Precision.fp16 and not torch.cuda.is_available():
         raise ConfigError("train.precision=fp16 with DeepSpeed needs a CUDA device; use bf16 or fp32 on CPU")
     return build_deepspeed_config(par, cfg.train, plan)  # raises on overrides that fight our options

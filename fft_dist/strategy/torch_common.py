@@ -78,12 +78,13 @@ class TorchOptimizerStrategy:
         grads = [p.grad for p in params]
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         norm = self._full_norm(norm)
-        if self.train_cfg.max_grad_norm > 0:
+        finite = bool(torch.isfinite(norm))  # the global norm: every rank takes the same branch
+        if finite and self.train_cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(params, self.train_cfg.max_grad_norm, norm)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(self.optimizer)  # skips the update itself when the unscaled grads overflow
             self.scaler.update()
-        else:
+        elif finite:  # a NaN/inf gradient never reaches the weights or the optimizer state
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
