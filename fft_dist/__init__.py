@@ -1,2 +1,20 @@
-"""fft-dist: distributed full-parameter fine-tuning."""
+"""fft-dist: distributed full-parameter fine-tuning.
+
+Layers, bottom to top. A module imports only from its own layer or the ones below it (lazy
+imports inside functions included), and no two modules import each other; `tests/test_layers.py`
+enforces both. The data flows up: typed config -> components -> the loop -> one rank -> launcher.
+"""
 __version__ = "0.1.0"
+
+LAYERS: list[list[str]] = [
+    ["exit_codes", "errors"],                        # what can go wrong, and its exit code
+    ["config"],                                      # the typed schema
+    ["validate", "compose", "config_help", "resume_checks", "preemption", "dist"],  # pure rules, processes
+    ["model", "optim", "metrics", "data"],           # components built from typed config
+    ["strategy"],                                    # FSDP2 / DeepSpeed / single process behind one protocol
+    ["checkpoint"],                                  # one format over every strategy's fragments
+    ["trainer", "rundir"],                           # the loop, the run directory
+    ["worker"],                                      # one rank's life
+    ["launch"],                                      # resolve once, check, start the ranks
+    ["cli", "train"],                                # entry points
+]

@@ -51,16 +51,20 @@ def train(argv: list[str]) -> int:
 
 def print_config(overrides: list[str], config_dirs: list[str], what: str) -> int:
     """`--cfg job`: the composed and resolved config, exactly what config.yaml would hold."""
-    from fft_dist.compose import config_error_types, prepare, report
+    from fft_dist.compose import prepare, report
+    from fft_dist.errors import classify
 
     if what not in ("job", "all"):
         print(f"fft-dist: --cfg {what!r}: use --cfg job", file=sys.stderr)
         return 2
     try:
         prepared = prepare(overrides, world_size=None, config_dirs=config_dirs)
-    except config_error_types() as e:
-        report("config error", e)
-        return 2
+    except Exception as e:  # noqa: BLE001 - a known error gets its message and code; a bug re-raises
+        known = classify(e)
+        if known is None:
+            raise
+        report(known[0], e)
+        return known[1]
     print(prepared.yaml, end="")
     return 0
 

@@ -143,14 +143,6 @@ def load_yaml(path: str | os.PathLike) -> FFTConfig:
     return to_typed(OmegaConf.load(path))
 
 
-def config_error_types() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean "this config cannot run" (exit 2). Anything else is a bug (exit 1)."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    return ConfigError, HydraException, OmegaConfBaseException
-
-
 def describe_error(e: BaseException) -> str:
     """Hydra hides the useful part (e.g. "Key 'max_stepz' is not in struct") in the cause chain."""
     parts: list[str] = []
@@ -175,7 +167,7 @@ class Prepared:
 
 
 def prepare(overrides: list[str], *, world_size: int | None, config_dirs: list[str] | None = None) -> Prepared:
-    """Compose, resolve once, type and validate; raises one of :func:`config_error_types`.
+    """Compose, resolve once, type and validate; raises ConfigError (or Hydra's own errors).
 
     ``world_size=None``: the ranks the launcher will start (launcher.nproc_per_node).
     """

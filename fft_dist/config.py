@@ -11,13 +11,13 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from fft_dist.errors import ConfigError  # noqa: F401 - re-exported: the schema's own error
+
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run. The message says what to change."""
 
 
 class Precision(str, Enum):

@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from fft_dist import exit_codes
-from fft_dist.compose import config_error_types, prepare, report
+from fft_dist.compose import prepare, report
 from fft_dist.config import BatchPlan, FFTConfig
+from fft_dist.errors import classify
 from fft_dist.preemption import SignalForwarder, StartupInterrupted, signal_name
 from fft_dist.worker import CONFIG_ENV, run_worker
 
@@ -80,8 +81,6 @@ def train_command(overrides: list[str], *, config_dirs: list[str] | None = None)
 
 
 def _self_launch(overrides: list[str], config_dirs: list[str] | None, forwarder: SignalForwarder) -> int:
-    from fft_dist.checkpoint import CheckpointError
-    from fft_dist.data import DataError
     from fft_dist.rundir import prepare_run_dir
 
     try:
@@ -89,12 +88,12 @@ def _self_launch(overrides: list[str], config_dirs: list[str] | None, forwarder:
         cfg, nproc = prepared.cfg, prepared.cfg.launcher.nproc_per_node
         preflight(cfg, prepared.plan)
         run_dir = prepare_run_dir(cfg, prepared.yaml)
-    except (*config_error_types(), DataError) as e:
-        report("config error" if not isinstance(e, DataError) else "data error", e)
-        return exit_codes.CONFIG_ERROR
-    except CheckpointError as e:
-        report("checkpoint error", e)
-        return exit_codes.CHECKPOINT_ERROR
+    except Exception as e:  # noqa: BLE001 - known errors get their exit code, bugs their traceback
+        known = classify(e)
+        if known is None:
+            raise
+        report(*known[:1], e)
+        return known[1]
     print(f"fft-dist: run dir {run_dir}; starting {nproc} rank(s)", flush=True)
     return start_ranks(run_dir / "config.yaml", nproc, cfg.launcher.master_port, forwarder)
 

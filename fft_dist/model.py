@@ -9,6 +9,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from fft_dist.config import ASSETS_DIR, ConfigError, ModelConfig
+from fft_dist.errors import CheckpointError
 
 BUNDLED_TOKENIZER = ASSETS_DIR / "tokenizer"
 
@@ -19,8 +20,6 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
         try:
             config = AutoConfig.from_pretrained(cfg.path, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as e:  # JSON errors are ValueErrors
-            from fft_dist.checkpoint.format import CheckpointError
-
             raise CheckpointError(f"model.path={cfg.path}: {Path(cfg.path) / 'config.json'} is not a usable "
                                   f"transformers config: {e}") from None
     else:

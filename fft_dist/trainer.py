@@ -20,6 +20,7 @@ from fft_dist.validate import warmup_steps_for
 from fft_dist.data import GlobalBatchSampler, collate, load_datasets
 from fft_dist.data.examples import IGNORE_INDEX, Example
 from fft_dist.dist import DistContext, all_reduce_sum, print0, seed_everything
+from fft_dist.errors import NonFiniteError
 from fft_dist.metrics import MetricsWriter, flops_per_token, peak_flops, peak_memory_mb
 from fft_dist.model import (
     apply_freeze,
@@ -37,8 +38,6 @@ from fft_dist.preemption import StopSignal, signal_name
 from fft_dist.strategy import make_strategy
 
 
-class NonFiniteError(RuntimeError):
-    """The loss or gradient norm became NaN/inf; no update of that step was applied, nothing saved."""
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pathlib import Path
 from fft_dist import exit_codes
 from fft_dist.compose import Prepared, load_yaml, prepare, report, to_typed
 from fft_dist.config import ConfigError
+from fft_dist.errors import CheckpointError, classify
 from fft_dist.validate import validate
 from fft_dist.preemption import StopSignal, die_with_parent
 
@@ -53,40 +54,23 @@ def run_worker(argv: list[str], *, stop: StopSignal | None = None) -> int:
     stop = stop or StopSignal()
     if "RANK" in os.environ:
         die_with_parent()
-    from fft_dist.checkpoint import CheckpointError
-    from fft_dist.compose import config_error_types
-    from fft_dist.data import DataError
     from fft_dist.dist import destroy, init_distributed
-    from fft_dist.trainer import NonFiniteError
 
     is_rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         prepared, from_file = load_worker_config(argv)
-    except config_error_types() as e:  # identical on every rank: report once
-        if is_rank0:
-            report("config error", e)
-        return exit_codes.CONFIG_ERROR
+    except Exception as e:  # noqa: BLE001 - identical on every rank: report once
+        return _known_error(e, report_it=is_rank0)
     cfg = prepared.cfg
     ctx = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
-    summary = None
     try:
         if not from_file:
             prepared = _claim_run_dir(prepared, ctx)
         from fft_dist.trainer import Trainer
 
         summary = Trainer(prepared.cfg, ctx=ctx, plan=prepared.plan, config_yaml=prepared.yaml, stop=stop).run()
-    except (*config_error_types(), DataError) as e:  # every rank sees the same data and config
-        if ctx.is_main:
-            report("config error" if not isinstance(e, DataError) else "data error", e)
-        return exit_codes.CONFIG_ERROR
-    except CheckpointError as e:  # the checkpoint code agrees on errors across ranks
-        if ctx.is_main:
-            report("checkpoint error", e)
-        return exit_codes.CHECKPOINT_ERROR
-    except NonFiniteError as e:
-        if ctx.is_main:
-            report("error", e)
-        return exit_codes.NONFINITE_LOSS
+    except Exception as e:  # noqa: BLE001 - config, data and checkpoint errors are agreed across ranks
+        return _known_error(e, report_it=ctx.is_main)
     finally:
         destroy()
     if not ctx.is_main:
@@ -97,6 +81,17 @@ def run_worker(argv: list[str], *, stop: StopSignal | None = None) -> int:
             return code
     print_summary(summary)
     return summary.exit_code
+
+
+def _known_error(error: Exception, *, report_it: bool) -> int:
+    """The documented exit code of an error the user can fix (reported once); a bug re-raises."""
+    known = classify(error)
+    if known is None:
+        raise error
+    kind, code = known
+    if report_it:
+        report(kind, error)
+    return code
 
 
 def _claim_run_dir(prepared, ctx):
@@ -118,7 +113,7 @@ def _claim_run_dir(prepared, ctx):
 
 
 def _export(summary) -> int:
-    from fft_dist.checkpoint import CheckpointError, export_hf
+    from fft_dist.checkpoint import export_hf
 
     print(f"fft-dist: exporting {summary.export_source} to {summary.export}", flush=True)
     try:

@@ -226,6 +226,8 @@ def test_garbage_model_config_is_a_named_checkpoint_error(tmp_path):
 
 def test_a_bug_is_a_traceback_not_a_config_error():
     """Only known error types become exit 2; anything else shows its traceback and exits 1."""
-    from fft_dist.compose import config_error_types
+    from fft_dist.errors import CheckpointError, DataError, classify
 
-    assert KeyError not in config_error_types() and ValueError not in config_error_types()
+    assert classify(KeyError("x")) is None and classify(ValueError("x")) is None
+    assert classify(ConfigError("x")) == ("config error", 2) and classify(DataError("x")) == ("data error", 2)
+    assert classify(CheckpointError("x")) == ("checkpoint error", 4)

@@ -106,6 +106,8 @@ from typing import Any
 
 import torch
 
+from fft_dist.errors import CheckpointError  # noqa: F401 - re-exported: every checkpoint failure
+
 FORMAT_NAME = "fft-dist-checkpoint"
 FORMAT_VERSION = 1
 
@@ -157,8 +159,6 @@ if hasattr(torch, "float8_e4m3fn"):
 _BY_NAME = {name: dt for dt, (_, name) in _DTYPES.items()}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written, found or loaded. The message names the file or tensor."""
 
 
 def step_dir_name(step: int) -> str:

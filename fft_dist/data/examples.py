@@ -12,12 +12,11 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from fft_dist.config import DataConfig, DataFormat
+from fft_dist.errors import DataError  # noqa: F401 - re-exported with the data API
 
 IGNORE_INDEX = -100
 
 
-class DataError(ValueError):
-    """Bad or unusable data; the message names the file and line."""
 
 
 @dataclass
