@@ -10,7 +10,8 @@ USAGE = """fft-dist <command> [args]
 commands:
   train [hydra overrides]        train; self-launches launcher.nproc_per_node ranks via torchrun's API
                                  (fft-dist train --help lists every option; --cfg job prints the config)
-  export <checkpoint> <out_dir>  write a Hugging Face folder from a checkpoint
+  export <checkpoint> <out_dir>  write a Hugging Face folder from a checkpoint (--force replaces a
+                                 non-empty out_dir; <checkpoint>: step-N, the checkpoint root or latest)
   ckpt verify <checkpoint>       check completeness and sha256 checksums
   ckpt info <checkpoint>         step, backend, world size, tensors, bytes
 """
