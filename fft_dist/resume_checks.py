@@ -60,7 +60,8 @@ def changes(saved: dict, now: dict) -> list[str]:
     """Human-readable notes for settings that changed but may change on purpose."""
     notes = []
     labels = {"global_batch_size": "train.global_batch_size", "total_steps": "the run length (steps)",
-              "warmup_steps": "the warmup (steps)", "num_examples": "the number of training rows"}
+              "warmup_steps": "the warmup (steps)", "num_examples": "the number of training rows",
+              "seed": "train.seed (the data order)"}
     for key, label in labels.items():
         if key in saved and key in now and saved[key] != now[key]:
             notes.append(f"{label} changed from {saved[key]} to {now[key]}")

@@ -200,7 +200,7 @@ class Trainer:
     def _plan_facts(self) -> dict:
         """The facts a resume compares (saved with every checkpoint, each once)."""
         return {"global_batch_size": self.plan.global_batch_size, "num_examples": len(self.train_set),
-                "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
+                "seed": self.cfg.train.seed, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
 
     # -- the loop ------------------------------------------------------------------------------
     def _micro_batches(self, step: int) -> list[dict]:
@@ -302,7 +302,7 @@ class Trainer:
         return ckpt.save_checkpoint(
             self.strategy, ckpt_root=self.ckpt_root, step=step,
             train_state={"trainer": trainer_state, "sampler": self.sampler.position(step),
-                         "schedule": {k: v for k, v in self._plan_facts().items() if k != "global_batch_size"}},
+                         "schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps}},
             keep_last=self.cfg.checkpoint.keep_last, protect=protect,
             meta={"config_yaml": self.config_yaml, "model_config": self.hf_config.to_dict(),
                   "backend": self.cfg.parallelism.name.value, "model_path": self.cfg.model.path,

@@ -41,6 +41,8 @@ def child_env(**extra: str) -> dict[str, str]:
         env.pop(key, None)
     env.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    # workers started by path (tests/*_worker.py) import this checkout's fft_dist
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.update(extra)
     return env
 
@@ -64,6 +66,11 @@ def train(run_dir: Path, *overrides: str, nproc: int = 2, parallelism: str = "fs
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def step_records(run_dir: Path) -> list[dict]:
+    """The per-step records (those with a loss) of metrics.jsonl."""
+    return [r for r in read_metrics(run_dir) if "loss" in r]
 
 
 def train_losses(run_dir: Path) -> list[float]:

@@ -35,9 +35,21 @@ def test_every_group_option_composes_and_validates(group, option):
 
 @pytest.mark.parametrize("model,optimizer", list(itertools.product(GROUPS["model"], GROUPS["optimizer"])))
 def test_model_and_optimizer_cross_product(model, optimizer):
+    """Every model group with every optimizer group builds the optimizer the config describes."""
+    import torch
+
+    from fft_dist.optim import optimizer_factory
+
     cfg = typed(f"model={model}", f"optimizer={optimizer}")
     assert cfg.model.arch["model_type"]
-    assert cfg.optimizer.name.value == optimizer
+    tiny = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = optimizer_factory(cfg.optimizer, 1e-3)(tiny)
+    expected = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer]
+    assert type(opt) is expected
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert len(decay_of) == 4
+    assert decay_of[id(tiny[0].weight)] == cfg.optimizer.weight_decay  # 2-D weights decay
+    assert {decay_of[id(p)] for p in (tiny[0].bias, tiny[1].weight, tiny[1].bias)} == {0.0}  # biases, norms do not
 
 
 def test_model_configs_build_a_transformers_config():

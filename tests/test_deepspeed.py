@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,19 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fft_dist.config import (
-    Parallelism,
-    BatchPlan,
-    ConfigError,
-    ParallelismConfig,
-    Precision,
-    TrainConfig,
-    compose,
-    to_typed,
-)
+from helpers import REPO, child_env, step_records
+from fft_dist.compose import compose, to_typed
+from fft_dist.config import BatchPlan, ConfigError, Parallelism, ParallelismConfig, Precision, TrainConfig
 from fft_dist.strategy.deepspeed_config import build_deepspeed_config
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("deepspeed_worker.py")
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(
@@ -54,15 +45,6 @@ TINY = [
 ]
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("FFT_DIST_CONFIG", None)
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.update(extra)
-    return env
-
-
 def run(cmd: list[str], *, timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
 
@@ -76,11 +58,6 @@ def torchrun(nproc: int, *args: str) -> list[str]:
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
     return proc
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in rows if "loss" in r]
 
 
 # =============================================================================================
@@ -285,7 +262,7 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("backend", ["fsdp", "zero2", "zero3"])
 def test_parity_with_single_process(matrix, backend, accum):
     ref_dir, run_dir = matrix[("none", accum)], matrix[(backend, accum)]
-    ref, got = metrics(ref_dir), metrics(run_dir)
+    ref, got = step_records(ref_dir), step_records(run_dir)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert [r["loss_tokens"] for r in got] == [r["loss_tokens"] for r in ref]  # same rows, same global batches
     loss_err = max(abs(g["loss"] - r["loss"]) / abs(r["loss"]) for g, r in zip(got, ref))
@@ -321,7 +298,7 @@ def test_resume_none_checkpoint_into_zero3(matrix, tmp_path):
     ckpt = ref_dir / "checkpoints" / "step-0000005"
     run_dir = tmp_path / "resumed"
     check(run(train_cmd("zero3", 2, 2, run_dir, f"resume={ckpt}", "checkpoint.save_final=false")))
-    ref, got = metrics(ref_dir), metrics(run_dir)
+    ref, got = step_records(ref_dir), step_records(run_dir)
     assert [r["step"] for r in got] == list(range(6, STEPS + 1))
     err = max(abs(g["loss"] - r["loss"]) / abs(r["loss"]) for g, r in zip(got, ref[5:]))
     assert err < 1e-5, (err, [g["loss"] for g in got], [r["loss"] for r in ref[5:]])
@@ -398,7 +375,7 @@ LAUNCH = [*TINY, "train.max_steps=3", "train.warmup_steps=1", "train.micro_batch
 
 def assert_three_steps(run_dir: Path, proc: subprocess.CompletedProcess) -> None:
     check(proc)
-    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]
+    assert [r["step"] for r in step_records(run_dir)] == [1, 2, 3]
     assert (run_dir / "config.yaml").is_file()
 
 
@@ -436,4 +413,4 @@ def test_conflicting_override_is_a_clear_error(tmp_path):
                 "+parallelism.deepspeed_overrides.gradient_clipping=5.0", f"run.dir={tmp_path}"], timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "gradient_clipping" in proc.stderr and "train.max_grad_norm" in proc.stderr, proc.stderr[-3000:]
-    assert not (tmp_path / "metrics.jsonl").exists() or not metrics(tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists() or not step_records(tmp_path)

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import TINY_JOB, child_env, read_metrics, train
@@ -75,6 +76,26 @@ def test_resume_says_when_the_schedule_changes(tmp_path):
     assert "the run length (steps) changed from 4 to 8" in proc.stdout + proc.stderr
     events = [r for r in read_metrics(run) if r.get("event") == "resume_changed"]
     assert events and events[0]["step"] == 4
+    proc = train(run, *job, "train.max_steps=9", "train.global_batch_size=8", "resume=auto")
+    assert "train.global_batch_size changed from 4 to 8" in proc.stdout + proc.stderr
+
+
+def test_unwritable_checkpoint_dir_stops_before_training(tmp_path):
+    import subprocess
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
+    try:
+        run = tmp_path / "run"
+        proc = train(run, *TINY_JOB, f"checkpoint.dir={ro}/ckpt", "checkpoint.save_final=true",
+                     expect_rc=CHECKPOINT_ERROR)
+        assert str(ro) in proc.stderr and "not writable" in proc.stderr, proc.stderr[-2000:]
+        assert not [r for r in read_metrics(run) if "loss" in r], "nothing may be trained first"
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
 
 
 def test_keep_best_survives_pruning_and_export_best_writes_it(tmp_path):

@@ -33,7 +33,8 @@ class GlobalBatchSampler:
     def position(self, step: int) -> dict:
         """Where step `step` sits in the data; stored in the checkpoint for humans and checks."""
         return {"epoch": step // self.steps_per_epoch, "batch_in_epoch": step % self.steps_per_epoch,
-                "steps_per_epoch": self.steps_per_epoch, "seed": self.seed}
+                "steps_per_epoch": self.steps_per_epoch, "seed": self.seed,
+                "global_batch_size": self.global_batch_size, "num_examples": self.num_examples}
 
     def _permutation(self, epoch: int) -> list[int]:
         if epoch != self._perm_epoch:
