@@ -50,7 +50,6 @@ class SignalForwarder:
 
     def __init__(self) -> None:
         self.received: int | None = None
-        self.forwarded = False
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -68,7 +67,6 @@ class SignalForwarder:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
-        self.forwarded = True
         if first:
             print(f"fft-dist: received {signal_name(signum)}; the ranks finish the current step, "
                   "save a checkpoint and stop", file=sys.stderr, flush=True)

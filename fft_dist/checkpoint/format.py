@@ -188,11 +188,6 @@ def tensor_key(name: str, kind: str, flat_start: int) -> str:
     return f"{name}{KEY_SEP}{kind}{KEY_SEP}{flat_start}"
 
 
-def parse_tensor_key(key: str) -> tuple[str, str, int]:
-    name, kind, start = key.rsplit(KEY_SEP, 2)
-    return name, kind, int(start)
-
-
 def numel(shape) -> int:
     n = 1
     for d in shape:
