@@ -78,6 +78,11 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def barrier() -> None:
+    if rank_world()[1] > 1:
+        dist.barrier()
+
+
 def all_gather_small(obj):
     """Gather a small object from every rank (pickled, but only between our own ranks)."""
     world = rank_world()[1]

@@ -54,7 +54,7 @@ def run_worker(argv: list[str], *, stop: StopSignal | None = None) -> int:
     stop = stop or StopSignal()
     if "RANK" in os.environ:
         die_with_parent()
-    from fft_dist.dist import destroy, init_distributed
+    from fft_dist.dist import barrier, destroy, init_distributed
 
     is_rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
@@ -69,8 +69,11 @@ def run_worker(argv: list[str], *, stop: StopSignal | None = None) -> int:
         from fft_dist.trainer import Trainer
 
         summary = Trainer(prepared.cfg, ctx=ctx, plan=prepared.plan, config_yaml=prepared.yaml, stop=stop).run()
+        barrier()  # nothing in flight when the group goes away: gloo aborts a rank whose peer left mid-flight
     except Exception as e:  # noqa: BLE001 - config, data and checkpoint errors are agreed across ranks
-        return _known_error(e, report_it=ctx.is_main)
+        code = _known_error(e, report_it=ctx.is_main)
+        barrier()  # every rank raised the same known error; leave together
+        return code
     finally:
         destroy()
     if not ctx.is_main:

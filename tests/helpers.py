@@ -20,7 +20,7 @@ TINY_MODEL = [
     "model.arch.num_key_value_heads=2",
 ]
 # Small, fast, fully deterministic job: 64-token rows of unequal length, no warmup surprises.
-TINY_JOB = TINY_MODEL + [
+TINY_TRAIN = [
     "data.max_length=64",
     "data.max_examples=256",
     "train.max_steps=10",
@@ -32,6 +32,7 @@ TINY_JOB = TINY_MODEL + [
     "eval.max_batches=2",
     "checkpoint.save_final=false",
 ]
+TINY_JOB = TINY_MODEL + TINY_TRAIN
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from helpers import TINY_JOB, eval_losses, train
+from helpers import TINY_JOB, TINY_TRAIN, eval_losses, train
 from fft_dist.checkpoint import CheckpointReader
 from fft_dist.compose import compose, resolve, to_typed
 from fft_dist.model import build_model, hf_config
@@ -59,9 +59,12 @@ def test_model_path_loads_pretrained_weights(tmp_path):
             p.add_(0.01 * torch.randn_like(p))
     pretrained.save_pretrained(tmp_path / "hf")
     run = tmp_path / "run"
-    train(run, *TINY_JOB, f"model.path={tmp_path / 'hf'}", "train.max_steps=1", "train.warmup_steps=0", "eval.max_batches=0",
-          "eval.every_steps=1")
+    proc = train(run, *TINY_TRAIN, f"model.path={tmp_path / 'hf'}", "train.max_steps=1", "train.warmup_steps=0",
+                 "eval.max_batches=0", "eval.every_steps=1")
     step0 = dict(eval_losses(run))[0]
+    assert "fft-dist: hf (" in proc.stdout, "the banner names the model actually trained"
+    saved = (run / "config.yaml").read_text()
+    assert "name: hf" in saved and "hidden_size: 64" in saved and "tiny_llama" not in saved
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     tok = load_tokenizer(cfg.model)
