@@ -215,7 +215,8 @@ def estimate(argv: list[str]) -> int:
     print(f"{cfg.model.name}: {shape.params:,} parameters ({shape.trainable:,} trainable), precision "
           f"{cfg.train.precision.value}, optimizer {cfg.optimizer.name.value}, micro batch {cfg.train.micro_batch_size} "
           f"x {cfg.data.max_length} tokens, activation checkpointing "
-          f"{'on' if cfg.model.activation_checkpointing else 'off'}. GiB per GPU (README: Memory planning):")
+          f"{'on' if cfg.model.activation_checkpointing else 'off'}. GiB per GPU; act+AC / act-AC: activations with "
+          "checkpointing toggled; cpu: offload memory per GPU (README: Memory planning):")
     print(format_table(rows, a.gpu_mem))
     return 0
 

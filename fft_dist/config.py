@@ -191,7 +191,7 @@ class ParallelismConfig:
     prefetch_bucket_size: int = -1
     """ZeRO-3 stage3_prefetch_bucket_size (elements). -1 (auto): 0.9 x hidden_size^2 on GPU, 2e6 on CPU."""
     param_persistence_threshold: int = -1
-    """ZeRO-3: parameters with fewer elements stay unpartitioned. -1 (auto): 10 x hidden_size on GPU, 0 on CPU."""
+    """ZeRO-3: parameters with at most this many elements stay unpartitioned. -1 (auto): 10 x hidden_size on GPU, 0 on CPU."""
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
     """Extra DeepSpeed config keys, merged in; keys we set ourselves must not conflict."""
 

@@ -169,13 +169,14 @@ def estimate(shape: ModelShape, cfg: FFTConfig, setup: Setup) -> dict[str, Any]:
             straddle = max(shape.param_sizes, default=0) // 2
             grads += w * (min(t, t // n + straddle) - t // n)
             params = w * psi
-            detail["allgather_bucket"] = buckets["allgather_bucket_size"] * w
+            # a limit on what is gathered at once (into the weights' own buffer), so never more than the model
+            detail["allgather_bucket"] = min(buckets["allgather_bucket_size"], psi) * w
         else:
             threshold = buckets["param_persistence_threshold"]
-            persistent = sum(s for s in shape.param_sizes if s < threshold)
+            persistent = sum(s for s in shape.param_sizes if s <= threshold)  # DeepSpeed: ds_numel <= threshold
             params = w * ((psi - persistent) // n + persistent)
             detail["persistent_params"] = persistent
-            detail["prefetch_bucket"] = buckets["prefetch_bucket_size"] * w
+            detail["prefetch_bucket"] = min(buckets["prefetch_bucket_size"], psi) * w  # in flight, at most the model
             detail["gathered_layers"] = shape.largest_module * 2 * w  # its weights and their gradients
         if backend.endswith("_offload"):  # reduced gradients go straight into an fp32 partition in CPU memory
             cpu = master + 4 * t // n + optim
@@ -238,7 +239,8 @@ def fits(row: dict[str, Any], gpu_mem: int, *, headroom: float = 0.9) -> bool:
 def format_table(rows: list[dict[str, Any]], gpu_mem: int | None = None) -> str:
     """A fixed-width table in GiB, one line per row."""
     cols = ["params", "grads", "master", "optimizer", "activations", "buffers", "total"]
-    head = f"{'backend':14s} {'gpus':>4s} " + " ".join(f"{c[:6]:>7s}" for c in cols) + f" {'act(AC)':>7s} {'cpu':>7s}"
+    toggled = "act-AC" if rows and rows[0]["activation_checkpointing"] else "act+AC"  # activations, AC toggled
+    head = f"{'backend':14s} {'gpus':>4s} " + " ".join(f"{c[:6]:>7s}" for c in cols) + f" {toggled:>7s} {'cpu':>7s}"
     if gpu_mem is not None:
         head += "  fits"
     lines = [head]

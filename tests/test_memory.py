@@ -107,6 +107,7 @@ def test_zero3_persistence_threshold_keeps_small_params_whole():
     shape = synthetic(8_000_000, param_sizes=(64, 64, 100, 8_000_000 - 228))
     row = estimate(shape, typed(), Setup("zero3", 4, 1, 16, False))
     assert row["detail"]["persistent_params"] == 228
+    assert row["detail"]["reduce_bucket"] == 64 * 64 * 4 and row["detail"]["prefetch_bucket"] == int(0.9 * 64 * 64) * 4
     assert row["per_gpu_bytes"]["params"] == 4 * ((8_000_000 - 228) // 4 + 228)
     manual = typed("parallelism=zero3", "parallelism.param_persistence_threshold=0")
     assert estimate(shape, manual, Setup("zero3", 4, 1, 16, False))["detail"]["persistent_params"] == 0
