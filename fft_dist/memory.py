@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from fft_dist.config import FFTConfig, OptimizerName, Parallelism, ParallelismConfig, Precision
+from fft_dist.config import ConfigError, FFTConfig, OptimizerName, Parallelism, ParallelismConfig, Precision
 from fft_dist.strategy.deepspeed_config import bucket_sizes
 
 BACKENDS = ("none", "fsdp", "zero2", "zero3", "zero2_offload", "zero3_offload")
@@ -94,7 +94,8 @@ def _first(config: Any, *keys: str, default: Any = None) -> Any:
         if value:
             return int(value)
     if default is None:
-        raise ValueError(f"the model config has none of {keys}")
+        raise ConfigError(f"model {getattr(config, 'model_type', '?')}: its config has none of {list(keys)}, so the "
+                          "memory estimate cannot size it (model.arch / model.path config.json)")
     return default
 
 

@@ -228,3 +228,16 @@ def test_cli_estimate_table_and_errors(capsys):
     with pytest.raises(SystemExit) as e:
         cli.estimate(["--gpu-mem", "lots"])
     assert e.value.code == 2 and "lots" in capsys.readouterr().err
+
+
+def test_estimate_reads_model_path_config(tmp_path, capsys):
+    """With model.path only config.json is read (no weights needed): the model is the folder's."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=512, hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=4, tie_word_embeddings=True).save_pretrained(tmp_path)
+    assert cli.estimate([f"model.path={tmp_path}", "--gpus", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    layer = 4 * 96 * 96 + 3 * 96 * 160 + 2 * 96
+    assert rows[0]["params"] == 512 * 96 + 3 * layer + 96  # tied lm_head counted once
+    assert rows[0]["per_gpu_bytes"]["params"] == 4 * rows[0]["params"]
