@@ -12,6 +12,7 @@ LAYERS: list[list[str]] = [
     ["validate", "compose", "config_help", "resume_checks", "preemption", "dist"],  # pure rules, processes
     ["model", "optim", "metrics", "data"],           # components built from typed config
     ["strategy"],                                    # FSDP2 / DeepSpeed / single process behind one protocol
+    ["memory", "planner"],                           # will it fit: per-GPU bytes, the cheapest set-up that fits
     ["checkpoint"],                                  # one format over every strategy's fragments
     ["trainer", "rundir"],                           # the loop, the run directory
     ["worker"],                                      # one rank's life

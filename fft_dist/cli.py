@@ -12,6 +12,10 @@ commands:
                                  (fft-dist train --help lists every option; --cfg job prints the config)
   export <checkpoint> <out_dir>  write a Hugging Face folder from a checkpoint (--force replaces a
                                  non-empty out_dir; <checkpoint>: step-N, the checkpoint root or latest)
+  estimate [overrides] [--gpus 1,2,8] [--gpu-mem 80GiB] [--json]
+                                 per-GPU memory of every backend at each GPU count (model on meta)
+  plan --gpus N --gpu-mem M [overrides]
+                                 the cheapest set-up that fits, with the overrides to paste
   ckpt verify <checkpoint>       check completeness and sha256 checksums
   ckpt info <checkpoint>         step, backend, world size, tensors, bytes
 """
@@ -82,6 +86,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(export(rest))
     if command == "ckpt":
         sys.exit(ckpt(rest))
+    if command == "estimate":
+        sys.exit(estimate(rest))
+    if command == "plan":
+        sys.exit(plan(rest))
     print(f"fft-dist: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     sys.exit(2)
 
@@ -150,6 +158,87 @@ def ckpt(argv: list[str]) -> int:
     except CheckpointError as e:
         print(f"fft-dist: {e}", file=sys.stderr)
         return CHECKPOINT_ERROR
+
+
+def _sizing_args(prog: str, argv: list[str], *, plan: bool):
+    """Flags of `estimate` / `plan`; everything else is a Hydra override."""
+    p = argparse.ArgumentParser(prog=prog)
+    if plan:
+        p.add_argument("--gpus", type=int, required=True, help="GPUs to train on")
+        p.add_argument("--gpu-mem", type=_shard_size, required=True, help="memory of one GPU, e.g. 80GiB")
+    else:
+        p.add_argument("--gpus", default="1,2,4,8", help="comma-separated GPU counts (default 1,2,4,8)")
+        p.add_argument("--gpu-mem", type=_shard_size, default=None, help="memory of one GPU, e.g. 80GiB: marks what fits")
+        p.add_argument("--json", action="store_true", help="print one JSON list of rows")
+    p.add_argument("--config-dir", action="append", default=[], help="extra folder of config groups")
+    return p.parse_known_args(argv)
+
+
+def _load_for_sizing(overrides: list[str], config_dirs: list[str]):
+    """The composed training config and the model's shape, or (None, exit code) after reporting."""
+    from fft_dist.compose import compose, report, resolve, to_typed
+    from fft_dist.errors import classify
+    from fft_dist.memory import model_shape
+
+    try:
+        cfg = to_typed(resolve(compose(overrides, config_dirs=config_dirs)))
+        return cfg, model_shape(cfg)
+    except Exception as e:  # noqa: BLE001 - a known error gets its message and code; a bug re-raises
+        known = classify(e)
+        if known is None:
+            raise
+        report(known[0], e)
+        return None, known[1]
+
+
+def estimate(argv: list[str]) -> int:
+    """`fft-dist estimate`: exit 0, or 2 on a bad flag / config."""
+    import json
+
+    from fft_dist.memory import estimate_table, format_table
+
+    a, overrides = _sizing_args("fft-dist estimate", argv, plan=False)
+    try:
+        gpus = [int(x) for x in a.gpus.split(",") if x.strip()]
+        if not gpus or min(gpus) < 1:
+            raise ValueError
+    except ValueError:
+        print(f"fft-dist estimate: --gpus {a.gpus!r}: use positive GPU counts, e.g. --gpus 1,2,8", file=sys.stderr)
+        return 2
+    cfg, shape = _load_for_sizing(overrides, a.config_dir)
+    if cfg is None:
+        return shape
+    rows = estimate_table(cfg, shape, gpus, gpu_mem=a.gpu_mem)
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{cfg.model.name}: {shape.params:,} parameters ({shape.trainable:,} trainable), precision "
+          f"{cfg.train.precision.value}, optimizer {cfg.optimizer.name.value}, micro batch {cfg.train.micro_batch_size} "
+          f"x {cfg.data.max_length} tokens, activation checkpointing "
+          f"{'on' if cfg.model.activation_checkpointing else 'off'}. GiB per GPU; act+AC / act-AC: activations with "
+          "checkpointing toggled; cpu: offload memory per GPU (README: Memory planning):")
+    print(format_table(rows, a.gpu_mem))
+    return 0
+
+
+def plan(argv: list[str]) -> int:
+    """`fft-dist plan`: exit 0 with a plan, 2 on a bad flag / config or when nothing fits."""
+    from fft_dist.planner import NoFit, best_plan, format_plan
+
+    a, overrides = _sizing_args("fft-dist plan", argv, plan=True)
+    if a.gpus < 1:
+        print(f"fft-dist plan: --gpus {a.gpus}: use 1 or more", file=sys.stderr)
+        return 2
+    cfg, shape = _load_for_sizing(overrides, a.config_dir)
+    if cfg is None:
+        return shape
+    try:
+        choice = best_plan(cfg, shape, gpus=a.gpus, gpu_mem=a.gpu_mem)
+    except NoFit as e:
+        print(f"fft-dist plan: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(choice, a.gpu_mem))
+    return 0
 
 
 if __name__ == "__main__":

@@ -184,13 +184,14 @@ class ParallelismConfig:
     """DeepSpeed ZeRO-3: keep parameters on CPU."""
     overlap_comm: bool = False
     contiguous_gradients: bool = True
-    reduce_bucket_size: int = 2_000_000
-    """Elements per gradient-reduction bucket. ~2e6 for CPU tests; use 5e8 on GPUs."""
-    allgather_bucket_size: int = 2_000_000
-    prefetch_bucket_size: int = 2_000_000
-    """ZeRO-3 stage3_prefetch_bucket_size."""
-    param_persistence_threshold: int = 0
-    """ZeRO-3: parameters smaller than this stay unpartitioned."""
+    reduce_bucket_size: int = -1
+    """Elements per gradient-reduction bucket. -1 (auto): hidden_size^2 on GPU, 2e6 on CPU."""
+    allgather_bucket_size: int = -1
+    """ZeRO-2 parameter all-gather bucket (elements). -1 (auto): DeepSpeed's 5e8 on GPU, 2e6 on CPU."""
+    prefetch_bucket_size: int = -1
+    """ZeRO-3 stage3_prefetch_bucket_size (elements). -1 (auto): 0.9 x hidden_size^2 on GPU, 2e6 on CPU."""
+    param_persistence_threshold: int = -1
+    """ZeRO-3: parameters with at most this many elements stay unpartitioned. -1 (auto): 10 x hidden_size on GPU, 0 on CPU."""
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
     """Extra DeepSpeed config keys, merged in; keys we set ourselves must not conflict."""
 

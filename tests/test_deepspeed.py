@@ -27,7 +27,7 @@ import torch
 from helpers import REPO, child_env, step_records
 from fft_dist.compose import compose, to_typed
 from fft_dist.config import BatchPlan, ConfigError, Parallelism, ParallelismConfig, Precision, TrainConfig
-from fft_dist.strategy.deepspeed_config import build_deepspeed_config
+from fft_dist.strategy.deepspeed_config import build_deepspeed_config, hidden_size_of
 
 WORKER = Path(__file__).with_name("deepspeed_worker.py")
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -97,17 +97,57 @@ def test_config_zero3_keys_and_offload():
     assert z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
 
 
-def test_config_defaults_are_cpu_sized():
-    """The shipped yaml groups keep the ~2e6 buckets and threshold 0 that CPU runs need (CPU-FACTS)."""
+def test_config_defaults_are_cpu_sized_on_cpu_and_model_sized_on_gpu():
+    """The shipped yaml groups say auto (-1): on CPU the ~2e6 buckets and threshold 0 that CPU runs need
+    (CPU-FACTS); on GPU DeepSpeed's Hugging Face "auto" from the hidden size (tiny_llama: 128)."""
     for group, stage, opt, params in [("zero2", 2, False, False), ("zero3", 3, False, False),
                                       ("zero2_offload", 2, True, False), ("zero3_offload", 3, True, True)]:
         cfg = to_typed(compose([f"parallelism={group}"]))
-        z = build_deepspeed_config(cfg.parallelism, cfg.train, BatchPlan(2, 4, 2, 16))["zero_optimization"]
+        assert cfg.parallelism.reduce_bucket_size == -1, group
+        hidden = hidden_size_of(cfg.model.arch)
+        assert hidden == 128
+        plan = BatchPlan(2, 4, 2, 16)
+        z = build_deepspeed_config(cfg.parallelism, cfg.train, plan, hidden_size=hidden, on_gpu=False)["zero_optimization"]
         assert z["stage"] == stage, group
         assert z["reduce_bucket_size"] == 2_000_000 and z["allgather_bucket_size"] == 2_000_000
         if stage == 3:
             assert z["stage3_prefetch_bucket_size"] == 2_000_000 and z["stage3_param_persistence_threshold"] == 0
         assert ("offload_optimizer" in z) == opt and ("offload_param" in z) == params, group
+        g = build_deepspeed_config(cfg.parallelism, cfg.train, plan, hidden_size=hidden, on_gpu=True)["zero_optimization"]
+        assert g["reduce_bucket_size"] == 128 * 128 and g["allgather_bucket_size"] == 500_000_000
+        if stage == 3:
+            assert g["stage3_prefetch_bucket_size"] == int(0.9 * 128 * 128)
+            assert g["stage3_param_persistence_threshold"] == 10 * 128
+        else:
+            assert not any(k.startswith("stage3_") for k in g)
+    # the default on this machine (no CUDA) is the CPU one, through the same path the launcher takes
+    cfg = to_typed(compose(["parallelism=zero3"]))
+    z = build_deepspeed_config(cfg.parallelism, cfg.train, BatchPlan(2, 4, 2, 16))["zero_optimization"]
+    want = 2_000_000 if not torch.cuda.is_available() else 128 * 128
+    assert z["reduce_bucket_size"] == want
+
+
+def test_config_gpu_auto_buckets_follow_the_model_and_set_values_win():
+    """auto scales with the model (llama3_8b: hidden 4096); explicit values beat auto on both devices;
+    an unknown hidden size on GPU falls back to DeepSpeed's own defaults; nonsense sizes are refused."""
+    cfg = to_typed(compose(["parallelism=zero3", "model=llama3_8b"]))
+    z = build_deepspeed_config(cfg.parallelism, cfg.train, PLAN, hidden_size=hidden_size_of(cfg.model.arch),
+                               on_gpu=True)["zero_optimization"]
+    assert (z["reduce_bucket_size"], z["stage3_prefetch_bucket_size"], z["stage3_param_persistence_threshold"]) == (
+        4096 * 4096, int(0.9 * 4096 * 4096), 40960)
+    p = par("zero3", reduce_bucket_size=7, prefetch_bucket_size=9, param_persistence_threshold=0)
+    for on_gpu in (False, True):
+        z = build_deepspeed_config(p, TrainConfig(), PLAN, hidden_size=4096, on_gpu=on_gpu)["zero_optimization"]
+        assert (z["reduce_bucket_size"], z["stage3_prefetch_bucket_size"], z["stage3_param_persistence_threshold"]) == (
+            7, 9, 0)
+        assert z["allgather_bucket_size"] == (500_000_000 if on_gpu else 2_000_000)  # still auto
+    z = build_deepspeed_config(par("zero3"), TrainConfig(), PLAN, hidden_size=None, on_gpu=True)["zero_optimization"]
+    assert (z["reduce_bucket_size"], z["stage3_prefetch_bucket_size"], z["stage3_param_persistence_threshold"]) == (
+        500_000_000, 50_000_000, 100_000)
+    for bad in ({"reduce_bucket_size": 0}, {"prefetch_bucket_size": -5}, {"param_persistence_threshold": -2}):
+        with pytest.raises(ConfigError, match=f"parallelism.{next(iter(bad))}=.*-1 for auto"):
+            build_deepspeed_config(par("zero3", **bad), TrainConfig(), PLAN, hidden_size=64, on_gpu=False)
+    assert hidden_size_of({"model_type": "gpt2", "n_embd": 768}) == 768 and hidden_size_of({}) is None
 
 
 def test_config_bf16_is_autocast_over_fp32_weights():
@@ -139,7 +179,7 @@ def test_overrides_deep_merge():
         "comms_logger": {"enabled": False},
         "steps_per_print": 10,  # logging keys are ours by default only
     })
-    cfg = build_deepspeed_config(p, TrainConfig(), PLAN)
+    cfg = build_deepspeed_config(p, TrainConfig(), PLAN, on_gpu=False)  # CPU auto: 2e6
     assert cfg["zero_optimization"]["sub_group_size"] == 1000
     assert cfg["zero_optimization"]["stage"] == 3 and cfg["zero_optimization"]["reduce_bucket_size"] == 2_000_000
     assert cfg["comms_logger"] == {"enabled": False} and cfg["steps_per_print"] == 10

@@ -67,6 +67,55 @@ FORBIDDEN_KEYS: dict[str, str] = {
 
 _MISSING = object()
 
+AUTO = -1
+"""The value of a bucket field that means: derive it from the model and the device (:func:`bucket_sizes`)."""
+
+# CPU (gloo): DeepSpeed's 5e8-element defaults allocate a 2 GB bucket every step there (CPU-FACTS.md).
+CPU_BUCKETS = {"reduce_bucket_size": 2_000_000, "allgather_bucket_size": 2_000_000,
+               "prefetch_bucket_size": 2_000_000, "param_persistence_threshold": 0}
+# GPU without a known hidden size: DeepSpeed's own defaults.
+GPU_DEFAULT_BUCKETS = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000,
+                       "prefetch_bucket_size": 50_000_000, "param_persistence_threshold": 100_000}
+BUCKET_FIELDS = tuple(CPU_BUCKETS)
+
+
+def hidden_size_of(arch: dict[str, Any] | None) -> int | None:
+    """The model's hidden size from ``model.arch`` (which holds config.json's keys under model.path)."""
+    arch = _plain(arch) or {}
+    for key in ("hidden_size", "n_embd", "d_model"):
+        value = arch.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def gpu_buckets(hidden_size: int | None) -> dict[str, int]:
+    """GPU sizes scaled to the model, as DeepSpeed's Hugging Face integration does "auto": a reduce
+    bucket of hidden^2 elements, a ZeRO-3 prefetch of 0.9 hidden^2 and a persistence threshold of
+    10 hidden (norms and biases stay whole). The all-gather bucket keeps DeepSpeed's default."""
+    if not hidden_size:
+        return dict(GPU_DEFAULT_BUCKETS)
+    square = hidden_size * hidden_size
+    return {"reduce_bucket_size": square, "allgather_bucket_size": GPU_DEFAULT_BUCKETS["allgather_bucket_size"],
+            "prefetch_bucket_size": int(0.9 * square), "param_persistence_threshold": 10 * hidden_size}
+
+
+def bucket_sizes(parallelism: ParallelismConfig, *, hidden_size: int | None, on_gpu: bool) -> dict[str, int]:
+    """The four bucket fields with every ``-1`` (auto) resolved for the device; set values are kept.
+
+    Refuses a bucket of 0 or less than -1 (DeepSpeed would hang or fail deep inside a step).
+    """
+    auto = gpu_buckets(hidden_size) if on_gpu else CPU_BUCKETS
+    out = {}
+    for name in BUCKET_FIELDS:
+        value = int(getattr(parallelism, name))
+        low = 0 if name == "param_persistence_threshold" else 1
+        if value != AUTO and value < low:
+            raise ConfigError(f"parallelism.{name}={value} must be >= {low}, or -1 for auto "
+                              f"(the size derived from the model's hidden size and the device)")
+        out[name] = auto[name] if value == AUTO else value
+    return out
+
 
 def zero_stage(parallelism: ParallelismConfig) -> int:
     try:
@@ -78,10 +127,12 @@ def zero_stage(parallelism: ParallelismConfig) -> int:
         ) from None
 
 
-def build_deepspeed_config(parallelism: ParallelismConfig, train: TrainConfig, plan: BatchPlan) -> dict[str, Any]:
+def build_deepspeed_config(parallelism: ParallelismConfig, train: TrainConfig, plan: BatchPlan, *,
+                           hidden_size: int | None = None, on_gpu: bool | None = None) -> dict[str, Any]:
     """The DeepSpeed config dict for our typed config (pure: no processes, no deepspeed import).
 
-    ``parallelism.deepspeed_overrides`` is deep-merged last. Repeating a value we set is fine; a
+    Bucket fields left at -1 (auto) are sized by :func:`bucket_sizes` for ``hidden_size`` and the
+    device (``on_gpu=None``: whether CUDA is available). ``parallelism.deepspeed_overrides`` is deep-merged last. Repeating a value we set is fine; a
     different value for a key we own raises :class:`ConfigError` naming the fft-dist option.
     """
     stage = zero_stage(parallelism)
@@ -91,18 +142,20 @@ def build_deepspeed_config(parallelism: ParallelismConfig, train: TrainConfig, p
             f"world {plan.world_size} != global {plan.global_batch_size}"
         )
     precision = Precision(train.precision)
+    buckets = bucket_sizes(parallelism, hidden_size=hidden_size,
+                           on_gpu=torch.cuda.is_available() if on_gpu is None else on_gpu)
     zero: dict[str, Any] = {
         "stage": stage,
         "overlap_comm": bool(parallelism.overlap_comm),
         "contiguous_gradients": bool(parallelism.contiguous_gradients),
-        "reduce_bucket_size": int(parallelism.reduce_bucket_size),
-        "allgather_bucket_size": int(parallelism.allgather_bucket_size),
+        "reduce_bucket_size": buckets["reduce_bucket_size"],
+        "allgather_bucket_size": buckets["allgather_bucket_size"],
     }
     if stage == 2:
         zero["reduce_scatter"] = True
     else:
-        zero["stage3_prefetch_bucket_size"] = int(parallelism.prefetch_bucket_size)
-        zero["stage3_param_persistence_threshold"] = int(parallelism.param_persistence_threshold)
+        zero["stage3_prefetch_bucket_size"] = buckets["prefetch_bucket_size"]
+        zero["stage3_param_persistence_threshold"] = buckets["param_persistence_threshold"]
     if parallelism.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if parallelism.offload_params:
@@ -225,4 +278,5 @@ def check_deepspeed(cfg: FFTConfig, plan: BatchPlan) -> dict[str, Any]:
                           "a non-finite update itself); use train.on_nonfinite=stop, or parallelism=zero2|fsdp")
     if Precision(cfg.train.precision) == Precision.fp16 and not torch.cuda.is_available():
         raise ConfigError("train.precision=fp16 with DeepSpeed needs a CUDA device; use bf16 or fp32 on CPU")
-    return build_deepspeed_config(par, cfg.train, plan)  # raises on overrides that fight our options
+    # raises on overrides that fight our options; auto buckets follow the model's hidden size and the device
+    return build_deepspeed_config(par, cfg.train, plan, hidden_size=hidden_size_of(cfg.model.arch))

@@ -1,0 +1,256 @@
+"""Per-GPU memory of a training set-up, estimated from the typed config (pure: no processes).
+
+The model is built on the meta device, so the parameter count, the largest decoder layer and
+the largest single module are real without allocating anything. The byte rules per backend are
+the README's "Memory planning" section; the fp32 layouts are the ones measured per rank in
+tests/test_memory.py (and tests/test_deepspeed.py).
+
+Vocabulary: Ψ parameters (T of them trainable), N GPUs, w bytes per working weight (4: fft-dist
+keeps fp32 weights under every precision; 2 under DeepSpeed's native fp16 / bf16 modes), k optimizer
+bytes per trainable parameter (Adam/AdamW 8, SGD with momentum 4, plain SGD 0).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from fft_dist.config import ConfigError, FFTConfig, OptimizerName, Parallelism, ParallelismConfig, Precision
+from fft_dist.strategy.deepspeed_config import bucket_sizes
+
+BACKENDS = ("none", "fsdp", "zero2", "zero3", "zero2_offload", "zero3_offload")
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know about the model (from a meta-device build)."""
+
+    params: int
+    trainable: int
+    hidden: int
+    layers: int
+    intermediate: int
+    kv_hidden: int
+    heads: int
+    vocab: int
+    gated_mlp: bool
+    largest_layer: int
+    """Parameters of the largest decoder layer (one FSDP2 unit)."""
+    largest_module: int
+    """Parameters held directly by the largest single module (ZeRO-3 gathers module by module)."""
+    root_params: int
+    """Parameters outside the decoder layers (embeddings, final norm, lm_head): FSDP2's root unit."""
+    param_sizes: tuple[int, ...]
+    """Element count of every parameter (for ZeRO-3's persistence threshold)."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One row's knobs."""
+
+    parallelism: str
+    gpus: int
+    micro_batch: int
+    seq_len: int
+    checkpointing: bool
+
+
+def model_shape(cfg: FFTConfig) -> ModelShape:
+    """Build the configured model on the meta device (no memory) and read its shape."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fft_dist.model import apply_freeze, decoder_layers, hf_config
+
+    config = hf_config(cfg.model)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    apply_freeze(model, cfg.model)
+    params = list({id(p): p for p in model.parameters()}.values())
+    layers = decoder_layers(model)
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    largest_module = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+    hidden = _first(config, "hidden_size", "n_embd", "d_model")
+    heads = _first(config, "num_attention_heads", "n_head")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    intermediate = _first(config, "intermediate_size", "n_inner", default=0) or 4 * hidden
+    names = {n.rsplit(".", 1)[-1] for n, _ in layers[0].named_modules()} if layers else set()
+    return ModelShape(
+        params=sum(p.numel() for p in params),
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        hidden=hidden, layers=len(layers), intermediate=intermediate, kv_hidden=hidden * kv_heads // heads,
+        heads=heads, vocab=int(config.vocab_size), gated_mlp="gate_proj" in names or "w3" in names,
+        largest_layer=max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0),
+        largest_module=largest_module,
+        root_params=sum(p.numel() for p in params if id(p) not in in_layers),
+        param_sizes=tuple(p.numel() for p in params),
+    )
+
+
+def _first(config: Any, *keys: str, default: Any = None) -> Any:
+    for key in keys:
+        value = getattr(config, key, None)
+        if value:
+            return int(value)
+    if default is None:
+        raise ConfigError(f"model {getattr(config, 'model_type', '?')}: its config has none of {list(keys)}, so the "
+                          "memory estimate cannot size it (model.arch / model.path config.json)")
+    return default
+
+
+def optimizer_bytes_per_param(cfg: FFTConfig) -> int:
+    name = OptimizerName(cfg.optimizer.name)
+    if name in (OptimizerName.adamw, OptimizerName.adam):
+        return 8  # exp_avg + exp_avg_sq in fp32
+    return 4 if cfg.optimizer.momentum else 0  # SGD: the momentum buffer
+
+
+def native_16bit(cfg: FFTConfig) -> bool:
+    """DeepSpeed's own 16-bit mode (fp16, or the bf16 opt-in): 16-bit working weights and gradients."""
+    precision = Precision(cfg.train.precision)
+    if precision == Precision.fp16:
+        return True
+    bf16 = (cfg.parallelism.deepspeed_overrides or {}).get("bf16")
+    return precision == Precision.bf16 and isinstance(bf16, dict) and bf16.get("enabled") is True
+
+
+def activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, checkpointing: bool,
+                     precision: Precision, eager_attention: bool = False) -> int:
+    """Bytes saved for backward during one micro batch (the README states the formula).
+
+    Per token and decoder layer the saved tensors are: the two norms' inputs and outputs (4h),
+    q and k after RoPE (h + h_kv), v (h_kv), the attention output (h), and the MLP's gate, up,
+    act(gate) and their product (4i; 2i for a plain MLP). sdpa keeps no s x s scores; eager adds
+    them. Checkpointing keeps each layer's input and recomputes one layer at a time. The logits
+    add b s V (e + 4): the logits and the fp32 log-softmax the loss saves (+4 for the fp32 copy
+    of 16-bit logits).
+    """
+    e = 4 if Precision(precision) == Precision.fp32 else 2
+    tokens = micro_batch * seq_len
+    mlp = (4 if shape.gated_mlp else 2) * shape.intermediate
+    per_layer = tokens * (6 * shape.hidden + 2 * shape.kv_hidden + mlp) * e
+    if eager_attention:
+        per_layer += micro_batch * shape.heads * seq_len * seq_len * e
+    logits = tokens * shape.vocab * (e + 4 + (0 if e == 4 else 4))
+    if checkpointing:
+        return shape.layers * tokens * shape.hidden * 4 + per_layer + logits
+    return shape.layers * per_layer + logits
+
+
+def estimate(shape: ModelShape, cfg: FFTConfig, setup: Setup) -> dict[str, Any]:
+    """One row: per-GPU bytes by category, CPU bytes per GPU for offload, and what the buckets are."""
+    backend, n = setup.parallelism, setup.gpus
+    psi, t = shape.params, shape.trainable
+    k = optimizer_bytes_per_param(cfg)
+    precision = Precision(cfg.train.precision)
+    deepspeed = backend.startswith("zero")
+    w = 2 if deepspeed and native_16bit(cfg) else 4
+    detail: dict[str, int] = {}
+    cpu = 0
+    if backend == "none":
+        params, grads, master, optim = 4 * psi, 4 * t, 0, k * t
+    elif backend == "fsdp":
+        params, grads, master, optim = 4 * psi // n, 4 * t // n, 0, k * t // n
+        gathered = 2 if precision != Precision.fp32 else 4  # MixedPrecisionPolicy(param_dtype=bf16/fp16)
+        # the root stays gathered between forward and backward; a layer and the prefetched next one are
+        # gathered at a time; one layer's unsharded fp32 gradients wait for their reduce-scatter
+        detail["gathered_layers"] = (shape.root_params + 2 * shape.largest_layer) * gathered
+        detail["unsharded_grads"] = shape.largest_layer * 4
+    else:
+        buckets = bucket_sizes(_deepspeed_par(cfg.parallelism, backend), hidden_size=shape.hidden, on_gpu=True)
+        detail["reduce_bucket"] = buckets["reduce_bucket_size"] * w
+        master = 4 * t // n
+        # 16-bit modes also make an fp32 copy of the gradient partition for the optimizer step
+        grads = w * t // n + (4 * t // n if w == 2 else 0)
+        optim = k * t // n
+        if backend.startswith("zero2"):
+            # ZeRO-2's gradient buffer on a rank runs to whole parameters at its partition's ends: measured
+            # at 4 ranks, half the largest parameter more on average (up to twice that on a middle rank)
+            straddle = max(shape.param_sizes, default=0) // 2
+            grads += w * (min(t, t // n + straddle) - t // n)
+            params = w * psi
+            # a limit on what is gathered at once (into the weights' own buffer), so never more than the model
+            detail["allgather_bucket"] = min(buckets["allgather_bucket_size"], psi) * w
+        else:
+            threshold = buckets["param_persistence_threshold"]
+            persistent = sum(s for s in shape.param_sizes if s <= threshold)  # DeepSpeed: ds_numel <= threshold
+            params = w * ((psi - persistent) // n + persistent)
+            detail["persistent_params"] = persistent
+            detail["prefetch_bucket"] = min(buckets["prefetch_bucket_size"], psi) * w  # in flight, at most the model
+            detail["gathered_layers"] = shape.largest_module * 2 * w  # its weights and their gradients
+        if backend.endswith("_offload"):  # reduced gradients go straight into an fp32 partition in CPU memory
+            cpu = master + 4 * t // n + optim
+            master = grads = optim = 0
+            if backend == "zero3_offload":
+                cpu += params - w * detail["persistent_params"]
+                params = w * detail["persistent_params"]
+    acts = {on: activation_bytes(shape, micro_batch=setup.micro_batch, seq_len=setup.seq_len, checkpointing=on,
+                                 precision=precision, eager_attention=cfg.model.attn_implementation == "eager")
+            for on in (False, True)}
+    buffers = sum(v for key, v in detail.items() if key != "persistent_params")
+    per_gpu = {"params": params, "grads": grads, "master": master, "optimizer": optim,
+               "activations": acts[setup.checkpointing], "buffers": buffers}
+    per_gpu["total"] = sum(per_gpu.values())
+    return {"parallelism": backend, "gpus": n, "params": psi, "trainable_params": t,
+            "micro_batch_size": setup.micro_batch, "seq_len": setup.seq_len,
+            "activation_checkpointing": setup.checkpointing, "per_gpu_bytes": per_gpu,
+            "activations_by_checkpointing": {"off": acts[False], "on": acts[True]},
+            "cpu_bytes_per_gpu": cpu, "detail": detail}
+
+
+def model_state_bytes(row: dict[str, Any]) -> int:
+    """Parameters, gradients, master and optimizer states of a row: what a rank holds between steps."""
+    b = row["per_gpu_bytes"]
+    return b["params"] + b["grads"] + b["master"] + b["optimizer"]
+
+
+def _deepspeed_par(par: ParallelismConfig, backend: str) -> ParallelismConfig:
+    """The configured bucket fields when the config is a DeepSpeed one, else auto."""
+    if Parallelism(par.name) in (Parallelism.zero2, Parallelism.zero3):
+        return par
+    return dataclasses.replace(ParallelismConfig(), name=Parallelism(backend.split("_")[0]))
+
+
+def backends_for(gpus: int) -> tuple[str, ...]:
+    """`none` is one process; every other backend runs on any number of GPUs."""
+    return BACKENDS if gpus == 1 else BACKENDS[1:]
+
+
+def estimate_table(cfg: FFTConfig, shape: ModelShape, gpus: list[int], *, gpu_mem: int | None = None,
+                   headroom: float = 0.9) -> list[dict[str, Any]]:
+    """Every backend at every GPU count for the configured micro batch, sequence length and
+    checkpointing; with ``gpu_mem`` each row says whether it fits in ``headroom`` of it (the rest is
+    left for the CUDA context, the allocator's fragmentation and temporaries)."""
+    rows = []
+    for n in gpus:
+        for backend in backends_for(n):
+            setup = Setup(backend, n, cfg.train.micro_batch_size, cfg.data.max_length, cfg.model.activation_checkpointing)
+            row = estimate(shape, cfg, setup)
+            if gpu_mem is not None:
+                row["fits"] = fits(row, gpu_mem, headroom=headroom)
+            rows.append(row)
+    return rows
+
+
+def fits(row: dict[str, Any], gpu_mem: int, *, headroom: float = 0.9) -> bool:
+    return row["per_gpu_bytes"]["total"] <= headroom * gpu_mem
+
+
+def format_table(rows: list[dict[str, Any]], gpu_mem: int | None = None) -> str:
+    """A fixed-width table in GiB, one line per row."""
+    cols = ["params", "grads", "master", "optimizer", "activations", "buffers", "total"]
+    toggled = "act-AC" if rows and rows[0]["activation_checkpointing"] else "act+AC"  # activations, AC toggled
+    head = f"{'backend':14s} {'gpus':>4s} " + " ".join(f"{c[:6]:>7s}" for c in cols) + f" {toggled:>7s} {'cpu':>7s}"
+    if gpu_mem is not None:
+        head += "  fits"
+    lines = [head]
+    for r in rows:
+        b = r["per_gpu_bytes"]
+        other = r["activations_by_checkpointing"]["off" if r["activation_checkpointing"] else "on"]
+        line = (f"{r['parallelism']:14s} {r['gpus']:4d} " + " ".join(f"{b[c] / GIB:7.2f}" for c in cols)
+                + f" {other / GIB:7.2f} {r['cpu_bytes_per_gpu'] / GIB:7.2f}")
+        if gpu_mem is not None:
+            line += "  yes" if r["fits"] else "  no"
+        lines.append(line)
+    return "\n".join(lines)

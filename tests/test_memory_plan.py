@@ -1,0 +1,97 @@
+"""`fft-dist plan` (issue 11): the cheapest set-up that fits, keeping the global batch (pure: no ranks)."""
+from __future__ import annotations
+
+import pytest
+
+from helpers import fft_dist
+from fft_dist import cli
+from fft_dist.compose import compose, prepare, resolve, to_typed
+from fft_dist.memory import GIB, estimate, fits, model_shape
+from fft_dist.planner import HEADROOM, NoFit, best_plan, candidates, comm_volume
+
+
+def typed(*overrides: str):
+    return to_typed(resolve(compose(list(overrides))))
+
+
+@pytest.fixture(scope="module")
+def llama8b():
+    cfg = typed("model=llama3_8b", "data.max_length=2048", "train.micro_batch_size=4", "train.global_batch_size=64")
+    return cfg, model_shape(cfg)
+
+
+def test_plan_is_the_first_candidate_that_fits(llama8b):
+    """Everything ranked cheaper does not fit; the choice does; the global batch is kept."""
+    cfg, shape = llama8b
+    gpu_mem = 80 * GIB
+    choice = best_plan(cfg, shape, gpus=8, gpu_mem=gpu_mem)
+    row = choice.row
+    assert fits(row, gpu_mem, headroom=HEADROOM)
+    assert row["micro_batch_size"] * choice.grad_accum * 8 == 64
+    ranked = candidates(cfg, 8)
+    position = next(i for i, (_, s, _) in enumerate(ranked) if (s.parallelism, s.micro_batch, s.checkpointing) ==
+                    (row["parallelism"], row["micro_batch_size"], row["activation_checkpointing"]))
+    assert position > 0  # micro 4 without checkpointing does not fit an 8B model's activations
+    for _, setup, _ in ranked[:position]:
+        assert not fits(estimate(shape, cfg, setup), gpu_mem, headroom=HEADROOM), setup
+    assert not row["parallelism"].endswith("_offload")
+    assert f"parallelism={row['parallelism']}" in choice.overrides and "launcher.nproc_per_node=8" in choice.overrides
+    assert any("cheaper but too big" in r for r in choice.reasons)
+
+
+def test_ranking_key():
+    """Offload last, checkpointing next, then communication per step, then the larger micro batch."""
+    assert comm_volume("zero2", 4) == 5 and comm_volume("fsdp", 4) == 12 and comm_volume("none", 4) == 0
+    cfg = typed("train.micro_batch_size=4", "train.global_batch_size=16")
+    keys = [key for key, _, _ in candidates(cfg, 2)]
+    assert keys == sorted(keys)
+    first = candidates(cfg, 2)[0][1]
+    assert (first.parallelism, first.micro_batch, first.checkpointing) == ("zero2", 4, False)
+    last = candidates(cfg, 2)[-1][1]
+    assert last.parallelism.endswith("_offload") and last.checkpointing
+    assert {s.parallelism for _, s, _ in candidates(cfg, 1)} == {"none", "zero2_offload", "zero3_offload"}
+
+
+def test_less_memory_turns_on_checkpointing_then_offload(llama8b):
+    cfg, shape = llama8b
+    plain = best_plan(cfg, shape, gpus=8, gpu_mem=80 * GIB).row
+    # just below what the cheapest no-checkpointing set-up at micro 1 needs: checkpointing comes on
+    no_ac = min(estimate(shape, cfg, s)["per_gpu_bytes"]["total"] for _, s, _ in candidates(cfg, 8)
+                if not s.checkpointing and not s.parallelism.endswith("_offload"))
+    tight = best_plan(cfg, shape, gpus=8, gpu_mem=int(no_ac / HEADROOM) - 1).row
+    assert tight["activation_checkpointing"] and not tight["parallelism"].endswith("_offload")
+    assert tight["per_gpu_bytes"]["total"] < plain["per_gpu_bytes"]["total"]
+    # below every non-offload set-up: offload
+    on_gpu = min(estimate(shape, cfg, s)["per_gpu_bytes"]["total"] for _, s, _ in candidates(cfg, 8)
+                 if not s.parallelism.endswith("_offload"))
+    offload = best_plan(cfg, shape, gpus=8, gpu_mem=int(on_gpu / HEADROOM) - 1)
+    assert offload.row["parallelism"].endswith("_offload") and offload.row["cpu_bytes_per_gpu"] > 0
+    assert any("CPU memory" in r for r in offload.reasons)
+    with pytest.raises(NoFit, match="nothing fits"):
+        best_plan(cfg, shape, gpus=8, gpu_mem=GIB)
+
+
+def test_cli_plan_prints_overrides_that_run():
+    """The real entry point; the pasted overrides compose and validate (the launcher's own checks) at the
+    planned world size."""
+    proc = fft_dist("plan", "--gpus", "1", "--gpu-mem", "24GiB", "model=llama3_1b", "data.max_length=2048")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith("plan: none on 1 GPU(s)"), out
+    assert "activation checkpointing cuts activations" in out
+    overrides = out.strip().splitlines()[-1].split()
+    assert "model.activation_checkpointing=true" in overrides and "launcher.nproc_per_node=1" in overrides
+    prepared = prepare(["model=llama3_1b", "data.max_length=2048", *overrides], world_size=None)
+    assert prepared.plan.world_size == 1 and prepared.plan.global_batch_size == 16
+    assert prepared.plan.micro_batch_size * prepared.plan.grad_accum == 16
+
+
+def test_cli_plan_errors(capsys):
+    """In-process (the function `main` dispatches to): exit 2 with the reason on stderr."""
+    assert cli.plan(["--gpus", "2", "--gpu-mem", "1GiB", "model=llama3_8b"]) == 2
+    assert "nothing fits" in capsys.readouterr().err
+    assert cli.plan(["--gpus", "3", "--gpu-mem", "80GiB"]) == 2
+    assert "multiple of 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.plan(["--gpus", "2"])
+    assert e.value.code == 2 and "--gpu-mem" in capsys.readouterr().err
