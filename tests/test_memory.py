@@ -14,10 +14,9 @@ import pytest
 from helpers import fft_dist
 from fft_dist import cli
 from fft_dist.compose import compose, resolve, to_typed
-from fft_dist.config import Parallelism, Precision
+from fft_dist.config import Precision
 from fft_dist.memory import (
     BACKENDS,
-    GIB,
     ModelShape,
     Setup,
     activation_bytes,
