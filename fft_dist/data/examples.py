@@ -34,7 +34,7 @@ class DataStats:
     """Rows (or windows) kept for training."""
     truncated: int = 0
     windowed: int = 0
-    """Source rows split into several windows (data.stride)."""
+    """Examples that are windows of a longer document (data.stride)."""
     dropped_no_loss: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     """Dropped examples by reason."""
