@@ -122,6 +122,9 @@ class DataConfig:
     stride: int = 0
     """text only: split a longer document into windows starting every `stride` tokens (1..max_length);
     the overlap is context only, never trained twice. 0: truncate instead."""
+    packing: bool = False
+    """Fill each training row with several examples up to max_length; attention stays within each
+    example and position ids restart per example (eval rows stay unpacked)."""
     max_examples: int = 0
     """Use only the first N training rows (0: all). Handy for smoke tests."""
     shuffle: bool = True

@@ -218,7 +218,7 @@ class Trainer:
         global_tokens, global_inputs = all_reduce_sum([local_tokens, local_inputs], self.ctx.device).tolist()
         loss_sum = torch.zeros((), dtype=torch.float64)
         for batch in batches:
-            logits = self.strategy.forward(batch["input_ids"], batch["attention_mask"])
+            logits = self.strategy.forward(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
             loss = token_loss_sum(logits, batch["labels"])
             self.strategy.backward(loss / global_tokens)
             loss_sum += loss.detach().double().cpu()

@@ -17,6 +17,8 @@ __all__ = ["IGNORE_INDEX", "DataError", "DataStats", "Example", "TokenizedSplit"
 class Example:
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None
+    """Packed rows only: positions restarting at 0 for each packed example."""
 
     @property
     def loss_tokens(self) -> int:
@@ -40,6 +42,8 @@ class DataStats:
     """Dropped examples by reason."""
     loss_tokens: int = 0
     tokens: int = 0
+    packed_rows: int = 0
+    """data.packing: the rows the examples were packed into (efficiency = tokens / (rows x max_length))."""
     lengths: list[int] = field(default_factory=list)
     """Histogram counts of example lengths over `length_edges`."""
     length_edges: list[int] = field(default_factory=list)
@@ -68,8 +72,7 @@ class TokenizedSplit:
             key += len(self)
         if not 0 <= key < len(self):
             raise IndexError(key)
-        row = self.dataset[int(key)]
-        return Example(row["input_ids"], row["labels"])
+        return self.rows([key])[0]
 
     def rows(self, indices) -> list[Example]:
         """The examples at `indices`, in that order (one Arrow read)."""
@@ -77,7 +80,8 @@ class TokenizedSplit:
         if not indices:
             return []
         batch = self.dataset[indices]
-        return [Example(i, l) for i, l in zip(batch["input_ids"], batch["labels"])]
+        positions = batch.get("position_ids") or [None] * len(indices)
+        return [Example(i, l, p) for i, l, p in zip(batch["input_ids"], batch["labels"], positions)]
 
     def __iter__(self):
         for start in range(0, len(self), 1024):

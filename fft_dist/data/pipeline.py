@@ -20,6 +20,7 @@ from pathlib import Path
 from fft_dist.config import DataConfig, DataFormat
 from fft_dist.data.encode import Encoder, resolve_chat_template
 from fft_dist.data.examples import DataStats, TokenizedSplit
+from fft_dist.data.packing import pack
 from fft_dist.data.sources import Source, check_options, load_sources, resolve_sources
 from fft_dist.dist import all_gather_small, rank_world
 from fft_dist.errors import ConfigError, DataError
@@ -95,9 +96,13 @@ def _encode_split(loaded, index: list[int], cfg: DataConfig, tok, template, work
 
 def _map(ds, encoder, cfg: DataConfig, work: Path, name: str, fp: str):
     return ds.map(encoder, batched=True, with_indices=True, remove_columns=ds.column_names,
-                  num_proc=cfg.num_proc if cfg.num_proc > 1 and len(ds) > cfg.num_proc else None,
+                  num_proc=_num_proc(cfg, len(ds)),
                   new_fingerprint=f"{fp}-{name}", cache_file_name=str(work / f"{name}-map.arrow"),
                   desc=f"fft-dist: tokenising {name}")
+
+
+def _num_proc(cfg: DataConfig, rows: int) -> int | None:
+    return cfg.num_proc if cfg.num_proc > 1 and rows > cfg.num_proc else None
 
 
 def _stats(encoded, rows: int, max_length: int) -> DataStats:
@@ -151,10 +156,14 @@ def build_cache(cfg: DataConfig, tok, target: Path, fp: str) -> None:
                 encoded = _encode_split(src, index, cfg, tok, template, work, name, fp)
                 stats[name] = asdict(_stats(encoded, len(index), cfg.max_length))
                 encoded = encoded.filter(lambda d: [not r for r in d], input_columns="dropped", batched=True,
-                                         cache_file_name=str(work / f"{name}-filter.arrow"))
+                                         cache_file_name=str(work / f"{name}-filter.arrow")).select_columns(KEEP)
+                if name == "train" and cfg.packing and stats[name]["examples"]:
+                    encoded = pack(encoded, max_length=cfg.max_length, cache_file_name=str(work / "packed.arrow"),
+                                   num_proc=_num_proc(cfg, len(encoded)))
+                    stats[name]["packed_rows"] = len(encoded)
             _check_nonempty(name, stats[name], cfg)
             if encoded is not None:
-                encoded.select_columns(KEEP).save_to_disk(str(tmp / name))
+                encoded.save_to_disk(str(tmp / name))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
         shutil.rmtree(work, ignore_errors=True)
         try:

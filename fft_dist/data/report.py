@@ -82,9 +82,18 @@ def data_report(cfg: DataConfig, tok, *, cache_dir: str | Path | None = None) ->
             f"\n  {reason}: {n} train" for reason, n in sorted(stats.dropped.items())),
         f"loss-bearing tokens: {stats.loss_tokens} of {stats.tokens} ({share:.1%})",
     ]
-    if len(train):
+    if cfg.packing:
+        slots = stats.packed_rows * cfg.max_length
+        lines.append(f"packing: {stats.examples} examples in {stats.packed_rows} rows; {stats.tokens} real tokens "
+                     f"in {slots} slots ({stats.tokens / slots if slots else 0.0:.1%} efficiency)")
+    if len(train) and not cfg.packing:
         lines += [f"first training example ({len(train[0].input_ids)} tokens; loss on {LOSS_OPEN}...{LOSS_CLOSE}):",
                   render_with_mask(train[0], tok)]
+    elif len(train):
+        first = train[0]
+        end = first.position_ids.index(0, 1) if 0 in first.position_ids[1:] else len(first.input_ids)
+        lines += [f"first packed example ({end} tokens; loss on {LOSS_OPEN}...{LOSS_CLOSE}):",
+                  render_with_mask(type(first)(first.input_ids[:end], first.labels[:end]), tok)]
     if cfg.inspect_terms:
         term, warnings = term_lines(list(cfg.inspect_terms), tok)
         lines += ["term splits (data.inspect_terms):", *term, *warnings]
