@@ -15,6 +15,7 @@ import random
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from fft_dist.config import DataConfig, DataFormat
@@ -203,14 +204,34 @@ def _temp_cache_root() -> Path:
     return _TEMP_ROOT[0]
 
 
-def _agree(problem: tuple[str, str] | None) -> None:
+BUILD_WAIT_S = 6 * 3600
+"""How long the other ranks wait for the building rank (tokenising a large set outlasts dist.timeout_s)."""
+
+
+def _wait_group():
+    """A gloo group with a long timeout for the wait on the builder (None with one process)."""
+    if rank_world()[1] == 1:
+        return None
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=BUILD_WAIT_S))
+
+
+def _agree(problem: tuple[str, str] | None, group=None) -> None:
     """Raise the first rank's problem on every rank (collective when there are several ranks)."""
-    first = next((p for p in all_gather_small(problem) if p), None)
+    if group is None:
+        problems = all_gather_small(problem)
+    else:
+        import torch.distributed as dist
+
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem, group=group)
+    first = next((p for p in problems if p), None)
     if first:
         raise (ConfigError if first[0] == "ConfigError" else DataError)(first[1])
 
 
-def _step(should_build: bool, cfg: DataConfig, tok, target: Path, fp: str) -> bool:
+def _step(should_build: bool, cfg: DataConfig, tok, target: Path, fp: str, group) -> bool:
     built, problem = False, None
     if should_build and not _complete(target):
         try:
@@ -218,7 +239,7 @@ def _step(should_build: bool, cfg: DataConfig, tok, target: Path, fp: str) -> bo
             built = True
         except (DataError, ConfigError) as e:
             problem = (type(e).__name__, str(e))
-    _agree(problem)
+    _agree(problem, group)
     return built
 
 
@@ -237,9 +258,13 @@ def load_datasets(cfg: DataConfig, tok, *, cache_dir: str | Path | None = None
     target = root / fp
     rank, world = rank_world()
     existed = _complete(target)
-    _step(rank == 0, cfg, tok, target, fp)
+    group = _wait_group()
+    _step(rank == 0, cfg, tok, target, fp, group)
     if world > 1:  # a node that cannot see rank 0's cache builds its own copy
-        _step(int(os.environ.get("LOCAL_RANK", rank)) == 0, cfg, tok, target, fp)
+        _step(int(os.environ.get("LOCAL_RANK", rank)) == 0, cfg, tok, target, fp, group)
+        import torch.distributed as dist
+
+        dist.destroy_process_group(group)
     problem = None
     try:
         stats = json.loads((target / "stats.json").read_text())
