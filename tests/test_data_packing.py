@@ -82,6 +82,8 @@ def test_packing_keeps_backend_parity(tmp_path):
     train(tmp_path / "ref", *job, nproc=1, parallelism="none")
     train(tmp_path / "fsdp", *job, "train.micro_batch_size=1", nproc=2, parallelism="fsdp")
     assert_close_rel(train_losses(tmp_path / "fsdp"), train_losses(tmp_path / "ref"), 1e-5, "fsdp x2 packed")
+    train(tmp_path / "zero2", *job, nproc=2, parallelism="zero2")
+    assert_close_rel(train_losses(tmp_path / "zero2"), train_losses(tmp_path / "ref"), 1e-5, "zero2 x2 packed")
 
 
 def test_report_shows_packing_efficiency(tmp_path):
