@@ -16,6 +16,8 @@ commands:
                                  per-GPU memory of every backend at each GPU count (model on meta)
   plan --gpus N --gpu-mem M [overrides]
                                  the cheapest set-up that fits, with the overrides to paste
+  data [hydra overrides]         print what the data turns into (splits, lengths, truncation, loss mask,
+                                 data.inspect_terms=[...] token splits); trains nothing
   ckpt verify <checkpoint>       check completeness and sha256 checksums
   ckpt info <checkpoint>         step, backend, world size, tensors, bytes
 """
@@ -74,6 +76,32 @@ def print_config(overrides: list[str], config_dirs: list[str], what: str) -> int
     return 0
 
 
+def data(argv: list[str]) -> int:
+    """`fft-dist data [overrides]`: the data report on stdout, exit 0; a data or config error exits 2.
+
+    The tokenised cache goes to data.cache_dir when it is set, else to a temporary folder.
+    """
+    from fft_dist.compose import prepare, report
+    from fft_dist.errors import classify
+
+    try:
+        cfg = prepare([a for a in argv if a != "--"], world_size=None).cfg
+        from fft_dist.data import check_data_files
+        from fft_dist.data.report import data_report
+        from fft_dist.model import load_tokenizer
+
+        check_data_files(cfg.data)
+        text = data_report(cfg.data, load_tokenizer(cfg.model), cache_dir=cfg.data.cache_dir)
+    except Exception as e:  # noqa: BLE001 - a known error gets its message and code; a bug re-raises
+        known = classify(e)
+        if known is None:
+            raise
+        report(known[0], e)
+        return known[1]
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -82,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "train":
         sys.exit(train(rest))
+    if command == "data":
+        sys.exit(data(rest))
     if command == "export":
         sys.exit(export(rest))
     if command == "ckpt":

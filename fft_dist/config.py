@@ -58,6 +58,8 @@ class ExportChoice(str, Enum):
 class DataFormat(str, Enum):
     text = "text"
     prompt_completion = "prompt_completion"
+    chat = "chat"
+    tokenized = "tokenized"
 
 
 @dataclass
@@ -97,22 +99,43 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "stdlib_docstrings"
-    path: str = "${asset:stdlib_docstrings.jsonl}"
-    """JSONL training file. The default is the bundled docstring->body corpus of Python's stdlib."""
-    eval_path: str | None = None
-    """Optional JSONL eval file. None: hold out `eval_fraction` of the training rows."""
+    path: Any = "${asset:stdlib_docstrings.jsonl}"
+    """Training data: a file, a glob, a list of files/globs, or a `save_to_disk` folder. Local only.
+    The loader follows the extension: .jsonl/.json, .parquet, .csv, .txt (one row per line), .arrow."""
+    eval_path: Any = None
+    """Eval data in the same forms as `path`. None: hold out `eval_fraction` of the training rows."""
     eval_fraction: float = 0.05
+    """Held-out share of the training rows (fixed seed, independent of train.seed) when eval_path is None."""
     format: DataFormat = DataFormat.prompt_completion
-    """text: loss on every token. prompt_completion: loss on the completion only."""
+    """text: loss on every token. prompt_completion: loss on the completion only. chat: `messages`
+    rendered with the chat template, loss on assistant turns only. tokenized: `input_ids` (+ optional
+    `labels` or `loss_mask`) used as they are."""
     text_key: str = "text"
     prompt_key: str = "prompt"
     completion_key: str = "completion"
+    messages_key: str = "messages"
+    """chat: the column holding the list of {role, content} messages."""
+    chat_template: str | None = None
+    """chat: a Jinja template string, or a path to a .jinja file; replaces the tokenizer's own template."""
     max_length: int = 256
-    """Rows are truncated to this many tokens."""
+    """Rows are truncated to this many tokens (text with `stride`: split into windows of this size)."""
+    stride: int = 0
+    """text only: split a longer document into windows starting every `stride` tokens (1..max_length);
+    the overlap is context only, never trained twice. 0: truncate instead."""
+    packing: bool = False
+    """Fill each training row with several examples up to max_length; attention stays within each
+    example and position ids restart per example (eval rows stay unpacked)."""
     max_examples: int = 0
     """Use only the first N training rows (0: all). Handy for smoke tests."""
     shuffle: bool = True
     """Reshuffle the training rows every epoch (seeded by train.seed)."""
+    cache_dir: str | None = None
+    """Where the tokenised splits are kept (one folder per fingerprint: sources, tokenizer, settings).
+    None: run.dir/data_cache. Point several runs at one folder to tokenise once for all of them."""
+    num_proc: int = 1
+    """Worker processes for tokenising (on the one rank that builds the cache)."""
+    inspect_terms: list[str] = field(default_factory=list)
+    """`fft-dist data`: show how each of these domain terms splits into tokens."""
 
 
 @dataclass

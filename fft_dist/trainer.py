@@ -121,7 +121,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model)
         self.hf_config = hf_config(cfg.model)
         check_vocab(self.hf_config, self.tokenizer)
-        self.train_set, self.eval_set, stats = load_datasets(cfg.data, self.tokenizer)
+        self.train_set, self.eval_set, stats = load_datasets(
+            cfg.data, self.tokenizer, cache_dir=cfg.data.cache_dir or self.run_dir / "data_cache")
         self.sampler = GlobalBatchSampler(len(self.train_set), self.plan.global_batch_size,
                                           seed=cfg.train.seed, shuffle=cfg.data.shuffle)
         self.total_steps = cfg.train.max_steps or self.sampler.total_steps(cfg.train.epochs)
@@ -153,7 +154,8 @@ class Trainer:
             f"fft-dist: {cfg.model.name} ({self.n_params / 1e6:.2f}M params, {len(self.frozen)} frozen tensors) | "
             f"{cfg.parallelism.name.value} x {self.ctx.world_size} ranks ({self.ctx.backend}) | "
             f"{len(self.train_set)} train / {len(self.eval_set)} eval rows "
-            f"({stats.truncated} truncated, {stats.dropped_no_loss} dropped with no loss tokens) | "
+            f"({stats.truncated} truncated, {stats.dropped_no_loss} dropped with no loss tokens; "
+            f"{'cached' if stats.reused else 'tokenised'} in {stats.cache}) | "
             f"global batch {self.plan.global_batch_size} = micro {self.plan.micro_batch_size} x "
             f"accum {self.plan.grad_accum} x world {self.plan.world_size} | {self.total_steps} steps"
         )
@@ -207,7 +209,7 @@ class Trainer:
         groups = self.sampler.rank_micro_batches(step, rank=self.ctx.rank, world_size=self.ctx.world_size,
                                                  micro_batch_size=self.plan.micro_batch_size)
         pad = self.tokenizer.pad_token_id
-        return [collate([self.train_set[i] for i in g], pad) for g in groups]
+        return [collate(self.train_set.rows(g), pad) for g in groups]
 
     def train_step(self, step: int) -> dict:
         batches = self._micro_batches(step)
@@ -216,7 +218,7 @@ class Trainer:
         global_tokens, global_inputs = all_reduce_sum([local_tokens, local_inputs], self.ctx.device).tolist()
         loss_sum = torch.zeros((), dtype=torch.float64)
         for batch in batches:
-            logits = self.strategy.forward(batch["input_ids"], batch["attention_mask"])
+            logits = self.strategy.forward(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
             loss = token_loss_sum(logits, batch["labels"])
             self.strategy.backward(loss / global_tokens)
             loss_sum += loss.detach().double().cpu()
@@ -242,15 +244,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         self.strategy.train(False)
-        mine = self.eval_set[self.ctx.rank :: self.ctx.world_size]
+        mine = range(self.ctx.rank, len(self.eval_set), self.ctx.world_size)
         size = self.cfg.eval.micro_batch_size
         # Every rank must run the same number of forwards (FSDP/ZeRO-3 gather collectively).
-        n_batches = math.ceil(len(self.eval_set[0 :: self.ctx.world_size]) / size) if self.eval_set else 0
+        n_batches = math.ceil(len(range(0, len(self.eval_set), self.ctx.world_size)) / size)
         if self.cfg.eval.max_batches:
             n_batches = min(n_batches, self.cfg.eval.max_batches)
         loss_sum, tokens = 0.0, 0
         for i in range(n_batches):
-            rows: list[Example] = mine[i * size : (i + 1) * size] or self.eval_set[:1]
+            rows: list[Example] = self.eval_set.rows(mine[i * size : (i + 1) * size] or [0])
             batch = collate(rows, self.tokenizer.pad_token_id)
             logits = self.strategy.forward(batch["input_ids"], batch["attention_mask"])
             if mine[i * size : (i + 1) * size]:

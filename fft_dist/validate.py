@@ -90,15 +90,7 @@ def _check_paths(cfg: FFTConfig) -> None:
             raise ConfigError(f"model.path={cfg.model.path!r} is not a Hugging Face model folder (no config.json in {path})")
     elif not cfg.model.arch.get("model_type"):
         raise ConfigError("model.arch.model_type is required when model.path is not set")
-    for key in ("path", "eval_path"):
-        value = getattr(cfg.data, key)
-        if value is None:
-            continue
-        path = Path(value)
-        if path.is_dir():
-            raise ConfigError(f"data.{key}={value!r} is a directory; point it at a JSONL file")
-        if not path.is_file():
-            raise ConfigError(f"data.{key}={value!r} does not exist")
+    # data.path / data.eval_path (files, globs, lists, dataset folders) are checked by data.check_data_files
     if cfg.model.tokenizer is not None and not Path(cfg.model.tokenizer).is_dir():
         raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r} is not a folder")
 

@@ -91,8 +91,10 @@ def test_missing_model_path(tmp_path):
 
 
 def test_missing_data_path(tmp_path):
-    with pytest.raises(ConfigError, match="data.path=.*does not exist"):
-        validate(typed(f"data.path={tmp_path / 'missing.jsonl'}"), 2)
+    from fft_dist.data import DataError, check_data_files
+
+    with pytest.raises(DataError, match="data.path=.*does not exist"):
+        check_data_files(typed(f"data.path={tmp_path / 'missing.jsonl'}").data)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -216,8 +218,10 @@ def test_bad_data_is_reported_once_before_launch(tmp_path, content, needle):
 
 
 def test_data_path_directory_says_what_it_is(tmp_path):
-    with pytest.raises(ConfigError, match="is a directory"):
-        validate(typed(f"data.path={tmp_path}"), 2)
+    from fft_dist.data import DataError, check_data_files
+
+    with pytest.raises(DataError, match="is a directory but not a save_to_disk"):
+        check_data_files(typed(f"data.path={tmp_path}").data)
 
 
 def test_missing_resume_path_is_a_checkpoint_error_before_launch(tmp_path):

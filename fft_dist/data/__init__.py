@@ -1,5 +1,8 @@
-"""Data: JSONL sources, tokenised examples with loss masks, and the resumable global-batch sampler."""
-from fft_dist.data.examples import DataError, Example, check_data_files, load_datasets
+"""Data: local sources through `datasets`, tokenised once into memory-mapped Arrow, and the resumable sampler."""
+from fft_dist.data.examples import DataError, DataStats, Example, TokenizedSplit
+from fft_dist.data.pipeline import load_datasets
 from fft_dist.data.sampler import GlobalBatchSampler, collate
+from fft_dist.data.sources import check_data_files
 
-__all__ = ["DataError", "Example", "check_data_files", "GlobalBatchSampler", "collate", "load_datasets"]
+__all__ = ["DataError", "DataStats", "Example", "TokenizedSplit", "check_data_files", "GlobalBatchSampler",
+           "collate", "load_datasets"]

@@ -61,14 +61,26 @@ class GlobalBatchSampler:
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row; padded positions get attention 0 and label -100."""
+    """Right-pad to the longest row; padded positions get attention 0 and label -100.
+
+    Packed rows also get `position_ids`; their padding counts from 0 again, so it forms a
+    sequence of its own that no real token attends to.
+    """
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    packed = examples[0].position_ids is not None
+    positions = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if packed:
+            positions[i, :n] = torch.tensor(e.position_ids)
+            positions[i, n:] = torch.arange(width - n)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if packed:
+        batch["position_ids"] = positions
+    return batch

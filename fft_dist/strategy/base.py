@@ -64,8 +64,9 @@ class Strategy(Protocol):
     ) -> None:
         """Build (or partition-build) the model, shard it, and create the optimizer."""
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits for a micro batch, under the configured precision."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for a micro batch, under the configured precision (position_ids: packed rows, see model_inputs)."""
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of a micro-batch loss that is already normalised by the global-batch token count.
@@ -88,3 +89,12 @@ class Strategy(Protocol):
         """Fill this rank's ranges from a checkpoint, whatever world size or backend wrote it."""
 
     def train(self, mode: bool = True) -> None: ...
+
+
+def model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None,
+                 device: torch.device) -> dict:
+    """Keyword arguments for the HF model. Packed rows pass position ids that restart per document
+    and no attention mask: transformers then builds a block-causal mask, so no document sees another."""
+    if position_ids is None:
+        return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    return {"input_ids": input_ids.to(device), "position_ids": position_ids.to(device), "use_cache": False}

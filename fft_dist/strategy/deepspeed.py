@@ -42,7 +42,7 @@ from torch import nn
 
 from fft_dist.config import BatchPlan, FFTConfig
 from fft_dist.dist import DistContext
-from fft_dist.strategy.base import Fragment, FragmentSource, LrSchedule, OptimizerFactory
+from fft_dist.strategy.base import Fragment, FragmentSource, LrSchedule, OptimizerFactory, model_inputs
 from fft_dist.strategy.deepspeed_compat import (
     ScopedZero3Linear,
     full_shapes,
@@ -112,12 +112,12 @@ class DeepSpeedStrategy:
         # micro_index: 1-based index of the micro batch whose backward comes next.
         self.engine.set_gradient_accumulation_boundary(micro_index >= self.plan.grad_accum)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         if self.engine.training:
             self._set_boundary(self._micro + 1)
         with self._linear.scope():
-            out = self.engine(input_ids=input_ids.to(self.ctx.device),
-                              attention_mask=attention_mask.to(self.ctx.device))
+            out = self.engine(**model_inputs(input_ids, attention_mask, position_ids, self.ctx.device))
         return out.logits
 
     def backward(self, loss: torch.Tensor) -> None:

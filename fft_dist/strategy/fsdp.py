@@ -60,8 +60,9 @@ class FSDPStrategy(TorchOptimizerStrategy):
         self.model = model
         self._finish_setup(make_optimizer, lr_at)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        logits = super().forward(input_ids, attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        logits = super().forward(input_ids, attention_mask, position_ids)
         if not torch.is_grad_enabled():  # evaluation: no backward will reshard the root
             self._reshard()
         return logits

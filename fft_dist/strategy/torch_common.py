@@ -10,7 +10,7 @@ from torch import nn
 from fft_dist.config import FFTConfig, Precision
 from fft_dist.dist import DistContext
 from fft_dist.optim import set_lr
-from fft_dist.strategy.base import Fragment, FragmentSource, LrSchedule
+from fft_dist.strategy.base import Fragment, FragmentSource, LrSchedule, model_inputs
 
 OPTIMIZER_STATE_KINDS = ("step", "exp_avg", "exp_avg_sq", "momentum_buffer")
 COMPUTE_DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
@@ -56,9 +56,10 @@ class TorchOptimizerStrategy:
     def _make_scaler(self):
         return torch.amp.GradScaler(self.device.type)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         with self._autocast():
-            out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+            out = self.model(**model_inputs(input_ids, attention_mask, position_ids, self.device))
         return out.logits
 
     def backward(self, loss: torch.Tensor) -> None:

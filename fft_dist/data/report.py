@@ -1,0 +1,100 @@
+"""`fft-dist data`: what the configured data turns into, before any training.
+
+It runs the same pipeline a training run does (so the cache it builds is the one training uses
+when data.cache_dir points there) and prints the splits, token lengths, what was truncated,
+windowed or dropped and why, the loss-bearing share, the first example with its loss mask, and
+how domain terms (data.inspect_terms) split into tokens.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fft_dist.config import DataConfig
+from fft_dist.data.encode import IGNORE_INDEX
+from fft_dist.data.examples import DataStats, Example
+from fft_dist.data.pipeline import load_datasets
+
+MANY_PIECES = 4
+"""A term that splits into more tokens than this gets a warning."""
+LOSS_OPEN, LOSS_CLOSE = "[[", "]]"
+BAR = 40
+
+
+def histogram_lines(stats: DataStats) -> list[str]:
+    edges, counts = stats.length_edges, stats.lengths
+    top = max(counts, default=0) or 1
+    out = []
+    for lo, hi, n in zip(edges, edges[1:], counts):
+        out.append(f"  {lo:>6}-{hi - 1:<6} {'#' * round(BAR * n / top):<{BAR}} {n}")
+    return out
+
+
+def render_with_mask(example: Example, tok) -> str:
+    """The example's text with the loss-bearing spans inside [[ ]] (position 0 is never predicted)."""
+    pieces, run, trained = [], [], False
+    for pos, (t, label) in enumerate(zip(example.input_ids, example.labels)):
+        is_loss = pos > 0 and label != IGNORE_INDEX
+        if run and is_loss != trained:
+            pieces.append(_piece(tok, run, trained))
+            run = []
+        run.append(t)
+        trained = is_loss
+    if run:
+        pieces.append(_piece(tok, run, trained))
+    return "".join(pieces)
+
+
+def _piece(tok, ids: list[int], trained: bool) -> str:
+    text = tok.decode(ids)
+    return f"{LOSS_OPEN}{text}{LOSS_CLOSE}" if trained else text
+
+
+def term_lines(terms: list[str], tok) -> tuple[list[str], list[str]]:
+    """(one line per term, warnings for terms that split into many pieces)."""
+    lines, warnings = [], []
+    for term in terms:
+        for shown in (term, " " + term):  # mid-sentence words usually carry the leading space
+            pieces = tok.convert_ids_to_tokens(tok(shown, add_special_tokens=False)["input_ids"])
+            lines.append(f"  {shown!r:<30} {len(pieces):>3} piece(s): {pieces}")
+            if len(pieces) > MANY_PIECES and shown == term:
+                warnings.append(f"warning: {term!r} splits into {len(pieces)} pieces (> {MANY_PIECES}); the model "
+                                "sees it as fragments, so it may need more examples to learn it")
+    return lines, warnings
+
+
+def data_report(cfg: DataConfig, tok, *, cache_dir: str | Path | None = None) -> str:
+    """The report as text (the same pipeline and cache as training)."""
+    train, evals, stats = load_datasets(cfg, tok, cache_dir=cache_dir)
+    eval_stats = DataStats(**json.loads((Path(stats.cache) / "stats.json").read_text())["eval"])
+    share = stats.loss_tokens / stats.tokens if stats.tokens else 0.0
+    lines = [
+        f"data: {cfg.name} (format {cfg.format.value}, max_length {cfg.max_length}) from {cfg.path}",
+        f"cache: {stats.cache} ({'reused' if stats.reused else 'built now'})",
+        f"train: {len(train)} examples from {stats.rows} rows",
+        f"eval:  {len(evals)} examples from {eval_stats.rows} rows "
+        f"({'data.eval_path' if cfg.eval_path is not None else f'held out: data.eval_fraction={cfg.eval_fraction}'})",
+        "token lengths (train examples):",
+        *histogram_lines(stats),
+        f"truncated to data.max_length={cfg.max_length}: {stats.truncated} train, {eval_stats.truncated} eval",
+        f"windowed (data.stride={cfg.stride}): {stats.windowed} train windows",
+        f"dropped: {stats.dropped_no_loss} train, {eval_stats.dropped_no_loss} eval" + "".join(
+            f"\n  {reason}: {n} train" for reason, n in sorted(stats.dropped.items())),
+        f"loss-bearing tokens: {stats.loss_tokens} of {stats.tokens} ({share:.1%})",
+    ]
+    if cfg.packing:
+        slots = stats.packed_rows * cfg.max_length
+        lines.append(f"packing: {stats.examples} examples in {stats.packed_rows} rows; {stats.tokens} real tokens "
+                     f"in {slots} slots ({stats.tokens / slots if slots else 0.0:.1%} efficiency)")
+    if len(train) and not cfg.packing:
+        lines += [f"first training example ({len(train[0].input_ids)} tokens; loss on {LOSS_OPEN}...{LOSS_CLOSE}):",
+                  render_with_mask(train[0], tok)]
+    elif len(train):
+        first = train[0]
+        end = first.position_ids.index(0, 1) if 0 in first.position_ids[1:] else len(first.input_ids)
+        lines += [f"first packed example ({end} tokens; loss on {LOSS_OPEN}...{LOSS_CLOSE}):",
+                  render_with_mask(type(first)(first.input_ids[:end], first.labels[:end]), tok)]
+    if cfg.inspect_terms:
+        term, warnings = term_lines(list(cfg.inspect_terms), tok)
+        lines += ["term splits (data.inspect_terms):", *term, *warnings]
+    return "\n".join(lines)

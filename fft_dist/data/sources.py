@@ -1,0 +1,285 @@
+"""Local data sources: resolve `data.path` into files, check them cheaply, and load them with `datasets`.
+
+A source is a file, a glob, a list of those, or a `save_to_disk` folder. Nothing is downloaded:
+a name that looks like a hub data set and is not a local path is refused with what to do instead.
+The pre-launch check reads no tokenizer and converts nothing, so it stays cheap; its errors name
+the file and the line (JSONL) or what was found (columnar files).
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fft_dist.config import DataConfig, DataFormat
+from fft_dist.errors import ConfigError, DataError
+
+LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
+           ".arrow": "arrow"}
+"""File extension -> `datasets` packaged loader."""
+PRECHECK_LINES = 100_000
+"""Lines of each JSONL file the launcher checks before starting ranks (all of a typical fine-tuning set)."""
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One local file (loaded by `loader`) or one `save_to_disk` folder (loader 'disk')."""
+
+    path: Path
+    loader: str
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def resolve_sources(value: Any, *, key: str = "data.path") -> list[Source]:
+    """Every local file or dataset folder that `value` names, in a stable order."""
+    entries = _as_list(value)
+    if not entries:
+        raise ConfigError(f"{key} is empty; give a file, a glob, a list of files or a save_to_disk folder")
+    out: list[Source] = []
+    for entry in entries:
+        if any(ch in entry for ch in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(entry, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise DataError(f"{key}: the glob {entry!r} matches no file")
+            out.extend(_file_source(p, key) for p in matches)
+            continue
+        path = Path(entry)
+        if path.is_dir():
+            out.append(_folder_source(path, key))
+        elif path.is_file():
+            out.append(_file_source(path, key))
+        elif not path.suffix and _HUB_NAME.match(entry) and not entry.startswith((".", "/", "~")):
+            raise DataError(f"{key}={entry!r} is not a local path, and hub data sets are not available offline; "
+                            f"download it (e.g. `datasets.load_dataset(...).save_to_disk(dir)` or its files) "
+                            f"and point {key} at the files")
+        else:
+            raise DataError(f"{key}={entry!r} does not exist")
+    return out
+
+
+def _file_source(path: Path, key: str) -> Source:
+    loader = LOADERS.get(path.suffix.lower())
+    if loader is None:
+        raise DataError(f"{key}: {path}: unknown file type {path.suffix or '(no extension)'!r}; "
+                        f"use one of {sorted(LOADERS)} or a save_to_disk folder")
+    return Source(path, loader)
+
+
+def _folder_source(path: Path, key: str) -> Source:
+    if (path / "dataset_info.json").is_file() and (path / "state.json").is_file():
+        return Source(path, "disk")
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        raise DataError(f"{key}: {path} holds several splits {splits}; point {key} at one of them "
+                        f"(e.g. {path / (splits[0] if splits else 'train')})")
+    raise DataError(f"{key}: {path} is a directory but not a save_to_disk dataset folder; "
+                    "point it at the data files (a glob such as dir/*.jsonl works)")
+
+
+# -- the cheap pre-launch check ------------------------------------------------------------------------
+def expected_columns(cfg: DataConfig) -> dict[str, type]:
+    """The columns each format reads, with the Python type a JSON row must hold there."""
+    if cfg.format == DataFormat.text:
+        return {cfg.text_key: str}
+    if cfg.format == DataFormat.prompt_completion:
+        return {cfg.prompt_key: str, cfg.completion_key: str}
+    if cfg.format == DataFormat.chat:
+        return {cfg.messages_key: list}
+    return {"input_ids": list}
+
+
+def check_options(cfg: DataConfig) -> None:
+    """Options that only make sense for some formats are refused elsewhere, not silently ignored."""
+    if not 0 <= cfg.stride <= cfg.max_length:
+        raise ConfigError(f"data.stride={cfg.stride} must be in [0, data.max_length={cfg.max_length}] (0: truncate)")
+    if cfg.stride and cfg.format != DataFormat.text:
+        raise ConfigError(f"data.stride applies to data.format=text only (the format is {cfg.format.value})")
+    if cfg.chat_template is not None and cfg.format != DataFormat.chat:
+        raise ConfigError(f"data.chat_template applies to data.format=chat only (the format is {cfg.format.value})")
+    if cfg.num_proc < 1:
+        raise ConfigError("data.num_proc must be >= 1")
+
+
+def check_data_files(cfg: DataConfig) -> None:
+    """Before launch: the sources exist, decode, parse and have the columns (no tokenizer, no conversion)."""
+    check_options(cfg)
+    for key, value in (("data.path", cfg.path), ("data.eval_path", cfg.eval_path)):
+        if value is None:
+            continue
+        rows = sum(check_source(s, cfg) for s in resolve_sources(value, key=key))
+        if not rows:
+            raise DataError(f"{key}={value}: the data set is empty (no rows)")
+
+
+def check_source(source: Source, cfg: DataConfig) -> int:
+    """Rows found (JSONL: within the first PRECHECK_LINES lines); raises DataError naming the file."""
+    want = expected_columns(cfg)
+    if source.loader == "json":
+        return sum(1 for _ in iter_json_rows(source.path, want, cfg, max_lines=PRECHECK_LINES))
+    if source.loader == "text":
+        _have(source.path, ["text"], want)
+        return 1 if source.path.stat().st_size else 0
+    names, rows = _columnar_schema(source)
+    _have(source.path, names, want)
+    return rows
+
+
+def _have(path: Path, found: list[str], want: dict[str, type]) -> None:
+    missing = [k for k in want if k not in found]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; expected {list(want)}, found {sorted(found)}")
+
+
+def _columnar_schema(source: Source) -> tuple[list[str], int]:
+    """(column names, rows) from a file's header or metadata, without reading its data."""
+    path = source.path
+    try:
+        if source.loader == "parquet":
+            import pyarrow.parquet as pq
+
+            meta = pq.ParquetFile(path)
+            return list(meta.schema_arrow.names), meta.metadata.num_rows
+        if source.loader == "csv":
+            with path.open(newline="", encoding="utf-8") as f:
+                header = next(csv.reader(io.StringIO(f.readline())), [])
+                return header, sum(1 for _ in f)
+        if source.loader == "arrow":
+            import pyarrow as pa
+
+            with pa.memory_map(str(path)) as mm:
+                try:
+                    reader = pa.ipc.open_stream(mm)
+                except pa.ArrowInvalid:
+                    reader = pa.ipc.open_file(mm)
+                return list(reader.schema.names), 1  # the row count needs a full read
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        return list(ds.column_names), len(ds)
+    except DataError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a readable {source.loader} source ({type(e).__name__}: {e})") from None
+
+
+def iter_json_rows(path: str | Path, want: dict[str, type], cfg: DataConfig | None = None, *,
+                   max_lines: int | None = None):
+    """Yield (line number, row) of a JSON-lines file, checking each row; errors name the file and line.
+
+    Lines are decoded one by one, so a stray non-UTF-8 byte or a binary file (parquet, arrow) is
+    reported where it is instead of as a decoder traceback. A .json file holding one array is
+    checked as a whole (its rows are numbered from 1).
+    """
+    from fft_dist.data.encode import chat_row_problem
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file is {'a directory' if path.is_dir() else 'missing'}")
+    for lineno, row in _json_rows(path, max_lines):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in want if k not in row]
+        if missing:
+            raise DataError(f"{path}:{lineno}: missing column(s) {missing}; expected {list(want)}, found {sorted(row)}")
+        bad = [k for k, t in want.items() if not isinstance(row[k], t)]
+        if bad:
+            raise DataError(f"{path}:{lineno}: column(s) {bad} must be {want[bad[0]].__name__}s")
+        if cfg is not None and cfg.format == DataFormat.chat:
+            problem = chat_row_problem(row[cfg.messages_key])
+            if problem:
+                raise DataError(f"{path}:{lineno}: {problem}")
+        yield lineno, row
+
+
+def _json_rows(path: Path, max_lines: int | None):
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip()
+    if path.suffix.lower() == ".json" and head.startswith(b"["):
+        try:
+            rows = json.loads(path.read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: malformed JSON ({e})") from None
+        yield from enumerate(rows, start=1)
+        return
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if max_lines is not None and lineno > max_lines:
+                return
+            if b"\0" in raw or (lineno == 1 and raw.startswith((b"PAR1", b"ARROW1"))):
+                raise DataError(f"{path}:{lineno}: a binary file (parquet/arrow?), not JSONL text")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)") from None
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+
+
+# -- loading (on the rank that builds the cache) -----------------------------------------------------------
+@dataclass
+class Loaded:
+    """The rows of one split's sources, concatenated, and which file each row came from."""
+
+    dataset: Any
+    files: list[Path]
+    starts: list[int]
+
+    def name_row(self, index: int) -> str:
+        """'file: row N' (1-based within its file) for the concatenated row `index`."""
+        import bisect
+
+        k = bisect.bisect_right(self.starts, index) - 1
+        return f"{self.files[k]}: row {index - self.starts[k] + 1}"
+
+
+def load_sources(value: Any, cfg: DataConfig, *, key: str, work_dir: Path) -> Loaded:
+    """Load every source of one split with `datasets` (local packaged loaders, no network)."""
+    import datasets
+
+    parts, files, starts, total = [], [], [], 0
+    for source in resolve_sources(value, key=key):
+        if source.loader == "json":  # line-exact errors before pyarrow's own, less precise ones
+            if not sum(1 for _ in iter_json_rows(source.path, expected_columns(cfg), cfg)):
+                continue  # an empty file adds no rows (the json loader cannot read it)
+        elif source.path.is_file() and not source.path.stat().st_size:
+            continue
+        try:
+            if source.loader == "disk":
+                ds = datasets.load_from_disk(str(source.path))
+            else:
+                ds = datasets.load_dataset(source.loader, data_files=[str(source.path)], split="train",
+                                           cache_dir=str(work_dir / "hf"))
+        except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
+            raise DataError(f"{source.path}: could not be read as {source.loader} ({type(e).__name__}: {e})") from None
+        _have(source.path, list(ds.column_names), expected_columns(cfg))
+        parts.append(ds.select_columns(list(expected_columns(cfg)) + _optional_columns(cfg, ds.column_names)))
+        files.append(source.path)
+        starts.append(total)
+        total += len(ds)
+    if not total:
+        raise DataError(f"{key}={value}: the data set is empty (no rows)")
+    dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return Loaded(dataset, files, starts)
+
+
+def _optional_columns(cfg: DataConfig, names: list[str]) -> list[str]:
+    if cfg.format != DataFormat.tokenized:
+        return []
+    return [c for c in ("labels", "loss_mask") if c in names]
