@@ -233,7 +233,8 @@ def start_agent(torchrun_argv: list[str], forwarder: SignalForwarder) -> int:
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args([*torchrun_argv, "-m", "fft_dist.train"])
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc_per_node)))
+    nproc = int(args.nproc_per_node) if str(args.nproc_per_node).isdigit() else 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # Our forwarder handles the stop signals; torchrun's handler would kill the ranks mid-save.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
