@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -188,6 +189,21 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def kill_job(proc: subprocess.Popen) -> None:
+    """Never leave a job behind when a test fails: its ranks first, then the launcher."""
+    if proc.poll() is None:
+        for pid in children(proc.pid):
+            os.kill(pid, 9)
+        proc.kill()
+        proc.communicate()
+
+
+def start_launch(run: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fft_dist.cli", "launch", f"run.dir={run}", *overrides], cwd=REPO,
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
 def assert_same_weights(a: Path, b: Path) -> None:
     ra, rb = CheckpointReader(a), CheckpointReader(b)
     assert sorted(ra.names()) == sorted(rb.names())
@@ -203,20 +219,42 @@ def test_torchrun_restart_after_kill_9_resumes_to_identical_weights(tmp_path):
            "checkpoint.save_final=true", "checkpoint.keep_last=10"]
     launch(tmp_path / "full", *job)
     run = tmp_path / "restarted"
-    proc = subprocess.Popen([sys.executable, "-m", "fft_dist.cli", "launch", f"run.dir={run}", *job,
-                             "launcher.max_restarts=1"], cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 240
-    while ckpt.find_resume("auto", run / "checkpoints") is None:
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.05)
-    ranks = children(proc.pid)
-    assert len(ranks) == 2, ranks
-    os.kill(ranks[1], 9)
-    out, err = proc.communicate(timeout=300)
+    proc = start_launch(run, *job, "launcher.max_restarts=1")
+    try:
+        deadline = time.time() + 240
+        while ckpt.find_resume("auto", run / "checkpoints") is None:
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+        ranks = children(proc.pid)
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[1], 9)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        kill_job(proc)
     assert proc.returncode == 0, f"{out[-3000:]}\n{err[-5000:]}"
     assert "resumed from" in out + err, "the restarted ranks must resume from the checkpoint"
     assert not [p for p in ranks if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text()]
     final = "step-0000012"
     assert ckpt.verify_checkpoint(run / "checkpoints" / final) == []
     assert_same_weights(run / "checkpoints" / final, tmp_path / "full" / "checkpoints" / final)
+
+
+@pytest.mark.slow
+def test_a_stop_signal_is_not_undone_by_a_torchrun_restart(tmp_path):
+    """SIGTERM to the launcher: ranks checkpoint and exit 75; torchrun restarts them, and they stop at once."""
+    run = tmp_path / "r"
+    proc = start_launch(run, *TINY_JOB, "launcher=torchrun", "launcher.max_restarts=2", "train.max_steps=400")
+    try:
+        deadline = time.time() + 240
+        while not (run / "metrics.jsonl").exists() or '"loss"' not in (run / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        kill_job(proc)
+    assert proc.returncode == 75, f"{out[-3000:]}\n{err[-5000:]}"
+    assert "not restarting: the job was stopped by SIGTERM" in out, out[-3000:]
+    found = ckpt.find_resume("auto", run / "checkpoints")
+    assert found is not None and ckpt.verify_checkpoint(found) == []
+    assert max(r["step"] for r in step_records(run)) < 400
