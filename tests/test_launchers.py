@@ -258,3 +258,52 @@ def test_a_stop_signal_is_not_undone_by_a_torchrun_restart(tmp_path):
     found = ckpt.find_resume("auto", run / "checkpoints")
     assert found is not None and ckpt.verify_checkpoint(found) == []
     assert max(r["step"] for r in step_records(run)) < 400
+
+
+@pytest.fixture
+def two_namespaces():
+    """Two network namespaces joined by a veth pair (10.77.0.1 and 10.77.0.2): two "nodes" on one box."""
+    tag = f"{os.getpid() % 100000}"
+    ns, veth = [f"fft{tag}n{i}" for i in (0, 1)], [f"fft{tag}v{i}" for i in (0, 1)]
+    steps = [["ip", "netns", "add", ns[0]], ["ip", "netns", "add", ns[1]],
+             ["ip", "link", "add", veth[0], "type", "veth", "peer", "name", veth[1]]]
+    for i in (0, 1):
+        steps += [["ip", "link", "set", veth[i], "netns", ns[i]],
+                  ["ip", "-n", ns[i], "addr", "add", f"10.77.0.{i + 1}/24", "dev", veth[i]],
+                  ["ip", "-n", ns[i], "link", "set", veth[i], "up"], ["ip", "-n", ns[i], "link", "set", "lo", "up"]]
+    try:
+        for step in steps:
+            proc = subprocess.run(step, capture_output=True, text=True)
+            if proc.returncode:
+                print(f"SKIP reason: {' '.join(step)} failed: {proc.stderr.strip()}")
+                pytest.skip(f"cannot make network namespaces here: {' '.join(step)}: {proc.stderr.strip()}")
+        yield ns, veth
+    finally:
+        for name in ns:  # deleting a namespace deletes its end of the veth pair, and so the pair
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.mark.slow
+def test_two_nodes_in_network_namespaces_match_a_single_node_run(tmp_path, two_namespaces):
+    ns, veth = two_namespaces
+    job = [*TINY_JOB, "train.max_steps=4"]
+    launch(tmp_path / "single", *job, "launcher=torchrun")
+    run = tmp_path / "two-nodes"
+    procs = []
+    try:
+        for rank in (0, 1):
+            cmd = ["ip", "netns", "exec", ns[rank], "env", f"GLOO_SOCKET_IFNAME={veth[rank]}", sys.executable, "-m",
+                   "fft_dist.cli", "launch", f"run.dir={run}", *job, "launcher=torchrun", "launcher.nnodes=2",
+                   f"launcher.node_rank={rank}", "launcher.nproc_per_node=1", "launcher.rdzv_endpoint=10.77.0.1:29400",
+                   f"launcher.local_addr=10.77.0.{rank + 1}", f"launcher.rdzv_id=t{os.getpid()}"]
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, start_new_session=True))
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            kill_job(p)
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, f"{out[-3000:]}\n{err[-5000:]}"
+    assert "(node 1 of 2)" in outs[1][0]
+    single, two = [r["loss"] for r in step_records(tmp_path / "single")], [r["loss"] for r in step_records(run)]
+    assert len(two) == 4 and two == single, (two, single)
