@@ -140,7 +140,10 @@ def _launch(overrides: list[str], config_dirs: list[str] | None, forwarder: Sign
         report(*known[:1], e)
         return known[1]
     if launcher.dry_run:
-        print(text, flush=True)
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:  # `... | head`: the reader has what it wanted
+            sys.stdout = open(os.devnull, "w", encoding="utf-8")
         return exit_codes.OK
     return job.run(forwarder)
 
