@@ -1,11 +1,13 @@
-"""Launching: resolve the config once, check everything cheap, then start (or become) the ranks.
+"""Launching: resolve the config once, check everything cheap, then start (or submit) the ranks.
 
-``fft-dist train`` resolves and validates the config in one process, runs the pre-launch checks
-(config, backend, data, resume path, run directory), writes ``run.dir/config.yaml`` and starts
-``launcher.nproc_per_node`` ranks through ``torch.distributed.run`` (torchrun's own code). Every
-rank reads that file (:data:`CONFIG_ENV`). Under a user's own torchrun or deepspeed launcher,
-each rank composes the overrides and rank 0's resolution is broadcast, so ``${now:}`` and the
-like cannot differ between ranks. ``python -m fft_dist.train`` is the worker entry point.
+``fft-dist launch`` (``fft-dist train`` is its ``launcher=local`` form) resolves and validates the
+config in one process, runs the pre-launch checks (config, backend, data, resume path, run
+directory), writes ``run.dir/config.yaml`` and hands the job to the chosen launcher: torchrun's
+agent in this process (local, torchrun), the deepspeed launcher, ``sbatch`` or a container
+engine (:mod:`fft_dist.launch_plan` and :mod:`fft_dist.launch_slurm` build what they run).
+Every rank reads that file (:data:`CONFIG_ENV`). Under a user's own torchrun or deepspeed
+launcher, each rank composes the overrides and rank 0's resolution is broadcast, so ``${now:}``
+and the like cannot differ between ranks. ``python -m fft_dist.train`` is the worker entry point.
 """
 from __future__ import annotations
 
