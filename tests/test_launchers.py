@@ -3,6 +3,8 @@ launcher does not use refused, and real runs under torchrun and the deepspeed la
 torchrun group restart after `kill -9` of a rank that resumes to bit-identical weights."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shlex
 import signal
@@ -17,12 +19,27 @@ import torch
 from helpers import REPO, TINY_JOB, child_env, fft_dist, step_records
 from fft_dist import checkpoint as ckpt
 from fft_dist.checkpoint import CheckpointReader
+from fft_dist.preemption import STOP_SIGNALS
 
 ODD = "/tmp/fft dist's $HOME run"  # a space, a quote and a $: must reach the ranks unchanged
 
 
 def dry(*overrides: str) -> subprocess.CompletedProcess:
-    return fft_dist("launch", *overrides, "launcher.dry_run=true", timeout=120)
+    """`fft-dist launch ... launcher.dry_run=true` in this process (a dry run starts nothing; seconds saved)."""
+    from fft_dist.cli import main
+
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main(["launch", *overrides, "launcher.dry_run=true"])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        for sig, handler in handlers.items():  # the launcher's stop-signal forwarding is not pytest's
+            signal.signal(sig, handler)
+    return subprocess.CompletedProcess(["fft-dist", "launch", *overrides], code, out.getvalue(), err.getvalue())
 
 
 def dry_ok(*overrides: str) -> str:
