@@ -1,4 +1,4 @@
-"""`fft-dist` console script: train | export | ckpt."""
+"""`fft-dist` console script: train | launch | node | data | estimate | plan | export | ckpt."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,9 @@ USAGE = """fft-dist <command> [args]
 commands:
   train [hydra overrides]        train; self-launches launcher.nproc_per_node ranks via torchrun's API
                                  (fft-dist train --help lists every option; --cfg job prints the config)
+  launch [hydra overrides]       run or submit the job with launcher=local|torchrun|deepspeed|slurm|container
+                                 (launcher.dry_run=true prints the command or sbatch script, runs nothing)
+  node [torchrun args]           one node's agent for a written config (FFT_DIST_CONFIG); sbatch scripts use it
   export <checkpoint> <out_dir>  write a Hugging Face folder from a checkpoint (--force replaces a
                                  non-empty out_dir; <checkpoint>: step-N, the checkpoint root or latest)
   estimate [overrides] [--gpus 1,2,8] [--gpu-mem 80GiB] [--json]
@@ -23,10 +26,10 @@ commands:
 """
 
 
-def train(argv: list[str]) -> int:
-    """`fft-dist train`: Hydra-style flags first (--help, --cfg job, --info, --config-dir), then launch."""
+def train(argv: list[str], *, command: str = "train") -> int:
+    """`fft-dist train|launch`: Hydra-style flags first (--help, --cfg job, --info, --config-dir), then launch."""
     from fft_dist import config_help
-    from fft_dist.launch import train_command
+    from fft_dist.launch import launch_command, train_command
 
     overrides, config_dirs, show = [], [], None
     it = iter(argv)
@@ -53,6 +56,8 @@ def train(argv: list[str]) -> int:
         return 0
     if show is not None:
         return print_config(overrides, config_dirs, show)
+    if command == "launch":
+        return launch_command(overrides, config_dirs=config_dirs)
     return train_command(overrides, config_dirs=config_dirs)
 
 
@@ -108,8 +113,12 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         sys.exit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        sys.exit(train(rest))
+    if command in ("train", "launch"):
+        sys.exit(train(rest, command=command))
+    if command == "node":
+        from fft_dist.launch import node_command
+
+        sys.exit(node_command(rest))
     if command == "data":
         sys.exit(data(rest))
     if command == "export":

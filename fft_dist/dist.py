@@ -54,7 +54,16 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistContext
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+        timeout = timedelta(seconds=timeout_s)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if attempt != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun restarted the group: its store still holds the dead attempt's addresses, and gloo
+            # would connect to them. A key prefix per attempt keeps the attempts apart.
+            store = dist.PrefixStore(f"/fft-dist/attempt_{attempt}", dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                timeout=timeout))
+            kwargs.update(store=store, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     return DistContext(rank, world_size, local_rank, device, backend)
 
 

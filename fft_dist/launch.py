@@ -1,25 +1,31 @@
-"""Launching: resolve the config once, check everything cheap, then start (or become) the ranks.
+"""Launching: resolve the config once, check everything cheap, then start (or submit) the ranks.
 
-``fft-dist train`` resolves and validates the config in one process, runs the pre-launch checks
-(config, backend, data, resume path, run directory), writes ``run.dir/config.yaml`` and starts
-``launcher.nproc_per_node`` ranks through ``torch.distributed.run`` (torchrun's own code). Every
-rank reads that file (:data:`CONFIG_ENV`). Under a user's own torchrun or deepspeed launcher,
-each rank composes the overrides and rank 0's resolution is broadcast, so ``${now:}`` and the
-like cannot differ between ranks. ``python -m fft_dist.train`` is the worker entry point.
+``fft-dist launch`` (``fft-dist train`` is its ``launcher=local`` form) resolves and validates the
+config in one process, runs the pre-launch checks (config, backend, data, resume path, run
+directory), writes ``run.dir/config.yaml`` and hands the job to the chosen launcher: torchrun's
+agent in this process (local, torchrun), the deepspeed launcher, ``sbatch`` or a container
+engine (:mod:`fft_dist.launch_plan` and :mod:`fft_dist.launch_slurm` build what they run).
+Every rank reads that file (:data:`CONFIG_ENV`). Under a user's own torchrun or deepspeed
+launcher, each rank composes the overrides and rank 0's resolution is broadcast, so ``${now:}``
+and the like cannot differ between ranks. ``python -m fft_dist.train`` is the worker entry point.
 """
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 from fft_dist import exit_codes
-from fft_dist.compose import prepare, report
-from fft_dist.config import BatchPlan, FFTConfig
+from fft_dist import launch_plan as plan
+from fft_dist.compose import Prepared, compose, override_keys, report, resolve, to_typed, to_yaml
+from fft_dist.config import BatchPlan, ConfigError, FFTConfig, LauncherConfig, LauncherName
 from fft_dist.errors import classify
+from fft_dist.launch_plan import check_launcher, world_size
 from fft_dist.preemption import SignalForwarder, StartupInterrupted, signal_name
-from fft_dist.worker import CONFIG_ENV, run_worker
+from fft_dist.validate import validate
+from fft_dist.worker import CONFIG_ENV, STOPPED_ENV, run_worker
 
 
 def launched_by_launcher() -> bool:
@@ -67,51 +73,175 @@ def preflight(cfg: FFTConfig, plan: BatchPlan) -> None:
 
 
 def train_command(overrides: list[str], *, config_dirs: list[str] | None = None) -> int:
-    """``fft-dist train``: a rank when a launcher started us, else the self-launcher."""
+    """``fft-dist train``: a rank when a launcher started us, else ``fft-dist launch launcher=local``."""
     overrides = strip_launcher_args(overrides)
     if launched_by_launcher():
         return run_worker(overrides)
-    forwarder = SignalForwarder()
+    return launch_command(overrides, config_dirs=config_dirs, only_local=True)
+
+
+def launch_command(overrides: list[str], *, config_dirs: list[str] | None = None, only_local: bool = False) -> int:
+    """``fft-dist launch``: resolve once, check, write run.dir/config.yaml, then run or submit the job."""
+    forwarder = StopForwarder()
     try:
-        return _self_launch(overrides, config_dirs, forwarder)
+        return _launch(overrides, config_dirs, forwarder, only_local=only_local)
     except StartupInterrupted as e:
         print(f"fft-dist: received {e}; stopped before any rank started (nothing trained, nothing saved)",
               file=sys.stderr, flush=True)
         return exit_codes.STOPPED_NO_CHECKPOINT
 
 
-def _self_launch(overrides: list[str], config_dirs: list[str] | None, forwarder: SignalForwarder) -> int:
+def node_command(torchrun_argv: list[str]) -> int:
+    """``fft-dist node <torchrun args>``: one node's agent (SLURM, containers) for an already written config."""
+    if not os.environ.get(CONFIG_ENV):
+        print(f"fft-dist node: set {CONFIG_ENV} to the run's config.yaml (fft-dist launch writes it)",
+              file=sys.stderr, flush=True)
+        return exit_codes.CONFIG_ERROR
+    return start_agent(torchrun_argv, StopForwarder())
+
+
+class StopForwarder(SignalForwarder):
+    """Also tells ranks that torchrun restarts after a stop signal to stop at once (they inherit our env)."""
+
+    def _handle(self, signum: int, frame) -> None:
+        os.environ.setdefault(STOPPED_ENV, signal_name(signum))
+        super()._handle(signum, frame)
+
+
+def _resolve(overrides: list[str], config_dirs: list[str] | None, *, only_local: bool) -> Prepared:
+    """Compose, resolve and type once; validate against the whole job's world size."""
+    cfg_node = resolve(compose(overrides, config_dirs=config_dirs))
+    cfg = to_typed(cfg_node)
+    if only_local and cfg.launcher.name != LauncherName.local:
+        raise ConfigError(f"fft-dist train starts ranks on this machine (launcher=local); for "
+                          f"launcher={cfg.launcher.name.value} use `fft-dist launch`")
+    check_launcher(cfg.launcher)
+    return Prepared(cfg, to_yaml(cfg_node), validate(cfg, world_size(cfg.launcher)))
+
+
+def _launch(overrides: list[str], config_dirs: list[str] | None, forwarder: SignalForwarder, *,
+            only_local: bool) -> int:
     from fft_dist.rundir import prepare_run_dir
 
     try:
-        prepared = prepare(overrides, world_size=None, config_dirs=config_dirs)
-        cfg, nproc = prepared.cfg, prepared.cfg.launcher.nproc_per_node
+        prepared = _resolve(overrides, config_dirs, only_local=only_local)
+        cfg, launcher = prepared.cfg, prepared.cfg.launcher
         preflight(cfg, prepared.plan)
-        run_dir = prepare_run_dir(cfg, prepared.yaml)
+        secondary = launcher.name == LauncherName.torchrun and launcher.node_rank > 0
+        if secondary and "run.dir" not in override_keys(overrides):
+            raise ConfigError("launcher.node_rank > 0 reads node 0's run.dir/config.yaml: pass the same explicit "
+                              "run.dir=<shared folder> on every node")
+        job = Job(launcher, Path(cfg.run.dir).resolve(), ["fft-dist", "launch", *overrides])
+        text = job.describe()  # checks what only rendering finds (e.g. an #SBATCH value that needs quoting)
+        if not (launcher.dry_run or secondary):
+            prepare_run_dir(cfg, prepared.yaml)
     except Exception as e:  # noqa: BLE001 - known errors get their exit code, bugs their traceback
         known = classify(e)
         if known is None:
             raise
         report(*known[:1], e)
         return known[1]
-    print(f"fft-dist: run dir {run_dir}; starting {nproc} rank(s)", flush=True)
-    return start_ranks(run_dir / "config.yaml", nproc, cfg.launcher.master_port, forwarder)
+    if launcher.dry_run:
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:  # `... | head`: the reader has what it wanted
+            sys.stdout = open(os.devnull, "w", encoding="utf-8")
+        return exit_codes.OK
+    return job.run(forwarder)
 
 
-def start_ranks(config_path: Path, nproc: int, master_port: int, forwarder: SignalForwarder) -> int:
-    """Start `nproc` workers with torch.distributed.run and return the job's exit code."""
+class Job:
+    """The command (or script) one launcher runs for a resolved config in `run_dir`."""
+
+    def __init__(self, launcher: LauncherConfig, run_dir: Path, command: list[str]):
+        self.launcher, self.run_dir, self.command = launcher, run_dir, command
+        self.config_path = run_dir / "config.yaml"
+        self.name = launcher.name
+        self.master_port = launcher.master_port or (
+            plan.SLURM_PORT if launcher.hosts else plan.free_port()) if self.name == LauncherName.deepspeed else 0
+
+    def env(self) -> dict[str, str]:
+        return {CONFIG_ENV: str(self.config_path), **self.launcher.env}
+
+    def describe(self) -> str:
+        """Exactly what `run` would do, as shell text (stdout of a dry run)."""
+        lch = self.launcher
+        if self.name in (LauncherName.local, LauncherName.torchrun):
+            argv = [sys.executable, "-m", "torch.distributed.run", *plan.torchrun_args(lch), "-m", "fft_dist.train"]
+            return ("# fft-dist runs this through torch.distributed.run's API, forwarding stop signals to the ranks\n"
+                    + plan.shell_line(argv, self.env()))
+        if self.name == LauncherName.deepspeed:
+            lines = [f"# {self.run_dir / 'hostfile'}: {line}" for line in plan.hostfile_text(lch).splitlines()]
+            if lch.hosts:
+                env_file = self.run_dir / "deepspeed_env"
+                lines += [f"# {env_file} (DS_ENV_FILE, exported on every host): {line}"
+                          for line in plan.deepspeed_env_text(self.env()).splitlines()]
+                return "\n".join([*lines, plan.shell_line(self._deepspeed_argv(), {"DS_ENV_FILE": str(env_file)})])
+            return plan.shell_line(self._deepspeed_argv(), self.env())
+        if self.name == LauncherName.slurm:
+            return self.sbatch_script().rstrip("\n")
+        return plan.shell_line(self._container_argv())
+
+    def _deepspeed_argv(self) -> list[str]:
+        hostfile = str(self.run_dir / "hostfile") if self.launcher.hosts else None
+        return plan.deepspeed_argv(self.launcher, hostfile=hostfile, master_port=self.master_port)
+
+    def _container_argv(self) -> list[str]:
+        return plan.container_argv(self.launcher, run_dir=str(self.run_dir), config_path=str(self.config_path))
+
+    def sbatch_script(self) -> str:
+        from fft_dist.launch_slurm import sbatch_script
+
+        return sbatch_script(self.launcher, run_dir=str(self.run_dir), config_path=str(self.config_path),
+                             command=self.command)
+
+    def run(self, forwarder: SignalForwarder) -> int:
+        lch = self.launcher
+        if self.name in (LauncherName.local, LauncherName.torchrun):
+            os.environ.update(self.env())
+            nodes = f" (node {lch.node_rank} of {lch.nnodes})" if lch.nnodes > 1 else ""
+            print(f"fft-dist: run dir {self.run_dir}; starting {lch.nproc_per_node} rank(s){nodes}", flush=True)
+            return start_agent(plan.torchrun_args(lch), forwarder)
+        if self.name == LauncherName.slurm:
+            return self._submit()
+        env = {**os.environ, **self.env()}
+        if self.name == LauncherName.deepspeed:
+            argv = self._deepspeed_argv()
+            if lch.hosts:
+                (self.run_dir / "hostfile").write_text(plan.hostfile_text(lch), encoding="utf-8")
+                env_file = self.run_dir / "deepspeed_env"
+                env_file.write_text(plan.deepspeed_env_text(self.env()), encoding="utf-8")
+                env["DS_ENV_FILE"] = str(env_file)
+        else:
+            argv = self._container_argv()
+        print(f"fft-dist: run dir {self.run_dir}; running {plan.shell_line(argv)}", flush=True)
+        return subprocess.run(argv, env=env, check=False).returncode
+
+    def _submit(self) -> int:
+        script = self.run_dir / "slurm" / "job.sbatch"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text(self.sbatch_script(), encoding="utf-8")
+        proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=False)
+        if proc.returncode:
+            print(f"fft-dist: sbatch {script} failed ({proc.returncode}): {proc.stderr.strip()}", file=sys.stderr)
+            return exit_codes.CONFIG_ERROR
+        job_id = proc.stdout.strip().split(";")[0]
+        print(f"fft-dist: submitted SLURM job {job_id}\n  script:   {script}\n"
+              f"  job log:  {script.parent / (job_id + '.out')}\n"
+              f"  rank logs: {script.parent / job_id}/attempt-<n>-node-<i>.log\n  run dir:  {self.run_dir}", flush=True)
+        return exit_codes.OK
+
+
+def start_agent(torchrun_argv: list[str], forwarder: SignalForwarder) -> int:
+    """Run torchrun's agent in this process (ranks read :data:`CONFIG_ENV`); return the job's exit code."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    os.environ[CONFIG_ENV] = str(config_path)
+    args = get_args_parser().parse_args([*torchrun_argv, "-m", "fft_dist.train"])
+    nproc = int(args.nproc_per_node) if str(args.nproc_per_node).isdigit() else 1
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # Our forwarder handles the stop signals; torchrun's handler would kill the ranks mid-save.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    rdzv = ["--standalone"] if master_port == 0 else ["--master_addr", "127.0.0.1", "--master_port", str(master_port)]
-    args = get_args_parser().parse_args(
-        ["--nproc_per_node", str(nproc), *rdzv, "--max_restarts", "0", "--monitor_interval", "0.5",
-         "--signals_to_handle", "SIGQUIT", "-m", "fft_dist.train"]
-    )
     try:
         run(args)
     except ChildFailedError as e:

@@ -19,6 +19,14 @@ from fft_dist.preemption import StopSignal, die_with_parent
 
 CONFIG_ENV = "FFT_DIST_CONFIG"
 """Set by the self-launcher: the resolved config.yaml every rank reads (no overrides allowed then)."""
+STOPPED_ENV = "FFT_DIST_STOPPED"
+"""Set by the launcher after a stop signal: a rank torchrun restarts after that stops at once."""
+RESTART_ENVS = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
+"""Set > 0 by torchrun (group restart) and SLURM (requeue): this run already ran and may have checkpoints."""
+
+
+def restarted() -> bool:
+    return any(int(os.environ.get(name) or 0) > 0 for name in RESTART_ENVS)
 
 
 def env_world_size() -> int:
@@ -33,6 +41,8 @@ def load_worker_config(argv: list[str]) -> tuple[Prepared, bool]:
         if argv:
             raise ConfigError(f"{CONFIG_ENV}={path} is set, so command-line overrides {argv} would be ignored")
         cfg = load_yaml(path)
+        if restarted() and cfg.resume == "none":
+            cfg.resume = "auto"  # our own checkpoints: the first start already claimed checkpoint.dir
         return Prepared(cfg, Path(path).read_text(encoding="utf-8"), validate(cfg, world)), True
     return prepare(argv, world_size=world), False
 
@@ -54,6 +64,10 @@ def run_worker(argv: list[str], *, stop: StopSignal | None = None) -> int:
     stop = stop or StopSignal()
     if "RANK" in os.environ:
         die_with_parent()
+    if os.environ.get(STOPPED_ENV) and restarted():
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"fft-dist: not restarting: the job was stopped by {os.environ[STOPPED_ENV]}", flush=True)
+        return exit_codes.PREEMPTED
     from fft_dist.dist import barrier, destroy, init_distributed
 
     is_rank0 = int(os.environ.get("RANK", "0")) == 0

@@ -1,0 +1,146 @@
+"""What each launcher runs, as argument lists: pure (no processes), so dry runs and tests see it all.
+
+Every launcher starts ranks that read one resolved config file (``FFT_DIST_CONFIG``), written once
+by ``fft-dist launch`` into ``run.dir``. The options of ``launcher.*`` each belong to some
+launchers; one set for a launcher that does not use it is refused (:func:`check_launcher`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import socket
+import sys
+
+from fft_dist.config import ConfigError, LauncherConfig, LauncherName
+from fft_dist.worker import CONFIG_ENV
+
+COMMON = {"name", "nproc_per_node", "dry_run", "env"}
+OWN_OPTIONS: dict[LauncherName, set[str]] = {
+    LauncherName.local: {"master_port"},
+    LauncherName.torchrun: {"master_port", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "local_addr",
+                            "max_restarts"},
+    LauncherName.deepspeed: {"master_port", "hosts", "include", "exclude"},
+    LauncherName.slurm: {"master_port", "nodes", "gpus_per_node", "cpus_per_task", "partition", "account", "qos",
+                         "time", "job_name", "signal_lead_s", "requeue", "sbatch_lines", "setup"},
+    LauncherName.container: {"master_port", "image", "engine", "mounts", "gpus", "ipc_host", "shm_size"},
+}
+SLURM_PORT = 29500
+# fft-dist's own torchrun settings: our SignalForwarder handles the stop signals (torchrun's handler
+# would kill ranks mid-save), and a short monitor interval notices a dead rank quickly.
+AGENT_FLAGS = ["--monitor_interval", "0.5", "--signals_to_handle", "SIGQUIT"]
+
+
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def check_launcher(launcher: LauncherConfig) -> None:
+    """Refuse options the chosen launcher would ignore, and values no launcher could use."""
+    used = COMMON | OWN_OPTIONS[launcher.name]
+    stray = [f"launcher.{f.name}={getattr(launcher, f.name)!r}" for f in dataclasses.fields(launcher)
+             if f.name not in used and getattr(launcher, f.name) != _default(f)]
+    if stray:
+        owners = {f"launcher.{o}": "/".join(n.value for n, opts in OWN_OPTIONS.items() if o in opts)
+                  for o in (s.split("=")[0][len("launcher."):] for s in stray)}
+        raise ConfigError(f"launcher={launcher.name.value} does not use {', '.join(stray)} (options of: "
+                          f"{', '.join(f'{k}: {v}' for k, v in owners.items())}); drop them or pick that launcher")
+    rules = [
+        (launcher.nproc_per_node >= 1, "launcher.nproc_per_node must be >= 1 (ranks per node)"),
+        (0 <= launcher.master_port < 65536, "launcher.master_port must be 0..65535"),
+        (launcher.nnodes >= 1 and 0 <= launcher.node_rank < launcher.nnodes,
+         f"launcher.node_rank={launcher.node_rank} must be in 0..launcher.nnodes-1 (nnodes={launcher.nnodes})"),
+        (launcher.nnodes == 1 or ":" in launcher.rdzv_endpoint,
+         "launcher.nnodes > 1 needs launcher.rdzv_endpoint=<node 0 address>:<port> (c10d rendezvous)"),
+        (launcher.max_restarts >= 0, "launcher.max_restarts must be >= 0"),
+        (launcher.nodes >= 1 and launcher.gpus_per_node >= 0 and launcher.cpus_per_task >= 0,
+         "launcher.nodes must be >= 1, launcher.gpus_per_node and launcher.cpus_per_task >= 0"),
+        (launcher.signal_lead_s >= 0, "launcher.signal_lead_s must be >= 0 (0: no --signal line)"),
+        (all(line.startswith("#SBATCH ") for line in launcher.sbatch_lines),
+         f"launcher.sbatch_lines must each start with '#SBATCH ': {launcher.sbatch_lines}"),
+        (launcher.engine in ("docker", "podman"), f"launcher.engine={launcher.engine!r}: use docker or podman"),
+        (launcher.name != LauncherName.container or bool(launcher.image),
+         "launcher=container needs launcher.image=<image built from docker/Dockerfile*>"),
+        (not (launcher.ipc_host and launcher.shm_size),
+         "launcher.shm_size has no effect with launcher.ipc_host=true (the host's /dev/shm is used); set one"),
+        (all(k.isidentifier() for k in launcher.env), f"launcher.env keys must be variable names: {list(launcher.env)}"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(message)
+
+
+def world_size(launcher: LauncherConfig) -> int:
+    """Ranks in the whole job (what batch sizes must divide by)."""
+    nodes = {LauncherName.torchrun: launcher.nnodes, LauncherName.slurm: launcher.nodes,
+             LauncherName.deepspeed: max(1, len(launcher.hosts))}.get(launcher.name, 1)
+    return nodes * launcher.nproc_per_node
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_args(launcher: LauncherConfig) -> list[str]:
+    """torchrun's arguments (up to the module) for launcher=local or launcher=torchrun on this node."""
+    args = ["--nproc_per_node", str(launcher.nproc_per_node)]
+    if launcher.name == LauncherName.torchrun and launcher.nnodes > 1:
+        args += ["--nnodes", str(launcher.nnodes), "--node_rank", str(launcher.node_rank),
+                 "--rdzv_backend", "c10d", "--rdzv_endpoint", launcher.rdzv_endpoint, "--rdzv_id", launcher.rdzv_id,
+                 # c10d cannot tell which node hosts the store when all nodes share a hostname; say it
+                 "--rdzv_conf", f"is_host={str(launcher.node_rank == 0).lower()}"]
+        if launcher.local_addr:
+            args += ["--local_addr", launcher.local_addr]
+    elif launcher.master_port:
+        args += ["--master_addr", "127.0.0.1", "--master_port", str(launcher.master_port)]
+    else:
+        args += ["--standalone"]
+    restarts = launcher.max_restarts if launcher.name == LauncherName.torchrun else 0
+    return [*args, "--max_restarts", str(restarts), *AGENT_FLAGS]
+
+
+def hostfile_text(launcher: LauncherConfig) -> str:
+    return "".join(f"{host} slots={launcher.nproc_per_node}\n" for host in launcher.hosts)
+
+
+def deepspeed_argv(launcher: LauncherConfig, *, hostfile: str | None, master_port: int) -> list[str]:
+    """The deepspeed launcher's command line (its runner module, so no PATH lookup is needed)."""
+    argv = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    argv += ["--hostfile", hostfile] if hostfile else ["--num_gpus", str(launcher.nproc_per_node)]
+    if launcher.include:
+        argv += ["--include", launcher.include]
+    if launcher.exclude:
+        argv += ["--exclude", launcher.exclude]
+    return [*argv, "--master_port", str(master_port), "--module", "fft_dist.train"]
+
+
+def deepspeed_env_text(env: dict[str, str]) -> str:
+    """DS_ENV_FILE contents: what the deepspeed launcher exports on every host (KEY=VALUE lines)."""
+    bad = [k for k, v in env.items() if "\n" in v]
+    if bad:
+        raise ConfigError(f"launcher.env {bad}: values for the deepspeed launcher must be one line")
+    return "".join(f"{k}={v}\n" for k, v in env.items())
+
+
+def container_argv(launcher: LauncherConfig, *, run_dir: str, config_path: str) -> list[str]:
+    """`docker|podman run ...` that starts the ranks inside the image, reading the same config file."""
+    argv = [launcher.engine, "run", "--rm", "--network", "host", "-v", f"{run_dir}:{run_dir}"]
+    for mount in launcher.mounts:
+        argv += ["-v", mount]
+    if launcher.gpus:
+        argv += ["--gpus", launcher.gpus]
+    if launcher.ipc_host:
+        argv += ["--ipc", "host"]
+    elif launcher.shm_size:
+        argv += ["--shm-size", launcher.shm_size]
+    for key, value in {**launcher.env, CONFIG_ENV: config_path}.items():
+        argv += ["-e", f"{key}={value}"]
+    node = torchrun_args(dataclasses.replace(launcher, name=LauncherName.local))
+    return [*argv, launcher.image, "node", *node]
+
+
+def shell_line(argv: list[str], env: dict[str, str] | None = None) -> str:
+    """One copy-pasteable shell line, every word quoted as needed."""
+    prefix = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()]
+    return " ".join([*prefix, *(shlex.quote(a) for a in argv)])

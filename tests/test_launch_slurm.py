@@ -1,0 +1,192 @@
+"""A real SLURM (Debian's slurm-wlm + munge, one node on 127.0.0.1): `fft-dist launch launcher=slurm`
+submits a 2-rank CPU job that finishes; `scancel --signal=USR1` makes it checkpoint (exit 75) and
+requeue itself, and the requeued job resumes and ends with the uninterrupted job's exact losses.
+
+The fixture installs the packages when they are missing (root + apt-get), starts munged,
+slurmctld and slurmd with a private slurm.conf, and stops them afterwards. Where that is not
+possible the tests are skipped with the reason printed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import TINY_JOB, child_env, fft_dist, step_records
+from fft_dist import checkpoint as ckpt
+
+pytestmark = pytest.mark.slow
+DAEMONS = ("sbatch", "slurmctld", "slurmd", "munged", "scontrol", "scancel", "sinfo")
+
+
+def skip(reason: str):
+    print(f"SKIP reason: {reason}", flush=True)
+    pytest.skip(reason)
+
+
+def sh(*cmd: str, env: dict | None = None, check: bool = True, timeout: int = 60) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if check and proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def install_if_missing() -> None:
+    if all(shutil.which(d) or Path("/usr/sbin", d).exists() for d in DAEMONS):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        skip("slurm-wlm and munge are not installed, and installing them needs root and apt-get")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "slurm-wlm", "munge"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        if proc.returncode:
+            skip(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
+
+
+def start_munge() -> int | None:
+    """Start munged unless one answers already; return the pid we started."""
+    if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:
+        return None
+    key = Path("/etc/munge/munge.key")
+    for d in ("/etc/munge", "/run/munge", "/var/lib/munge", "/var/log/munge"):
+        Path(d).mkdir(parents=True, exist_ok=True)
+        shutil.chown(d, "munge", "munge")
+    if not key.exists():
+        key.write_bytes(os.urandom(1024))
+    shutil.chown(key, "munge", "munge")
+    key.chmod(0o400)
+    sh("runuser", "-u", "munge", "--", "/usr/sbin/munged")
+    for _ in range(50):
+        if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:
+            return int(Path("/run/munge/munged.pid").read_text())
+        time.sleep(0.1)
+    skip("munged did not answer (munge -n | unmunge)")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """SLURM_CONF of a running one-node cluster; everything stopped afterwards."""
+    if os.geteuid() != 0:
+        skip("a private slurmctld/slurmd with SlurmUser=root needs root")
+    install_if_missing()
+    d = tmp_path_factory.mktemp("slurm")
+    host = socket.gethostname().split(".")[0]
+    conf = d / "slurm.conf"
+    conf.write_text("\n".join([
+        "ClusterName=fftdist", f"SlurmctldHost={host}(127.0.0.1)", "AuthType=auth/munge",
+        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
+        "SelectTypeParameters=CR_Core", "SlurmUser=root", "SlurmdUser=root", "JobAcctGatherType=jobacct_gather/none",
+        "MpiDefault=none", "ReturnToService=2", f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={d}/spool",
+        f"SlurmctldPidFile={d}/slurmctld.pid", f"SlurmdPidFile={d}/slurmd.pid", f"SlurmctldLogFile={d}/slurmctld.log",
+        f"SlurmdLogFile={d}/slurmd.log", f"NodeName={host} NodeAddr=127.0.0.1 CPUs=2 RealMemory=1000 State=UNKNOWN",
+        f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP", ""]))
+    (d / "state").mkdir()
+    (d / "spool").mkdir()
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    munged = start_munge()
+    started: list[Path] = []
+    try:
+        for daemon in ("slurmctld", "slurmd"):
+            proc = sh(f"/usr/sbin/{daemon}", "-f", str(conf), env=env, check=False)
+            if proc.returncode:
+                skip(f"{daemon} did not start: {proc.stderr.strip()}")
+            started.append(d / f"{daemon}.pid")
+        deadline = time.time() + 60
+        while "idle" not in sh("sinfo", "-h", "-o", "%T", env=env, check=False).stdout:
+            if time.time() > deadline:
+                logs = "".join((d / f).read_text()[-1500:] for f in ("slurmctld.log", "slurmd.log") if (d / f).exists())
+                skip(f"the node never became idle in sinfo:\n{logs}")
+            time.sleep(0.5)
+        yield env
+    finally:
+        for pid_file in reversed(started):
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
+        if munged:
+            os.kill(munged, signal.SIGTERM)
+        time.sleep(1)
+
+
+def job_state(job: str, env: dict) -> dict[str, str]:
+    out = sh("scontrol", "show", "job", "-o", job, env=env, check=False).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def submit(run: Path, env: dict, *overrides: str) -> str:
+    proc = fft_dist("launch", "launcher=slurm", "launcher.gpus_per_node=0", "launcher.nproc_per_node=2",
+                    "launcher.cpus_per_task=2", f"run.dir={run}", *TINY_JOB, *overrides, env=child_env(**env))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job = proc.stdout.split("submitted SLURM job ")[1].split()[0]
+    assert f"{run}/slurm/{job}.out" in proc.stdout
+    return job
+
+
+def wait_done(job: str, env: dict, run: Path, timeout: float = 300) -> dict[str, str]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = job_state(job, env)
+        if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state
+        time.sleep(1)
+    sh("scancel", job, env=env, check=False)
+    raise AssertionError(f"job {job} did not finish: {job_state(job, env)}\n{logs(run)}")
+
+
+def logs(run: Path) -> str:
+    return "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((run / "slurm").rglob("*.*")) if p.is_file())
+
+
+JOB = ["train.max_steps=60", "checkpoint.save_final=true", "checkpoint.every_steps=0"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("slurm-full") / "run"
+    job = submit(run, slurm, *JOB)
+    state = wait_done(job, slurm, run)
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", f"{state}\n{logs(run)}"
+    return run
+
+
+def test_slurm_job_runs_two_ranks_and_checkpoints(uninterrupted):
+    steps = [r["step"] for r in step_records(uninterrupted)]
+    assert steps == list(range(1, 61)), steps
+    found = ckpt.find_resume("auto", uninterrupted / "checkpoints")
+    assert found is not None and found.name == "step-0000060" and ckpt.verify_checkpoint(found) == []
+    assert list((uninterrupted / "slurm").glob("*/attempt-0-node-0.log"))
+
+
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_losses(slurm, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    job = submit(run, slurm, *JOB)
+    deadline = time.time() + 240
+    while len(step_records(run) if (run / "metrics.jsonl").exists() else []) < 3:
+        assert time.time() < deadline and job_state(job, slurm).get("JobState") in ("PENDING", "RUNNING"), logs(run)
+        time.sleep(0.2)
+    sh("scancel", "--signal=USR1", job, env=slurm)
+    deadline = time.time() + 240
+    while True:  # the script requeues itself after exit 75; release the requeued job at once
+        state = job_state(job, slurm)
+        if int(state.get("Restarts", "0")) >= 1 and state.get("JobState") == "PENDING":
+            sh("scontrol", "update", f"JobId={job}", "StartTime=now", env=slurm)
+            break
+        assert time.time() < deadline and state.get("JobState") != "COMPLETED", f"{state}\n{logs(run)}"
+        time.sleep(0.5)
+    state = wait_done(job, slurm, run)
+    assert state["JobState"] == "COMPLETED", f"{state}\n{logs(run)}"
+    text = logs(run)
+    assert "job step exited with 75" in text and "requeueing job" in text, text
+    assert "resumed from" in text, text
+    steps = [r["step"] for r in step_records(run)]
+    assert max(steps) == 60 and len(set(steps)) == 60
+    by_step = {r["step"]: r["loss"] for r in step_records(run)}
+    reference = {r["step"]: r["loss"] for r in step_records(uninterrupted)}
+    assert by_step == reference
