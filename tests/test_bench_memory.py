@@ -1,0 +1,42 @@
+"""Peak RSS per rank of real `fft-dist train` runs agrees with the estimate within 25%, once the
+framework's baseline on CPU is allowed for (bench/memory.py measures it: a process importing what a
+rank imports; see that file's docstring)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO, child_env
+
+
+def run_bench(tmp_path, *args: str) -> list[dict]:
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "memory.py"), "--no-record", "--json", str(out),
+                           *args], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def check(rows: list[dict]) -> None:
+    bad = [f"{r['backend']} x{r['ranks']}: measured/predicted {r['ratio']:.2f}" for r in rows
+           if not 0.75 <= r["ratio"] <= 1.25]
+    assert not bad, bad
+    for r in rows:
+        assert len(r["peak_rss"]) == r["ranks"]
+
+
+@pytest.mark.slow
+def test_tiny_model_peak_rss_matches_the_estimate_plus_baseline(tmp_path):
+    rows = run_bench(tmp_path, "--model", "tiny", "--worlds", "1", "2", "--steps", "2")
+    assert {(r["backend"], r["ranks"]) for r in rows} == {("none", 1), ("fsdp", 1), ("zero2", 1), ("zero3", 1),
+                                                          ("fsdp", 2), ("zero2", 2), ("zero3", 2)}
+    check(rows)
+
+
+@pytest.mark.slow
+def test_50m_model_peak_rss_matches_the_estimate_plus_baseline(tmp_path):
+    rows = run_bench(tmp_path, "--model", "50m", "--worlds", "1", "2", "--backends", "none", "fsdp", "zero3",
+                     "--steps", "2")
+    check(rows)
