@@ -7,10 +7,11 @@ Each run is the real entry point (torch.distributed.run + fft_dist.train, gloo, 
 through bench/backends.py's rank worker, which writes every rank's ru_maxrss at exit.
 
 The allowance for the framework's baseline on CPU: a CPU process holds far more than model states
-(the interpreter, torch, transformers, the tokenizer, DeepSpeed's modules: ~330 MB before any tensor,
-CPU-FACTS.md). It is measured here, not assumed: one process per backend imports what a rank
-imports, builds the tokenizer, and reports its ru_maxrss. The prediction for a rank is then
-    baseline(backend) + estimate(backend, ranks)["per_gpu_bytes"]["total"]
+(the interpreter, torch, transformers, the tokenizer, the encoded data set, DeepSpeed's modules,
+allocator slack: ~330 MB for the imports alone, CPU-FACTS.md; ~480 MB per rank all told). It is
+measured here, not assumed: the same job, backend and rank count with a ~37k-parameter model
+("mini"); its peak RSS less that model's own estimate is the baseline. The prediction for a rank:
+    baseline(backend, ranks) + estimate(backend, ranks)["per_gpu_bytes"]["total"]
 (model states + activations + buffers), with DeepSpeed's buckets at the CPU values the run used.
 The estimate's model-state bytes are shown next to it; tests/test_memory_measured.py checks those
 against counted tensor bytes (within 10%).
@@ -38,22 +39,14 @@ MODELS = {
     "50m": ["model=tiny_llama", "model.name=llama_50m", "model.arch.hidden_size=640",
             "model.arch.intermediate_size=1728", "model.arch.num_hidden_layers=10",
             "model.arch.num_attention_heads=10", "model.arch.num_key_value_heads=5"],
+    # the baseline: the same job with a model of negligible size (~37k parameters, ~0.6 MB of states)
+    "mini": ["model=tiny_llama", "model.name=mini", "model.arch.hidden_size=8", "model.arch.intermediate_size=16",
+             "model.arch.num_hidden_layers=1", "model.arch.num_attention_heads=2", "model.arch.num_key_value_heads=1"],
 }
 JOB = ["data.max_length=128", "data.eval_fraction=0", "eval.every_steps=0", "train.micro_batch_size=4",
        "train.lr=1e-3", "train.warmup_steps=1", "checkpoint.save_final=false"]
 CPU_BUCKETS = ["parallelism.reduce_bucket_size=2000000", "parallelism.allgather_bucket_size=2000000"]
 ZERO3_BUCKETS = ["parallelism.prefetch_bucket_size=2000000", "parallelism.param_persistence_threshold=0"]
-BASELINE = """
-import resource, sys
-import torch, torch.distributed, transformers
-import fft_dist.worker, fft_dist.trainer, fft_dist.strategy.fsdp
-from fft_dist.compose import compose, to_typed
-from fft_dist.model import load_tokenizer
-if sys.argv[1].startswith('zero'):
-    import deepspeed
-load_tokenizer(to_typed(compose([])).model)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-"""
 
 
 def env(rss_dir: Path | None = None) -> dict:
@@ -75,12 +68,6 @@ def overrides(model: str, backend: str, world: int, steps: int) -> list[str]:
     return out
 
 
-def baseline_bytes(backend: str) -> int:
-    proc = subprocess.run([sys.executable, "-c", BASELINE, backend], cwd=REPO, env=env(), capture_output=True,
-                          text=True, check=True)
-    return int(proc.stdout.strip().splitlines()[-1])
-
-
 def estimate_row(model: str, backend: str, world: int, steps: int) -> dict:
     from fft_dist.compose import compose, resolve, to_typed
     from fft_dist.memory import Setup, estimate, model_shape, model_state_bytes
@@ -96,6 +83,7 @@ def measure(model: str, backend: str, world: int, steps: int, work: Path) -> lis
     """Peak RSS (bytes) of every rank of one real run."""
     rss_dir = work / f"{backend}-{world}-rss"
     rss_dir.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
     args = [str(HERE / "backends.py"), "--rank-worker", *overrides(model, backend, world, steps),
             f"run.dir={work / f'{backend}-{world}'}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world), *args]
@@ -121,7 +109,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=list(MODELS), default="tiny")
+    ap.add_argument("--model", choices=[m for m in MODELS if m != "mini"], default="tiny")
     ap.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4])
     ap.add_argument("--backends", nargs="+", default=["none", "fsdp", "zero2", "zero3"],
                     choices=["none", "fsdp", "zero2", "zero3"])
@@ -129,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
-    baselines = {b: baseline_bytes(b) for b in args.backends}
     work = Path(tempfile.mkdtemp(prefix="fft-dist-bench-memory-"))
     rows = []
     try:
@@ -138,12 +125,15 @@ def main(argv: list[str] | None = None) -> int:
                 if backend == "none" and world != 1:
                     continue
                 est = estimate_row(args.model, backend, world, args.steps)
+                # the allowance: the same job with a negligible model, less that model's own estimate
+                mini = estimate_row("mini", backend, world, args.steps)["per_gpu_bytes"]["total"]
+                baseline = max(measure("mini", backend, world, args.steps, work / "mini")) - mini
                 peak = measure(args.model, backend, world, args.steps, work)
                 total = est["per_gpu_bytes"]["total"]
-                predicted = baselines[backend] + total
+                predicted = baseline + total
                 rows.append({"backend": backend, "ranks": world, "params": est["params"],
                              "model_state_bytes": est["model_state_bytes"], "estimate_total": total,
-                             "baseline": baselines[backend], "predicted": predicted, "peak_rss": peak,
+                             "baseline": baseline, "predicted": predicted, "peak_rss": peak,
                              "ratio": max(peak) / predicted})
                 print(f"{backend} x{world}: peak {max(peak) / MB:.0f} MB, predicted {predicted / MB:.0f} MB", flush=True)
     finally:
@@ -157,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {machine()}",
         f"- versions: {versions('torch', 'deepspeed', 'transformers')}",
         f"- job: `{' '.join(MODELS[args.model] + JOB)} train.max_steps={args.steps}`, global batch 4 x ranks, "
-        "fp32, AdamW, gloo, DeepSpeed buckets at the CPU values (2e6 elements). Predicted = measured baseline "
-        "(a process importing what a rank imports, plus the tokenizer) + the estimate's per-rank total.",
+        "fp32, AdamW, gloo, DeepSpeed buckets at the CPU values (2e6 elements). Predicted = baseline + the "
+        "estimate's per-rank total; baseline = peak RSS (max rank) of the same job with a ~37k-parameter model, "
+        "less that model's own estimate.",
         "",
         table(rows),
         "",

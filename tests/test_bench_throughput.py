@@ -19,6 +19,7 @@ def smoke(tmp_path, *variants: str) -> list[dict]:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # two 2-rank jobs: ~25 s on an idle 2-core machine, ~55 s on a shared one
 def test_smoke_fsdp_pair_reports_tokens_per_s_and_the_ratio(tmp_path):
     rows = {r["variant"]: r for r in smoke(tmp_path, "fft-dist fsdp", "hand fsdp2")}
     assert set(rows) == {"fft-dist fsdp", "hand fsdp2"}
