@@ -48,6 +48,7 @@ def test_compiled_run_matches_the_uncompiled_losses(tmp_path, backend):
     eager = train(tmp_path / "eager", *TINY_JOB, *STEPS, parallelism=backend)
     compiled = train(tmp_path / "compiled", *TINY_JOB, *STEPS, "train.compile=true", parallelism=backend, timeout=600)
     assert "train.compile" not in eager.stderr
+    assert "recompile_limit" not in compiled.stderr  # compiled for real, no fall-back to eager
     a, b = (losses(read_metrics(tmp_path / run)) for run in ("eager", "compiled"))
     assert len(a) == len(b) == 4  # 3 steps and the final eval
     for x, y in zip(a, b):
