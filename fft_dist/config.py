@@ -182,6 +182,9 @@ class TrainConfig:
     """Write a metrics record every N optimizer steps."""
     deterministic: bool = True
     """torch.use_deterministic_algorithms; required for bit-exact resume."""
+    compile: bool = False
+    """torch.compile each decoder layer's forward (fsdp, none; refused under zero2/zero3). The first
+    steps pay the compile time (tens of seconds on CPU)."""
 
 
 @dataclass

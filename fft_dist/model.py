@@ -108,3 +108,16 @@ def count_parameters(model: nn.Module) -> int:
             seen.add(id(p))
             total += getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitions leave p.numel() == 0
     return total
+
+
+def compile_layers(model: nn.Module) -> int:
+    """train.compile: torch.compile each decoder layer's forward, in place; returns how many.
+
+    Only ``forward`` is compiled, not the module call, so the backends' module hooks (FSDP2's
+    all-gather / reshard) stay eager, and parameter names, checkpoints and activation
+    checkpointing are unchanged. The layers share one code object, so they share compiled graphs.
+    """
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward)
+    return len(layers)

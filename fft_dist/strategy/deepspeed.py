@@ -42,6 +42,7 @@ from torch import nn
 
 from fft_dist.config import BatchPlan, FFTConfig
 from fft_dist.dist import DistContext
+from fft_dist.model import compile_layers
 from fft_dist.strategy.base import Fragment, FragmentSource, LrSchedule, OptimizerFactory, model_inputs
 from fft_dist.strategy.deepspeed_compat import (
     ScopedZero3Linear,
@@ -61,6 +62,7 @@ class DeepSpeedStrategy:
         self.plan = plan
         self.ctx = ctx
         self.stage = zero_stage(cfg.parallelism)
+        self.compile = cfg.train.compile
         self.name = f"zero{self.stage}"
         self._ds = import_deepspeed()
         # The trainer already initialised torch.distributed; DeepSpeed wraps that group.
@@ -92,6 +94,8 @@ class DeepSpeedStrategy:
         self.engine = engine
         self.model = engine
         self.module = engine.module
+        if self.compile:  # ZeRO-2 only (check_deepspeed refuses it under ZeRO-3)
+            compile_layers(self.module)
         self._names = list(self.module.named_parameters())  # tied weights appear once
         self._zero = engine.optimizer  # DeepSpeedZeroOptimizer (stage 1/2) or DeepSpeedZeroOptimizer_Stage3
         self._base = self._zero.optimizer  # our torch optimizer, now over flat fp32 partitions

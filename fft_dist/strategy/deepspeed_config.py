@@ -33,6 +33,14 @@ INSTALL_HINT = "pip install --no-build-isolation 'fft-dist[deepspeed]'"
 # Large enough that DeepSpeed never prints its own progress lines (we log through metrics).
 _STEPS_PER_PRINT = 2**62
 
+# Tried on CPU (torch 2.13, deepspeed 0.19.8): ZeRO-3 gathers each Linear's partition in module
+# hooks that fire inside the compiled layer forward; their changing state makes dynamo recompile
+# every layer past its limit (8) and fall back to eager, so compile would cost time and do nothing.
+COMPILE_REFUSED = ("train.compile=true does not work under parallelism=zero3: DeepSpeed's per-module ZeRO-3 "
+                   "gather hooks run inside each compiled decoder layer, so torch.compile recompiles past its "
+                   "limit and falls back to eager. Use parallelism=fsdp or zero2 with compile, or "
+                   "train.compile=false")
+
 _STAGES = {Parallelism.zero2: 2, Parallelism.zero3: 3}
 
 # DeepSpeed keys that fft-dist sets from its own options: an override may repeat the value we set,
@@ -276,6 +284,8 @@ def check_deepspeed(cfg: FFTConfig, plan: BatchPlan) -> dict[str, Any]:
         # before we see the norm; skipping afterwards would keep the damaged weights.
         raise ConfigError("train.on_nonfinite=skip is not possible with ZeRO-3 in fp32/bf16 (DeepSpeed applies "
                           "a non-finite update itself); use train.on_nonfinite=stop, or parallelism=zero2|fsdp")
+    if cfg.train.compile and stage == 3:
+        raise ConfigError(COMPILE_REFUSED)
     if Precision(cfg.train.precision) == Precision.fp16 and not torch.cuda.is_available():
         raise ConfigError("train.precision=fp16 with DeepSpeed needs a CUDA device; use bf16 or fp32 on CPU")
     # raises on overrides that fight our options; auto buckets follow the model's hidden size and the device

@@ -9,6 +9,7 @@ from torch import nn
 
 from fft_dist.config import FFTConfig, Precision
 from fft_dist.dist import DistContext
+from fft_dist.model import compile_layers
 from fft_dist.optim import set_lr
 from fft_dist.strategy.base import Fragment, FragmentSource, LrSchedule, model_inputs
 
@@ -49,6 +50,8 @@ class TorchOptimizerStrategy:
     # -- Strategy protocol ---------------------------------------------------------------
     def _finish_setup(self, make_optimizer, lr_at: LrSchedule) -> None:
         self.lr_at = lr_at
+        if self.train_cfg.compile:  # after sharding: FSDP2's hooks wrap the compiled forward
+            compile_layers(self.model)
         self.optimizer = make_optimizer(self.model)
         if self.train_cfg.precision == Precision.fp16:
             self.scaler = self._make_scaler()

@@ -1,0 +1,24 @@
+"""bench/gpu.py stays ready for a GPU day: on CPU it runs the tiny model through fft-dist (one rank)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, child_env
+
+
+@pytest.mark.slow
+def test_gpu_bench_runs_on_cpu_with_the_tiny_model(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--model", "tiny", "--steps", "4",
+                           "--micro", "2", "--seq", "64", "--no-hf", "--no-record", "--json", str(out)],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())
+    assert [r["variant"] for r in rows] == ["fft-dist fsdp x1"]
+    assert rows[0]["steps"] == 4 and rows[0]["tokens_per_s"] > 0
+    assert rows[0]["mfu"] is None  # no peak FLOP/s on CPU: no made-up MFU
+    assert "| fft-dist fsdp x1 |" in proc.stdout
