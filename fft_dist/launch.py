@@ -76,7 +76,9 @@ def train_command(overrides: list[str], *, config_dirs: list[str] | None = None)
     """``fft-dist train``: a rank when a launcher started us, else ``fft-dist launch launcher=local``."""
     overrides = strip_launcher_args(overrides)
     if launched_by_launcher():
-        return run_worker(overrides)
+        from fft_dist.dist import exit_rank
+
+        exit_rank(run_worker(overrides))
     return launch_command(overrides, config_dirs=config_dirs, only_local=True)
 
 

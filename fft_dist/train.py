@@ -12,11 +12,12 @@ from fft_dist.preemption import StopSignal
 
 def main(argv: list[str] | None = None) -> None:
     stop = StopSignal()
+    from fft_dist.dist import exit_rank
     from fft_dist.launch import strip_launcher_args
     from fft_dist.worker import run_worker
 
     argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)
-    sys.exit(run_worker(argv, stop=stop))
+    exit_rank(run_worker(argv, stop=stop))
 
 
 if __name__ == "__main__":

@@ -258,4 +258,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fft_dist.dist import exit_rank
+
+    exit_rank(main())  # skip finalisation: torch 2.13's gloo can abort there (see exit_rank)
