@@ -14,7 +14,6 @@ It prints one table and appends it, with the command, machine and date, to bench
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
 import resource
@@ -48,11 +47,13 @@ def rank_worker(argv: list[str]) -> None:
         kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         (out / f"rss-rank{rank}.json").write_text(json.dumps({"rank": int(rank), "peak_rss_mb": kib / 1024}))
 
-    atexit.register(record_rss)
-    from fft_dist.train import main
+    from fft_dist.dist import exit_rank
+    from fft_dist.preemption import StopSignal
+    from fft_dist.worker import run_worker
 
-    sys.argv = ["fft_dist.train", *argv]
-    main()
+    code = run_worker(argv, stop=StopSignal())
+    record_rss()  # before exit_rank, which skips interpreter finalisation (and atexit)
+    exit_rank(code)
 
 
 def run_backend(backend: str, steps: int, work: Path) -> dict:

@@ -67,14 +67,14 @@ def fft_rank(argv: list[str]) -> None:
 
     tr.Trainer.train_step = train_step
     out = os.environ["PROFILE_OUT"]
-    from fft_dist.train import main
+    from fft_dist.dist import exit_rank
+    from fft_dist.preemption import StopSignal
+    from fft_dist.worker import run_worker
 
-    sys.argv = ["fft_dist.train", *argv]
-    try:
-        main()
-    finally:
-        if os.environ.get("RANK", "0") == "0":
-            Path(out).write_text(json.dumps(PHASES))
+    code = run_worker(argv, stop=StopSignal())
+    if os.environ.get("RANK", "0") == "0":
+        Path(out).write_text(json.dumps(PHASES))
+    exit_rank(code)  # skips interpreter finalisation, so write the timings first
 
 
 def hand_rank(argv: list[str]) -> None:
