@@ -63,8 +63,7 @@ def train(argv: list[str], *, command: str = "train") -> int:
 
 def print_config(overrides: list[str], config_dirs: list[str], what: str) -> int:
     """`--cfg job`: the composed and resolved config, exactly what config.yaml would hold."""
-    from fft_dist.compose import prepare, report
-    from fft_dist.errors import classify
+    from fft_dist.compose import prepare, report_known
 
     if what not in ("job", "all"):
         print(f"fft-dist: --cfg {what!r}: use --cfg job", file=sys.stderr)
@@ -72,11 +71,7 @@ def print_config(overrides: list[str], config_dirs: list[str], what: str) -> int
     try:
         prepared = prepare(overrides, world_size=None, config_dirs=config_dirs)
     except Exception as e:  # noqa: BLE001 - a known error gets its message and code; a bug re-raises
-        known = classify(e)
-        if known is None:
-            raise
-        report(known[0], e)
-        return known[1]
+        return report_known(e)
     print(prepared.yaml, end="")
     return 0
 
@@ -86,8 +81,7 @@ def data(argv: list[str]) -> int:
 
     The tokenised cache goes to data.cache_dir when it is set, else to a temporary folder.
     """
-    from fft_dist.compose import prepare, report
-    from fft_dist.errors import classify
+    from fft_dist.compose import prepare, report_known
 
     try:
         cfg = prepare([a for a in argv if a != "--"], world_size=None).cfg
@@ -98,11 +92,7 @@ def data(argv: list[str]) -> int:
         check_data_files(cfg.data)
         text = data_report(cfg.data, load_tokenizer(cfg.model), cache_dir=cfg.data.cache_dir)
     except Exception as e:  # noqa: BLE001 - a known error gets its message and code; a bug re-raises
-        known = classify(e)
-        if known is None:
-            raise
-        report(known[0], e)
-        return known[1]
+        return report_known(e)
     print(text)
     return 0
 
@@ -215,19 +205,14 @@ def _sizing_args(prog: str, argv: list[str], *, plan: bool):
 
 def _load_for_sizing(overrides: list[str], config_dirs: list[str]):
     """The composed training config and the model's shape, or (None, exit code) after reporting."""
-    from fft_dist.compose import compose, report, resolve, to_typed
-    from fft_dist.errors import classify
+    from fft_dist.compose import compose, report_known, resolve, to_typed
     from fft_dist.memory import model_shape
 
     try:
         cfg = to_typed(resolve(compose(overrides, config_dirs=config_dirs)))
         return cfg, model_shape(cfg)
     except Exception as e:  # noqa: BLE001 - a known error gets its message and code; a bug re-raises
-        known = classify(e)
-        if known is None:
-            raise
-        report(known[0], e)
-        return None, known[1]
+        return None, report_known(e)
 
 
 def estimate(argv: list[str]) -> int:

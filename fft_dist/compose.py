@@ -179,3 +179,15 @@ def prepare(overrides: list[str], *, world_size: int | None, config_dirs: list[s
 def report(kind: str, error: BaseException) -> None:
     """One clear line (plus causes) on stderr for an error the user can fix."""
     print(f"fft-dist: {kind}: {describe_error(error)}", file=sys.stderr, flush=True)
+
+
+def report_known(error: BaseException, *, show: bool = True) -> int:
+    """The documented exit code of an error the user can fix (reported once when `show`); a bug re-raises."""
+    from fft_dist.errors import classify
+
+    known = classify(error)
+    if known is None:
+        raise error
+    if show:
+        report(known[0], error)
+    return known[1]

@@ -19,9 +19,8 @@ from pathlib import Path
 
 from fft_dist import exit_codes
 from fft_dist import launch_plan as plan
-from fft_dist.compose import Prepared, compose, override_keys, report, resolve, to_typed, to_yaml
+from fft_dist.compose import Prepared, compose, override_keys, report_known, resolve, to_typed, to_yaml
 from fft_dist.config import BatchPlan, ConfigError, FFTConfig, LauncherConfig, LauncherName
-from fft_dist.errors import classify
 from fft_dist.launch_plan import check_launcher, world_size
 from fft_dist.preemption import SignalForwarder, StartupInterrupted, signal_name
 from fft_dist.validate import validate
@@ -138,11 +137,7 @@ def _launch(overrides: list[str], config_dirs: list[str] | None, forwarder: Sign
         if not (launcher.dry_run or secondary):
             prepare_run_dir(cfg, prepared.yaml)
     except Exception as e:  # noqa: BLE001 - known errors get their exit code, bugs their traceback
-        known = classify(e)
-        if known is None:
-            raise
-        report(*known[:1], e)
-        return known[1]
+        return report_known(e)
     if launcher.dry_run:
         try:
             print(text, flush=True)

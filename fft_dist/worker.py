@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 
 from fft_dist import exit_codes
-from fft_dist.compose import Prepared, load_yaml, prepare, report, to_typed
+from fft_dist.compose import Prepared, load_yaml, prepare, report, report_known, to_typed
 from fft_dist.config import ConfigError
-from fft_dist.errors import CheckpointError, classify
+from fft_dist.errors import CheckpointError
 from fft_dist.validate import validate
 from fft_dist.preemption import StopSignal, die_with_parent
 
@@ -74,7 +74,7 @@ def run_worker(argv: list[str], *, stop: StopSignal | None = None) -> int:
     try:
         prepared, from_file = load_worker_config(argv)
     except Exception as e:  # noqa: BLE001 - identical on every rank: report once
-        return _known_error(e, report_it=is_rank0)
+        return report_known(e, show=is_rank0)
     cfg = prepared.cfg
     ctx = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
     try:
@@ -85,7 +85,7 @@ def run_worker(argv: list[str], *, stop: StopSignal | None = None) -> int:
         summary = Trainer(prepared.cfg, ctx=ctx, plan=prepared.plan, config_yaml=prepared.yaml, stop=stop).run()
         barrier()  # nothing in flight when the group goes away: gloo aborts a rank whose peer left mid-flight
     except Exception as e:  # noqa: BLE001 - config, data and checkpoint errors are agreed across ranks
-        code = _known_error(e, report_it=ctx.is_main)
+        code = report_known(e, show=ctx.is_main)
         barrier()  # every rank raised the same known error; leave together
         return code
     finally:
@@ -98,17 +98,6 @@ def run_worker(argv: list[str], *, stop: StopSignal | None = None) -> int:
             return code
     print_summary(summary)
     return summary.exit_code
-
-
-def _known_error(error: Exception, *, report_it: bool) -> int:
-    """The documented exit code of an error the user can fix (reported once); a bug re-raises."""
-    known = classify(error)
-    if known is None:
-        raise error
-    kind, code = known
-    if report_it:
-        report(kind, error)
-    return code
 
 
 def _claim_run_dir(prepared, ctx):
