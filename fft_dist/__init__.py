@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 LAYERS: list[list[str]] = [
     ["exit_codes", "errors"],                        # what can go wrong, and its exit code
-    ["config"],                                      # the typed schema
+    ["config_launcher", "config"],                   # the typed schema
     ["validate", "compose", "config_help", "resume_checks", "preemption", "dist"],  # pure rules, processes
     ["model", "optim", "metrics", "data"],           # components built from typed config
     ["strategy"],                                    # FSDP2 / DeepSpeed / single process behind one protocol

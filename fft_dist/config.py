@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fft_dist.errors import ConfigError  # noqa: F401 - re-exported: the schema's own error
+from fft_dist.config_launcher import LauncherConfig, LauncherName  # noqa: F401 - part of the schema
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -220,84 +221,6 @@ class ParallelismConfig:
     """ZeRO-3: parameters with at most this many elements stay unpartitioned. -1 (auto): 10 x hidden_size on GPU, 0 on CPU."""
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
     """Extra DeepSpeed config keys, merged in; keys we set ourselves must not conflict."""
-
-
-class LauncherName(str, Enum):
-    local = "local"
-    torchrun = "torchrun"
-    deepspeed = "deepspeed"
-    slurm = "slurm"
-    container = "container"
-
-
-@dataclass
-class LauncherConfig:
-    """How `fft-dist launch` starts the ranks. Options the chosen launcher does not use are refused."""
-
-    name: LauncherName = LauncherName.local
-    """local (`fft-dist train`), torchrun, deepspeed, slurm or container; pick with launcher=<name>."""
-    nproc_per_node: int = 2
-    """Ranks per node (per machine), for every launcher."""
-    master_port: int = 0
-    """Rendezvous port on this machine (local, torchrun with nnodes=1, deepspeed, container), or on the first node (slurm). 0: a free one (29500 for slurm and multi-host deepspeed)."""
-    dry_run: bool = False
-    """Print exactly what would run (a command, or the whole sbatch script) and run nothing."""
-    env: dict[str, str] = field(default_factory=dict)
-    """Extra environment variables for every rank (e.g. {NCCL_SOCKET_IFNAME: eth0})."""
-    nnodes: int = 1
-    """torchrun: machines in the job; each runs `fft-dist launch` with its own launcher.node_rank."""
-    node_rank: int = 0
-    """torchrun: this machine's index, 0..nnodes-1. Node 0 writes run.dir/config.yaml and hosts the rendezvous."""
-    rdzv_endpoint: str = ""
-    """torchrun: host:port of the c10d rendezvous on node 0 (required when nnodes > 1)."""
-    rdzv_id: str = "fft-dist"
-    """torchrun: job id shared by all nodes of one job (different jobs on one endpoint need different ids)."""
-    local_addr: str = ""
-    """torchrun: this node's address as the other nodes reach it (needed when the hostname resolves elsewhere)."""
-    max_restarts: int = 0
-    """torchrun: restarts of the whole group after a rank fails; restarted ranks resume from the newest complete checkpoint."""
-    hosts: list[str] = field(default_factory=list)
-    """deepspeed: host names, written to run.dir/hostfile with nproc_per_node slots each (empty: this machine only)."""
-    include: str = ""
-    """deepspeed: --include filter, e.g. 'node1:0,1@node2'."""
-    exclude: str = ""
-    """deepspeed: --exclude filter, e.g. 'node1:3'."""
-    nodes: int = 1
-    """slurm: nodes (#SBATCH --nodes); one torchrun per node, c10d rendezvous on the first."""
-    gpus_per_node: int = 0
-    """slurm: #SBATCH --gpus-per-node (0: no GPU request, e.g. CPU jobs)."""
-    cpus_per_task: int = 0
-    """slurm: #SBATCH --cpus-per-task for the one task per node (0: the cluster's default)."""
-    partition: str = ""
-    """slurm: #SBATCH --partition (empty: the default partition)."""
-    account: str = ""
-    """slurm: #SBATCH --account (empty: none)."""
-    qos: str = ""
-    """slurm: #SBATCH --qos (empty: none)."""
-    time: str = ""
-    """slurm: #SBATCH --time limit, e.g. 04:00:00 (empty: the partition's default)."""
-    job_name: str = "fft-dist"
-    """slurm: #SBATCH --job-name."""
-    signal_lead_s: int = 120
-    """slurm: seconds before the time limit at which SLURM sends USR1 (checkpoint, exit 75); 0: no --signal line."""
-    requeue: bool = True
-    """slurm: requeue the job after a pre-emption checkpoint (exit 75); it resumes from that checkpoint."""
-    sbatch_lines: list[str] = field(default_factory=list)
-    """slurm: extra '#SBATCH ...' lines, verbatim (e.g. '#SBATCH --exclusive')."""
-    setup: list[str] = field(default_factory=list)
-    """slurm: shell lines run before the ranks start (module load ..., source venv/bin/activate)."""
-    image: str = ""
-    """container: the image to run (its entry point must be fft-dist, as docker/Dockerfile* build)."""
-    engine: str = "docker"
-    """container: docker or podman."""
-    mounts: list[str] = field(default_factory=list)
-    """container: extra volumes 'host:container[:ro]'; run.dir is always mounted at the same path."""
-    gpus: str = ""
-    """container: the --gpus value, e.g. all (empty: no GPUs)."""
-    ipc_host: bool = True
-    """container: --ipc=host (shared memory of the host, what NCCL and data loaders want)."""
-    shm_size: str = ""
-    """container: --shm-size, e.g. 16g (used when ipc_host=false)."""
 
 
 @dataclass
