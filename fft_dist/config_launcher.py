@@ -69,6 +69,8 @@ class LauncherConfig:
     """slurm: extra '#SBATCH ...' lines, verbatim (e.g. '#SBATCH --exclusive')."""
     setup: list[str] = field(default_factory=list)
     """slurm: shell lines run before the ranks start (module load ..., source venv/bin/activate)."""
+    use_deepspeed_launcher: bool = False
+    """slurm, ZeRO backends: start DeepSpeed's launcher on each node (hostfile from the allocation) instead of torchrun."""
     image: str = ""
     """container: the image to run (its entry point must be fft-dist, as docker/Dockerfile* build)."""
     engine: str = "docker"

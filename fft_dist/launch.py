@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from fft_dist import launch_plan as plan
 from fft_dist.compose import Prepared, compose, override_keys, report_known, resolve, to_typed, to_yaml
 from fft_dist.config import BatchPlan, ConfigError, FFTConfig, LauncherConfig, LauncherName
 from fft_dist.launch_plan import check_launcher, world_size
-from fft_dist.preemption import SignalForwarder, StartupInterrupted, signal_name
+from fft_dist.preemption import SignalForwarder, StartupInterrupted, ignore_forwarded_signals, signal_name
 from fft_dist.validate import validate
 from fft_dist.worker import CONFIG_ENV, STOPPED_ENV, run_worker
 
@@ -92,13 +93,40 @@ def launch_command(overrides: list[str], *, config_dirs: list[str] | None = None
         return exit_codes.STOPPED_NO_CHECKPOINT
 
 
-def node_command(torchrun_argv: list[str]) -> int:
-    """``fft-dist node <torchrun args>``: one node's agent (SLURM, containers) for an already written config."""
+def node_command(argv: list[str]) -> int:
+    """``fft-dist node <torchrun args>`` (or ``node --deepspeed <runner args>``): one node's agent
+    (SLURM, containers) for an already written config."""
     if not os.environ.get(CONFIG_ENV):
         print(f"fft-dist node: set {CONFIG_ENV} to the run's config.yaml (fft-dist launch writes it)",
               file=sys.stderr, flush=True)
         return exit_codes.CONFIG_ERROR
-    return start_agent(torchrun_argv, StopForwarder())
+    if argv[:1] == ["--deepspeed"]:
+        return run_deepspeed([*plan.DEEPSPEED_RUNNER, *argv[1:]], dict(os.environ), StopForwarder())
+    return start_agent(argv, StopForwarder())
+
+
+def run_deepspeed(argv: list[str], env: dict[str, str], forwarder: SignalForwarder, *, ranks_here: bool = True) -> int:
+    """DeepSpeed's runner as a child; its exit code (the first failed rank's, e.g. 75) is the job's.
+
+    With the ranks on this machine, stop signals go to the ranks only: the runner and its launch
+    process would kill them without a checkpoint. So the runner gets its own session (a Ctrl-C to
+    the terminal's process group misses it) and ignores SIGUSR1/SIGHUP, which SLURM sends to every
+    process of a job step. On other hosts (ssh) the signal can only go to the runner.
+    """
+    if ranks_here:
+        forwarder.forward_to_ranks_below()
+    proc = subprocess.Popen(argv, env=env, start_new_session=ranks_here,
+                            preexec_fn=ignore_forwarded_signals if ranks_here else None)
+    try:
+        code = proc.wait()
+    except StartupInterrupted:  # no rank yet: stop the runner and what it started
+        if ranks_here:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.terminate()
+        proc.wait()
+        raise
+    return 128 - code if code < 0 else code
 
 
 class StopForwarder(SignalForwarder):
@@ -116,7 +144,7 @@ def _resolve(overrides: list[str], config_dirs: list[str] | None, *, only_local:
     if only_local and cfg.launcher.name != LauncherName.local:
         raise ConfigError(f"fft-dist train starts ranks on this machine (launcher=local); for "
                           f"launcher={cfg.launcher.name.value} use `fft-dist launch`")
-    check_launcher(cfg.launcher)
+    check_launcher(cfg.launcher, cfg.parallelism.name)
     return Prepared(cfg, to_yaml(cfg_node), validate(cfg, world_size(cfg.launcher)))
 
 
@@ -209,8 +237,9 @@ class Job:
                 env_file = self.run_dir / "deepspeed_env"
                 env_file.write_text(plan.deepspeed_env_text(self.env()), encoding="utf-8")
                 env["DS_ENV_FILE"] = str(env_file)
-        else:
-            argv = self._container_argv()
+            print(f"fft-dist: run dir {self.run_dir}; running {plan.shell_line(argv)}", flush=True)
+            return run_deepspeed(argv, env, forwarder, ranks_here=not lch.hosts)
+        argv = self._container_argv()
         print(f"fft-dist: run dir {self.run_dir}; running {plan.shell_line(argv)}", flush=True)
         return subprocess.run(argv, env=env, check=False).returncode
 

@@ -11,7 +11,7 @@ import shlex
 import socket
 import sys
 
-from fft_dist.config import ConfigError, LauncherConfig, LauncherName
+from fft_dist.config import ConfigError, LauncherConfig, LauncherName, Parallelism
 from fft_dist.worker import CONFIG_ENV
 
 COMMON = {"name", "nproc_per_node", "dry_run", "env"}
@@ -21,7 +21,7 @@ OWN_OPTIONS: dict[LauncherName, set[str]] = {
                             "max_restarts"},
     LauncherName.deepspeed: {"master_port", "hosts", "include", "exclude"},
     LauncherName.slurm: {"master_port", "nodes", "gpus_per_node", "cpus_per_task", "partition", "account", "qos",
-                         "time", "job_name", "signal_lead_s", "requeue", "sbatch_lines", "setup"},
+                         "time", "job_name", "signal_lead_s", "requeue", "sbatch_lines", "setup", "use_deepspeed_launcher"},
     LauncherName.container: {"master_port", "image", "engine", "mounts", "gpus", "ipc_host", "shm_size"},
 }
 SLURM_PORT = 29500
@@ -34,7 +34,7 @@ def _default(f: dataclasses.Field):
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
 
 
-def check_launcher(launcher: LauncherConfig) -> None:
+def check_launcher(launcher: LauncherConfig, parallelism: Parallelism) -> None:
     """Refuse options the chosen launcher would ignore, and values no launcher could use."""
     used = COMMON | OWN_OPTIONS[launcher.name]
     stray = [f"launcher.{f.name}={getattr(launcher, f.name)!r}" for f in dataclasses.fields(launcher)
@@ -63,6 +63,9 @@ def check_launcher(launcher: LauncherConfig) -> None:
         (not (launcher.ipc_host and launcher.shm_size),
          "launcher.shm_size has no effect with launcher.ipc_host=true (the host's /dev/shm is used); set one"),
         (all(k.isidentifier() for k in launcher.env), f"launcher.env keys must be variable names: {list(launcher.env)}"),
+        (not launcher.use_deepspeed_launcher or parallelism in (Parallelism.zero2, Parallelism.zero3),
+         f"launcher.use_deepspeed_launcher=true starts DeepSpeed's launcher, for the ZeRO backends; with "
+         f"parallelism={parallelism.value} keep the default (torchrun's agent per node)"),
     ]
     for ok, message in rules:
         if not ok:
@@ -104,9 +107,12 @@ def hostfile_text(launcher: LauncherConfig) -> str:
     return "".join(f"{host} slots={launcher.nproc_per_node}\n" for host in launcher.hosts)
 
 
+DEEPSPEED_RUNNER = [sys.executable, "-m", "deepspeed.launcher.runner"]  # the `deepspeed` command, no PATH lookup
+
+
 def deepspeed_argv(launcher: LauncherConfig, *, hostfile: str | None, master_port: int) -> list[str]:
-    """The deepspeed launcher's command line (its runner module, so no PATH lookup is needed)."""
-    argv = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    """The deepspeed launcher's command line."""
+    argv = list(DEEPSPEED_RUNNER)
     argv += ["--hostfile", hostfile] if hostfile else ["--num_gpus", str(launcher.nproc_per_node)]
     if launcher.include:
         argv += ["--include", launcher.include]

@@ -18,6 +18,7 @@ import signal
 import sys
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+RANK_MODULE = "fft_dist.train"  # what every launcher starts per rank (``python -m fft_dist.train``)
 
 
 def signal_name(signum: int | None) -> str:
@@ -46,18 +47,27 @@ class StartupInterrupted(Exception):
 
 
 class SignalForwarder:
-    """Launcher side: forward stop signals to the ranks (our direct children) and keep waiting."""
+    """Launcher side: forward stop signals to the ranks and keep waiting.
+
+    The ranks are our direct children under torchrun's agent; :meth:`forward_to_ranks_below`
+    switches to the rank processes further down (the deepspeed launcher's runner and its per-node
+    process sit in between and would kill the ranks without a checkpoint if signalled).
+    """
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.find_targets = lambda: child_pids(os.getpid())
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
+
+    def forward_to_ranks_below(self) -> None:
+        self.find_targets = lambda: rank_pids(os.getpid())
 
     def _handle(self, signum: int, _frame) -> None:
         first = self.received is None
         if first:
             self.received = signum
-        children = child_pids(os.getpid())
+        children = self.find_targets()
         if not children:
             if first:
                 raise StartupInterrupted(signum)  # unwinds torch's launch; nothing trained yet
@@ -86,6 +96,32 @@ def child_pids(pid: int) -> list[int]:
         except OSError:
             continue
     return out
+
+
+def rank_pids(root: int) -> list[int]:
+    """Descendants of `root` running the worker module (``-m fft_dist.train``), searched depth-first."""
+    out: list[int] = []
+    todo = child_pids(root)
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                words = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(a == b"-m" and b == RANK_MODULE.encode() for a, b in zip(words, words[1:])):  # not `--module X`
+            out.append(pid)
+        else:
+            todo += child_pids(pid)
+    return out
+
+
+def ignore_forwarded_signals() -> None:
+    """For a launcher process between us and the ranks (DeepSpeed's runner): SIGUSR1/SIGHUP, which
+    SLURM sends to every process of a job step, must reach only the ranks; the ranks set their own
+    handlers, so the inherited "ignore" does not reach them."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def die_with_parent() -> None:

@@ -132,6 +132,21 @@ def test_slurm_dry_run_is_a_whole_sbatch_script(tmp_path, parallelism):
     assert got == f'a "b" $c|{tmp_path}/r/config.yaml'
 
 
+def test_slurm_with_the_deepspeed_launcher_writes_a_hostfile_and_runs_one_runner_per_node(tmp_path):
+    text = slurm_script("launcher.nodes=2", "launcher.gpus_per_node=4", "train.global_batch_size=32",
+                        "parallelism=zero3", "launcher.use_deepspeed_launcher=true", f"run.dir={tmp_path}/r")
+    assert "printf '%s slots=4\\n' \"${nodes[@]}\" > \"$log_dir/hostfile\"" in text, text
+    srun = text[text.index("srun "):text.index("code=$?")]
+    # each task expands its own SLURM_NODEID (escaped from the batch shell); no ssh, rendezvous on the first node
+    for part in ("node --deepspeed --hostfile $log_dir/hostfile --no_ssh", r"--node_rank \$SLURM_NODEID",
+                 "--master_addr $head --master_port 29500", "--module fft_dist.train"):
+        assert part in srun, f"missing {part!r}:\n{srun}"
+    assert "torch.distributed.run" not in srun and "--rdzv" not in srun
+    assert "#SBATCH --signal=USR1@120" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+    refused = dry("launcher=slurm", "launcher.use_deepspeed_launcher=true", "parallelism=fsdp")
+    assert refused.returncode == 2 and "for the ZeRO backends" in refused.stderr, refused.stderr
+
+
 def test_slurm_requeue_and_signal_can_be_turned_off_and_unsafe_sbatch_values_are_refused(tmp_path):
     text = slurm_script("launcher.gpus_per_node=0", "launcher.nproc_per_node=2", f"run.dir={tmp_path}/r",
                         "launcher.requeue=false", "launcher.signal_lead_s=0")
@@ -275,6 +290,32 @@ def test_a_stop_signal_is_not_undone_by_a_torchrun_restart(tmp_path):
     found = ckpt.find_resume("auto", run / "checkpoints")
     assert found is not None and ckpt.verify_checkpoint(found) == []
     assert max(r["step"] for r in step_records(run)) < 400
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_the_deepspeed_launcher_checkpoints_and_exits_75(tmp_path):
+    """SIGINT to the terminal's process group: DeepSpeed's runner (own session, deaf to it) does not
+    kill the ranks; fft-dist forwards the stop to the ranks, which checkpoint and exit 75."""
+    run = tmp_path / "r"
+    proc = start_launch(run, *TINY_JOB, "launcher=deepspeed", "parallelism=zero2", "train.max_steps=400")
+    runner = None
+    try:
+        deadline = time.time() + 240
+        while not (run / "metrics.jsonl").exists() or '"loss"' not in (run / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+        runner = children(proc.pid)[0]
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if runner is not None and proc.poll() is None:
+            os.killpg(runner, 9)
+        kill_job(proc)
+    assert proc.returncode == 75, f"{out[-3000:]}\n{err[-5000:]}"
+    found = ckpt.find_resume("auto", run / "checkpoints")
+    assert found is not None and ckpt.verify_checkpoint(found) == []
+    last = max(r["step"] for r in step_records(run))
+    assert last < 400 and found.name == f"step-{last:07d}"
 
 
 @pytest.fixture
