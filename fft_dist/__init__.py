@@ -16,6 +16,6 @@ LAYERS: list[list[str]] = [
     ["checkpoint"],                                  # one format over every strategy's fragments
     ["trainer", "rundir"],                           # the loop, the run directory
     ["worker"],                                      # one rank's life
-    ["launch_plan", "launch_slurm", "launch"],      # resolve once, check, start or submit the ranks
+    ["launch_plan", "launch_slurm", "launch", "sweep"],      # resolve once, check, start or submit the ranks
     ["cli", "train"],                                # entry points
 ]

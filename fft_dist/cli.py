@@ -9,7 +9,8 @@ USAGE = """fft-dist <command> [args]
 
 commands:
   train [hydra overrides]        train; self-launches launcher.nproc_per_node ranks via torchrun's API
-                                 (fft-dist train --help lists every option; --cfg job prints the config)
+                                 (fft-dist train --help lists every option; --cfg job prints the config;
+                                 -m a=1,2 b=x,y runs every combination, each in run.dir/<n>)
   launch [hydra overrides]       run or submit the job with launcher=local|torchrun|deepspeed|slurm|container
                                  (launcher.dry_run=true prints the command or sbatch script, runs nothing)
   node [torchrun args]           one node's agent for a written config (FFT_DIST_CONFIG); sbatch scripts use it
@@ -31,9 +32,12 @@ def train(argv: list[str], *, command: str = "train") -> int:
     from fft_dist import config_help
     from fft_dist.launch import launch_command, train_command
 
-    overrides, config_dirs, show = [], [], None
+    overrides, config_dirs, show, multirun = [], [], None, False
     it = iter(argv)
     for arg in it:
+        if arg in ("-m", "--multirun"):
+            multirun = True
+            continue
         if arg in ("-h", "--help"):
             print(config_help.help_text())
             return 0
@@ -55,7 +59,14 @@ def train(argv: list[str], *, command: str = "train") -> int:
         print(config_help.info_text(config_dirs))
         return 0
     if show is not None:
+        if multirun:
+            print("fft-dist: --cfg shows one job's config; drop -m", file=sys.stderr)
+            return 2
         return print_config(overrides, config_dirs, show)
+    if multirun:
+        from fft_dist.sweep import run_sweep
+
+        return run_sweep(command, overrides, config_dirs=config_dirs)
     if command == "launch":
         return launch_command(overrides, config_dirs=config_dirs)
     return train_command(overrides, config_dirs=config_dirs)

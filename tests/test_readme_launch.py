@@ -45,3 +45,12 @@ def test_readme_launch_command_dry_runs_as_pasted(command, tmp_path):
     assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
     assert proc.stdout.strip(), command
     assert not (tmp_path / "runs").exists() and not list(tmp_path.glob("shared")), "a dry run must write nothing"
+
+
+def test_readme_sweep_line_dry_runs_two_points(tmp_path):
+    line = next(c for c in (ln.split("  #")[0].strip() for ln in readme_block("## Running").splitlines())
+                if c.startswith("fft-dist train -m "))
+    proc = subprocess.run([sys.executable, "-m", "fft_dist.cli", *line.split()[1:], "launcher.dry_run=true"],
+                          cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "multirun point 2/2" in proc.stdout and proc.stdout.count("exit 0") == 2, proc.stdout[-2000:]
