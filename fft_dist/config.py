@@ -18,8 +18,6 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
 
 
-
-
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -136,6 +134,9 @@ class DataConfig:
     """Worker processes for tokenising (on the one rank that builds the cache)."""
     inspect_terms: list[str] = field(default_factory=list)
     """`fft-dist data`: show how each of these domain terms splits into tokens."""
+    mixture: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Several weighted sources instead of `path`: name -> {path, weight, optional eval_path and other
+    data.* settings for that source}. Metrics add eval_<name>_loss per source. See README "Mixtures"."""
 
 
 @dataclass
