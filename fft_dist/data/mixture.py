@@ -90,7 +90,8 @@ def mixture_sources(cfg: DataConfig) -> list[MixSource]:
             merged = OmegaConf.merge(OmegaConf.structured(replace(base, name=str(name))), overrides)
             source_cfg = OmegaConf.to_object(merged)
         except OmegaConfBaseException as e:
-            raise ConfigError(f"{where}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+            key = f".{e.full_key}" if getattr(e, "full_key", None) else ""
+            raise ConfigError(f"{where}{key}: {str(e).splitlines()[0]}") from None
         out.append((str(name), weight, source_cfg))
     total = sum(w for _, w, _ in out)
     return [MixSource(name, w / total, c) for name, w, c in out]
