@@ -180,3 +180,12 @@ def test_mixture_with_packing_resumes_exactly_and_reports_each_source(tmp_path):
     train(tmp_path / "one", *job, f"resume={step3}", nproc=1, parallelism="none")
     one = {r["step"]: r["loss"] for r in step_records(tmp_path / "one")}
     assert_close_rel([one[s] for s in (4, 5, 6)], [full[s] for s in (4, 5, 6)], 1e-5, "resumed on 1 rank")
+
+
+def test_data_report_has_a_section_per_source(tmp_path, tok):
+    from fft_dist.data.report import data_report
+
+    text = data_report(mixture_cfg(tmp_path), tok, cache_dir=tmp_path / "cache")
+    assert "a mixture of 2 sources: code 75.0%, prose 25.0%" in text
+    assert "== source code (data.mixture.code" in text and "== source prose (data.mixture.prose" in text
+    assert text.count("train: ") == 2 and "format text" in text and "format prompt_completion" in text
