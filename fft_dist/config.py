@@ -127,6 +127,8 @@ class DataConfig:
     """Use only the first N training rows (0: all). Handy for smoke tests."""
     shuffle: bool = True
     """Reshuffle the training rows every epoch (seeded by train.seed)."""
+    group_by_length: int = 0
+    """Unpacked, single source: sort each run of N rows of an epoch's shuffle by length, so batches pad less (0: off)."""
     cache_dir: str | None = None
     """Where the tokenised splits are kept (one folder per fingerprint: sources, tokenizer, settings).
     None: run.dir/data_cache. Point several runs at one folder to tokenise once for all of them."""

@@ -13,7 +13,8 @@ from dataclasses import dataclass, fields, replace
 from fft_dist.config import DataConfig
 from fft_dist.errors import ConfigError
 
-GLOBAL_KEYS = ("max_length", "packing", "shuffle", "cache_dir", "num_proc", "inspect_terms", "mixture", "name")
+GLOBAL_KEYS = ("max_length", "packing", "shuffle", "group_by_length", "cache_dir", "num_proc", "inspect_terms",
+               "mixture", "name")
 """Top-level only: they shape every batch, or name the whole run's data."""
 ENTRY_KEYS = ("path", "weight")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -61,6 +62,9 @@ def mixture_sources(cfg: DataConfig) -> list[MixSource]:
     if cfg.eval_path is not None:
         raise ConfigError("data.eval_path and data.mixture are both set; give each source its own "
                           "data.mixture.<name>.eval_path (or let it hold out data.eval_fraction)")
+    if cfg.group_by_length:
+        raise ConfigError("data.group_by_length does not apply to data.mixture (every batch interleaves the "
+                          "sources); set data.group_by_length=0")
     allowed = _per_source_keys()
     names = list(entries)
     base = replace(cfg, mixture={}, path=None, eval_path=None)

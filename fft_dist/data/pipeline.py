@@ -50,7 +50,7 @@ def tokenizer_identity(tok) -> str:
 def fingerprint(cfg: DataConfig, tok, chat_template: str | None, *, where: str = "data") -> str:
     settings = {k: v for k, v in asdict(cfg).items()
                 if k not in ("name", "path", "eval_path", "shuffle", "cache_dir", "num_proc", "inspect_terms",
-                             "mixture")}
+                             "mixture", "group_by_length")}
     settings["format"] = cfg.format.value
     settings["chat_template"] = chat_template
     parts = {"version": PIPELINE_VERSION, "settings": settings, "tokenizer": tokenizer_identity(tok),

@@ -18,7 +18,14 @@ from fft_dist.data.examples import IGNORE_INDEX, DataError, Example
 class GlobalBatchSampler:
     """One source: each epoch is a fresh shuffle, cut into global batches; a last partial batch is dropped."""
 
-    def __init__(self, num_examples: int, global_batch_size: int, *, seed: int, shuffle: bool = True):
+    def __init__(self, num_examples: int, global_batch_size: int, *, seed: int, shuffle: bool = True,
+                 lengths=None, group_by_length: int = 0):
+        """`group_by_length` N > 0 (with every row's `lengths`): each run of N rows of an epoch's order is
+        sorted by length, longest first, so a micro batch holds rows of similar length and pads less.
+        N counts rows, not batches, so the epoch order does not depend on the batch size (resume-safe)."""
+        if group_by_length and lengths is None:
+            raise ValueError("group_by_length needs the rows' lengths")
+        self.lengths, self.group_by_length = lengths, group_by_length
         if num_examples < global_batch_size:
             raise DataError(
                 f"the training set has {num_examples} rows but one global batch needs {global_batch_size}; "
@@ -80,6 +87,8 @@ class GlobalBatchSampler:
                 self._perm = torch.randperm(self.num_examples, generator=g).tolist()
             else:
                 self._perm = list(range(self.num_examples))
+            if self.group_by_length:
+                self._perm = grouped_by_length(self._perm, self.lengths, self.group_by_length)
             self._perm_epoch = epoch
         return self._perm
 
@@ -92,6 +101,18 @@ class GlobalBatchSampler:
         """This rank's micro batches for `step`: a contiguous slice of the global batch."""
         return split_for_rank(self.global_batch(step), rank=rank, world_size=world_size,
                               micro_batch_size=micro_batch_size)
+
+
+def grouped_by_length(order: list[int], lengths, group: int) -> list[int]:
+    """`order` with each run of `group` rows sorted by length, longest first (ties keep their order)."""
+    import numpy as np
+
+    order_arr = np.asarray(order, dtype=np.int64)
+    out = []
+    for start in range(0, len(order_arr), group):
+        chunk = order_arr[start : start + group]
+        out.append(chunk[np.argsort(-np.asarray(lengths)[chunk], kind="stable")])
+    return np.concatenate(out).tolist() if out else []
 
 
 def split_for_rank(batch: list[int], *, rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:

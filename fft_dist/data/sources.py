@@ -111,6 +111,11 @@ def check_options(cfg: DataConfig) -> None:
         raise ConfigError(f"data.chat_template applies to data.format=chat only (the format is {cfg.format.value})")
     if cfg.num_proc < 1:
         raise ConfigError("data.num_proc must be >= 1")
+    if cfg.group_by_length < 0:
+        raise ConfigError(f"data.group_by_length={cfg.group_by_length} must be >= 0 (0: off)")
+    if cfg.group_by_length and cfg.packing:
+        raise ConfigError("data.group_by_length applies to unpacked rows only (packed rows are all close to "
+                          "data.max_length); set one of data.packing / data.group_by_length")
 
 
 def check_data_files(cfg: DataConfig) -> None:

@@ -65,10 +65,14 @@ class TrainingData:
     sources: list[MixSource] = field(default_factory=list)
     """The mixture's sources (empty without data.mixture)."""
     source_stats: list[DataStats] = field(default_factory=list)
+    group_by_length: int = 0
+    """data.group_by_length (single source, unpacked)."""
 
     def sampler(self, global_batch_size: int, *, seed: int, shuffle: bool = True):
         if not self.sources:
-            return GlobalBatchSampler(len(self.train), global_batch_size, seed=seed, shuffle=shuffle)
+            lengths = self.train.lengths() if self.group_by_length else None
+            return GlobalBatchSampler(len(self.train), global_batch_size, seed=seed, shuffle=shuffle,
+                                      lengths=lengths, group_by_length=self.group_by_length)
         return MixtureSampler([len(p) for p in self.train.parts], [s.share for s in self.sources],
                               global_batch_size, seed=seed, shuffle=shuffle, names=[s.name for s in self.sources])
 
@@ -77,7 +81,8 @@ def load_training_data(cfg: DataConfig, tok, *, cache_dir: str | Path | None = N
     """Train split, eval sets and stats for `cfg` (collective under torch.distributed, like load_datasets)."""
     if not cfg.mixture:
         train, evals, stats = load_datasets(cfg, tok, cache_dir=cache_dir)
-        return TrainingData(train, [EvalSet(None, 1.0, evals)] if evals else [], stats)
+        return TrainingData(train, [EvalSet(None, 1.0, evals)] if evals else [], stats,
+                            group_by_length=cfg.group_by_length)
     sources = mixture_sources(cfg)
     parts, evals, all_stats = [], [], []
     for source in sources:
