@@ -126,6 +126,9 @@ class Trainer:
         data = load_training_data(cfg.data, self.tokenizer, cache_dir=cfg.data.cache_dir or self.run_dir / "data_cache")
         self.train_set, self.eval_set, stats = data.train, EvalSets(data.evals), data.stats
         self.sampler = data.sampler(self.plan.global_batch_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+        if data.sources:
+            print0("fft-dist: data mixture: " + ", ".join(f"{s.name} {s.share:.1%} of each batch ({len(p)} rows)"
+                                                         for s, p in zip(data.sources, data.train.parts)))
         self._resume_path = self._resume_sample_position()
         self.total_steps = cfg.train.max_steps or self.sampler.total_steps(cfg.train.epochs)
         self.warmup_steps = warmup_steps_for(cfg.train, self.total_steps)

@@ -100,7 +100,7 @@ def _map(ds, encoder, cfg: DataConfig, work: Path, name: str, fp: str):
     return ds.map(encoder, batched=True, with_indices=True, remove_columns=ds.column_names,
                   num_proc=_num_proc(cfg, len(ds)),
                   new_fingerprint=f"{fp}-{name}", cache_file_name=str(work / f"{name}-map.arrow"),
-                  desc=f"fft-dist: tokenising {name}")
+                  desc=f"fft-dist: tokenising {cfg.name} {name}")
 
 
 def _num_proc(cfg: DataConfig, rows: int) -> int | None:
