@@ -20,14 +20,20 @@ from fft_dist.data.training import EvalSet
 from fft_dist.dist import DistContext, all_reduce_sum
 
 
-class EvalSets(list):
-    """The run's eval sets; len() counts their rows (what the banner shows), bool() whether there are any."""
+class EvalSets:
+    """The run's eval sets (iterate over them); len() counts their rows (what the banner shows)."""
+
+    def __init__(self, sets: list[EvalSet]):
+        self.sets = list(sets)
+
+    def __iter__(self):
+        return iter(self.sets)
 
     def __len__(self) -> int:
-        return sum(len(e.split) for e in self)
+        return sum(len(e.split) for e in self.sets)
 
     def __bool__(self) -> bool:
-        return any(len(e.split) for e in self)
+        return len(self) > 0
 
 
 @torch.no_grad()
@@ -52,7 +58,7 @@ def split_loss(strategy, split, *, ctx: DistContext, cfg: EvalConfig, pad_id: in
     return total / count if count else float("nan")
 
 
-def evaluate(strategy, sets: list[EvalSet], **kw) -> dict[str, float]:
+def evaluate(strategy, sets: EvalSets | list[EvalSet], **kw) -> dict[str, float]:
     """{'eval_loss': ..., plus 'eval_<name>_loss' per named set}; see the module docstring."""
     strategy.train(False)
     losses = {e.name: split_loss(strategy, e.split, **kw) for e in sets}
