@@ -118,6 +118,7 @@ def test_sources_load_through_their_own_cache_with_named_eval_sets(tmp_path, tok
     ({"cdoe": {"weight": 0.5}}, r"data\.mixture\.cdoe sets a weight but no source of that name exists \(known: code, prose\)"),
     ({"prose": {"max_length": 32}}, r"data\.mixture\.prose\.max_length: data\.max_length applies to every source"),
     ({"prose": {"wieght": 1}}, r"data\.mixture\.prose\.wieght: unknown key"),
+    ({"prose": {"name": "x"}}, r"data\.mixture\.prose\.name: a source's name is its key"),
     ({"prose": {"stride": "x"}}, r"data\.mixture\.prose\.stride: Value .x. .*could not be converted"),
     ({"best": {"path": "x.jsonl", "weight": 1}}, r"data\.mixture\.best: a source name"),
 ])

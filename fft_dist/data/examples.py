@@ -87,8 +87,8 @@ class TokenizedSplit:
         """Every row's token count (numpy int64), read from the Arrow offsets without the tokens."""
         import pyarrow.compute as pc
 
-        table = self.dataset.flatten_indices().data if self.dataset._indices is not None else self.dataset.data
-        return pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False).astype("int64")
+        column = self.dataset.with_format("arrow")["input_ids"]
+        return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype("int64")
 
     def __iter__(self):
         for start in range(0, len(self), 1024):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 
 from fft_dist.config import DataConfig
@@ -74,8 +75,9 @@ def mixture_sources(cfg: DataConfig) -> list[MixSource]:
         if not _NAME.match(str(name)) or name in RESERVED_NAMES:
             raise ConfigError(f"{where}: a source name must be letters, digits, '_' or '-' (it becomes the metric "
                               f"eval_<name>_loss) and not one of {list(RESERVED_NAMES)}")
-        if not isinstance(entry, dict):
+        if not isinstance(entry, Mapping):
             raise ConfigError(f"{where} must be a mapping such as {{path: ..., weight: ...}}, got {entry!r}")
+        entry = dict(entry)
         if entry.get("path") is None:
             if set(entry) <= {"weight"}:
                 raise ConfigError(f"{where} sets a weight but no source of that name exists (known: "
@@ -85,6 +87,8 @@ def mixture_sources(cfg: DataConfig) -> list[MixSource]:
             raise ConfigError(f"{where} has no weight (e.g. {where}.weight=0.1)")
         weight = _weight(where, entry["weight"])
         for key in entry:
+            if key == "name":
+                raise ConfigError(f"{where}.name: a source's name is its key under data.mixture; drop this key")
             if key in GLOBAL_KEYS:
                 raise ConfigError(f"{where}.{key}: data.{key} applies to every source; set it at the top level")
             if key not in allowed and key != "weight":
