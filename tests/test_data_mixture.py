@@ -145,6 +145,7 @@ def test_a_missing_file_names_the_source_and_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
+    ("data.mixture.txet.weight=0.2", "Key 'txet' is not in struct"),
     ("+data.mixture.txet.weight=0.2", "data.mixture.txet sets a weight but no source of that name exists"),
     ("data.mixture.text.weight=0", "data.mixture.text.weight=0 must be a finite number > 0"),
     ("data.mixture.text.path=/nowhere/general.jsonl", "data.mixture.text.path='/nowhere/general.jsonl' does not exist"),
