@@ -19,8 +19,6 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
 
 
-
-
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -130,6 +128,8 @@ class DataConfig:
     """Use only the first N training rows (0: all). Handy for smoke tests."""
     shuffle: bool = True
     """Reshuffle the training rows every epoch (seeded by train.seed)."""
+    group_by_length: int = 0
+    """Unpacked, single source: sort each run of N rows of an epoch's shuffle by length, so batches pad less (0: off)."""
     cache_dir: str | None = None
     """Where the tokenised splits are kept (one folder per fingerprint: sources, tokenizer, settings).
     None: run.dir/data_cache. Point several runs at one folder to tokenise once for all of them."""
@@ -137,6 +137,9 @@ class DataConfig:
     """Worker processes for tokenising (on the one rank that builds the cache)."""
     inspect_terms: list[str] = field(default_factory=list)
     """`fft-dist data`: show how each of these domain terms splits into tokens."""
+    mixture: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Several weighted sources instead of `path`: name -> {path, weight, optional eval_path and other
+    data.* settings for that source}. Metrics add eval_<name>_loss per source. See README "Mixtures"."""
 
 
 @dataclass

@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from fft_dist import resume_checks
 from fft_dist.config import BatchPlan, ExportChoice, FFTConfig, OnNonFinite, Precision
 from fft_dist.validate import warmup_steps_for
-from fft_dist.data import GlobalBatchSampler, collate, load_datasets
-from fft_dist.data.examples import IGNORE_INDEX, Example
+from fft_dist.data import collate
+from fft_dist.data.examples import IGNORE_INDEX
+from fft_dist.data.training import load_training_data
 from fft_dist.dist import DistContext, all_reduce_sum, print0, seed_everything
 from fft_dist.errors import NonFiniteError
+from fft_dist.evaluation import EvalSets, evaluate, track
 from fft_dist.metrics import MetricsWriter, flops_per_token, peak_flops, peak_memory_mb
 from fft_dist.model import (
     apply_freeze,
@@ -121,10 +123,13 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model)
         self.hf_config = hf_config(cfg.model)
         check_vocab(self.hf_config, self.tokenizer)
-        self.train_set, self.eval_set, stats = load_datasets(
-            cfg.data, self.tokenizer, cache_dir=cfg.data.cache_dir or self.run_dir / "data_cache")
-        self.sampler = GlobalBatchSampler(len(self.train_set), self.plan.global_batch_size,
-                                          seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+        data = load_training_data(cfg.data, self.tokenizer, cache_dir=cfg.data.cache_dir or self.run_dir / "data_cache")
+        self.train_set, self.eval_set, stats = data.train, EvalSets(data.evals), data.stats
+        self.sampler = data.sampler(self.plan.global_batch_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+        if data.sources:
+            print0("fft-dist: data mixture: " + ", ".join(f"{s.name} {s.share:.1%} of each batch ({len(p)} rows)"
+                                                         for s, p in zip(data.sources, data.train.parts)))
+        self._resume_path = self._resume_sample_position()
         self.total_steps = cfg.train.max_steps or self.sampler.total_steps(cfg.train.epochs)
         self.warmup_steps = warmup_steps_for(cfg.train, self.total_steps)
         self.frozen: list[str] = []
@@ -172,12 +177,22 @@ class Trainer:
             problems.append(str(e))
         agree_or_raise(problems, "checkpoints could not be saved (nothing was trained):")
 
-    def _resume(self) -> None:
+    def _resume_sample_position(self) -> Path | None:
+        """The checkpoint to resume from; the sampler continues from its sample position (any batch size)."""
         if self.cfg.resume == "none":
-            return
+            return None
         from fft_dist import checkpoint as ckpt
 
         path = ckpt.find_resume(self.cfg.resume, self.ckpt_root)
+        if path is not None:
+            envelope = ckpt.read_train_state(path)
+            self.sampler.resume_at(int(envelope["step"]), envelope.get("train_state", {}).get("sampler", {}))
+        return path
+
+    def _resume(self) -> None:
+        from fft_dist import checkpoint as ckpt
+
+        path = self._resume_path
         if path is None:
             return
         envelope = ckpt.read_train_state(path)
@@ -195,6 +210,9 @@ class Trainer:
         for note in notes:
             print0(f"fft-dist: warning: since the checkpoint, {note}; the lr schedule and data order follow "
                    "the new settings from here on")
+        if saved.get("sampler", {}).get("global_batch_size", self.plan.global_batch_size) != self.plan.global_batch_size:
+            print0(f"fft-dist: the data continues at {self.sampler.describe(self.state.step)}, the first sample the "
+                   "checkpoint had not trained on (nothing skipped or replayed); steps count on from the checkpoint's")
         if notes:
             self.metrics.write({"step": self.state.step, "event": "resume_changed", "changes": notes,
                                 "lr_next": self.lr_at(self.state.step)})
@@ -241,27 +259,6 @@ class Trainer:
                 "inputs": int(global_inputs), "stop": any_stop > 0,
                 "skipped": not math.isfinite(grad_norm)}
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        self.strategy.train(False)
-        mine = range(self.ctx.rank, len(self.eval_set), self.ctx.world_size)
-        size = self.cfg.eval.micro_batch_size
-        # Every rank must run the same number of forwards (FSDP/ZeRO-3 gather collectively).
-        n_batches = math.ceil(len(range(0, len(self.eval_set), self.ctx.world_size)) / size)
-        if self.cfg.eval.max_batches:
-            n_batches = min(n_batches, self.cfg.eval.max_batches)
-        loss_sum, tokens = 0.0, 0
-        for i in range(n_batches):
-            rows: list[Example] = self.eval_set.rows(mine[i * size : (i + 1) * size] or [0])
-            batch = collate(rows, self.tokenizer.pad_token_id)
-            logits = self.strategy.forward(batch["input_ids"], batch["attention_mask"])
-            if mine[i * size : (i + 1) * size]:
-                loss_sum += float(token_loss_sum(logits, batch["labels"]))
-                tokens += count_loss_tokens(batch)
-        total, count = all_reduce_sum([loss_sum, tokens], self.ctx.device).tolist()
-        self.strategy.train(True)
-        return total / count if count else float("nan")
-
     def _say(self, message: str) -> None:
         """A rank-0 console line that does not break the progress bar."""
         if not self.ctx.is_main:
@@ -272,22 +269,11 @@ class Trainer:
             print(message, flush=True)
 
     def _eval_and_track(self, step: int) -> None:
-        loss = self.evaluate()
-        s = self.state
-        s.last_eval_loss, s.last_eval_step = loss, step
-        if s.first_eval_loss is None:
-            s.first_eval_loss = loss
-        if s.best_eval_loss is None or loss < s.best_eval_loss:
-            s.best_eval_loss, s.best_step, s.evals_without_improvement = loss, step, 0
-        elif step > 0:
-            s.evals_without_improvement += 1
-        ppl = math.exp(min(loss, 50.0))
-        self.metrics.write({"step": step, "eval_loss": loss, "eval_ppl": ppl,
-                            "eval_best_loss": s.best_eval_loss, "eval_best_step": s.best_step})
-        self._say(f"fft-dist: step {step}: eval loss {loss:.4f} (ppl {ppl:.2f}; best {s.best_eval_loss:.4f} "
-                  f"at step {s.best_step})")
-        if self.cfg.eval.patience and s.evals_without_improvement >= self.cfg.eval.patience:
-            s.stopped_early = True
+        losses = evaluate(self.strategy, self.eval_set, ctx=self.ctx, cfg=self.cfg.eval,
+                          pad_id=self.tokenizer.pad_token_id, loss_sum=token_loss_sum, count_tokens=count_loss_tokens)
+        record, line = track(self.state, losses, step, patience=self.cfg.eval.patience)
+        self.metrics.write(record)
+        self._say(line)
 
     def _save(self, step: int) -> Path:
         from dataclasses import asdict

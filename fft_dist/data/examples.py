@@ -83,6 +83,13 @@ class TokenizedSplit:
         positions = batch.get("position_ids") or [None] * len(indices)
         return [Example(i, l, p) for i, l, p in zip(batch["input_ids"], batch["labels"], positions)]
 
+    def lengths(self):
+        """Every row's token count (numpy int64), read from the Arrow offsets without the tokens."""
+        import pyarrow.compute as pc
+
+        column = self.dataset.with_format("arrow")["input_ids"]
+        return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype("int64")
+
     def __iter__(self):
         for start in range(0, len(self), 1024):
             yield from self.rows(range(start, min(start + 1024, len(self))))

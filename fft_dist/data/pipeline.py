@@ -47,14 +47,15 @@ def tokenizer_identity(tok) -> str:
     return h.hexdigest()
 
 
-def fingerprint(cfg: DataConfig, tok, chat_template: str | None) -> str:
+def fingerprint(cfg: DataConfig, tok, chat_template: str | None, *, where: str = "data") -> str:
     settings = {k: v for k, v in asdict(cfg).items()
-                if k not in ("name", "path", "eval_path", "shuffle", "cache_dir", "num_proc", "inspect_terms")}
+                if k not in ("name", "path", "eval_path", "shuffle", "cache_dir", "num_proc", "inspect_terms",
+                             "mixture", "group_by_length")}
     settings["format"] = cfg.format.value
     settings["chat_template"] = chat_template
     parts = {"version": PIPELINE_VERSION, "settings": settings, "tokenizer": tokenizer_identity(tok),
-             "train": [_source_stamp(s) for s in resolve_sources(cfg.path, key="data.path")],
-             "eval": [_source_stamp(s) for s in resolve_sources(cfg.eval_path, key="data.eval_path")]
+             "train": [_source_stamp(s) for s in resolve_sources(cfg.path, key=f"{where}.path")],
+             "eval": [_source_stamp(s) for s in resolve_sources(cfg.eval_path, key=f"{where}.eval_path")]
              if cfg.eval_path is not None else None}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -99,7 +100,7 @@ def _map(ds, encoder, cfg: DataConfig, work: Path, name: str, fp: str):
     return ds.map(encoder, batched=True, with_indices=True, remove_columns=ds.column_names,
                   num_proc=_num_proc(cfg, len(ds)),
                   new_fingerprint=f"{fp}-{name}", cache_file_name=str(work / f"{name}-map.arrow"),
-                  desc=f"fft-dist: tokenising {name}")
+                  desc=f"fft-dist: tokenising {cfg.name} {name}")
 
 
 def _num_proc(cfg: DataConfig, rows: int) -> int | None:
@@ -129,7 +130,7 @@ def _stats(encoded, rows: int, max_length: int) -> DataStats:
         lengths=[int(c) for c in counts], length_edges=[int(e) for e in edges])
 
 
-def build_cache(cfg: DataConfig, tok, target: Path, fp: str) -> None:
+def build_cache(cfg: DataConfig, tok, target: Path, fp: str, *, where: str = "data") -> None:
     """Read, split, tokenise and save both splits under `target` (atomically: a rename at the end)."""
     import datasets
 
@@ -139,9 +140,9 @@ def build_cache(cfg: DataConfig, tok, target: Path, fp: str) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".build-{target.name}-", dir=target.parent))
     try:
         work = tmp / "work"
-        loaded = load_sources(cfg.path, cfg, key="data.path", work_dir=work)
+        loaded = load_sources(cfg.path, cfg, key=f"{where}.path", work_dir=work)
         if cfg.eval_path is not None:
-            eval_loaded = load_sources(cfg.eval_path, cfg, key="data.eval_path", work_dir=work)
+            eval_loaded = load_sources(cfg.eval_path, cfg, key=f"{where}.eval_path", work_dir=work)
             train_idx, eval_idx = list(range(len(loaded.dataset))), list(range(len(eval_loaded.dataset)))
         else:
             eval_loaded = loaded
@@ -162,7 +163,7 @@ def build_cache(cfg: DataConfig, tok, target: Path, fp: str) -> None:
                     encoded = pack(encoded, max_length=cfg.max_length, cache_file_name=str(work / "packed.arrow"),
                                    num_proc=_num_proc(cfg, len(encoded)))
                     stats[name]["packed_rows"] = len(encoded)
-            _check_nonempty(name, stats[name], cfg)
+            _check_nonempty(name, stats[name], cfg, where)
             if encoded is not None:
                 encoded.save_to_disk(str(tmp / name))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
@@ -176,16 +177,16 @@ def build_cache(cfg: DataConfig, tok, target: Path, fp: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_nonempty(name: str, stats: dict, cfg: DataConfig) -> None:
+def _check_nonempty(name: str, stats: dict, cfg: DataConfig, where: str) -> None:
     if stats["examples"]:
         return
     if name == "train":
         if not stats["rows"]:
-            raise DataError(f"data.path={cfg.path}: no training rows (max_examples / eval_fraction left none)")
-        raise DataError(f"data.path={cfg.path}: no usable training rows (all {stats['rows']} had an empty "
+            raise DataError(f"{where}.path={cfg.path}: no training rows (max_examples / eval_fraction left none)")
+        raise DataError(f"{where}.path={cfg.path}: no usable training rows (all {stats['rows']} had an empty "
                         f"loss mask: {stats['dropped']}); raise data.max_length or check the data")
     if cfg.eval_path is not None:
-        raise DataError(f"data.eval_path={cfg.eval_path}: empty after filtering (all {stats['rows']} rows "
+        raise DataError(f"{where}.eval_path={cfg.eval_path}: empty after filtering (all {stats['rows']} rows "
                         f"had an empty loss mask: {stats['dropped']})")
 
 
@@ -231,11 +232,11 @@ def _agree(problem: tuple[str, str] | None, group=None) -> None:
         raise (ConfigError if first[0] == "ConfigError" else DataError)(first[1])
 
 
-def _step(should_build: bool, cfg: DataConfig, tok, target: Path, fp: str, group) -> bool:
+def _step(should_build: bool, cfg: DataConfig, tok, target: Path, fp: str, group, where: str) -> bool:
     built, problem = False, None
     if should_build and not _complete(target):
         try:
-            build_cache(cfg, tok, target, fp)
+            build_cache(cfg, tok, target, fp, where=where)
             built = True
         except (DataError, ConfigError) as e:
             problem = (type(e).__name__, str(e))
@@ -243,25 +244,26 @@ def _step(should_build: bool, cfg: DataConfig, tok, target: Path, fp: str, group
     return built
 
 
-def load_datasets(cfg: DataConfig, tok, *, cache_dir: str | Path | None = None
+def load_datasets(cfg: DataConfig, tok, *, cache_dir: str | Path | None = None, where: str = "data"
                   ) -> tuple[TokenizedSplit, TokenizedSplit, DataStats]:
     """Train and eval splits (memory-mapped), and the training split's stats. Collective under torch.distributed.
 
     `cache_dir` (else data.cache_dir, else a temporary folder) holds one folder per fingerprint.
+    `where` is the config key errors name (data, or data.mixture.<name> for a mixture's source).
     """
     import datasets
 
     check_options(cfg)
     template = resolve_chat_template(cfg, tok) if cfg.format == DataFormat.chat else None
     root = Path(cache_dir or cfg.cache_dir or _temp_cache_root())
-    fp = fingerprint(cfg, tok, template)
+    fp = fingerprint(cfg, tok, template, where=where)
     target = root / fp
     rank, world = rank_world()
     existed = _complete(target)
     group = _wait_group()
-    _step(rank == 0, cfg, tok, target, fp, group)
+    _step(rank == 0, cfg, tok, target, fp, group, where)
     if world > 1:  # a node that cannot see rank 0's cache builds its own copy
-        _step(int(os.environ.get("LOCAL_RANK", rank)) == 0, cfg, tok, target, fp, group)
+        _step(int(os.environ.get("LOCAL_RANK", rank)) == 0, cfg, tok, target, fp, group, where)
         import torch.distributed as dist
 
         dist.destroy_process_group(group)

@@ -64,8 +64,25 @@ def term_lines(terms: list[str], tok) -> tuple[list[str], list[str]]:
 
 
 def data_report(cfg: DataConfig, tok, *, cache_dir: str | Path | None = None) -> str:
-    """The report as text (the same pipeline and cache as training)."""
-    train, evals, stats = load_datasets(cfg, tok, cache_dir=cache_dir)
+    """The report as text (the same pipeline and cache as training); a mixture gets one section per source."""
+    if not cfg.mixture:
+        return _source_report(cfg, tok, cache_dir=cache_dir)
+    from fft_dist.data.mixture import mixture_sources
+
+    sources = mixture_sources(cfg)
+    lines = [f"data: {cfg.name}, a mixture of {len(sources)} sources: "
+             + ", ".join(f"{s.name} {s.share:.1%}" for s in sources) + " of every batch"]
+    for s in sources:
+        lines += ["", f"== source {s.name} ({s.where}, weight share {s.share:.1%}) ==",
+                  _source_report(s.cfg, tok, cache_dir=cache_dir, where=s.where, terms=False)]
+    if cfg.inspect_terms:
+        term, warnings = term_lines(list(cfg.inspect_terms), tok)
+        lines += ["", "term splits (data.inspect_terms):", *term, *warnings]
+    return "\n".join(lines)
+
+
+def _source_report(cfg: DataConfig, tok, *, cache_dir, where: str = "data", terms: bool = True) -> str:
+    train, evals, stats = load_datasets(cfg, tok, cache_dir=cache_dir, where=where)
     eval_stats = DataStats(**json.loads((Path(stats.cache) / "stats.json").read_text())["eval"])
     share = stats.loss_tokens / stats.tokens if stats.tokens else 0.0
     lines = [
@@ -94,7 +111,7 @@ def data_report(cfg: DataConfig, tok, *, cache_dir: str | Path | None = None) ->
         end = first.position_ids.index(0, 1) if 0 in first.position_ids[1:] else len(first.input_ids)
         lines += [f"first packed example ({end} tokens; loss on {LOSS_OPEN}...{LOSS_CLOSE}):",
                   render_with_mask(type(first)(first.input_ids[:end], first.labels[:end]), tok)]
-    if cfg.inspect_terms:
+    if terms and cfg.inspect_terms:
         term, warnings = term_lines(list(cfg.inspect_terms), tok)
         lines += ["term splits (data.inspect_terms):", *term, *warnings]
     return "\n".join(lines)

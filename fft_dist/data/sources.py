@@ -111,17 +111,28 @@ def check_options(cfg: DataConfig) -> None:
         raise ConfigError(f"data.chat_template applies to data.format=chat only (the format is {cfg.format.value})")
     if cfg.num_proc < 1:
         raise ConfigError("data.num_proc must be >= 1")
+    if cfg.group_by_length < 0:
+        raise ConfigError(f"data.group_by_length={cfg.group_by_length} must be >= 0 (0: off)")
+    if cfg.group_by_length and cfg.packing:
+        raise ConfigError("data.group_by_length applies to unpacked rows only (packed rows are all close to "
+                          "data.max_length); set one of data.packing / data.group_by_length")
 
 
 def check_data_files(cfg: DataConfig) -> None:
-    """Before launch: the sources exist, decode, parse and have the columns (no tokenizer, no conversion)."""
-    check_options(cfg)
-    for key, value in (("data.path", cfg.path), ("data.eval_path", cfg.eval_path)):
-        if value is None:
-            continue
-        rows = sum(check_source(s, cfg) for s in resolve_sources(value, key=key))
-        if not rows:
-            raise DataError(f"{key}={value}: the data set is empty (no rows)")
+    """Before launch: the sources exist, decode, parse and have the columns (no tokenizer, no conversion).
+
+    With data.mixture, every source is checked, and each error names its entry (data.mixture.<name>).
+    """
+    from fft_dist.data.mixture import source_configs
+
+    for where, source_cfg in source_configs(cfg):
+        check_options(source_cfg)
+        for key, value in ((f"{where}.path", source_cfg.path), (f"{where}.eval_path", source_cfg.eval_path)):
+            if value is None:
+                continue
+            rows = sum(check_source(s, source_cfg) for s in resolve_sources(value, key=key))
+            if not rows:
+                raise DataError(f"{key}={value}: the data set is empty (no rows)")
 
 
 def check_source(source: Source, cfg: DataConfig) -> int:

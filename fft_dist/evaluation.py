@@ -1,0 +1,96 @@
+"""Evaluation: the loss on each eval set, and the best-loss / patience bookkeeping it drives.
+
+With one source the run reports `eval_loss` (loss-token average over the eval split). With
+`data.mixture` each source's eval set is evaluated on its own (`eval_<name>_loss`, a token
+average within that source), and `eval_loss`, which picks the best checkpoint and drives
+patience, is their weight average: sum(share x eval_<name>_loss) over the sources with an eval
+set, shares renormalised to 1. A source's loss then counts as much as its weight says, however
+long or many its eval rows are, and a rising replay loss (forgetting) shows on its own.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from fft_dist.config import EvalConfig
+from fft_dist.data import collate
+from fft_dist.data.training import EvalSet
+from fft_dist.dist import DistContext, all_reduce_sum
+
+
+class EvalSets:
+    """The run's eval sets (iterate over them); len() counts their rows (what the banner shows)."""
+
+    def __init__(self, sets: list[EvalSet]):
+        self.sets = list(sets)
+
+    def __iter__(self):
+        return iter(self.sets)
+
+    def __len__(self) -> int:
+        return sum(len(e.split) for e in self.sets)
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+
+@torch.no_grad()
+def split_loss(strategy, split, *, ctx: DistContext, cfg: EvalConfig, pad_id: int,
+               loss_sum: Callable, count_tokens: Callable) -> float:
+    """Mean next-token loss over `split`'s loss-bearing tokens; every rank runs the same number of forwards."""
+    mine = range(ctx.rank, len(split), ctx.world_size)
+    size = cfg.micro_batch_size
+    # Every rank must run the same number of forwards (FSDP/ZeRO-3 gather collectively).
+    n_batches = math.ceil(len(range(0, len(split), ctx.world_size)) / size)
+    if cfg.max_batches:
+        n_batches = min(n_batches, cfg.max_batches)
+    total_loss, tokens = 0.0, 0
+    for i in range(n_batches):
+        rows = split.rows(mine[i * size : (i + 1) * size] or [0])
+        batch = collate(rows, pad_id)
+        logits = strategy.forward(batch["input_ids"], batch["attention_mask"])
+        if mine[i * size : (i + 1) * size]:
+            total_loss += float(loss_sum(logits, batch["labels"]))
+            tokens += count_tokens(batch)
+    total, count = all_reduce_sum([total_loss, tokens], ctx.device).tolist()
+    return total / count if count else float("nan")
+
+
+def evaluate(strategy, sets: EvalSets | list[EvalSet], **kw) -> dict[str, float]:
+    """{'eval_loss': ..., plus 'eval_<name>_loss' per named set}; see the module docstring."""
+    strategy.train(False)
+    losses = {e.name: split_loss(strategy, e.split, **kw) for e in sets}
+    strategy.train(True)
+    if list(losses) == [None]:
+        return {"eval_loss": losses[None]}
+    total = sum(e.share for e in sets)
+    out = {"eval_loss": sum(e.share * losses[e.name] for e in sets) / total}
+    out.update({f"eval_{name}_loss": loss for name, loss in losses.items()})
+    return out
+
+
+def track(state, losses: dict[str, float], step: int, *, patience: int) -> tuple[dict, str]:
+    """Update `state`'s best / last / patience fields; return the metrics record and the console line."""
+    loss = losses["eval_loss"]
+    s = state
+    s.last_eval_loss, s.last_eval_step = loss, step
+    if s.first_eval_loss is None:
+        s.first_eval_loss = loss
+    if s.best_eval_loss is None or loss < s.best_eval_loss:
+        s.best_eval_loss, s.best_step, s.evals_without_improvement = loss, step, 0
+    elif step > 0:
+        s.evals_without_improvement += 1
+    ppl = math.exp(min(loss, 50.0))
+    record = {"step": step, "eval_loss": loss, "eval_ppl": ppl,
+              "eval_best_loss": s.best_eval_loss, "eval_best_step": s.best_step}
+    per_source = {k: v for k, v in losses.items() if k != "eval_loss"}
+    record.update(per_source)
+    line = (f"fft-dist: step {step}: eval loss {loss:.4f} (ppl {ppl:.2f}; best {s.best_eval_loss:.4f} "
+            f"at step {s.best_step})")
+    if per_source:
+        line += " | " + ", ".join(f"{k[len('eval_'):-len('_loss')]} {v:.4f}" for k, v in per_source.items())
+    if patience and s.evals_without_improvement >= patience:
+        s.stopped_early = True
+    return record, line

@@ -1,0 +1,193 @@
+"""data.mixture: weighted sources. Proportions hold per batch, each source reshuffles per its own
+epoch, each source's eval set is reported by name, bad mixtures stop before any rank starts, and a
+resume mid-epoch (with packing on) gives the uninterrupted run's next batches at any world size."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from helpers import TINY_JOB, assert_close_rel, fft_dist, read_metrics, step_records, train
+from transformers import AutoTokenizer
+
+from fft_dist.config import DataConfig, DataFormat
+from fft_dist.data import DataError, check_data_files
+from fft_dist.data.mixture import mixture_sources
+from fft_dist.data.sampler import MixtureSampler
+from fft_dist.data.training import load_training_data
+from fft_dist.errors import ConfigError
+from fft_dist.model import BUNDLED_TOKENIZER
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(str(BUNDLED_TOKENIZER), local_files_only=True)
+
+
+def code_rows(path, n: int):
+    path.write_text("".join(json.dumps({"prompt": f"def f{i}(x):\n" + "    # note\n" * (i % 5),
+                                        "completion": f"    return x * {i}" + " + x" * (i % 7) + "\n"}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def prose_rows(path, n: int):
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north"]
+    path.write_text("".join(json.dumps({"text": " ".join(words[(i + k) % 8] for k in range(3 + i % 9))}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def source_of(sampler: MixtureSampler, row: int) -> int:
+    return max(i for i, o in enumerate(sampler.offsets) if o <= row)
+
+
+def test_every_batch_holds_each_weight_share():
+    sampler = MixtureSampler([50, 300, 40], [0.6, 0.3, 0.1], 16, seed=5, names=["a", "b", "c"])
+    total = Counter()
+    for step in range(300):
+        per_batch = Counter(source_of(sampler, r) for r in sampler.global_batch(step))
+        for source, share in enumerate((0.6, 0.3, 0.1)):
+            assert abs(per_batch[source] - share * 16) <= 2, (step, per_batch)
+        total += per_batch
+    for source, share in enumerate((0.6, 0.3, 0.1)):
+        assert abs(total[source] - share * 300 * 16) <= 3, total
+    assert sampler.position(300)["sources"]["a"]["samples"] == total[0]
+
+
+def test_each_source_reshuffles_per_its_own_epoch():
+    sampler = MixtureSampler([20, 1000], [0.5, 0.5], 8, seed=1)
+    small = [r for step in range(20) for r in sampler.global_batch(step) if r < 20]  # source 0: 80 samples
+    epochs = [small[i:i + 20] for i in range(0, 80, 20)]
+    assert all(sorted(e) == list(range(20)) for e in epochs), "every epoch of a source is a permutation of its rows"
+    assert len({tuple(e) for e in epochs}) == 4, "each epoch reshuffles"
+    assert sampler.position(20)["sources"]["0"]["epoch"] == 4
+    unshuffled = MixtureSampler([20, 1000], [0.5, 0.5], 8, seed=1, shuffle=False)
+    assert [r for r in unshuffled.global_batch(0) if r < 20] == [0, 1, 2, 3]
+
+
+def test_rows_are_a_pure_function_of_seed_and_step_at_any_world_size():
+    a = MixtureSampler([30, 70], [0.8, 0.2], 8, seed=3)
+    b = MixtureSampler([30, 70], [0.8, 0.2], 8, seed=3)
+    assert [b.global_batch(s) for s in (9, 2, 40)] == [a.global_batch(s) for s in (9, 2, 40)]
+    assert MixtureSampler([30, 70], [0.8, 0.2], 8, seed=4).global_batch(0) != a.global_batch(0)
+    for world, micro in ((1, 8), (2, 2), (4, 1)):
+        parts = [i for r in range(world) for mb in a.rank_micro_batches(7, rank=r, world_size=world,
+                                                                        micro_batch_size=micro) for i in mb]
+        assert parts == a.global_batch(7)
+
+
+def test_resume_with_another_batch_size_continues_at_the_same_sample():
+    before = MixtureSampler([30, 70], [0.8, 0.2], 8, seed=3)
+    saved = before.position(4)  # 32 samples consumed
+    after = MixtureSampler([30, 70], [0.8, 0.2], 16, seed=3)
+    after.resume_at(4, saved)
+    assert after.global_batch(4) == before.global_batch(4) + before.global_batch(5)
+    assert after.global_batch(6) == before.global_batch(8) + before.global_batch(9)
+    assert after.position(6)["samples"] == 64
+
+
+def mixture_cfg(tmp_path, **extra) -> DataConfig:
+    mixture = {"code": {"path": str(code_rows(tmp_path / "code.jsonl", 60)), "weight": 3},
+               "prose": {"path": str(prose_rows(tmp_path / "prose.jsonl", 40)), "weight": 1, "format": "text",
+                         "eval_fraction": 0.25}}
+    for name, entry in extra.items():
+        mixture.setdefault(name, {}).update(entry)
+    return DataConfig(path=None, eval_fraction=0.1, max_length=64, mixture=mixture)
+
+
+def test_sources_load_through_their_own_cache_with_named_eval_sets(tmp_path, tok):
+    cfg = mixture_cfg(tmp_path)
+    data = load_training_data(cfg, tok, cache_dir=tmp_path / "cache")
+    assert not data.stats.reused
+    assert [s.name for s in data.sources] == ["code", "prose"] and [s.share for s in data.sources] == [0.75, 0.25]
+    assert [s.cfg.format for s in data.sources] == [DataFormat.prompt_completion, DataFormat.text]
+    assert [(e.name, len(e.split)) for e in data.evals] == [("code", 6), ("prose", 10)]
+    assert len(data.train) == 54 + 30 and data.stats.examples == 84
+    assert len(list((tmp_path / "cache").iterdir())) == 2, "one cache folder per source fingerprint"
+    code, prose = data.train.parts
+    assert data.train.rows([55, 1, 54]) == [prose[1], code[1], prose[0]]
+    assert all(e.labels == e.input_ids for e in prose), "format=text applies to that source only"
+    assert load_training_data(cfg, tok, cache_dir=tmp_path / "cache").stats.reused, "a second load reuses both"
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"code": {"weight": 0}}, r"data\.mixture\.code\.weight=0 must be a finite number > 0"),
+    ({"code": {"weight": -1}}, r"data\.mixture\.code\.weight=-1"),
+    ({"code": {"weight": "lots"}}, r"data\.mixture\.code\.weight='lots' must be a number"),
+    ({"cdoe": {"weight": 0.5}}, r"data\.mixture\.cdoe sets a weight but no source of that name exists \(known: code, prose\)"),
+    ({"prose": {"max_length": 32}}, r"data\.mixture\.prose\.max_length: data\.max_length applies to every source"),
+    ({"prose": {"wieght": 1}}, r"data\.mixture\.prose\.wieght: unknown key"),
+    ({"prose": {"name": "x"}}, r"data\.mixture\.prose\.name: a source's name is its key"),
+    ({"prose": {"stride": "x"}}, r"data\.mixture\.prose\.stride: Value .x. .*could not be converted"),
+    ({"best": {"path": "x.jsonl", "weight": 1}}, r"data\.mixture\.best: a source name"),
+])
+def test_bad_mixture_entries_name_the_entry(tmp_path, entry, message):
+    with pytest.raises(ConfigError, match=message):
+        mixture_sources(mixture_cfg(tmp_path, **entry))
+
+
+def test_mixture_and_a_top_level_path_conflict(tmp_path):
+    cfg = mixture_cfg(tmp_path)
+    cfg.path = "other.jsonl"
+    with pytest.raises(ConfigError, match="data.path and data.mixture are both set"):
+        check_data_files(cfg)
+
+
+def test_a_missing_file_names_the_source_and_the_file(tmp_path):
+    cfg = mixture_cfg(tmp_path, prose={"eval_path": str(tmp_path / "gone.jsonl")})
+    with pytest.raises(DataError, match=r"data\.mixture\.prose\.eval_path=.*gone\.jsonl.* does not exist"):
+        check_data_files(cfg)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: missing column"):
+        check_data_files(mixture_cfg(tmp_path, prose={"path": str(bad)}))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.mixture.txet.weight=0.2", "Key 'txet' is not in struct"),
+    ("+data.mixture.txet.weight=0.2", "data.mixture.txet sets a weight but no source of that name exists"),
+    ("data.mixture.text.weight=0", "data.mixture.text.weight=0 must be a finite number > 0"),
+    ("data.mixture.text.path=/nowhere/general.jsonl", "data.mixture.text.path='/nowhere/general.jsonl' does not exist"),
+])
+def test_bad_mixture_stops_before_any_rank_starts(tmp_path, override, message):
+    proc = fft_dist("train", f"run.dir={tmp_path / 'run'}", "data=stdlib_mixture", override)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "starting" not in proc.stdout + proc.stderr, "no rank may start"
+
+
+@pytest.mark.slow
+def test_mixture_with_packing_resumes_exactly_and_reports_each_source(tmp_path):
+    """A packed two-source run saved at step 3 continues with the uninterrupted run's steps 4-6 (2 ranks
+    bit-identical, 1 rank to 1e-5); every evaluation reports eval_<name>_loss and their weighted mean."""
+    code, prose = code_rows(tmp_path / "code.jsonl", 200), prose_rows(tmp_path / "prose.jsonl", 150)
+    job = (*TINY_JOB, "data.path=null", "data.packing=true", f"data.cache_dir={tmp_path / 'cache'}",
+           f"+data.mixture.code.path={code}", "+data.mixture.code.weight=0.75",
+           f"+data.mixture.prose.path={prose}", "+data.mixture.prose.weight=0.25", "+data.mixture.prose.format=text",
+           "train.max_steps=6", "checkpoint.every_steps=3", "eval.every_steps=3")
+    train(tmp_path / "full", *job)
+    full = {r["step"]: r["loss"] for r in step_records(tmp_path / "full")}
+    assert len(full) == 6 and full[4] != full[5]
+    evals = [r for r in read_metrics(tmp_path / "full") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    for r in evals:
+        assert r["eval_loss"] == pytest.approx(0.75 * r["eval_code_loss"] + 0.25 * r["eval_prose_loss"], rel=1e-12)
+        assert r["eval_code_loss"] != r["eval_prose_loss"]
+    step3 = tmp_path / "full" / "checkpoints" / "step-0000003"
+    proc = train(tmp_path / "same", *job, f"resume={step3}")
+    assert "eval loss" in proc.stdout and "| code " in proc.stdout, "the printed line names each source"
+    same = {r["step"]: r["loss"] for r in step_records(tmp_path / "same")}
+    assert [same[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)], "bit-identical at the same world size"
+    train(tmp_path / "one", *job, f"resume={step3}", nproc=1, parallelism="none")
+    one = {r["step"]: r["loss"] for r in step_records(tmp_path / "one")}
+    assert_close_rel([one[s] for s in (4, 5, 6)], [full[s] for s in (4, 5, 6)], 1e-5, "resumed on 1 rank")
+
+
+def test_data_report_has_a_section_per_source(tmp_path, tok):
+    from fft_dist.data.report import data_report
+
+    text = data_report(mixture_cfg(tmp_path), tok, cache_dir=tmp_path / "cache")
+    assert "a mixture of 2 sources: code 75.0%, prose 25.0%" in text
+    assert "== source code (data.mixture.code" in text and "== source prose (data.mixture.prose" in text
+    assert text.count("train: ") == 2 and "format text" in text and "format prompt_completion" in text
