@@ -1,8 +1,8 @@
 """The one training loop. It talks to the backend only through the Strategy protocol.
 
-Loss normalisation: every micro-batch contributes sum(token CE) / N, where N is the number
-of loss-bearing tokens in the whole global batch (all accumulation steps, all ranks). The
-result is independent of how the global batch is split over ranks and micro batches.
+Loss normalisation (fft_dist.loss): every micro-batch contributes its loss sum / N, where N counts
+the loss-bearing tokens (classification: examples) in the whole global batch (all accumulation
+steps, all ranks). The result is independent of how the global batch is split over ranks and micro batches.
 """
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from fft_dist import resume_checks
 from fft_dist.config import BatchPlan, ExportChoice, FFTConfig, OnNonFinite, Precision
 from fft_dist.validate import warmup_steps_for
 from fft_dist.data import GlobalBatchSampler, collate, load_datasets
-from fft_dist.data.examples import IGNORE_INDEX, Example
+from fft_dist.data.examples import Example
 from fft_dist.dist import DistContext, all_reduce_sum, print0, seed_everything
 from fft_dist.errors import NonFiniteError
+from fft_dist.loss import objective_for
 from fft_dist.metrics import MetricsWriter, flops_per_token, peak_flops, peak_memory_mb
 from fft_dist.model import (
     apply_freeze,
@@ -29,8 +29,11 @@ from fft_dist.model import (
     count_parameters,
     decoder_layers,
     enable_activation_checkpointing,
+    for_task,
     hf_config,
     load_tokenizer,
+    new_head_names,
+    task_of,
     tokenizer_dir,
 )
 from fft_dist.optim import lr_schedule, optimizer_factory
@@ -84,21 +87,6 @@ class Summary:
         return exit_codes.PREEMPTED if self.stopped == "preempted" else exit_codes.OK
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over positions whose label is not ignored (fp32).
-
-    The labels are shifted, not the logits: slicing logits[:, :-1] would copy them in forward and
-    again in backward (measured 2-4 ms a step on the tiny model).
-    """
-    next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(logits.device)
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), next_labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def count_loss_tokens(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
 class Trainer:
     def __init__(self, cfg: FFTConfig, *, ctx: DistContext, plan: BatchPlan, config_yaml: str,
                  stop: StopSignal | None = None):
@@ -123,6 +111,8 @@ class Trainer:
         check_vocab(self.hf_config, self.tokenizer)
         self.train_set, self.eval_set, stats = load_datasets(
             cfg.data, self.tokenizer, cache_dir=cfg.data.cache_dir or self.run_dir / "data_cache")
+        self.objective, self.task = objective_for(cfg.data.format), task_of(cfg.data.format)
+        for_task(self.hf_config, self.task, labels=stats.labels, pad_token_id=self.tokenizer.pad_token_id)
         self.sampler = GlobalBatchSampler(len(self.train_set), self.plan.global_batch_size,
                                           seed=cfg.train.seed, shuffle=cfg.data.shuffle)
         self.total_steps = cfg.train.max_steps or self.sampler.total_steps(cfg.train.epochs)
@@ -137,6 +127,7 @@ class Trainer:
                 enable_activation_checkpointing(model)
             self.n_params = count_parameters(model)
             self.n_layers = len(decoder_layers(model))
+            self.new_head = new_head_names(model)
             return model
 
         self.lr_at = lr_schedule(cfg.train, self.total_steps)
@@ -146,7 +137,11 @@ class Trainer:
         if cfg.model.path is not None:
             from fft_dist import checkpoint as ckpt
 
-            ckpt.load_pretrained(self.strategy, cfg.model.path)
+            fresh = ckpt.load_pretrained(self.strategy, cfg.model.path, new_head=self.new_head, seed=cfg.train.seed,
+                                         init_std=getattr(self.hf_config, "initializer_range", 0.02))
+            if fresh:  # what transformers' from_pretrained warns as "newly initialized", in our words
+                print0(f"fft-dist: warning: model.path={cfg.model.path} has no {', '.join(fresh)}: a new task head, "
+                       "initialised fresh (seeded by train.seed); train it before trusting its predictions")
         hidden = getattr(self.hf_config, "hidden_size", None) or getattr(self.hf_config, "n_embd", 0)
         self.flops_per_token = flops_per_token(self.n_params, self.n_layers, hidden, cfg.data.max_length)
         self.peak_flops = peak_flops(self.ctx.device)
@@ -183,7 +178,7 @@ class Trainer:
         envelope = ckpt.read_train_state(path)
         problems = resume_checks.incompatibilities(
             envelope, model_config=self.hf_config.to_dict(), optimizer=self.cfg.optimizer.name.value,
-            load_optimizer=self.cfg.checkpoint.load_optimizer)
+            load_optimizer=self.cfg.checkpoint.load_optimizer, task=self.task)
         if problems:
             raise ckpt.CheckpointError(f"{path} cannot continue this run (nothing was loaded):\n  " + "\n  ".join(problems))
         saved = ckpt.load_checkpoint(self.strategy, path, params_only=not self.cfg.checkpoint.load_optimizer)
@@ -213,13 +208,13 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         batches = self._micro_batches(step)
-        local_tokens = sum(count_loss_tokens(b) for b in batches)
+        local_tokens = sum(self.objective.count(b) for b in batches)
         local_inputs = sum(int(b["attention_mask"].sum()) for b in batches)
         global_tokens, global_inputs = all_reduce_sum([local_tokens, local_inputs], self.ctx.device).tolist()
         loss_sum = torch.zeros((), dtype=torch.float64)
         for batch in batches:
             logits = self.strategy.forward(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
-            loss = token_loss_sum(logits, batch["labels"])
+            loss = self.objective.loss_sum(logits, batch["labels"])
             self.strategy.backward(loss / global_tokens)
             loss_sum += loss.detach().double().cpu()
         stop = float(self.stop_signal.received is not None)
@@ -250,17 +245,20 @@ class Trainer:
         n_batches = math.ceil(len(range(0, len(self.eval_set), self.ctx.world_size)) / size)
         if self.cfg.eval.max_batches:
             n_batches = min(n_batches, self.cfg.eval.max_batches)
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens, correct = 0.0, 0, 0
         for i in range(n_batches):
             rows: list[Example] = self.eval_set.rows(mine[i * size : (i + 1) * size] or [0])
             batch = collate(rows, self.tokenizer.pad_token_id)
             logits = self.strategy.forward(batch["input_ids"], batch["attention_mask"])
             if mine[i * size : (i + 1) * size]:
-                loss_sum += float(token_loss_sum(logits, batch["labels"]))
-                tokens += count_loss_tokens(batch)
-        total, count = all_reduce_sum([loss_sum, tokens], self.ctx.device).tolist()
+                loss_sum += float(self.objective.loss_sum(logits, batch["labels"]))
+                tokens += self.objective.count(batch)
+                correct += self.objective.correct(logits, batch) if self.objective.correct else 0
+        total, count, correct = all_reduce_sum([loss_sum, tokens, correct], self.ctx.device).tolist()
         self.strategy.train(True)
-        return total / count if count else float("nan")
+        loss = total / count if count else float("nan")
+        self.eval_extra = self.objective.eval_metrics(loss, correct, count)  # eval_ppl, or eval_accuracy
+        return loss
 
     def _say(self, message: str) -> None:
         """A rank-0 console line that does not break the progress bar."""
@@ -281,10 +279,10 @@ class Trainer:
             s.best_eval_loss, s.best_step, s.evals_without_improvement = loss, step, 0
         elif step > 0:
             s.evals_without_improvement += 1
-        ppl = math.exp(min(loss, 50.0))
-        self.metrics.write({"step": step, "eval_loss": loss, "eval_ppl": ppl,
+        self.metrics.write({"step": step, "eval_loss": loss, **self.eval_extra,
                             "eval_best_loss": s.best_eval_loss, "eval_best_step": s.best_step})
-        self._say(f"fft-dist: step {step}: eval loss {loss:.4f} (ppl {ppl:.2f}; best {s.best_eval_loss:.4f} "
+        extra = "; ".join(f"{k[5:]} {v:.4g}" for k, v in self.eval_extra.items())
+        self._say(f"fft-dist: step {step}: eval loss {loss:.4f} ({extra}; best {s.best_eval_loss:.4f} "
                   f"at step {s.best_step})")
         if self.cfg.eval.patience and s.evals_without_improvement >= self.cfg.eval.patience:
             s.stopped_early = True
@@ -308,7 +306,7 @@ class Trainer:
             keep_last=self.cfg.checkpoint.keep_last, protect=protect,
             meta={"config_yaml": self.config_yaml, "model_config": self.hf_config.to_dict(),
                   "backend": self.cfg.parallelism.name.value, "model_path": self.cfg.model.path,
-                  "optimizer": self.cfg.optimizer.name.value,
+                  "optimizer": self.cfg.optimizer.name.value, "task": self.task,
                   "tokenizer_dir": str(tokenizer_dir(self.cfg.model))},
         )
 
