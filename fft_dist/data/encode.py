@@ -117,7 +117,8 @@ class Encoder:
                 ids, labels = self._chat(messages, index)
                 self._emit(out, ids, labels)
         elif fmt == DataFormat.classification:
-            texts = self._tokenize(batch[self.cfg.text_key])
+            # the tokenizer's own special tokens, as `tok(text)` adds them when the exported model is used
+            texts = self.tok(list(batch[self.cfg.text_key]))["input_ids"]
             for ids, value, index in zip(texts, batch[self.cfg.label_key], indices):
                 self._emit_class(out, ids, value, index)
         else:
@@ -139,15 +140,12 @@ class Encoder:
             out[key].append(value)
 
     def _emit_class(self, out: dict, ids: list[int], value, index: int) -> None:
-        """Text + EOS (so the pooled last token is the same kind of token in every row), class id."""
+        """The text's tokens (truncated: its head), and the class id; the model pools the last token."""
         problem = label_problem(value, self.labels)
         if problem:
             raise DataError(f"{self.name_row(index)}: column {self.cfg.label_key!r}: {problem}")
-        eos = self.tok.eos_token_id
-        end = [eos] if eos is not None and eos != self.tok.pad_token_id else []
-        keep = self.cfg.max_length - len(end)
-        truncated = len(ids) > keep
-        ids = list(ids[:keep]) + end
+        truncated = len(ids) > self.cfg.max_length
+        ids = list(ids[: self.cfg.max_length])
         row = (ids, [self.labels.index(label_name(value))], 1 if ids else 0, truncated, False,
                "" if ids else "empty text")
         for key, val in zip(OUT_COLUMNS, row):
