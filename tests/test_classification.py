@@ -199,7 +199,7 @@ def test_causal_lm_folder_gets_a_fresh_head_the_same_on_every_backend(tmp_path):
     assert "has no score.weight: a new task head, initialised fresh" in ref.stdout + ref.stderr
 
     # step 0 evaluates the folder's backbone with the fresh head: rebuild that model here
-    run_cfg = to_typed(resolve(compose([*TINY_MODEL, *CLASSIFY, f"model.path={tmp_path / 'lm'}"])))
+    run_cfg = to_typed(resolve(compose([*CLASSIFY, f"model.path={tmp_path / 'lm'}"])))
     tok = AutoTokenizer.from_pretrained(str(BUNDLED_TOKENIZER))
     _, evals, stats = load_datasets(run_cfg.data, tok, cache_dir=tmp_path / "none" / "data_cache")
     config = for_task(hf_config(run_cfg.model), SEQUENCE_CLASSIFICATION, labels=stats.labels,
