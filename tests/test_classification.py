@@ -220,3 +220,14 @@ def test_causal_lm_folder_gets_a_fresh_head_the_same_on_every_backend(tmp_path):
     assert_close_rel(train_losses(tmp_path / "fsdp"), train_losses(tmp_path / "none"), 1e-5, "fsdp x2 vs none")
     train(tmp_path / "zero3", *job, nproc=2, parallelism="zero3")
     assert_close_rel(train_losses(tmp_path / "zero3"), train_losses(tmp_path / "none"), 1e-5, "zero3 x2 vs none")
+
+
+def test_data_report_shows_labels_and_the_first_example_with_its_label(tmp_path, tok):
+    from fft_dist.data.report import data_report
+
+    rows = [{"text": f"about {w} number {i}", "label": w} for i in range(10) for w in ("cats", "dogs")]
+    cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", rows), format=DataFormat.classification,
+                     eval_fraction=0.0, shuffle=False)
+    text = data_report(cfg, tok, cache_dir=tmp_path / "cache")
+    assert "labels (class id = position; loss: one cross-entropy per example): cats 10, dogs 10" in text
+    assert "label 'cats'):\nabout cats number 0" in text
