@@ -231,3 +231,10 @@ def test_data_report_shows_labels_and_the_first_example_with_its_label(tmp_path,
     text = data_report(cfg, tok, cache_dir=tmp_path / "cache")
     assert "labels (class id = position; loss: one cross-entropy per example): cats 10, dogs 10" in text
     assert "label 'cats'):\nabout cats number 0" in text
+
+
+def test_estimate_still_runs_for_a_classifier():
+    from helpers import fft_dist
+
+    proc = fft_dist("estimate", "data=stdlib_families", timeout=300)
+    assert proc.returncode == 0 and "zero3" in proc.stdout, proc.stderr[-3000:]
