@@ -173,10 +173,13 @@ def test_readme_example_trains_and_the_export_gives_the_trained_numbers(readme_r
 
 
 @pytest.mark.slow
-def test_resuming_a_classifier_as_a_causal_lm_is_refused(readme_run, tmp_path):
+def test_a_classifier_checkpoint_resumes_as_a_classifier_only(readme_run, tmp_path):
     ckpt = readme_run / "checkpoints" / "latest"
     proc = train(tmp_path / "lm", f"resume={ckpt}", nproc=1, parallelism="none", expect_rc=4)
     assert "task: the checkpoint holds a sequence_classification model" in proc.stderr + proc.stdout
+    train(tmp_path / "cls", "data=stdlib_families", f"resume={ckpt}", "train.max_steps=62", "eval.every_steps=0",
+          nproc=1, parallelism="none")
+    assert [r["step"] for r in read_metrics(tmp_path / "cls") if "loss" in r] == [61, 62]
 
 
 @pytest.mark.slow
