@@ -70,7 +70,7 @@ def class_lines(train, stats: DataStats, tok) -> list[str]:
     ids = pc.list_element(train.dataset.data.column("labels"), 0)
     counts = {v["values"].as_py(): v["counts"].as_py() for v in pc.value_counts(ids)}
     first = train[0]
-    return [f"labels (class id = position; loss: one cross-entropy per example): "
+    return ["labels (class id = position; loss: one cross-entropy per example): "
             + ", ".join(f"{name} {counts.get(i, 0)}" for i, name in enumerate(stats.labels)),
             f"first training example ({len(first.input_ids)} tokens; label {stats.labels[first.labels[0]]!r}):",
             tok.decode(first.input_ids)]
