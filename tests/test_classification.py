@@ -241,3 +241,22 @@ def test_estimate_still_runs_for_a_classifier():
 
     proc = fft_dist("estimate", "data=stdlib_families", timeout=300)
     assert proc.returncode == 0 and "zero3" in proc.stdout, proc.stderr[-3000:]
+
+
+RANDOM_INIT_JOB = (*TINY_MODEL, *CLASSIFY, "train.max_steps=3")
+
+
+@pytest.fixture(scope="module")
+def random_init_reference(tmp_path_factory) -> list[float]:
+    run = tmp_path_factory.mktemp("reference") / "none"
+    train(run, *RANDOM_INIT_JOB, nproc=1, parallelism="none")
+    return train_losses(run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallelism,micro", [("fsdp", 1), ("zero3", 2)])
+def test_random_init_classifier_matches_one_process(random_init_reference, tmp_path, parallelism, micro):
+    """Without model.path the whole classifier (head included) is built from train.seed on every backend."""
+    train(tmp_path / parallelism, *RANDOM_INIT_JOB, f"train.micro_batch_size={micro}", nproc=2, parallelism=parallelism)
+    assert_close_rel(train_losses(tmp_path / parallelism), random_init_reference, 1e-5,
+                     f"{parallelism} x2 vs none, random init")
