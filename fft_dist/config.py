@@ -59,6 +59,7 @@ class DataFormat(str, Enum):
     prompt_completion = "prompt_completion"
     chat = "chat"
     tokenized = "tokenized"
+    classification = "classification"
 
 
 @dataclass
@@ -108,8 +109,12 @@ class DataConfig:
     format: DataFormat = DataFormat.prompt_completion
     """text: loss on every token. prompt_completion: loss on the completion only. chat: `messages`
     rendered with the chat template, loss on assistant turns only. tokenized: `input_ids` (+ optional
-    `labels` or `loss_mask`) used as they are."""
+    `labels` or `loss_mask`) used as they are. classification: `text_key` -> `label_key`, a new task head."""
     text_key: str = "text"
+    label_key: str = "label"
+    """classification: the column holding each row's label (a name from `labels`)."""
+    labels: list[str] = field(default_factory=list)
+    """classification: the label names, class id = position. Empty: the sorted distinct training labels."""
     prompt_key: str = "prompt"
     completion_key: str = "completion"
     messages_key: str = "messages"

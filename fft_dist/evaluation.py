@@ -10,7 +10,6 @@ long or many its eval rows are, and a rising replay loss (forgetting) shows on i
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 
@@ -18,6 +17,7 @@ from fft_dist.config import EvalConfig
 from fft_dist.data import collate
 from fft_dist.data.training import EvalSet
 from fft_dist.dist import DistContext, all_reduce_sum
+from fft_dist.loss import Objective
 
 
 class EvalSets:
@@ -38,36 +38,42 @@ class EvalSets:
 
 @torch.no_grad()
 def split_loss(strategy, split, *, ctx: DistContext, cfg: EvalConfig, pad_id: int,
-               loss_sum: Callable, count_tokens: Callable) -> float:
-    """Mean next-token loss over `split`'s loss-bearing tokens; every rank runs the same number of forwards."""
+               objective: Objective) -> tuple[float, dict[str, float]]:
+    """Mean loss over `split`'s loss-bearing units (tokens, or examples), and what the objective reports
+    beside it (eval_ppl or eval_accuracy); every rank runs the same number of forwards."""
     mine = range(ctx.rank, len(split), ctx.world_size)
     size = cfg.micro_batch_size
     # Every rank must run the same number of forwards (FSDP/ZeRO-3 gather collectively).
     n_batches = math.ceil(len(range(0, len(split), ctx.world_size)) / size)
     if cfg.max_batches:
         n_batches = min(n_batches, cfg.max_batches)
-    total_loss, tokens = 0.0, 0
+    total_loss, units, correct = 0.0, 0, 0
     for i in range(n_batches):
         rows = split.rows(mine[i * size : (i + 1) * size] or [0])
         batch = collate(rows, pad_id)
         logits = strategy.forward(batch["input_ids"], batch["attention_mask"])
         if mine[i * size : (i + 1) * size]:
-            total_loss += float(loss_sum(logits, batch["labels"]))
-            tokens += count_tokens(batch)
-    total, count = all_reduce_sum([total_loss, tokens], ctx.device).tolist()
-    return total / count if count else float("nan")
+            total_loss += float(objective.loss_sum(logits, batch["labels"]))
+            units += objective.count(batch)
+            correct += objective.correct(logits, batch) if objective.correct else 0
+    total, count, correct = all_reduce_sum([total_loss, units, correct], ctx.device).tolist()
+    loss = total / count if count else float("nan")
+    return loss, objective.eval_metrics(loss, correct, count)
 
 
-def evaluate(strategy, sets: EvalSets | list[EvalSet], **kw) -> dict[str, float]:
-    """{'eval_loss': ..., plus 'eval_<name>_loss' per named set}; see the module docstring."""
+def evaluate(strategy, sets: EvalSets | list[EvalSet], *, objective: Objective, **kw) -> dict[str, float]:
+    """{'eval_loss', the objective's own metric (eval_ppl / eval_accuracy), plus 'eval_<name>_loss' per
+    named set}; see the module docstring."""
     strategy.train(False)
-    losses = {e.name: split_loss(strategy, e.split, **kw) for e in sets}
+    results = {e.name: split_loss(strategy, e.split, objective=objective, **kw) for e in sets}
     strategy.train(True)
-    if list(losses) == [None]:
-        return {"eval_loss": losses[None]}
+    if list(results) == [None]:
+        loss, extra = results[None]
+        return {"eval_loss": loss, **extra}
     total = sum(e.share for e in sets)
-    out = {"eval_loss": sum(e.share * losses[e.name] for e in sets) / total}
-    out.update({f"eval_{name}_loss": loss for name, loss in losses.items()})
+    loss = sum(e.share * results[e.name][0] for e in sets) / total
+    out = {"eval_loss": loss, **objective.eval_metrics(loss, 0, 0)}
+    out.update({f"eval_{name}_loss": result[0] for name, result in results.items()})
     return out
 
 
@@ -82,12 +88,12 @@ def track(state, losses: dict[str, float], step: int, *, patience: int) -> tuple
         s.best_eval_loss, s.best_step, s.evals_without_improvement = loss, step, 0
     elif step > 0:
         s.evals_without_improvement += 1
-    ppl = math.exp(min(loss, 50.0))
-    record = {"step": step, "eval_loss": loss, "eval_ppl": ppl,
-              "eval_best_loss": s.best_eval_loss, "eval_best_step": s.best_step}
-    per_source = {k: v for k, v in losses.items() if k != "eval_loss"}
-    record.update(per_source)
-    line = (f"fft-dist: step {step}: eval loss {loss:.4f} (ppl {ppl:.2f}; best {s.best_eval_loss:.4f} "
+    per_source = {k: v for k, v in losses.items() if k.endswith("_loss") and k != "eval_loss"}
+    extra = {k: v for k, v in losses.items() if k != "eval_loss" and k not in per_source}  # eval_ppl / eval_accuracy
+    record = {"step": step, "eval_loss": loss, **extra, "eval_best_loss": s.best_eval_loss,
+              "eval_best_step": s.best_step, **per_source}
+    shown = "; ".join(f"{k[len('eval_'):]} {v:.4g}" for k, v in extra.items())
+    line = (f"fft-dist: step {step}: eval loss {loss:.4f} ({shown}; best {s.best_eval_loss:.4f} "
             f"at step {s.best_step})")
     if per_source:
         line += " | " + ", ".join(f"{k[len('eval_'):-len('_loss')]} {v:.4f}" for k, v in per_source.items())

@@ -1,4 +1,5 @@
-"""Build a Hugging Face causal LM and its tokenizer from our config. No parallelism here."""
+"""Build a Hugging Face model for the task (causal LM, or sequence classification with a new head)
+and its tokenizer from our config. No parallelism here."""
 from __future__ import annotations
 
 import fnmatch
@@ -6,12 +7,23 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
-from fft_dist.config import ASSETS_DIR, ConfigError, ModelConfig
+from fft_dist.config import ASSETS_DIR, ConfigError, DataFormat, ModelConfig
 from fft_dist.errors import CheckpointError
 
 BUNDLED_TOKENIZER = ASSETS_DIR / "tokenizer"
+CAUSAL_LM = "causal_lm"
+SEQUENCE_CLASSIFICATION = "sequence_classification"
+"""The tasks a model is built for; checkpoints record theirs (meta 'task') so a resume cannot mix them."""
+_CLASSIFICATION_PROBLEM = "single_label_classification"
 
 
 def hf_config(cfg: ModelConfig) -> PretrainedConfig:
@@ -55,10 +67,63 @@ def check_vocab(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) ->
         )
 
 
+def task_of(data_format: DataFormat) -> str:
+    return SEQUENCE_CLASSIFICATION if data_format == DataFormat.classification else CAUSAL_LM
+
+
+def model_task(config: PretrainedConfig | dict) -> str:
+    """The task a (stored) config was set up for by :func:`for_task`."""
+    problem = config.get("problem_type") if isinstance(config, dict) else getattr(config, "problem_type", None)
+    return SEQUENCE_CLASSIFICATION if problem == _CLASSIFICATION_PROBLEM else CAUSAL_LM
+
+
+def task_architecture(model_type: str, task: str) -> str | None:
+    """transformers' class name for `model_type` and `task` (None: it has none)."""
+    from transformers.models.auto import modeling_auto as auto
+
+    names = (auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES if task == SEQUENCE_CLASSIFICATION
+             else auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    return names.get(model_type)
+
+
+def for_task(config: PretrainedConfig, task: str, *, labels: list[str] = (), pad_token_id: int | None = None
+             ) -> PretrainedConfig:
+    """Set `config` up for `task`, in place. Classification: one output per label (id2label/label2id
+    from `labels`, so an export names its classes), and pad_token_id, by which transformers pools
+    the last non-pad token of each row. A classifier folder trained as a causal LM is set back."""
+    arch = task_architecture(config.model_type, task)
+    if task == SEQUENCE_CLASSIFICATION:
+        if arch is None:
+            raise ConfigError(f"data.format=classification: transformers has no sequence-classification model "
+                              f"for model_type {config.model_type!r}")
+        config.num_labels = len(labels)
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}
+        config.pad_token_id = pad_token_id
+        config.problem_type = _CLASSIFICATION_PROBLEM
+        config.architectures = [arch]
+    elif model_task(config) == SEQUENCE_CLASSIFICATION:
+        config.problem_type = None
+        config.architectures = [arch] if arch else None
+    return config
+
+
 def build_model(config: PretrainedConfig) -> nn.Module:
     """A randomly initialised fp32 model (weights from model.path are loaded later, per shard)."""
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model
+    auto = AutoModelForSequenceClassification if model_task(config) == SEQUENCE_CLASSIFICATION else AutoModelForCausalLM
+    return auto.from_config(config, dtype=torch.float32)
+
+
+def new_head_names(model: nn.Module) -> list[str]:
+    """Parameters outside the backbone (`base_model_prefix`): the task head, e.g. 'score.weight'.
+
+    A causal-LM folder has none of a classifier's head, so these may start fresh (see load_pretrained).
+    A causal LM has none: its lm_head is part of what a pretrained folder must hold.
+    """
+    if model_task(model.config) != SEQUENCE_CLASSIFICATION:
+        return []
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    return [n for n, _ in model.named_parameters() if not n.startswith(prefix)]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

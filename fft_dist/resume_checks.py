@@ -1,9 +1,9 @@
 """What a resume must refuse, and what it must say, when the run differs from the checkpoint.
 
-Tensor shapes are checked by the checkpoint reader. These rules catch what shapes cannot: an
-architecture with the same shapes (8 heads of 16 vs 16 heads of 8), an optimizer whose state
-would be silently dropped, and changes of batch size or schedule that change the optimisation
-problem without an error.
+Tensor shapes are checked by the checkpoint reader. These rules catch what shapes cannot: a
+model trained for another task (causal LM vs sequence classification), an architecture with the
+same shapes (8 heads of 16 vs 16 heads of 8), an optimizer whose state would be silently
+dropped, and changes of batch size or schedule that change the optimisation problem without an error.
 """
 from __future__ import annotations
 
@@ -38,8 +38,25 @@ def saved_optimizer(envelope: dict) -> str | None:
         return None
 
 
-def incompatibilities(envelope: dict, *, model_config: dict, optimizer: str, load_optimizer: bool) -> list[str]:
+TASK_FORMATS = {"causal_lm": "data.format text, prompt_completion, chat or tokenized",
+                "sequence_classification": "data.format=classification"}
+"""Each task fft_dist.model builds for, and the formats that train it."""
+
+
+def saved_task(envelope: dict) -> str:
+    """The task the checkpoint's model was built for; checkpoints from before tasks were recorded are causal LMs."""
+    task = (envelope.get("meta") or {}).get("task")
+    return task if isinstance(task, str) else "causal_lm"
+
+
+def incompatibilities(envelope: dict, *, model_config: dict, optimizer: str, load_optimizer: bool,
+                      task: str = "causal_lm") -> list[str]:
     """Reasons the checkpoint cannot continue this run (empty: it can)."""
+    before = saved_task(envelope)
+    if before != task:  # every other difference (heads, label sets) follows from this one
+        return [f"task: the checkpoint holds a {before} model ({TASK_FORMATS.get(before, '?')}), this run trains a "
+                f"{task} model ({TASK_FORMATS.get(task, '?')}); to start a new task from its weights, export it "
+                "(fft-dist export) and point model.path at the folder instead of resuming"]
     problems = []
     saved, now = _arch(envelope.get("model_config")), _arch(model_config)
     if saved:

@@ -1,8 +1,8 @@
 """The one training loop. It talks to the backend only through the Strategy protocol.
 
-Loss normalisation: every micro-batch contributes sum(token CE) / N, where N is the number
-of loss-bearing tokens in the whole global batch (all accumulation steps, all ranks). The
-result is independent of how the global batch is split over ranks and micro batches.
+Loss normalisation (fft_dist.loss): every micro-batch contributes its loss sum / N, where N counts
+the loss-bearing tokens (classification: examples) in the whole global batch (all accumulation
+steps, all ranks). The result is independent of how the global batch is split over ranks and micro batches.
 """
 from __future__ import annotations
 
@@ -12,17 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from fft_dist import resume_checks
 from fft_dist.config import BatchPlan, ExportChoice, FFTConfig, OnNonFinite, Precision
 from fft_dist.validate import warmup_steps_for
 from fft_dist.data import collate
-from fft_dist.data.examples import IGNORE_INDEX
 from fft_dist.data.training import load_training_data
 from fft_dist.dist import DistContext, all_reduce_sum, print0, seed_everything
 from fft_dist.errors import NonFiniteError
 from fft_dist.evaluation import EvalSets, evaluate, track
+from fft_dist.loss import objective_for
 from fft_dist.metrics import MetricsWriter, flops_per_token, peak_flops, peak_memory_mb
 from fft_dist.model import (
     apply_freeze,
@@ -31,8 +30,11 @@ from fft_dist.model import (
     count_parameters,
     decoder_layers,
     enable_activation_checkpointing,
+    for_task,
     hf_config,
     load_tokenizer,
+    new_head_names,
+    task_of,
     tokenizer_dir,
 )
 from fft_dist.optim import lr_schedule, optimizer_factory
@@ -86,21 +88,6 @@ class Summary:
         return exit_codes.PREEMPTED if self.stopped == "preempted" else exit_codes.OK
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over positions whose label is not ignored (fp32).
-
-    The labels are shifted, not the logits: slicing logits[:, :-1] would copy them in forward and
-    again in backward (measured 2-4 ms a step on the tiny model).
-    """
-    next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(logits.device)
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), next_labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def count_loss_tokens(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
 class Trainer:
     def __init__(self, cfg: FFTConfig, *, ctx: DistContext, plan: BatchPlan, config_yaml: str,
                  stop: StopSignal | None = None):
@@ -129,6 +116,8 @@ class Trainer:
         if data.sources:
             print0("fft-dist: data mixture: " + ", ".join(f"{s.name} {s.share:.1%} of each batch ({len(p)} rows)"
                                                          for s, p in zip(data.sources, data.train.parts)))
+        self.objective, self.task = objective_for(cfg.data.format), task_of(cfg.data.format)
+        for_task(self.hf_config, self.task, labels=stats.labels, pad_token_id=self.tokenizer.pad_token_id)
         self._resume_path = self._resume_sample_position()
         self.total_steps = cfg.train.max_steps or self.sampler.total_steps(cfg.train.epochs)
         self.warmup_steps = warmup_steps_for(cfg.train, self.total_steps)
@@ -142,6 +131,7 @@ class Trainer:
                 enable_activation_checkpointing(model)
             self.n_params = count_parameters(model)
             self.n_layers = len(decoder_layers(model))
+            self.new_head = new_head_names(model)
             return model
 
         self.lr_at = lr_schedule(cfg.train, self.total_steps)
@@ -151,7 +141,11 @@ class Trainer:
         if cfg.model.path is not None:
             from fft_dist import checkpoint as ckpt
 
-            ckpt.load_pretrained(self.strategy, cfg.model.path)
+            fresh = ckpt.load_pretrained(self.strategy, cfg.model.path, new_head=self.new_head, seed=cfg.train.seed,
+                                         init_std=getattr(self.hf_config, "initializer_range", 0.02))
+            if fresh:  # what transformers' from_pretrained warns as "newly initialized", in our words
+                print0(f"fft-dist: warning: model.path={cfg.model.path} has no {', '.join(fresh)}: a new task head, "
+                       "initialised fresh (seeded by train.seed); train it before trusting its predictions")
         hidden = getattr(self.hf_config, "hidden_size", None) or getattr(self.hf_config, "n_embd", 0)
         self.flops_per_token = flops_per_token(self.n_params, self.n_layers, hidden, cfg.data.max_length)
         self.peak_flops = peak_flops(self.ctx.device)
@@ -198,7 +192,7 @@ class Trainer:
         envelope = ckpt.read_train_state(path)
         problems = resume_checks.incompatibilities(
             envelope, model_config=self.hf_config.to_dict(), optimizer=self.cfg.optimizer.name.value,
-            load_optimizer=self.cfg.checkpoint.load_optimizer)
+            load_optimizer=self.cfg.checkpoint.load_optimizer, task=self.task)
         if problems:
             raise ckpt.CheckpointError(f"{path} cannot continue this run (nothing was loaded):\n  " + "\n  ".join(problems))
         saved = ckpt.load_checkpoint(self.strategy, path, params_only=not self.cfg.checkpoint.load_optimizer)
@@ -231,13 +225,13 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         batches = self._micro_batches(step)
-        local_tokens = sum(count_loss_tokens(b) for b in batches)
+        local_tokens = sum(self.objective.count(b) for b in batches)
         local_inputs = sum(int(b["attention_mask"].sum()) for b in batches)
         global_tokens, global_inputs = all_reduce_sum([local_tokens, local_inputs], self.ctx.device).tolist()
         loss_sum = torch.zeros((), dtype=torch.float64)
         for batch in batches:
             logits = self.strategy.forward(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
-            loss = token_loss_sum(logits, batch["labels"])
+            loss = self.objective.loss_sum(logits, batch["labels"])
             self.strategy.backward(loss / global_tokens)
             loss_sum += loss.detach().double().cpu()
         stop = float(self.stop_signal.received is not None)
@@ -270,7 +264,7 @@ class Trainer:
 
     def _eval_and_track(self, step: int) -> None:
         losses = evaluate(self.strategy, self.eval_set, ctx=self.ctx, cfg=self.cfg.eval,
-                          pad_id=self.tokenizer.pad_token_id, loss_sum=token_loss_sum, count_tokens=count_loss_tokens)
+                          pad_id=self.tokenizer.pad_token_id, objective=self.objective)
         record, line = track(self.state, losses, step, patience=self.cfg.eval.patience)
         self.metrics.write(record)
         self._say(line)
@@ -294,7 +288,7 @@ class Trainer:
             keep_last=self.cfg.checkpoint.keep_last, protect=protect,
             meta={"config_yaml": self.config_yaml, "model_config": self.hf_config.to_dict(),
                   "backend": self.cfg.parallelism.name.value, "model_path": self.cfg.model.path,
-                  "optimizer": self.cfg.optimizer.name.value,
+                  "optimizer": self.cfg.optimizer.name.value, "task": self.task,
                   "tokenizer_dir": str(tokenizer_dir(self.cfg.model))},
         )
 

@@ -191,3 +191,17 @@ def test_data_report_has_a_section_per_source(tmp_path, tok):
     assert "a mixture of 2 sources: code 75.0%, prose 25.0%" in text
     assert "== source code (data.mixture.code" in text and "== source prose (data.mixture.prose" in text
     assert text.count("train: ") == 2 and "format text" in text and "format prompt_completion" in text
+
+
+def test_classification_does_not_mix(tmp_path):
+    from fft_dist.config import DataConfig, DataFormat
+    from fft_dist.data.mixture import mixture_sources
+    from fft_dist.errors import ConfigError
+
+    cfg = DataConfig(path=None, mixture={"a": {"path": "x.jsonl", "weight": 1.0},
+                                         "b": {"path": "y.jsonl", "weight": 1.0, "format": "classification"}})
+    with pytest.raises(ConfigError, match="classification does not mix .*b"):
+        mixture_sources(cfg)
+    with pytest.raises(ConfigError, match="classification does not mix"):
+        mixture_sources(DataConfig(path=None, format=DataFormat.classification,
+                                   mixture={"a": {"path": "x.jsonl", "weight": 1.0}}))

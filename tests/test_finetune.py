@@ -49,7 +49,7 @@ def test_model_path_loads_pretrained_weights(tmp_path):
 
     from fft_dist.data import collate, load_datasets
     from fft_dist.model import load_tokenizer
-    from fft_dist.trainer import count_loss_tokens, token_loss_sum
+    from fft_dist.loss import count_loss_tokens, token_loss_sum
 
     cfg = to_typed(resolve(compose(list(TINY_JOB))))
     torch.manual_seed(7)

@@ -35,7 +35,8 @@ def _plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]
 
 def _hf_config(model_config: dict, dtype: str):
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from fft_dist.model import SEQUENCE_CLASSIFICATION, model_task, task_architecture
 
     cfg = dict(model_config)
     model_type = cfg.pop("model_type", None)
@@ -44,13 +45,20 @@ def _hf_config(model_config: dict, dtype: str):
     for k in ("transformers_version", "_name_or_path", "_attn_implementation_autoset"):
         cfg.pop(k, None)
     config = AutoConfig.for_model(model_type, **cfg)
-    if not getattr(config, "architectures", None):
-        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    task = model_task(config)
+    if not getattr(config, "architectures", None) or task == SEQUENCE_CLASSIFICATION:
+        arch = task_architecture(model_type, task)  # the class the Auto* loader of this task picks
         if arch:
             config.architectures = [arch]
     config.use_cache = True  # training turns the KV cache off; generation wants it back
     config.dtype = dtype
     return config
+
+
+def _is_classifier(config) -> bool:
+    from fft_dist.model import SEQUENCE_CLASSIFICATION, model_task
+
+    return model_task(config) == SEQUENCE_CLASSIFICATION
 
 
 def _copy_tokenizer(src: Path, out_dir: Path) -> list[str]:
@@ -107,7 +115,8 @@ def _exchange(a: Path, b: Path) -> bool:
 def export_hf(checkpoint: Path, out_dir: Path, *, dtype: str = "float32", max_shard_size: str | int = "2GB",
               tokenizer_dir: Path | None = None, verify: bool = True, model_config: dict | None = None,
               overwrite: bool = False) -> dict:
-    """Write `checkpoint` as a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads.
+    """Write `checkpoint` as a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads
+    (a classifier: ``AutoModelForSequenceClassification``, with its label names and pad_token_id).
 
     Single process. `checkpoint`: a step-N folder, a checkpoint root or its ``latest``. Output:
     config.json (from the model config stored at save time, or `model_config`),
@@ -198,7 +207,7 @@ def _write_export(checkpoint: Path, out_dir: Path, *, dtype: str, max_bytes: int
     config.save_pretrained(out_dir)
     files.append("config.json")
 
-    gen = _generation_config(config, state, tokenizer_dir)
+    gen = None if _is_classifier(config) else _generation_config(config, state, tokenizer_dir)  # nothing to generate
     if gen is not None:
         gen.save_pretrained(out_dir)
         files.append("generation_config.json")

@@ -136,12 +136,45 @@ class HFFolderSource:
         self._handles.clear()
 
 
-def load_pretrained(strategy, path: str | Path) -> None:
+class FreshHead:
+    """A FragmentSource: `source`, plus new-head parameters it lacks, initialised as transformers
+    initialises a Linear (weights normal(0, std), biases 0) from a generator seeded by `seed` and the
+    name, so every rank and every backend starts from the same head. The head is small (labels x
+    hidden), so each rank draws it whole and cuts its range out."""
+
+    def __init__(self, source, shapes: dict[str, tuple[int, ...]], *, std: float, seed: int):
+        self._source, self._shapes, self._std, self._seed = source, shapes, std, seed
+        self._full: dict[str, torch.Tensor] = {}
+
+    def has(self, name: str, kind: str) -> bool:
+        if name in self._shapes:
+            return kind == fmt.PARAM_KIND
+        return self._source.has(name, kind)
+
+    def read(self, name: str, kind: str, start: int, stop: int) -> torch.Tensor:
+        if name not in self._shapes:
+            return self._source.read(name, kind, start, stop)
+        if name not in self._full:
+            import zlib
+
+            shape = self._shapes[name]
+            full = torch.zeros(shape, dtype=torch.float32)
+            if len(shape) > 1:
+                g = torch.Generator().manual_seed(self._seed * 1_000_003 + zlib.crc32(name.encode()))
+                full.normal_(0.0, self._std, generator=g)
+            self._full[name] = full.reshape(-1)
+        return self._full[name][start:stop]
+
+
+def load_pretrained(strategy, path: str | Path, *, new_head: list[str] = (), init_std: float = 0.02,
+                    seed: int = 0) -> list[str]:
     """Collective: check every model parameter against the folder (names + shapes), then load.
 
     Parameters the folder lacks, or has with another shape, are listed in one CheckpointError
     on every rank before anything is loaded. Tensors in the folder that the model does not have
-    (buffers such as rotary caches, or heads of another task) are ignored.
+    (buffers such as rotary caches, or heads of another task) are ignored. Names in `new_head`
+    (a task head on a pretrained backbone) that the folder lacks start fresh (:class:`FreshHead`);
+    returns those names, so the caller can say so.
     """
     try:
         source = HFFolderSource(path)
@@ -150,11 +183,14 @@ def load_pretrained(strategy, path: str | Path) -> None:
         source, problems = None, [str(e)]
     agree_or_raise(problems, f"model.path={path} cannot be loaded:")
     expected = strategy_shapes(strategy)
+    fresh: dict[str, tuple[int, ...]] = {}
     try:
+        fresh = {n: tuple(expected[n]) for n in new_head if n in expected and source.shape(n) is None}
         # source_names=(): extra tensors in an HF folder are fine (see above), unlike in a checkpoint.
-        problems = shape_problems(expected, source.shape, (), str(path))
+        problems = shape_problems({n: s for n, s in expected.items() if n not in fresh}, source.shape, (), str(path))
     except CheckpointError as e:
         problems = [str(e)]
     agree_or_raise(problems, f"model.path={path} does not match the model (nothing was loaded):")
-    strategy.load_fragments(source)
+    strategy.load_fragments(FreshHead(source, fresh, std=init_std, seed=seed) if fresh else source)
     source.close()
+    return sorted(fresh)

@@ -3,6 +3,9 @@
 Runs inside `datasets.map` (batched, maybe in worker processes), so it is a plain function of a
 batch: every input row yields one output row per window, each with `dropped` saying why it
 cannot be trained ('' when it can). The pipeline counts those reasons, then filters the rows.
+
+A classification row keeps the row layout: its `labels` hold one entry, the class id (collate
+pads the rest with -100), and it bears one unit of loss (one example).
 """
 from __future__ import annotations
 
@@ -53,6 +56,41 @@ def resolve_chat_template(cfg: DataConfig, tok) -> str:
     return template
 
 
+def label_name(value) -> str | None:
+    """A row's label as the name it is matched by (JSON 1 and "1" are the same label); None: missing."""
+    return None if value is None else str(value)
+
+
+def label_problem(value, labels) -> str | None:
+    """Why a row's label is not one of `labels` (None when it is)."""
+    name = label_name(value)
+    if name is None:
+        return "the label is missing (null)"
+    if name not in labels:
+        return f"label {name!r} is not in the label set {list(labels)}"
+    return None
+
+
+def resolve_labels(cfg: DataConfig, dataset, index: list[int]) -> list[str]:
+    """The label set: data.labels as given, else the distinct labels of the training rows, sorted
+    (numerically when they all are numbers). Fewer than two labels is no classification task."""
+    if cfg.labels:
+        labels = [str(v) for v in cfg.labels]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"data.labels={labels} names a label twice")
+        where = f"data.labels={labels}"
+    else:
+        rows = dataset.select(index) if len(index) != len(dataset) else dataset
+        names = {label_name(v) for v in rows.unique(cfg.label_key)} - {None}
+        numeric = all(n.lstrip("-").isdigit() for n in names)
+        labels = sorted(names, key=(lambda n: (int(n), n)) if numeric else None)
+        where = f"the training rows of data.path={cfg.path} (column {cfg.label_key!r})"
+    if len(labels) < 2:
+        raise DataError(f"{where}: {len(labels)} label(s) {labels}; a classifier needs at least 2 "
+                        "(list them all in data.labels)")
+    return labels
+
+
 @dataclass
 class Encoder:
     """Batch encoder for `datasets.map(batched=True, with_indices=True)`; `name_row(i)` names row i."""
@@ -61,6 +99,8 @@ class Encoder:
     tok: object
     name_row: Callable[[int], str]
     chat_template: str | None = None
+    labels: tuple[str, ...] = ()
+    """classification: the label set (class id = position)."""
 
     def __call__(self, batch: dict, indices: list[int]) -> dict:
         out = {k: [] for k in OUT_COLUMNS}
@@ -76,6 +116,11 @@ class Encoder:
             for messages, index in zip(batch[self.cfg.messages_key], indices):
                 ids, labels = self._chat(messages, index)
                 self._emit(out, ids, labels)
+        elif fmt == DataFormat.classification:
+            # the tokenizer's own special tokens, as `tok(text)` adds them when the exported model is used
+            texts = self.tok(list(batch[self.cfg.text_key]))["input_ids"]
+            for ids, value, index in zip(texts, batch[self.cfg.label_key], indices):
+                self._emit_class(out, ids, value, index)
         else:
             for j, index in enumerate(indices):
                 ids, labels = self._tokenized(batch, j, index)
@@ -93,6 +138,18 @@ class Encoder:
         reason = "" if loss else ("no loss tokens left after truncation" if truncated else "no loss tokens")
         for key, value in zip(OUT_COLUMNS, (ids, labels, loss, truncated, windowed, reason)):
             out[key].append(value)
+
+    def _emit_class(self, out: dict, ids: list[int], value, index: int) -> None:
+        """The text's tokens (truncated: its head), and the class id; the model pools the last token."""
+        problem = label_problem(value, self.labels)
+        if problem:
+            raise DataError(f"{self.name_row(index)}: column {self.cfg.label_key!r}: {problem}")
+        truncated = len(ids) > self.cfg.max_length
+        ids = list(ids[: self.cfg.max_length])
+        row = (ids, [self.labels.index(label_name(value))], 1 if ids else 0, truncated, False,
+               "" if ids else "empty text")
+        for key, val in zip(OUT_COLUMNS, row):
+            out[key].append(val)
 
     def _emit_plain(self, out: dict, pairs: list, *, windows: bool) -> None:
         eos = self.tok.eos_token_id

@@ -51,6 +51,8 @@ class DataStats:
     """The folder the tokenised splits were read from."""
     reused: bool = False
     """True when that folder existed before this call (nothing was tokenised)."""
+    labels: list[str] = field(default_factory=list)
+    """data.format=classification: the label set (class id = position), the same for both splits."""
 
 
 class TokenizedSplit:

@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 
-from fft_dist.config import DataConfig
+from fft_dist.config import DataConfig, DataFormat
 from fft_dist.errors import ConfigError
 
 GLOBAL_KEYS = ("max_length", "packing", "shuffle", "group_by_length", "cache_dir", "num_proc", "inspect_terms",
@@ -101,6 +101,11 @@ def mixture_sources(cfg: DataConfig) -> list[MixSource]:
             key = f".{e.full_key}" if getattr(e, "full_key", None) else ""
             raise ConfigError(f"{where}{key}: {str(e).splitlines()[0]}") from None
         out.append((str(name), weight, source_cfg))
+    classifying = [n for n, _, c in out if c.format == DataFormat.classification]
+    if classifying or cfg.format == DataFormat.classification:
+        raise ConfigError(f"data.format=classification does not mix ({', '.join(classifying) or 'data.format'}): the "
+                          "model's head follows the task, and a mixture interleaves causal-LM sources; train a "
+                          "classifier on one source (data.path)")
     total = sum(w for _, w, _ in out)
     return [MixSource(name, w / total, c) for name, w, c in out]
 

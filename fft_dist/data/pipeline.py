@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from fft_dist.config import DataConfig, DataFormat
-from fft_dist.data.encode import Encoder, resolve_chat_template
+from fft_dist.data.encode import Encoder, resolve_chat_template, resolve_labels
 from fft_dist.data.examples import DataStats, TokenizedSplit
 from fft_dist.data.packing import pack
 from fft_dist.data.sources import Source, check_options, load_sources, resolve_sources
@@ -84,10 +84,11 @@ def held_out_split(n: int, fraction: float) -> tuple[list[int], list[int]]:
     return [i for i in range(n) if i not in held], sorted(held)
 
 
-def _encode_split(loaded, index: list[int], cfg: DataConfig, tok, template, work: Path, name: str, fp: str):
+def _encode_split(loaded, index: list[int], cfg: DataConfig, tok, template, work: Path, name: str, fp: str,
+                  labels: list[str]):
     import datasets
 
-    encoder = Encoder(cfg, tok, RowNamer(loaded.files, loaded.starts, index), template)
+    encoder = Encoder(cfg, tok, RowNamer(loaded.files, loaded.starts, index), template, tuple(labels))
     ds = loaded.dataset.select(index) if len(index) != len(loaded.dataset) else loaded.dataset
     datasets.enable_progress_bars()  # the one bar worth seeing: tokenising
     try:
@@ -149,13 +150,14 @@ def build_cache(cfg: DataConfig, tok, target: Path, fp: str, *, where: str = "da
             train_idx, eval_idx = held_out_split(len(loaded.dataset), cfg.eval_fraction)
         if cfg.max_examples:
             train_idx = train_idx[: cfg.max_examples]
+        labels = resolve_labels(cfg, loaded.dataset, train_idx) if cfg.format == DataFormat.classification else []
         stats = {}
         for name, src, index in (("train", loaded, train_idx), ("eval", eval_loaded, eval_idx)):
             if not index:
                 stats[name] = asdict(DataStats())
                 encoded = None
             else:
-                encoded = _encode_split(src, index, cfg, tok, template, work, name, fp)
+                encoded = _encode_split(src, index, cfg, tok, template, work, name, fp, labels)
                 stats[name] = asdict(_stats(encoded, len(index), cfg.max_length))
                 encoded = encoded.filter(lambda d: [not r for r in d], input_columns="dropped", batched=True,
                                          cache_file_name=str(work / f"{name}-filter.arrow")).select_columns(KEEP)
@@ -163,6 +165,7 @@ def build_cache(cfg: DataConfig, tok, target: Path, fp: str, *, where: str = "da
                     encoded = pack(encoded, max_length=cfg.max_length, cache_file_name=str(work / "packed.arrow"),
                                    num_proc=_num_proc(cfg, len(encoded)))
                     stats[name]["packed_rows"] = len(encoded)
+            stats[name]["labels"] = labels
             _check_nonempty(name, stats[name], cfg, where)
             if encoded is not None:
                 encoded.save_to_disk(str(tmp / name))

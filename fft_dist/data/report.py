@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fft_dist.config import DataConfig
+from fft_dist.config import DataConfig, DataFormat
 from fft_dist.data.encode import IGNORE_INDEX
 from fft_dist.data.examples import DataStats, Example
 from fft_dist.data.pipeline import load_datasets
@@ -63,6 +63,19 @@ def term_lines(terms: list[str], tok) -> tuple[list[str], list[str]]:
     return lines, warnings
 
 
+def class_lines(train, stats: DataStats, tok) -> list[str]:
+    """classification: the label set with its training counts, and the first example with its label."""
+    import pyarrow.compute as pc
+
+    ids = pc.list_element(train.dataset.data.column("labels"), 0)
+    counts = {v["values"].as_py(): v["counts"].as_py() for v in pc.value_counts(ids)}
+    first = train[0]
+    return ["labels (class id = position; loss: one cross-entropy per example): "
+            + ", ".join(f"{name} {counts.get(i, 0)}" for i, name in enumerate(stats.labels)),
+            f"first training example ({len(first.input_ids)} tokens; label {stats.labels[first.labels[0]]!r}):",
+            tok.decode(first.input_ids)]
+
+
 def data_report(cfg: DataConfig, tok, *, cache_dir: str | Path | None = None) -> str:
     """The report as text (the same pipeline and cache as training); a mixture gets one section per source."""
     if not cfg.mixture:
@@ -103,7 +116,9 @@ def _source_report(cfg: DataConfig, tok, *, cache_dir, where: str = "data", term
         slots = stats.packed_rows * cfg.max_length
         lines.append(f"packing: {stats.examples} examples in {stats.packed_rows} rows; {stats.tokens} real tokens "
                      f"in {slots} slots ({stats.tokens / slots if slots else 0.0:.1%} efficiency)")
-    if len(train) and not cfg.packing:
+    if cfg.format == DataFormat.classification:
+        lines[-1:] = class_lines(train, stats, tok)
+    elif len(train) and not cfg.packing:
         lines += [f"first training example ({len(train[0].input_ids)} tokens; loss on {LOSS_OPEN}...{LOSS_CLOSE}):",
                   render_with_mask(train[0], tok)]
     elif len(train):

@@ -221,7 +221,7 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)  # classification rows: one label, the class id
         mask[i, :n] = 1
         if packed:
             positions[i, :n] = torch.tensor(e.position_ids)

@@ -98,6 +98,8 @@ def expected_columns(cfg: DataConfig) -> dict[str, type]:
         return {cfg.prompt_key: str, cfg.completion_key: str}
     if cfg.format == DataFormat.chat:
         return {cfg.messages_key: list}
+    if cfg.format == DataFormat.classification:
+        return {cfg.text_key: str, cfg.label_key: object}  # a label is a name or a number
     return {"input_ids": list}
 
 
@@ -116,6 +118,12 @@ def check_options(cfg: DataConfig) -> None:
     if cfg.group_by_length and cfg.packing:
         raise ConfigError("data.group_by_length applies to unpacked rows only (packed rows are all close to "
                           "data.max_length); set one of data.packing / data.group_by_length")
+    if cfg.format == DataFormat.classification and cfg.packing:
+        raise ConfigError("data.packing does not apply to data.format=classification: the classifier reads one "
+                          "pooled token per row (the last non-pad one), so a packed row would give one prediction "
+                          "for several examples; set data.packing=false")
+    if cfg.labels and cfg.format != DataFormat.classification:
+        raise ConfigError(f"data.labels applies to data.format=classification only (the format is {cfg.format.value})")
 
 
 def check_data_files(cfg: DataConfig) -> None:
@@ -194,7 +202,7 @@ def iter_json_rows(path: str | Path, want: dict[str, type], cfg: DataConfig | No
     reported where it is instead of as a decoder traceback. A .json file holding one array is
     checked as a whole (its rows are numbered from 1).
     """
-    from fft_dist.data.encode import chat_row_problem
+    from fft_dist.data.encode import chat_row_problem, label_problem
 
     path = Path(path)
     if not path.is_file():
@@ -212,6 +220,10 @@ def iter_json_rows(path: str | Path, want: dict[str, type], cfg: DataConfig | No
             problem = chat_row_problem(row[cfg.messages_key])
             if problem:
                 raise DataError(f"{path}:{lineno}: {problem}")
+        if cfg is not None and cfg.format == DataFormat.classification and cfg.labels:
+            problem = label_problem(row[cfg.label_key], [str(v) for v in cfg.labels])
+            if problem:
+                raise DataError(f"{path}:{lineno}: column {cfg.label_key!r}: {problem}")
         yield lineno, row
 
 
