@@ -170,6 +170,17 @@ def timed(name: str, started: float) -> None:
     print(f"container test timing: {name} {TIMINGS[name]:.0f} s", flush=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def report_timings(request):
+    """Each step's wall time, also in CI's output (where prints are captured)."""
+    yield
+    if TIMINGS:
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"  {name}: {seconds:.0f} s" for name, seconds in TIMINGS.items()]
+        if reporter:
+            reporter.write_line("\ncontainer test wall times:\n" + "\n".join(lines))
+
+
 def install_if_missing() -> None:
     if all(shutil.which(tool) for tool in ("podman", "runc", "debootstrap")):
         return
@@ -214,11 +225,14 @@ def make_base_image(env: dict, tmp: Path) -> None:
     timed("debootstrap + import of the base image", started)
 
 
-def pip_setup_mounts(tmp: Path) -> list[str]:
-    """`-v` flags that let pip inside `podman build` install exactly as on this machine.
+def pip_build_flags(tmp: Path) -> list[str]:
+    """`podman build` flags that let pip inside the build install exactly as on this machine.
 
     The effective pip settings here (config files and PIP_* variables) become one /etc/pip.conf
-    in the build, and the local folders and files they name are mounted read-only.
+    in the build, and the local folders and files they name are mounted read-only. Where those
+    folders hold torch's CPU wheel (no download.pytorch.org here), the build takes torch from
+    PyPI's index plus that wheel, which wins over PyPI's CUDA build as the later version
+    (2.13.0+cpu); elsewhere the Dockerfile's default index is used.
     """
     listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
     settings = {m[1]: m[2] for m in re.finditer(r"^[\w.-]+?\.([\w-]+)='(.*)'$", listed, flags=re.M)}
@@ -235,10 +249,14 @@ def pip_setup_mounts(tmp: Path) -> list[str]:
         for item in value.split():
             path = Path(item.removeprefix("file://"))
             if path.is_absolute() and path.exists():
-                mounts.add(str(path if path.is_dir() else path.parent))
-    flags = ["-v", f"{conf}:/etc/pip.conf:ro"]
+                # a file, a find-links folder, or an index whose files sit beside its simple/
+                mounts.add(str(path.parent if path.is_file() or path.name == "simple" else path))
+    flags = ["--network", "host", "-v", f"{conf}:/etc/pip.conf:ro"]
     for m in sorted(mounts):
         flags += ["-v", f"{m}:{m}:ro"]
+    links = [Path(p.removeprefix("file://")) for p in wanted.get("find-links", "").split()]
+    if any(d.is_dir() and any(d.glob("torch-2.13.0+cpu-*.whl")) for d in links):
+        flags += ["--build-arg", "TORCH_INDEX=https://pypi.org/simple"]
     return flags
 
 
@@ -280,10 +298,7 @@ def image(podman, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("build")
     tag = f"localhost/fft-dist-test:cpu-{os.getpid()}"
     (build,) = [c for c in readme_commands("docker build") if "Dockerfile.cpu" in c]
-    flags = ["--layers=false", "--network", "host", *pip_setup_mounts(tmp), "--build-arg", f"BASE={BASE_IMAGE}",
-             # download.pytorch.org is not reachable here: PyPI's index plus pip's local find-links
-             # (where torch's +cpu wheel lies, and wins over PyPI's CUDA build as the later version)
-             "--build-arg", "TORCH_INDEX=https://pypi.org/simple"]
+    flags = ["--layers=false", "--build-arg", f"BASE={BASE_IMAGE}", *pip_build_flags(tmp)]
     started = time.monotonic()
     proc = subprocess.run(["bash", "-c", docker_as_podman(flags, tag) + build], cwd=REPO, env=podman,
                           capture_output=True, text=True, timeout=1800)
