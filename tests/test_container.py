@@ -174,10 +174,11 @@ def timed(name: str, started: float) -> None:
 def report_timings(request):
     """Each step's wall time, also in CI's output (where prints are captured)."""
     yield
-    if TIMINGS:
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if TIMINGS and reporter and capture:
         lines = [f"  {name}: {seconds:.0f} s" for name, seconds in TIMINGS.items()]
-        if reporter:
+        with capture.global_and_fixture_disabled():  # teardown output is captured otherwise
             reporter.write_line("\ncontainer test wall times:\n" + "\n".join(lines))
 
 
