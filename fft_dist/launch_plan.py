@@ -11,7 +11,7 @@ import shlex
 import socket
 import sys
 
-from fft_dist.config import ConfigError, LauncherConfig, LauncherName, Parallelism
+from fft_dist.config import ASSETS_DIR, ConfigError, LauncherConfig, LauncherName, Parallelism
 from fft_dist.worker import CONFIG_ENV
 
 COMMON = {"name", "nproc_per_node", "dry_run", "env"}
@@ -130,8 +130,13 @@ def deepspeed_env_text(env: dict[str, str]) -> str:
 
 
 def container_argv(launcher: LauncherConfig, *, run_dir: str, config_path: str) -> list[str]:
-    """`docker|podman run ...` that starts the ranks inside the image, reading the same config file."""
-    argv = [launcher.engine, "run", "--rm", "--network", "host", "-v", f"{run_dir}:{run_dir}"]
+    """`docker|podman run ...` that starts the ranks inside the image, reading the same config file.
+
+    The resolved config names this install's bundled files (the default data set and tokenizer);
+    they are mounted read-only at the same path, so the image's fft-dist finds them there.
+    """
+    argv = [launcher.engine, "run", "--rm", "--network", "host", "-v", f"{run_dir}:{run_dir}",
+            "-v", f"{ASSETS_DIR}:{ASSETS_DIR}:ro"]
     for mount in launcher.mounts:
         argv += ["-v", mount]
     if launcher.gpus:
