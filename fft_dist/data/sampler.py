@@ -25,7 +25,7 @@ class GlobalBatchSampler:
         self.shuffle = shuffle
         self.steps_per_epoch = num_examples // global_batch_size  # the last partial batch is dropped
         self._perm_epoch = -1
-        self._perm: list[int] = []
+        self._perm = torch.arange(0)
 
     def total_steps(self, epochs: float) -> int:
         return max(1, math.ceil(epochs * self.steps_per_epoch))
@@ -36,13 +36,14 @@ class GlobalBatchSampler:
                 "steps_per_epoch": self.steps_per_epoch, "seed": self.seed,
                 "global_batch_size": self.global_batch_size, "num_examples": self.num_examples}
 
-    def _permutation(self, epoch: int) -> list[int]:
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        # A tensor, sliced per batch: as a Python list, 1M rows cost ~40 MB on every rank.
         if epoch != self._perm_epoch:
             if self.shuffle:
                 g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-                self._perm = torch.randperm(self.num_examples, generator=g).tolist()
+                self._perm = torch.randperm(self.num_examples, generator=g)
             else:
-                self._perm = list(range(self.num_examples))
+                self._perm = torch.arange(self.num_examples)
             self._perm_epoch = epoch
         return self._perm
 
@@ -50,7 +51,7 @@ class GlobalBatchSampler:
         pos = self.position(step)
         perm = self._permutation(pos["epoch"])
         start = pos["batch_in_epoch"] * self.global_batch_size
-        return perm[start : start + self.global_batch_size]
+        return perm[start : start + self.global_batch_size].tolist()
 
     def rank_micro_batches(self, step: int, *, rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:
         """This rank's micro batches for `step`: a contiguous slice of the global batch."""
