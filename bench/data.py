@@ -233,17 +233,20 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.small < args.rows or min(args.num_proc) < 1 or args.steps < 1:
         ap.error("need 0 < --small < --rows, --num-proc >= 1 and --steps >= 1")
     work = Path(tempfile.mkdtemp(prefix="fft-dist-bench-data-"))
+    load_before = os.getloadavg()[0]
     try:
         res = run(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    res["load_average"] = [load_before, os.getloadavg()[0]]  # the machine may be shared: times mean little without it
     if args.json:
         Path(args.json).write_text(json.dumps(res))
     text = "\n".join([
         f"## Data pipeline: preprocessing, launch to first step, peak RSS vs rows ({time.strftime('%Y-%m-%d %H:%M %Z')})",
         "",
         f"- command: `python bench/data.py {' '.join(argv)}`".rstrip(),
-        f"- machine: {machine()}",
+        f"- machine: {machine()}; 1-minute load average {res['load_average'][0]:.1f} at the start, "
+        f"{res['load_average'][1]:.1f} at the end",
         f"- versions: {versions('torch', 'datasets', 'pyarrow', 'tokenizers', 'transformers')}",
         f"- corpus: bundled stdlib docstring prompts each paired with another row's completion, JSONL. "
         f"Job: `{' '.join(JOB)} train.max_steps={args.steps}`, 2 ranks, gloo, OMP_NUM_THREADS=1. "
