@@ -73,21 +73,3 @@ def rss_mb() -> float:
             return int(line.split()[1]) / 1024
     pytest.skip("no /proc/self/status")
 
-
-def test_cache_is_written_in_few_large_record_batches(tmp_path):
-    """Each record batch of the cache costs every rank that maps it a page fault (~64 KB of RSS with
-    the kernel's fault-around); datasets' default 1000-row batches made that ~62 MB per 1M rows."""
-    from transformers import AutoTokenizer
-
-    from fft_dist.config import ASSETS_DIR, DataConfig
-    from fft_dist.data import load_datasets
-    from fft_dist.data.pipeline import CACHE_BATCH_ROWS
-    from fft_dist.model import BUNDLED_TOKENIZER
-
-    tok = AutoTokenizer.from_pretrained(str(BUNDLED_TOKENIZER), local_files_only=True)
-    cfg = DataConfig(path=str(ASSETS_DIR / "stdlib_docstrings.jsonl"), eval_fraction=0.0, max_length=64)  # ~3k rows
-    train, _, _ = load_datasets(cfg, tok, cache_dir=tmp_path)
-    batches = train.dataset.data.to_batches()
-    assert len(train) > 2000 and len(batches) == -(-len(train) // CACHE_BATCH_ROWS) == 1, [len(b) for b in batches]
-    again, _, stats = load_datasets(cfg, tok, cache_dir=tmp_path)
-    assert stats.reused and [e.input_ids for e in again[:50]] == [e.input_ids for e in train[:50]]

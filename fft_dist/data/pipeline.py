@@ -31,10 +31,6 @@ PIPELINE_VERSION = 1
 HELD_OUT_SEED = 0
 """The held-out eval split must not move when train.seed changes."""
 KEEP = ["input_ids", "labels", "loss_tokens"]
-CACHE_BATCH_ROWS = 50_000
-"""Rows per Arrow record batch in the cache. Every rank that maps the cache faults in each batch's
-header, and the kernel maps ~64 KB around each fault: datasets' 1000-row batches cost ~62 MB of
-RSS per million rows on every rank (bench/data.py). Capped by datasets at ~100 MB per batch."""
 
 
 def _source_stamp(source: Source) -> list:
@@ -168,7 +164,7 @@ def build_cache(cfg: DataConfig, tok, target: Path, fp: str) -> None:
                     stats[name]["packed_rows"] = len(encoded)
             _check_nonempty(name, stats[name], cfg)
             if encoded is not None:
-                _save(encoded, tmp / name)
+                encoded.save_to_disk(str(tmp / name))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
         shutil.rmtree(work, ignore_errors=True)
         try:
@@ -178,18 +174,6 @@ def build_cache(cfg: DataConfig, tok, target: Path, fp: str) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _save(ds, path: Path) -> None:
-    """save_to_disk with CACHE_BATCH_ROWS-row record batches (it takes no batch size: set datasets' default)."""
-    import datasets
-
-    default = datasets.config.DEFAULT_MAX_BATCH_SIZE
-    datasets.config.DEFAULT_MAX_BATCH_SIZE = CACHE_BATCH_ROWS
-    try:
-        ds.save_to_disk(str(path))
-    finally:
-        datasets.config.DEFAULT_MAX_BATCH_SIZE = default
 
 
 def _check_nonempty(name: str, stats: dict, cfg: DataConfig) -> None:
