@@ -37,7 +37,7 @@ class GlobalBatchSampler:
         self.shuffle = shuffle
         self.steps_per_epoch = num_examples // global_batch_size  # the last partial batch is dropped
         self._perm_epoch = -1
-        self._perm: list[int] = []
+        self._perm = torch.arange(0)
         self._anchor = (0, 0, 0)  # (step, epoch, sample in epoch) the step count is measured from
 
     def resume_at(self, step: int, saved: dict) -> None:
@@ -80,13 +80,14 @@ class GlobalBatchSampler:
         epoch, sample = self._epoch_and_sample(step)
         return f"epoch {epoch}, sample {sample} of {self.num_examples}"
 
-    def _permutation(self, epoch: int) -> list[int]:
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        # A tensor, sliced per batch: as a Python list, 1M rows cost ~40 MB on every rank.
         if epoch != self._perm_epoch:
             if self.shuffle:
                 g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-                self._perm = torch.randperm(self.num_examples, generator=g).tolist()
+                self._perm = torch.randperm(self.num_examples, generator=g)
             else:
-                self._perm = list(range(self.num_examples))
+                self._perm = torch.arange(self.num_examples)
             if self.group_by_length:
                 self._perm = grouped_by_length(self._perm, self.lengths, self.group_by_length)
             self._perm_epoch = epoch
@@ -95,7 +96,7 @@ class GlobalBatchSampler:
     def global_batch(self, step: int) -> list[int]:
         epoch, start = self._epoch_and_sample(step)
         perm = self._permutation(epoch)
-        return perm[start : start + self.global_batch_size]
+        return perm[start : start + self.global_batch_size].tolist()
 
     def rank_micro_batches(self, step: int, *, rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:
         """This rank's micro batches for `step`: a contiguous slice of the global batch."""
@@ -103,16 +104,16 @@ class GlobalBatchSampler:
                               micro_batch_size=micro_batch_size)
 
 
-def grouped_by_length(order: list[int], lengths, group: int) -> list[int]:
+def grouped_by_length(order: torch.Tensor, lengths, group: int) -> torch.Tensor:
     """`order` with each run of `group` rows sorted by length, longest first (ties keep their order)."""
     import numpy as np
 
-    order_arr = np.asarray(order, dtype=np.int64)
+    order_arr = order.numpy() if isinstance(order, torch.Tensor) else np.asarray(order, dtype=np.int64)
     out = []
     for start in range(0, len(order_arr), group):
         chunk = order_arr[start : start + group]
         out.append(chunk[np.argsort(-np.asarray(lengths)[chunk], kind="stable")])
-    return np.concatenate(out).tolist() if out else []
+    return torch.from_numpy(np.concatenate(out)) if out else torch.arange(0)
 
 
 def split_for_rank(batch: list[int], *, rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:
