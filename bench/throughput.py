@@ -32,9 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 # variant -> (kind, backend or loop, baseline variant for the ratio)
 VARIANTS = {
+    "fft-dist none": ("fft", "none", "hand single"),
     "fft-dist fsdp": ("fft", "fsdp", "hand fsdp2"),
     "fft-dist zero2": ("fft", "zero2", "hand ds2"),
     "fft-dist zero3": ("fft", "zero3", "hand ds3"),
+    "hand single": ("loop", "single", None),
     "hand fsdp2": ("loop", "fsdp2", None),
     "hand ds2": ("loop", "ds2", None),
     "hand ds3": ("loop", "ds3", None),
@@ -72,22 +74,28 @@ def env(extra_path: str = "") -> dict:
     return e
 
 
+def ranks_of(variant: str) -> int:
+    """1 for the single-process pair (fft-dist none, the plain loop), else 2."""
+    return 1 if VARIANTS[variant][1] in ("none", "single") else 2
+
+
 def command(variant: str, *, work: Path, data: Path, arch: Path, steps: int, micro: int, seq: int) -> tuple[list, Path]:
     kind, name, _ = VARIANTS[variant]
+    ranks = ranks_of(variant)
     if kind == "fft":
         run_dir = work / "run"
         a = json.loads(arch.read_text())
-        cmd = [sys.executable, "-m", "fft_dist.cli", "train", f"parallelism={name}", "launcher.nproc_per_node=2",
+        cmd = [sys.executable, "-m", "fft_dist.cli", "train", f"parallelism={name}", f"launcher.nproc_per_node={ranks}",
                "model=tiny_llama", *(f"model.arch.{k}={v}" for k, v in a.items() if k != "model_type"),
                "data=stdlib_text", f"data.path={data}", f"data.max_length={seq}", "data.eval_fraction=0",
                "data.shuffle=false", "eval.every_steps=0", f"train.max_steps={steps}",
-               f"train.global_batch_size={2 * micro}", f"train.micro_batch_size={micro}", "train.lr=1e-3",
+               f"train.global_batch_size={ranks * micro}", f"train.micro_batch_size={micro}", "train.lr=1e-3",
                "train.lr_schedule=constant", "checkpoint.save_final=false", f"run.dir={run_dir}",
                *EXTRA.get(variant, [])]
         return cmd, run_dir / "metrics.jsonl"
     out = work / "times.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "loops.py"), "--loop", name, "--data", str(data), "--arch", str(arch), "--steps", str(steps),
+    launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    cmd = [sys.executable, *launcher, str(HERE / "loops.py"), "--loop", name, "--data", str(data), "--arch", str(arch), "--steps", str(steps),
            "--micro", str(micro), "--seq", str(seq), "--out", str(out)]
     return cmd, out
 
