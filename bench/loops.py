@@ -127,14 +127,21 @@ def hf_trainer_loop(args, rows) -> list[float]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     class StepTimes(TrainerCallback):
+        """One full loop iteration per step, from one on_step_end to the next (the first from on_step_begin):
+        Trainer fetches each batch and counts its tokens (get_batch_samples) before on_step_begin, and
+        fft-dist's logged step time includes its collation and token-count all-reduce."""
+
         def __init__(self):
-            self.times, self.t0 = [], 0.0
+            self.times, self.t0 = [], None
 
         def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
+            if self.t0 is None:
+                self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            self.times.append(time.perf_counter() - self.t0)
+            now = time.perf_counter()
+            self.times.append(now - self.t0)
+            self.t0 = now
 
     import deepspeed
 

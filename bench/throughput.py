@@ -1,13 +1,16 @@
-"""fft-dist against the loops users would otherwise run: tokens/s and whole-command wall time, 2 CPU ranks.
+"""fft-dist against the loops users would otherwise run: tokens/s and whole-command wall time on CPU.
 
     python bench/throughput.py [--steps 20] [--repeat 3] [--variants ...] [--smoke] [--no-record]
 
 Every variant trains the same model (conf tiny_llama, 1.3M parameters) on the same generated
 token rows (each exactly --seq tokens: no padding), global batch 2 x --micro, AdamW, fp32, gloo,
-OMP_NUM_THREADS=1 per rank. Variants, run in interleaved rounds (round 1: all, round 2: all, ...):
-  fft-dist fsdp / zero2 / zero3   `python -m fft_dist.cli train ...` (the user's command)
+OMP_NUM_THREADS=1 per rank, 2 ranks (the none / single pair: 1 process, global batch --micro).
+Variants, run in interleaved rounds (round 1: all, round 2: all, ...):
+  fft-dist none / fsdp / zero2 / zero3   `python -m fft_dist.cli train ...` (the user's command)
+  hand single                     bench/loops.py: a plain one-process loop (`python loops.py`, no torchrun)
   hand fsdp2 / ds2 / ds3          bench/loops.py: minimal FSDP2 and DeepSpeed loops under torchrun
   hf trainer ds3                  transformers.Trainer + its DeepSpeed ZeRO-3 integration, use_cpu=True
+Step time is one full loop iteration on every side (batch fetch included; see loops.hf_trainer_loop).
 Steady state: the median step time over the steps after the first two, per round; the table shows
 the median over rounds, the spread, and each fft-dist variant's ratio (tokens/s) to its loop.
 --smoke: 1 round, 2 steps, nothing recorded (the test's mode).
@@ -43,9 +46,10 @@ VARIANTS = {
     "hf trainer ds3": ("loop", "hf_ds3", "hand ds3"),
     # ablation for the profile (not in the default set): the hand loops do not ask for determinism
     "fft-dist fsdp nondet": ("fft", "fsdp", "hand fsdp2"),
+    "fft-dist zero3 nondet": ("fft", "zero3", "hand ds3"),
 }
 DEFAULT_VARIANTS = [v for v in VARIANTS if not v.endswith("nondet")]
-EXTRA = {"fft-dist fsdp nondet": ["train.deterministic=false"]}
+EXTRA = {"fft-dist fsdp nondet": ["train.deterministic=false"], "fft-dist zero3 nondet": ["train.deterministic=false"]}
 WARMUP_STEPS = 2
 
 
@@ -201,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {machine()}",
         f"- versions: {versions('torch', 'deepspeed', 'transformers')}",
         f"- job: tiny_llama (1.3M params), {args.steps} steps, 2 ranks x micro {args.micro} x seq {args.seq} "
+        "(fft-dist none and the single loop: 1 process x micro) "
         "(identical generated token rows, no padding), AdamW, fp32, gloo, OMP_NUM_THREADS=1 per rank; "
         f"{args.repeat} interleaved round(s); tokens/s from each round's median step after the first "
         f"{WARMUP_STEPS}. HF Trainer ran its DeepSpeed ZeRO-3 integration (use_cpu=True, torchrun), not FSDP "
