@@ -10,7 +10,9 @@ rank imports, config, process group, tokenizer, data, model build + strategy set
 The package carries no timing code: the hook wraps its functions as they are imported.
 
 "outside steps" is the whole command's wall time less the sum of its logged step times: start-up
-plus teardown, measured the same way for fft-dist and the loops. --before REV also runs the
+plus teardown, measured the same way for fft-dist and the loops. "CPU time" is user + system time
+of every process of the job (getrusage of the reaped children): start-up is CPU-bound work
+(imports, encoding, init), and CPU time moves far less than wall time on a shared machine. --before REV also runs the
 fft-dist variants from `git archive REV` (e.g. the commit before a start-up change), interleaved
 with the current tree, so before and after come from the same run.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -51,8 +54,11 @@ def run_once(variant: str, *, tree: Path, work: Path, data: Path, arch: Path, st
     e["STARTUP_LOG"] = str(log)
     t0 = time.time()
     e["STARTUP_T0"] = repr(t0)
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, cwd=tree, env=e, capture_output=True, text=True, timeout=900)
     wall = time.time() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     if proc.returncode != 0:
         raise RuntimeError(f"{variant} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     times, _ = step_times(variant, out)
@@ -64,14 +70,17 @@ def run_once(variant: str, *, tree: Path, work: Path, data: Path, arch: Path, st
             pids.append(pid)
             event = f"python up (process {len(pids)})"
         events.setdefault(event, float(t))  # rank 0 of several: the first to get there
-    return {"wall_s": wall, "outside_steps_s": wall - sum(times), "events": events, "processes": len(pids)}
+    return {"wall_s": wall, "outside_steps_s": wall - sum(times), "cpu_s": cpu, "events": events,
+            "processes": len(pids)}
 
 
 def summarise(runs: dict[str, list[dict]]) -> str:
-    lines = ["| variant | whole command (s) | outside steps (s) | processes |", "|---|---|---|---|"]
+    lines = ["| variant | whole command (s) | outside steps (s) | CPU time, all processes (s) | processes |",
+             "|---|---|---|---|---|"]
     for v, rs in runs.items():
         lines.append(f"| {v} | {statistics.median(r['wall_s'] for r in rs):.2f} | "
-                     f"{statistics.median(r['outside_steps_s'] for r in rs):.2f} | {rs[0]['processes']} |")
+                     f"{statistics.median(r['outside_steps_s'] for r in rs):.2f} | "
+                     f"{statistics.median(r['cpu_s'] for r in rs):.2f} | {rs[0]['processes']} |")
     for v, rs in runs.items():
         if not VARIANTS[v.removesuffix(' (before)')][0] == "fft":
             continue
