@@ -80,3 +80,11 @@ def test_launcher_env_keeps_a_separate_rank_process_and_the_dry_run_says_which(t
     agent = fft_dist("train", f"run.dir={tmp_path / 'b'}", *TINY_JOB, *SINGLE, "launcher.dry_run=true",
                      "+launcher.env.MALLOC_ARENA_MAX=2")
     assert agent.returncode == 0 and "torch.distributed.run" in agent.stdout
+
+
+def test_stray_launcher_variables_in_the_environment_do_not_reach_the_in_process_rank(tmp_path):
+    """Inside e.g. a SLURM allocation MASTER_ADDR / WORLD_SIZE may be exported; torchrun used to overwrite them."""
+    env = child_env(MASTER_ADDR="10.255.255.1", MASTER_PORT="1", WORLD_SIZE="8", LOCAL_RANK="3")
+    proc = fft_dist("train", f"run.dir={tmp_path / 'run'}", *TINY_JOB, *SINGLE, "train.max_steps=2", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x 1 ranks" in proc.stdout and [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [1, 2]
