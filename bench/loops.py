@@ -2,6 +2,7 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 bench/loops.py \
         --loop fsdp2|ds2|ds3|hf_ds3 --data rows.jsonl --arch arch.json --steps 20 --micro 4 --seq 128 --out t.json
+    python bench/loops.py --loop single ...   (one plain process, no torchrun, no process group)
 
 Written the way a user would write them, with nothing from fft_dist: the same tokenizer, model
 config, AdamW (lr 1e-3, weight decay 0.1, betas 0.9/0.95), clipping 1.0 and global batch as the
@@ -78,6 +79,22 @@ def fsdp2_loop(args, rows) -> list[float]:
     return times
 
 
+def single_loop(args, rows) -> list[float]:
+    """One process, no process group: what `parallelism=none` is measured against."""
+    model = build_model(args.arch)
+    opt = optimizer(model)
+    times = []
+    for ids in batches(rows, rank=0, world=1, micro=args.micro, steps=args.steps):
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def ds_config(stage: int, micro: int, world: int) -> dict:
     zero = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True,
             "reduce_bucket_size": CPU_BUCKET, "allgather_bucket_size": CPU_BUCKET}
@@ -110,14 +127,21 @@ def hf_trainer_loop(args, rows) -> list[float]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     class StepTimes(TrainerCallback):
+        """One full loop iteration per step, from one on_step_end to the next (the first from on_step_begin):
+        Trainer fetches each batch and counts its tokens (get_batch_samples) before on_step_begin, and
+        fft-dist's logged step time includes its collation and token-count all-reduce."""
+
         def __init__(self):
-            self.times, self.t0 = [], 0.0
+            self.times, self.t0 = [], None
 
         def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
+            if self.t0 is None:
+                self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            self.times.append(time.perf_counter() - self.t0)
+            now = time.perf_counter()
+            self.times.append(now - self.t0)
+            self.t0 = now
 
     import deepspeed
 
@@ -140,7 +164,7 @@ def hf_trainer_loop(args, rows) -> list[float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--loop", required=True, choices=["fsdp2", "ds2", "ds3", "hf_ds3"])
+    ap.add_argument("--loop", required=True, choices=["single", "fsdp2", "ds2", "ds3", "hf_ds3"])
     ap.add_argument("--data", required=True)
     ap.add_argument("--arch", required=True)
     ap.add_argument("--steps", type=int, required=True)
@@ -148,9 +172,12 @@ def main() -> int:
     ap.add_argument("--seq", type=int, required=True)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    dist.init_process_group("gloo")
+    if args.loop != "single":
+        dist.init_process_group("gloo")
     rows = token_rows(args.data, args.seq)
-    if args.loop == "fsdp2":
+    if args.loop == "single":
+        times = single_loop(args, rows)
+    elif args.loop == "fsdp2":
         times = fsdp2_loop(args, rows)
     elif args.loop in ("ds2", "ds3"):
         times = deepspeed_loop(args, rows, int(args.loop[-1]))

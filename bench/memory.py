@@ -13,8 +13,8 @@ measured here, not assumed: the same job, backend and rank count with a ~37k-par
 ("mini"); its peak RSS less that model's own estimate is the baseline. The prediction for a rank:
     baseline(backend, ranks) + estimate(backend, ranks)["per_gpu_bytes"]["total"]
 (model states + activations + buffers), with DeepSpeed's buckets at the CPU values the run used.
-glibc keeps freed memory in its heap, so freed build-time copies (the full model on every FSDP
-rank before sharding, ZeRO-3's setup) stay in the peak. Set MALLOC_MMAP_THRESHOLD_=65536
+glibc keeps freed memory in its heap, so what setup and the steps free (ZeRO-3's setup, FSDP's
+gathered parameters and unsharded gradients, activations) stays in the peak. Set MALLOC_MMAP_THRESHOLD_=65536
 MALLOC_TRIM_THRESHOLD_=0 to measure live memory only; the ranks inherit this environment.
 The estimate's model-state bytes are shown next to it; tests/test_memory_measured.py checks those
 against counted tensor bytes (within 10%).

@@ -1,13 +1,16 @@
-"""fft-dist against the loops users would otherwise run: tokens/s and whole-command wall time, 2 CPU ranks.
+"""fft-dist against the loops users would otherwise run: tokens/s and whole-command wall time on CPU.
 
     python bench/throughput.py [--steps 20] [--repeat 3] [--variants ...] [--smoke] [--no-record]
 
 Every variant trains the same model (conf tiny_llama, 1.3M parameters) on the same generated
 token rows (each exactly --seq tokens: no padding), global batch 2 x --micro, AdamW, fp32, gloo,
-OMP_NUM_THREADS=1 per rank. Variants, run in interleaved rounds (round 1: all, round 2: all, ...):
-  fft-dist fsdp / zero2 / zero3   `python -m fft_dist.cli train ...` (the user's command)
+OMP_NUM_THREADS=1 per rank, 2 ranks (the none / single pair: 1 process, global batch --micro).
+Variants, run in interleaved rounds (round 1: all, round 2: all, ...):
+  fft-dist none / fsdp / zero2 / zero3   `python -m fft_dist.cli train ...` (the user's command)
+  hand single                     bench/loops.py: a plain one-process loop (`python loops.py`, no torchrun)
   hand fsdp2 / ds2 / ds3          bench/loops.py: minimal FSDP2 and DeepSpeed loops under torchrun
   hf trainer ds3                  transformers.Trainer + its DeepSpeed ZeRO-3 integration, use_cpu=True
+Step time is one full loop iteration on every side (batch fetch included; see loops.hf_trainer_loop).
 Steady state: the median step time over the steps after the first two, per round; the table shows
 the median over rounds, the spread, and each fft-dist variant's ratio (tokens/s) to its loop.
 --smoke: 1 round, 2 steps, nothing recorded (the test's mode).
@@ -32,18 +35,21 @@ REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 # variant -> (kind, backend or loop, baseline variant for the ratio)
 VARIANTS = {
+    "fft-dist none": ("fft", "none", "hand single"),
     "fft-dist fsdp": ("fft", "fsdp", "hand fsdp2"),
     "fft-dist zero2": ("fft", "zero2", "hand ds2"),
     "fft-dist zero3": ("fft", "zero3", "hand ds3"),
+    "hand single": ("loop", "single", None),
     "hand fsdp2": ("loop", "fsdp2", None),
     "hand ds2": ("loop", "ds2", None),
     "hand ds3": ("loop", "ds3", None),
     "hf trainer ds3": ("loop", "hf_ds3", "hand ds3"),
     # ablation for the profile (not in the default set): the hand loops do not ask for determinism
     "fft-dist fsdp nondet": ("fft", "fsdp", "hand fsdp2"),
+    "fft-dist zero3 nondet": ("fft", "zero3", "hand ds3"),
 }
 DEFAULT_VARIANTS = [v for v in VARIANTS if not v.endswith("nondet")]
-EXTRA = {"fft-dist fsdp nondet": ["train.deterministic=false"]}
+EXTRA = {"fft-dist fsdp nondet": ["train.deterministic=false"], "fft-dist zero3 nondet": ["train.deterministic=false"]}
 WARMUP_STEPS = 2
 
 
@@ -72,22 +78,28 @@ def env(extra_path: str = "") -> dict:
     return e
 
 
+def ranks_of(variant: str) -> int:
+    """1 for the single-process pair (fft-dist none, the plain loop), else 2."""
+    return 1 if VARIANTS[variant][1] in ("none", "single") else 2
+
+
 def command(variant: str, *, work: Path, data: Path, arch: Path, steps: int, micro: int, seq: int) -> tuple[list, Path]:
     kind, name, _ = VARIANTS[variant]
+    ranks = ranks_of(variant)
     if kind == "fft":
         run_dir = work / "run"
         a = json.loads(arch.read_text())
-        cmd = [sys.executable, "-m", "fft_dist.cli", "train", f"parallelism={name}", "launcher.nproc_per_node=2",
+        cmd = [sys.executable, "-m", "fft_dist.cli", "train", f"parallelism={name}", f"launcher.nproc_per_node={ranks}",
                "model=tiny_llama", *(f"model.arch.{k}={v}" for k, v in a.items() if k != "model_type"),
                "data=stdlib_text", f"data.path={data}", f"data.max_length={seq}", "data.eval_fraction=0",
                "data.shuffle=false", "eval.every_steps=0", f"train.max_steps={steps}",
-               f"train.global_batch_size={2 * micro}", f"train.micro_batch_size={micro}", "train.lr=1e-3",
+               f"train.global_batch_size={ranks * micro}", f"train.micro_batch_size={micro}", "train.lr=1e-3",
                "train.lr_schedule=constant", "checkpoint.save_final=false", f"run.dir={run_dir}",
                *EXTRA.get(variant, [])]
         return cmd, run_dir / "metrics.jsonl"
     out = work / "times.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "loops.py"), "--loop", name, "--data", str(data), "--arch", str(arch), "--steps", str(steps),
+    launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    cmd = [sys.executable, *launcher, str(HERE / "loops.py"), "--loop", name, "--data", str(data), "--arch", str(arch), "--steps", str(steps),
            "--micro", str(micro), "--seq", str(seq), "--out", str(out)]
     return cmd, out
 
@@ -193,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {machine()}",
         f"- versions: {versions('torch', 'deepspeed', 'transformers')}",
         f"- job: tiny_llama (1.3M params), {args.steps} steps, 2 ranks x micro {args.micro} x seq {args.seq} "
+        "(fft-dist none and the single loop: 1 process x micro) "
         "(identical generated token rows, no padding), AdamW, fp32, gloo, OMP_NUM_THREADS=1 per rank; "
         f"{args.repeat} interleaved round(s); tokens/s from each round's median step after the first "
         f"{WARMUP_STEPS}. HF Trainer ran its DeepSpeed ZeRO-3 integration (use_cpu=True, torchrun), not FSDP "

@@ -23,7 +23,8 @@ from fft_dist import launch_plan as plan
 from fft_dist.compose import Prepared, compose, override_keys, report_known, resolve, to_typed, to_yaml
 from fft_dist.config import BatchPlan, ConfigError, FFTConfig, LauncherConfig, LauncherName
 from fft_dist.launch_plan import check_launcher, world_size
-from fft_dist.preemption import SignalForwarder, StartupInterrupted, ignore_forwarded_signals, signal_name
+from fft_dist.preemption import (SignalForwarder, StartupInterrupted, StopSignal, ignore_forwarded_signals,
+                                 signal_name)
 from fft_dist.validate import validate
 from fft_dist.worker import CONFIG_ENV, STOPPED_ENV, run_worker
 
@@ -191,6 +192,9 @@ class Job:
     def describe(self) -> str:
         """Exactly what `run` would do, as shell text (stdout of a dry run)."""
         lch = self.launcher
+        if self.in_process():
+            return ("# one rank: fft-dist runs it in its own process (no torchrun), which is equivalent to\n"
+                    + plan.shell_line([sys.executable, "-m", "fft_dist.train"], self.env()))
         if self.name in (LauncherName.local, LauncherName.torchrun):
             argv = [sys.executable, "-m", "torch.distributed.run", *plan.torchrun_args(lch), "-m", "fft_dist.train"]
             return ("# fft-dist runs this through torch.distributed.run's API, forwarding stop signals to the ranks\n"
@@ -220,8 +224,22 @@ class Job:
         return sbatch_script(self.launcher, run_dir=str(self.run_dir), config_path=str(self.config_path),
                              command=self.command)
 
+    def in_process(self) -> bool:
+        """launcher=local with one rank and no launcher.env: the rank runs in this process.
+
+        A second interpreter (torchrun's agent plus a rank importing torch and transformers again)
+        cost ~2 s of start-up for nothing (bench/RESULTS.md, start-up). launcher.env keeps the
+        separate rank process: variables such as LD_PRELOAD or MALLOC_* only act on a new process.
+        """
+        lch = self.launcher
+        return self.name == LauncherName.local and lch.nproc_per_node == 1 and not lch.env
+
     def run(self, forwarder: SignalForwarder) -> int:
         lch = self.launcher
+        if self.in_process():
+            os.environ.update(self.env())
+            print(f"fft-dist: run dir {self.run_dir}; running 1 rank in this process", flush=True)
+            return run_in_process(lch)
         if self.name in (LauncherName.local, LauncherName.torchrun):
             os.environ.update(self.env())
             nodes = f" (node {lch.node_rank} of {lch.nnodes})" if lch.nnodes > 1 else ""
@@ -256,6 +274,30 @@ class Job:
               f"  job log:  {script.parent / (job_id + '.out')}\n"
               f"  rank logs: {script.parent / job_id}/attempt-<n>-node-<i>.log\n  run dir:  {self.run_dir}", flush=True)
         return exit_codes.OK
+
+
+def run_in_process(launcher: LauncherConfig) -> int:
+    """Be the job's only rank: what torchrun's agent would start, without a second process.
+
+    The rank's stop-signal handler replaces the launcher's here, so a stop signal from now on
+    finishes the step, checkpoints and exits 75, as it does for a rank under the agent; before it,
+    the launcher's handler reports that nothing started (76). RANK stays unset: the rank must not
+    die with the user's shell (die_with_parent is for ranks under a launcher).
+    """
+    from fft_dist.dist import exit_rank
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)  # torchrun would set them afresh; a stray WORLD_SIZE must not count
+    if launcher.master_port:
+        os.environ["MASTER_PORT"] = str(launcher.master_port)  # init_distributed keeps a set port
+    if "OMP_NUM_THREADS" not in os.environ:  # what start_agent gives one rank; torch is imported already
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+        torch.set_num_threads(os.cpu_count() or 1)
+    stop = StopSignal()
+    exit_rank(run_worker([], stop=stop))  # like a rank: gloo may abort in interpreter finalisation
+    return exit_codes.OK  # not reached
 
 
 def start_agent(torchrun_argv: list[str], forwarder: SignalForwarder) -> int:

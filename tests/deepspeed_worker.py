@@ -156,7 +156,7 @@ def tensor_bytes(module=None) -> int:
 
 def mode_memory(args, ctx) -> None:
     out = Path(args.out)
-    model_cfg = tiny_config(scale=args.scale, vocab=args.vocab)
+    model_cfg = tiny_config(scale=args.scale, vocab=args.vocab, layers=args.layers, intermediate=args.intermediate)
     results = {}
     for backend in args.backends:
         gc.collect()
@@ -165,9 +165,9 @@ def mode_memory(args, ctx) -> None:
         seed_everything(SEED, True)
         strategy, plan = make(cfg, ctx, model_cfg)
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in strategy_module(strategy).parameters())
-        train_steps(strategy, plan, ctx, model_cfg.vocab_size, range(2))
+        train_steps(strategy, plan, ctx, model_cfg.vocab_size, range(args.steps))  # optimizer states exist
         # one more micro batch up to (not through) the step: gradients held
-        batches = micro_batches(2, plan, ctx.rank, model_cfg.vocab_size)
+        batches = micro_batches(args.steps, plan, ctx.rank, model_cfg.vocab_size)
         n_global = float(all_reduce_sum([sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)])[0])
         for b in batches:
             loss = token_loss_sum(strategy.forward(b["input_ids"], b["attention_mask"]), b["labels"])
@@ -175,7 +175,7 @@ def mode_memory(args, ctx) -> None:
             del loss
         gc.collect()
         after_backward = tensor_bytes(strategy_module(strategy)) - base
-        strategy.step(2)
+        strategy.step(args.steps)
         gc.collect()
         after_step = tensor_bytes(strategy_module(strategy)) - base
         breakdown = memory_breakdown(strategy)
@@ -302,8 +302,9 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=1, help="hidden size = 64 x scale")
     ap.add_argument("--vocab", type=int, default=256)
     ap.add_argument("--bucket", type=int, default=2_000_000, help="memory: DeepSpeed bucket sizes (elements)")
-    ap.add_argument("--layers", type=int, default=2, help="build: decoder layers")
-    ap.add_argument("--intermediate", type=int, default=0, help="build: MLP width (0: 128 x scale)")
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers")
+    ap.add_argument("--intermediate", type=int, default=0, help="MLP width (0: 128 x scale)")
+    ap.add_argument("--steps", type=int, default=2, help="memory: optimizer steps before measuring")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     ctx = init_distributed("gloo", 300)

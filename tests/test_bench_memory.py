@@ -35,9 +35,9 @@ def test_tiny_model_peak_rss_matches_the_estimate_plus_baseline(tmp_path):
     check(rows)
 
 
-# glibc keeps freed memory in its heap: with its defaults, the build-time copies of the ~48M model
-# (every FSDP rank builds the full fp32 model before sharding it; ZeRO-3's setup) stay in peak RSS,
-# 45-60% above the estimate plus baseline at fsdp x2 and zero3 (bench/RESULTS.md, 2026-12-01). With
+# glibc keeps freed memory in its heap: with its defaults, what the ~48M model's setup and steps free
+# (ZeRO-3's setup; FSDP's gathered parameters, unsharded gradients, activations) stays in peak RSS,
+# 43-76% above the estimate plus baseline at fsdp x2 / x4 and zero3 (bench/RESULTS.md, 2026-12-01). With
 # large allocations on mmap (returned when freed; CPU-FACTS.md, "Measuring memory") the peaks are the
 # live ones: 0.94 (fsdp x2), 1.19 / 1.18 (zero3 x1 / x2) measured.
 RETURN_FREED = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}

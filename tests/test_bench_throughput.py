@@ -33,8 +33,9 @@ def test_smoke_fsdp_pair_reports_tokens_per_s_and_the_ratio(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_every_variant(tmp_path):
-    rows = smoke(tmp_path, "fft-dist zero2", "fft-dist zero3", "hand ds2", "hand ds3", "hf trainer ds3")
+    rows = smoke(tmp_path, "fft-dist none", "hand single", "fft-dist zero2", "fft-dist zero3", "hand ds2", "hand ds3",
+                 "hf trainer ds3")
     names = {r["variant"] for r in rows}
     # HF Trainer needs `accelerate`, which fft-dist does not install: skipped (and said so) without it
-    assert {"fft-dist zero2", "fft-dist zero3", "hand ds2", "hand ds3"} <= names
+    assert {"fft-dist none", "hand single", "fft-dist zero2", "fft-dist zero3", "hand ds2", "hand ds3"} <= names
     assert all(r["tokens_per_s"] > 0 for r in rows)

@@ -38,12 +38,18 @@ class FSDPStrategy(TorchOptimizerStrategy):
         root costs one more all-gather per step.
 
         With meta_init (weights come from model.path afterwards), the model is built on the meta
-        device and only this rank's shards are ever allocated. Otherwise every rank builds the same
-        seeded full model on CPU once and keeps its shards, which matches HF's own init exactly.
+        device and only this rank's shards are ever allocated. Otherwise rank 0 alone builds the
+        seeded full model on CPU (HF's own init, bit for bit) and sends it tensor by tensor; the
+        other ranks build on meta and allocate only their shards (:func:`fill_from_rank0`). Every
+        rank building the full fp32 model cost N full copies of host memory per node.
         """
-        if self.meta_init:
+        rank0_init = not self.meta_init and self.world_size > 1
+        full = None
+        if self.meta_init or rank0_init:
             with torch.device("meta"):
                 model = build_model()
+            if rank0_init and dist.get_rank() == 0:  # last, so the generator state is the one after it
+                full = build_model()  # on CPU: only one tensor at a time goes to the device
         else:
             model = build_model().to(self.device)
         if self.train_cfg.precision == Precision.fp32:
@@ -54,10 +60,13 @@ class FSDPStrategy(TorchOptimizerStrategy):
         for layer in decoder_layers(model):
             fully_shard(layer, reshard_after_forward=self.reshard_after_forward, **kwargs)
         fully_shard(model, **kwargs)
-        if self.meta_init:
+        if self.meta_init or rank0_init:
             model.to_empty(device=self.device)
+        if self.meta_init:
             reinit_buffers(model)
         self.model = model
+        if rank0_init:
+            fill_from_rank0(model, full, local_range=self._local_range, device=self.device)
         self._finish_setup(make_optimizer, lr_at)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -112,6 +121,34 @@ class FSDPStrategy(TorchOptimizerStrategy):
         for d in shape[1:]:
             row_numel *= d
         return local.view(-1), shape, row * row_numel
+
+
+@torch.no_grad()
+def fill_from_rank0(model: torch.nn.Module, full: torch.nn.Module | None, *, local_range, device) -> None:
+    """Copy rank 0's full model `full` into every rank's shards of `model` (collective).
+
+    One broadcast per parameter and buffer, in `model`'s order (both were built from the same
+    config, so names match); rank 0 frees each full tensor once it is sent, so its peak is the full
+    model, as before, and the other ranks' is their shards plus one tensor. The generator state
+    after rank 0's build is given to every rank, as if each had built the model itself.
+    """
+    rank0 = dist.get_rank() == 0
+    sources = {**dict(full.named_parameters()), **dict(full.named_buffers())} if rank0 else {}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if rank0:
+            source = sources.pop(name)
+            value = source.detach().to(device)
+            source.data = torch.empty(0, dtype=source.dtype)  # free rank 0's full copy as we go
+        else:
+            value = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+        dist.broadcast(value, src=0)
+        local, _, start = local_range(tensor)
+        local.copy_(value.view(-1)[start:start + local.numel()])
+    if rank0 and sources:
+        raise RuntimeError(f"rank 0's model has tensors the sharded model lacks: {sorted(sources)[:5]}")
+    state = torch.get_rng_state()
+    dist.broadcast(state, src=0)
+    torch.set_rng_state(state)
 
 
 def reinit_buffers(model: torch.nn.Module) -> None:
