@@ -35,8 +35,10 @@ def test_data_bench_small_run_reports_every_field(tmp_path):
             assert t[mode]["steps"] == 2
             assert 1 < t[mode]["first_step_s"] <= t[mode]["wall_s"]
         assert len(t["ranks"]["peak_rss_mb"]) == 2 and min(t["ranks"]["peak_rss_mb"]) > 100
+        assert len(t["ranks"]["peak_anon_mb"]) == 2 and 50 < min(t["ranks"]["peak_anon_mb"])
+        assert max(t["ranks"]["peak_anon_mb"]) <= max(t["ranks"]["peak_rss_mb"])
     assert res["rss_ratio"] == max(res["rss_ratios"]) and 0.8 < res["rss_ratio"] < 1.1
-    assert len(res["load_average"]) == 2
+    assert len(res["load_average"]) == 2 and 0.8 < res["anon_ratio"] < 1.1
     for field in ("preprocess (s)", "rows/s", "launch to first step, `fft-dist train` (s)", "peak RSS per rank (MB)",
                   "Disk baseline (2000 rows", "| 2000 | 2 |", "Peak RSS per rank, 2000 rows / 500 rows"):
         assert field in proc.stdout, field
