@@ -149,10 +149,7 @@ def main() -> int:
         table(results),
         "",
     ])
-    if args.no_record:
-        print("\n" + text)
-    else:
-        record(text, REPO / "bench" / "RESULTS.md")
+    record(text, no_record=args.no_record)
     return 0
 
 

@@ -336,10 +336,7 @@ def main() -> int:
     lines.append(NOTE)
     lines.append("")
     text = "\n".join(lines)
-    if args.no_record:
-        print("\n" + text)
-    else:
-        record(text, REPO / "bench" / "RESULTS.md")
+    record(text, no_record=args.no_record)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

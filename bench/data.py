@@ -295,10 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         tables(res),
         "",
     ])
-    if args.no_record:
-        print("\n" + text)
-    else:
-        record(text, REPO / "bench" / "RESULTS.md")
+    record(text, no_record=args.no_record)
     return 0
 
 

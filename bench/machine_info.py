@@ -29,9 +29,12 @@ def versions(*modules: str) -> str:
     return ", ".join(out)
 
 
-def record(text: str, results_md: Path) -> None:
-    """Print a result and append it to bench/RESULTS.md (created with a title if new)."""
+def record(text: str, results_md: Path | None = None, *, no_record: bool = False) -> None:
+    """Print a result and append it to bench/RESULTS.md (created with a title if new); --no-record only prints."""
     print("\n" + text)
+    if no_record:
+        return
+    results_md = results_md or Path(__file__).resolve().parent / "RESULTS.md"
     head = "" if results_md.exists() else "# Benchmark results\n\n"
     with open(results_md, "a", encoding="utf-8") as f:
         f.write(head + text + "\n")

@@ -138,10 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         f"steps, {args.repeat} interleaved round(s); the none / single pair is 1 process, the rest 2 ranks"
         + (f"; '(before)' = the package at {args.before}" if args.before else ""),
         "", summarise(runs), ""])
-    if args.no_record:
-        print("\n" + text)
-    else:
-        record(text, REPO / "bench" / "RESULTS.md")
+    record(text, no_record=args.no_record)
     return 0
 
 
