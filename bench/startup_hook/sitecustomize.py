@@ -27,7 +27,7 @@ PROBES = {
     "fft_dist.dist": [("init_distributed", "rank: process group", "exit"),
                       ("exit_rank", "rank: exit", "enter")],
     "fft_dist.trainer": [("load_tokenizer", "rank: tokenizer", "exit"),
-                         ("load_datasets", "rank: data (encode or cache)", "exit"),
+                         ("load_training_data", "rank: data (encode or cache)", "exit"),
                          ("make_strategy", "rank: strategy object", "exit"),
                          ("Trainer._build", "rank: model build + strategy setup", "exit"),
                          ("Trainer.train_step", "rank: first step done", "first_exit")],
