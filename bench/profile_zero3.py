@@ -47,7 +47,11 @@ def fft_rank(argv: list[str]) -> None:
 
     patch_engine()
     tr.all_reduce_sum = timed("all-reduce counts+loss", tr.all_reduce_sum)
-    tr.token_loss_sum = timed("loss", tr.token_loss_sum)
+    import dataclasses
+
+    import fft_dist.loss as fl
+
+    fl.TOKENS = dataclasses.replace(fl.TOKENS, loss_sum=timed("loss", fl.TOKENS.loss_sum))
     tr.Trainer._micro_batches = timed("collate / batch fetch", tr.Trainer._micro_batches)
     step = tr.Trainer.train_step
 
