@@ -66,25 +66,20 @@ def fsdp2_loop(args, rows) -> list[float]:
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
-    opt = optimizer(model)
-    times = []
-    for ids in batches(rows, rank=dist.get_rank(), world=dist.get_world_size(), micro=args.micro, steps=args.steps):
-        t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    return times
+    return timed_steps(model, batches(rows, rank=dist.get_rank(), world=dist.get_world_size(), micro=args.micro,
+                                      steps=args.steps))
 
 
 def single_loop(args, rows) -> list[float]:
     """One process, no process group: what `parallelism=none` is measured against."""
-    model = build_model(args.arch)
+    return timed_steps(build_model(args.arch), batches(rows, rank=0, world=1, micro=args.micro, steps=args.steps))
+
+
+def timed_steps(model, micro_batches) -> list[float]:
+    """The plain torch step (forward, backward, clip, AdamW) over each batch; seconds per step."""
     opt = optimizer(model)
     times = []
-    for ids in batches(rows, rank=0, world=1, micro=args.micro, steps=args.steps):
+    for ids in micro_batches:
         t0 = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()

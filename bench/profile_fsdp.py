@@ -120,24 +120,46 @@ def hand_rank(argv: list[str]) -> None:
     dist.destroy_process_group()
 
 
-def run(kind: str, root: Path, data: Path, arch: Path, steps: int, i: int) -> dict[str, list[float]]:
+def run(script: Path, side: tuple[str, str, str], kind: str, root: Path, data: Path, arch: Path, steps: int, i: int,
+        hf_path: str = "") -> dict[str, list[float]]:
+    """One round of one side through `script`'s rank mode; `side` is (variant, column label, rank flag)."""
     work = root / f"{kind}-{i}"
     work.mkdir()
-    variant = "fft-dist fsdp" if kind == "fft" else "hand fsdp2"
+    variant, _, flag = side
     cmd, _ = command(variant, work=work, data=data, arch=arch, steps=steps, micro=4, seq=128)
-    if kind == "fft":  # the same overrides, through this file's rank mode instead of the CLI launcher
+    if kind == "fft":  # the same overrides, through the script's rank mode instead of the CLI launcher
         overrides = [a for a in cmd[cmd.index("train") + 1:] if a != "launcher.nproc_per_node=2"]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(__file__).resolve()), "--fft-rank", *overrides]
+               str(script), flag, *overrides]
     else:
-        cmd = [*cmd[:cmd.index(str(HERE / "loops.py"))], str(Path(__file__).resolve()), "--hand-rank",
-               *cmd[cmd.index(str(HERE / "loops.py")) + 1:]]
-    e = env()
+        at = cmd.index(str(HERE / "loops.py"))
+        cmd = [*cmd[:at], str(script), flag, *cmd[at + 1:]]
+    e = env(hf_path)
     e["PROFILE_OUT"] = str(work / "phases.json")
     proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} failed:\n{proc.stderr[-3000:]}")
     return json.loads((work / "phases.json").read_text())
+
+
+def profile(script: Path, sides: dict[str, tuple[str, str, str]], *, steps: int, repeat: int,
+            hf_path: str = "") -> None:
+    """Interleaved rounds of both sides (kind -> (variant, column label, rank flag)); prints the phase table."""
+    root = Path(tempfile.mkdtemp(prefix=f"fft-dist-{script.stem}-"))
+    data, arch = root / "rows.jsonl", root / "arch.json"
+    write_rows(data, n=max(64, 8 * steps), seq=128)
+    arch.write_text(json.dumps(model_arch()))
+    med: dict[str, dict[str, list[float]]] = {kind: defaultdict(list) for kind in sides}
+    for i in range(repeat):
+        for kind, side in sides.items():
+            for phase, times in run(script, side, kind, root, data, arch, steps, i, hf_path).items():
+                med[kind][phase].append(statistics.median(times[2:] or times) * 1e3)
+    phases = list(dict.fromkeys(ph for kind in sides for ph in med[kind]))
+    labels = " | ".join(label for _, label, _ in sides.values())
+    print(f"| phase (ms, median of {repeat} rounds' medians) | {labels} |\n|---|---|---|")
+    for ph in phases:
+        cells = [f"{statistics.median(med[k][ph]):.1f}" if med[k].get(ph) else "-" for k in sides]
+        print(f"| {ph} | {' | '.join(cells)} |")
 
 
 def main() -> int:
@@ -148,20 +170,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="fft-dist-profile-"))
-    data, arch = root / "rows.jsonl", root / "arch.json"
-    write_rows(data, n=max(64, 8 * args.steps), seq=128)
-    arch.write_text(json.dumps(model_arch()))
-    med: dict[str, dict[str, list[float]]] = {"fft": defaultdict(list), "hand": defaultdict(list)}
-    for i in range(args.repeat):
-        for kind in ("fft", "hand"):
-            for phase, times in run(kind, root, data, arch, args.steps, i).items():
-                med[kind][phase].append(statistics.median(times[2:] or times) * 1e3)
-    phases = list(dict.fromkeys([*med["fft"], *med["hand"]]))
-    print(f"| phase (ms, median of {args.repeat} rounds' medians) | fft-dist fsdp | hand FSDP2 |\n|---|---|---|")
-    for ph in phases:
-        cells = [f"{statistics.median(med[k][ph]):.1f}" if med[k].get(ph) else "-" for k in ("fft", "hand")]
-        print(f"| {ph} | {cells[0]} | {cells[1]} |")
+    profile(Path(__file__).resolve(), {"fft": ("fft-dist fsdp", "fft-dist fsdp", "--fft-rank"),
+                                       "hand": ("hand fsdp2", "hand FSDP2", "--hand-rank")},
+            steps=args.steps, repeat=args.repeat)
     return 0
 
 

@@ -15,18 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from profile_fsdp import PHASES, _current, close_step, timed  # noqa: E402
-from throughput import REPO, command, env, model_arch, write_rows  # noqa: E402
+from profile_fsdp import PHASES, _current, close_step, profile, timed  # noqa: E402
 
 
 def patch_engine() -> None:
@@ -101,26 +96,6 @@ def hf_rank(argv: list[str]) -> None:
     write_phases()
 
 
-def run(kind: str, root: Path, data: Path, arch: Path, steps: int, i: int) -> dict[str, list[float]]:
-    work = root / f"{kind}-{i}"
-    work.mkdir()
-    variant = "fft-dist zero3" if kind == "fft" else "hf trainer ds3"
-    cmd, _ = command(variant, work=work, data=data, arch=arch, steps=steps, micro=4, seq=128)
-    if kind == "fft":
-        overrides = [a for a in cmd[cmd.index("train") + 1:] if a != "launcher.nproc_per_node=2"]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(__file__).resolve()), "--fft-rank", *overrides]
-    else:
-        at = cmd.index(str(HERE / "loops.py"))
-        cmd = [*cmd[:at], str(Path(__file__).resolve()), "--hf-rank", *cmd[at + 1:]]
-    e = env(os.environ.get("HF_PATH", ""))
-    e["PROFILE_OUT"] = str(work / "phases.json")
-    proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind} failed:\n{proc.stderr[-3000:]}")
-    return json.loads((work / "phases.json").read_text())
-
-
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] in ("--fft-rank", "--hf-rank"):
         (fft_rank if sys.argv[1] == "--fft-rank" else hf_rank)(sys.argv[2:])
@@ -130,21 +105,9 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--hf-path", default="", help="a folder with `accelerate` (see throughput.py)")
     args = ap.parse_args()
-    os.environ["HF_PATH"] = args.hf_path
-    root = Path(tempfile.mkdtemp(prefix="fft-dist-profile-z3-"))
-    data, arch = root / "rows.jsonl", root / "arch.json"
-    write_rows(data, n=max(64, 8 * args.steps), seq=128)
-    arch.write_text(json.dumps(model_arch()))
-    med: dict[str, dict[str, list[float]]] = {"fft": defaultdict(list), "hf": defaultdict(list)}
-    for i in range(args.repeat):
-        for kind in ("fft", "hf"):
-            for phase, times in run(kind, root, data, arch, args.steps, i).items():
-                med[kind][phase].append(statistics.median(times[2:] or times) * 1e3)
-    phases = list(dict.fromkeys([*med["fft"], *med["hf"]]))
-    print(f"| phase (ms, median of {args.repeat} rounds' medians) | fft-dist zero3 | HF Trainer ds3 |\n|---|---|---|")
-    for ph in phases:
-        cells = [f"{statistics.median(med[k][ph]):.1f}" if med[k].get(ph) else "-" for k in ("fft", "hf")]
-        print(f"| {ph} | {cells[0]} | {cells[1]} |")
+    profile(Path(__file__).resolve(), {"fft": ("fft-dist zero3", "fft-dist zero3", "--fft-rank"),
+                                       "hf": ("hf trainer ds3", "HF Trainer ds3", "--hf-rank")},
+            steps=args.steps, repeat=args.repeat, hf_path=args.hf_path)
     return 0
 
 

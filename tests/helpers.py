@@ -86,3 +86,25 @@ def assert_close_rel(a: list[float], b: list[float], rel: float, what: str) -> N
     assert len(a) == len(b) and a, f"{what}: lengths differ ({len(a)} vs {len(b)})"
     worst = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
     assert worst <= rel, f"{what}: max relative error {worst:.3e} > {rel:.0e}\n{a}\n{b}"
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of `pid`, read from /proc (the ranks or agents a launcher started)."""
+    out = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:  # the process (or a thread) is gone
+        pass
+    return out
+
+
+def catches_signal(pid: int, sig: int) -> bool:
+    """True once `pid` has a handler for `sig` (/proc/PID/status SigCgt): the process is ready for it."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except OSError:
+        pass
+    return False

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY_JOB, child_env, read_metrics, train
+from helpers import catches_signal, child_env, children, read_metrics, REPO, TINY_JOB, train
 from fft_dist import checkpoint as ckpt
 from fft_dist.exit_codes import PREEMPTED, STOPPED_NO_CHECKPOINT
 
@@ -27,16 +27,6 @@ def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fft_dist.cli", "train", f"run.dir={run_dir}", *LONG_JOB,
                              *overrides], cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            out += [int(c) for c in (task / "children").read_text().split()]
-    except OSError:
-        pass
-    return out
 
 
 def alive(pid: int) -> bool:
@@ -113,21 +103,11 @@ def test_preempted_run_resumes_with_resume_auto(tmp_path):
     assert max(steps) == 30 and ckpt.find_resume("auto", run / "checkpoints").name == "step-0000030"
 
 
-def _catches(pid: int, sig: int) -> bool:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("SigCgt:"):
-                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
-    except OSError:
-        pass
-    return False
-
-
 def test_signal_before_any_rank_starts_exits_76_and_says_nothing_was_saved(tmp_path):
     run = tmp_path / "run"
     proc = start(run)
     deadline = time.time() + 60
-    while not _catches(proc.pid, signal.SIGTERM) and time.time() < deadline:
+    while not catches_signal(proc.pid, signal.SIGTERM) and time.time() < deadline:
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import REPO, TINY_JOB, child_env, fft_dist, read_metrics
+from helpers import catches_signal, child_env, children, fft_dist, read_metrics, REPO, TINY_JOB
 from fft_dist import checkpoint as ckpt
 from fft_dist.exit_codes import PREEMPTED, STOPPED_NO_CHECKPOINT
 
@@ -21,16 +21,6 @@ def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fft_dist.cli", "train", f"run.dir={run_dir}", *TINY_JOB, *SINGLE,
                              "train.max_steps=400", *overrides], cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return out
 
 
 def test_one_rank_trains_in_the_launchers_process_and_a_stop_signal_checkpoints(tmp_path):
@@ -50,21 +40,11 @@ def test_one_rank_trains_in_the_launchers_process_and_a_stop_signal_checkpoints(
     assert found.name == f"step-{max(r['step'] for r in read_metrics(run) if 'loss' in r):07d}"
 
 
-def _catches(pid: int, sig: int) -> bool:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("SigCgt:"):
-                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
-    except OSError:
-        pass
-    return False
-
-
 def test_signal_before_the_rank_starts_exits_76(tmp_path):
     run = tmp_path / "run"
     proc = start(run)
     deadline = time.time() + 60
-    while not _catches(proc.pid, signal.SIGTERM) and time.time() < deadline:
+    while not catches_signal(proc.pid, signal.SIGTERM) and time.time() < deadline:
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, TINY_JOB, child_env, fft_dist, step_records
+from helpers import child_env, children, fft_dist, REPO, step_records, TINY_JOB
 from fft_dist import checkpoint as ckpt
 from fft_dist.checkpoint import CheckpointReader
 from fft_dist.preemption import STOP_SIGNALS
@@ -209,16 +209,6 @@ def test_two_ranks_finish_under_the_real_launcher(tmp_path, launcher):
     steps = step_records(tmp_path / "r")
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert all(r["loss"] == r["loss"] for r in steps)  # finite numbers, logged by the ranks
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return out
 
 
 def kill_job(proc: subprocess.Popen) -> None:
