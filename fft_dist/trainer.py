@@ -118,7 +118,7 @@ class Trainer:
                                                          for s, p in zip(data.sources, data.train.parts)))
         self.objective, self.task = objective_for(cfg.data.format), task_of(cfg.data.format)
         for_task(self.hf_config, self.task, labels=stats.labels, pad_token_id=self.tokenizer.pad_token_id)
-        self._resume_path = self._resume_sample_position()
+        self._resume_from = self._resume_sample_position()
         self.total_steps = cfg.train.max_steps or self.sampler.total_steps(cfg.train.epochs)
         self.warmup_steps = warmup_steps_for(cfg.train, self.total_steps)
         self.frozen: list[str] = []
@@ -171,25 +171,26 @@ class Trainer:
             problems.append(str(e))
         agree_or_raise(problems, "checkpoints could not be saved (nothing was trained):")
 
-    def _resume_sample_position(self) -> Path | None:
-        """The checkpoint to resume from; the sampler continues from its sample position (any batch size)."""
+    def _resume_sample_position(self) -> tuple[Path, dict] | None:
+        """The checkpoint to resume from and its train state; the sampler continues from its sample
+        position (any batch size)."""
         if self.cfg.resume == "none":
             return None
         from fft_dist import checkpoint as ckpt
 
         path = ckpt.find_resume(self.cfg.resume, self.ckpt_root)
-        if path is not None:
-            envelope = ckpt.read_train_state(path)
-            self.sampler.resume_at(int(envelope["step"]), envelope.get("train_state", {}).get("sampler", {}))
-        return path
+        if path is None:
+            return None
+        envelope = ckpt.read_train_state(path)
+        self.sampler.resume_at(int(envelope["step"]), envelope.get("train_state", {}).get("sampler", {}))
+        return path, envelope
 
     def _resume(self) -> None:
         from fft_dist import checkpoint as ckpt
 
-        path = self._resume_path
-        if path is None:
+        if self._resume_from is None:
             return
-        envelope = ckpt.read_train_state(path)
+        path, envelope = self._resume_from
         problems = resume_checks.incompatibilities(
             envelope, model_config=self.hf_config.to_dict(), optimizer=self.cfg.optimizer.name.value,
             load_optimizer=self.cfg.checkpoint.load_optimizer, task=self.task)

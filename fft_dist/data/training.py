@@ -6,6 +6,7 @@ splits are read as one (:class:`MixedSplit`) and :class:`MixtureSampler` draws f
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,15 +23,16 @@ class MixedSplit:
     def __init__(self, parts: list[TokenizedSplit]):
         self.parts = parts
         self.offsets = [sum(len(p) for p in parts[:i]) for i in range(len(parts))]
+        self.size = sum(len(p) for p in parts)
 
     def __len__(self) -> int:
-        return sum(len(p) for p in self.parts)
+        return self.size
 
     def __bool__(self) -> bool:
         return len(self) > 0
 
     def source_of(self, row: int) -> int:
-        return max(i for i, o in enumerate(self.offsets) if o <= row)
+        return bisect.bisect_right(self.offsets, row) - 1
 
     def rows(self, indices) -> list[Example]:
         """The examples at `indices`, in that order (one Arrow read per source)."""
