@@ -83,6 +83,16 @@ def test_stride_is_refused_where_it_means_nothing(tmp_path, tok):
         check_data_files(DataConfig(path=path, format=DataFormat.text, text_key="prompt", stride=300))
 
 
+def test_a_column_option_the_format_does_not_read_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}])
+    with pytest.raises(ConfigError, match=r"data.text_key='body': data.format=prompt_completion does not read this "
+                                          r"column \(it reads data.prompt_key, data.completion_key\)"):
+        check_data_files(DataConfig(path=path, text_key="body"))
+    with pytest.raises(ConfigError, match=r"data.label_key='y'.*data.format=text"):
+        check_data_files(DataConfig(path=path, format=DataFormat.text, text_key="prompt", label_key="y"))
+    check_data_files(DataConfig(path=path, format=DataFormat.text, text_key="prompt"))  # the one it reads: fine
+
+
 def test_prompt_completion_columns_are_configurable(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", [{"question": "2+2=", "answer": " 4"}] * 3)
     train, _, _ = load(tmp_path, tok, path, prompt_key="question", completion_key="answer")

@@ -90,17 +90,21 @@ def _folder_source(path: Path, key: str) -> Source:
 
 
 # -- the cheap pre-launch check ------------------------------------------------------------------------
+COLUMN_OPTIONS: dict[DataFormat, dict[str, type]] = {
+    DataFormat.text: {"text_key": str},
+    DataFormat.prompt_completion: {"prompt_key": str, "completion_key": str},
+    DataFormat.chat: {"messages_key": list},
+    DataFormat.classification: {"text_key": str, "label_key": object},  # a label is a name or a number
+    DataFormat.tokenized: {},
+}
+"""The data.*_key options each format reads, with the Python type a JSON row must hold in that column."""
+
+
 def expected_columns(cfg: DataConfig) -> dict[str, type]:
     """The columns each format reads, with the Python type a JSON row must hold there."""
-    if cfg.format == DataFormat.text:
-        return {cfg.text_key: str}
-    if cfg.format == DataFormat.prompt_completion:
-        return {cfg.prompt_key: str, cfg.completion_key: str}
-    if cfg.format == DataFormat.chat:
-        return {cfg.messages_key: list}
-    if cfg.format == DataFormat.classification:
-        return {cfg.text_key: str, cfg.label_key: object}  # a label is a name or a number
-    return {"input_ids": list}
+    if cfg.format == DataFormat.tokenized:
+        return {"input_ids": list}
+    return {getattr(cfg, option): kind for option, kind in COLUMN_OPTIONS[cfg.format].items()}
 
 
 def check_options(cfg: DataConfig) -> None:
@@ -122,6 +126,12 @@ def check_options(cfg: DataConfig) -> None:
         raise ConfigError("data.packing does not apply to data.format=classification: the classifier reads one "
                           "pooled token per row (the last non-pad one), so a packed row would give one prediction "
                           "for several examples; set data.packing=false")
+    defaults = DataConfig()
+    unused = [f"data.{option}={getattr(cfg, option)!r}" for option in sorted({o for f in COLUMN_OPTIONS.values() for o in f})
+              if option not in COLUMN_OPTIONS[cfg.format] and getattr(cfg, option) != getattr(defaults, option)]
+    if unused:
+        raise ConfigError(f"{', '.join(unused)}: data.format={cfg.format.value} does not read this column (it reads "
+                          f"{', '.join('data.' + o for o in COLUMN_OPTIONS[cfg.format]) or 'input_ids'})")
     if cfg.labels and cfg.format != DataFormat.classification:
         raise ConfigError(f"data.labels applies to data.format=classification only (the format is {cfg.format.value})")
 
