@@ -35,6 +35,7 @@ from pathlib import Path
 from machine_info import machine, record, versions
 
 REPO = Path(__file__).resolve().parents[1]
+BENCH_RUN = "be0c0be0c0be0c0b"  # the run id the benchmark's checkpoints belong to (keep_last prunes them)
 sys.path.insert(0, str(REPO / "tests"))  # FlatShardStrategy, the sharded test double of a real backend
 NOTE = ("- reading it: every saved byte is hashed (sha256) and copied into the page cache once, by 2 ranks on "
         "2 cores, so the save is CPU-bound here; this VM's disk bursts and then throttles (raw runs vary "
@@ -68,7 +69,8 @@ def worker(argv: list[str]) -> int:
     root = Path(args.ckpt_root)
     meta = {"backend": "flatshard-flat"}
     # one untimed save first, so the timed rounds (and their RSS) show the steady state of a training run
-    ckpt.save_checkpoint(strategy, ckpt_root=root, step=1, keep_last=2, train_state={"step": 1}, meta=dict(meta))
+    ckpt.save_checkpoint(strategy, ckpt_root=root, step=1, keep_last=2, train_state={"step": 1}, meta=dict(meta),
+                         run_id=BENCH_RUN)
     result = {"bench": _bench(strategy, root, args.rounds, 1, meta, dcp=args.dcp, raw_bytes=args.raw_bytes)}
     Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
@@ -166,7 +168,7 @@ def _bench(strategy, root: Path, rounds: int, step: int, meta: dict, dcp: bool =
         sync()
         t0 = time.perf_counter()
         path = ckpt.save_checkpoint(strategy, ckpt_root=root, step=step + 1000 + r, keep_last=1,
-                                    train_state={"step": step}, meta=dict(meta))
+                                    train_state={"step": step}, meta=dict(meta), run_id=BENCH_RUN)
         sync()
         out["save_s"].append(time.perf_counter() - t0)
         from fft_dist.checkpoint.writer import LAST_SAVE_TIMINGS

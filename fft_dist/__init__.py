@@ -9,12 +9,13 @@ __version__ = "0.1.0"
 LAYERS: list[list[str]] = [
     ["exit_codes", "errors"],                        # what can go wrong, and its exit code
     ["config_launcher", "config"],                   # the typed schema
+    ["processes"],                                   # which process is which (pid + start time)
     ["validate", "compose", "config_help", "resume_checks", "preemption", "dist"],  # pure rules, processes
     ["model", "optim", "metrics", "data", "loss"],   # components built from typed config
     ["strategy"],                                    # FSDP2 / DeepSpeed / single process behind one protocol
     ["memory", "planner"],                           # will it fit: per-GPU bytes, the cheapest set-up that fits
     ["checkpoint"],                                  # one format over every strategy's fragments
-    ["trainer", "rundir", "evaluation"],             # the loop, the run directory, eval losses
+    ["trainer", "run_checkpoints", "rundir", "evaluation"],  # the loop, a run's checkpoints, its directory, eval
     ["worker"],                                      # one rank's life
     ["launch_plan", "launch_slurm", "launch", "sweep"],      # resolve once, check, start or submit the ranks
     ["cli", "train"],                                # entry points

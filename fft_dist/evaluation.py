@@ -10,6 +10,7 @@ long or many its eval rows are, and a rising replay loss (forgetting) shows on i
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -36,11 +37,20 @@ class EvalSets:
         return len(self) > 0
 
 
+def stop_agreed(should_stop: Callable[[], bool] | None, ctx: DistContext) -> bool:
+    """True on every rank when any rank's `should_stop` says so (one small all-reduce)."""
+    if should_stop is None:
+        return False
+    return bool(all_reduce_sum([float(should_stop())], ctx.device)[0] > 0)
+
+
 @torch.no_grad()
-def split_loss(strategy, split, *, ctx: DistContext, cfg: EvalConfig, pad_id: int,
-               objective: Objective) -> tuple[float, dict[str, float]]:
+def split_loss(strategy, split, *, ctx: DistContext, cfg: EvalConfig, pad_id: int, objective: Objective,
+               should_stop: Callable[[], bool] | None = None) -> tuple[float, dict[str, float]] | None:
     """Mean loss over `split`'s loss-bearing units (tokens, or examples), and what the objective reports
-    beside it (eval_ppl or eval_accuracy); every rank runs the same number of forwards."""
+    beside it (eval_ppl or eval_accuracy); every rank runs the same number of forwards. None when
+    `should_stop` (a stop signal) says so on any rank before a batch: the ranks agree before every
+    batch, so a checkpoint is written within a batch's time, not the whole evaluation's."""
     mine = range(ctx.rank, len(split), ctx.world_size)
     size = cfg.micro_batch_size
     # Every rank must run the same number of forwards (FSDP/ZeRO-3 gather collectively).
@@ -49,6 +59,8 @@ def split_loss(strategy, split, *, ctx: DistContext, cfg: EvalConfig, pad_id: in
         n_batches = min(n_batches, cfg.max_batches)
     total_loss, units, correct = 0.0, 0, 0
     for i in range(n_batches):
+        if stop_agreed(should_stop, ctx):
+            return None
         rows = split.rows(mine[i * size : (i + 1) * size] or [0])
         batch = collate(rows, pad_id)
         logits = strategy.forward(batch["input_ids"], batch["attention_mask"])
@@ -61,12 +73,18 @@ def split_loss(strategy, split, *, ctx: DistContext, cfg: EvalConfig, pad_id: in
     return loss, objective.eval_metrics(loss, correct, count)
 
 
-def evaluate(strategy, sets: EvalSets | list[EvalSet], *, objective: Objective, **kw) -> dict[str, float]:
+def evaluate(strategy, sets: EvalSets | list[EvalSet], *, objective: Objective, **kw) -> dict[str, float] | None:
     """{'eval_loss', the objective's own metric (eval_ppl / eval_accuracy), plus 'eval_<name>_loss' per
-    named set}; see the module docstring."""
+    named set}; see the module docstring. None when a stop signal cut it short (see :func:`split_loss`)."""
     strategy.train(False)
-    results = {e.name: split_loss(strategy, e.split, objective=objective, **kw) for e in sets}
+    results = {}
+    for e in sets:
+        results[e.name] = split_loss(strategy, e.split, objective=objective, **kw)
+        if results[e.name] is None:
+            break
     strategy.train(True)
+    if any(r is None for r in results.values()):
+        return None
     if list(results) == [None]:
         loss, extra = results[None]
         return {"eval_loss": loss, **extra}

@@ -23,8 +23,8 @@ from fft_dist import launch_plan as plan
 from fft_dist.compose import Prepared, compose, override_keys, report_known, resolve, to_typed, to_yaml
 from fft_dist.config import BatchPlan, ConfigError, FFTConfig, LauncherConfig, LauncherName
 from fft_dist.launch_plan import check_launcher, world_size
-from fft_dist.preemption import (SignalForwarder, StartupInterrupted, StopSignal, ignore_forwarded_signals,
-                                 signal_name)
+from fft_dist.preemption import (SignalForwarder, StartupInterrupted, StopSignal, become_supervisor,
+                                 ignore_forwarded_signals, set_parent_death_signal, signal_name)
 from fft_dist.validate import validate
 from fft_dist.worker import CONFIG_ENV, STOPPED_ENV, run_worker
 
@@ -101,9 +101,25 @@ def node_command(argv: list[str]) -> int:
         print(f"fft-dist node: set {CONFIG_ENV} to the run's config.yaml (fft-dist launch writes it)",
               file=sys.stderr, flush=True)
         return exit_codes.CONFIG_ERROR
+    try:
+        _lock_for_slurm_job()
+    except ConfigError as e:
+        return report_known(e)
+    become_supervisor()
     if argv[:1] == ["--deepspeed"]:
         return run_deepspeed([*plan.DEEPSPEED_RUNNER, *argv[1:]], dict(os.environ), StopForwarder())
     return start_agent(argv, StopForwarder())
+
+
+def _lock_for_slurm_job() -> None:
+    """A SLURM job's first node holds the run's locks while its ranks run (``fft-dist launch`` only
+    submitted the job and is gone): a second job on the same run.dir or checkpoint.dir is refused."""
+    if not os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_NODEID", "0") != "0":
+        return
+    from fft_dist.compose import load_yaml
+    from fft_dist.rundir import lock_run
+
+    lock_run(load_yaml(os.environ[CONFIG_ENV]))
 
 
 def run_deepspeed(argv: list[str], env: dict[str, str], forwarder: SignalForwarder, *, ranks_here: bool = True) -> int:
@@ -116,8 +132,13 @@ def run_deepspeed(argv: list[str], env: dict[str, str], forwarder: SignalForward
     """
     if ranks_here:
         forwarder.forward_to_ranks_below()
-    proc = subprocess.Popen(argv, env=env, start_new_session=ranks_here,
-                            preexec_fn=ignore_forwarded_signals if ranks_here else None)
+
+    def child_setup() -> None:  # the runner dies with us, so it cannot outlive its supervisor
+        set_parent_death_signal()
+        if ranks_here:
+            ignore_forwarded_signals()
+
+    proc = subprocess.Popen(argv, env=env, start_new_session=ranks_here, preexec_fn=child_setup)
     try:
         code = proc.wait()
     except StartupInterrupted:  # no rank yet: stop the runner and what it started
@@ -236,6 +257,8 @@ class Job:
 
     def run(self, forwarder: SignalForwarder) -> int:
         lch = self.launcher
+        if self.name != LauncherName.container:  # in a container, its own node agent supervises the ranks
+            become_supervisor()
         if self.in_process():
             os.environ.update(self.env())
             print(f"fft-dist: run dir {self.run_dir}; running 1 rank in this process", flush=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fft_dist import resume_checks
-from fft_dist.config import BatchPlan, ExportChoice, FFTConfig, OnNonFinite, Precision
+from fft_dist.config import BatchPlan, FFTConfig, OnNonFinite, Precision
 from fft_dist.validate import warmup_steps_for
 from fft_dist.data import collate
 from fft_dist.data.training import load_training_data
@@ -39,6 +39,7 @@ from fft_dist.model import (
 )
 from fft_dist.optim import lr_schedule, optimizer_factory
 from fft_dist.preemption import StopSignal, signal_name
+from fft_dist.run_checkpoints import RunCheckpoints
 from fft_dist.strategy import make_strategy
 
 
@@ -80,6 +81,8 @@ class Summary:
     tokenizer_dir: Path | None = None
     stopped: str = "completed"
     signal: str | None = None
+    run_id: str | None = None
+    """The run the export belongs to (its marker; a resumed run may replace only its own export)."""
 
     @property
     def exit_code(self) -> int:
@@ -104,8 +107,9 @@ class Trainer:
     # -- building ---------------------------------------------------------------------------
     def _build(self) -> None:
         cfg = self.cfg
+        self.checkpoints = RunCheckpoints(cfg, self.ctx)
         if cfg.checkpoint.save_final or cfg.checkpoint.every_steps:
-            self._check_checkpoint_dir()
+            self.checkpoints.check_writable()
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.tokenizer = load_tokenizer(cfg.model)
         self.hf_config = hf_config(cfg.model)
@@ -159,31 +163,13 @@ class Trainer:
             f"accum {self.plan.grad_accum} x world {self.plan.world_size} | {self.total_steps} steps"
         )
 
-    def _check_checkpoint_dir(self) -> None:
-        """A read-only or full checkpoint disk shows now, on every rank at once, not after training."""
-        from fft_dist import checkpoint as ckpt
-        from fft_dist.checkpoint.collective import agree_or_raise
-
-        problems = []
-        try:
-            ckpt.check_writable(self.ckpt_root)
-        except ckpt.CheckpointError as e:
-            problems.append(str(e))
-        agree_or_raise(problems, "checkpoints could not be saved (nothing was trained):")
-
     def _resume_sample_position(self) -> tuple[Path, dict] | None:
-        """The checkpoint to resume from and its train state; the sampler continues from its sample
-        position (any batch size)."""
-        if self.cfg.resume == "none":
-            return None
-        from fft_dist import checkpoint as ckpt
-
-        path = ckpt.find_resume(self.cfg.resume, self.ckpt_root)
-        if path is None:
-            return None
-        envelope = ckpt.read_train_state(path)
-        self.sampler.resume_at(int(envelope["step"]), envelope.get("train_state", {}).get("sampler", {}))
-        return path, envelope
+        """The verified checkpoint to resume from; the sampler continues from its sample position."""
+        found = self.checkpoints.choose_resume()
+        if found is not None:
+            step, saved = int(found[1]["step"]), found[1].get("train_state", {})
+            self.sampler.resume_at(step, saved.get("sampler", {}))
+        return found
 
     def _resume(self) -> None:
         from fft_dist import checkpoint as ckpt
@@ -196,7 +182,7 @@ class Trainer:
             load_optimizer=self.cfg.checkpoint.load_optimizer, task=self.task)
         if problems:
             raise ckpt.CheckpointError(f"{path} cannot continue this run (nothing was loaded):\n  " + "\n  ".join(problems))
-        saved = ckpt.load_checkpoint(self.strategy, path, params_only=not self.cfg.checkpoint.load_optimizer)
+        saved = self.checkpoints.load(self.strategy, path)
         known = TrainState.__dataclass_fields__
         self.state = TrainState(**{k: v for k, v in saved.get("trainer", {}).items() if k in known})
         self.state.step = int(envelope["step"])
@@ -263,34 +249,33 @@ class Trainer:
         else:
             print(message, flush=True)
 
-    def _eval_and_track(self, step: int) -> None:
+    def _eval_and_track(self, step: int) -> bool:
+        """Evaluate and record; False when a stop signal cut the evaluation short (nothing recorded)."""
         losses = evaluate(self.strategy, self.eval_set, ctx=self.ctx, cfg=self.cfg.eval,
-                          pad_id=self.tokenizer.pad_token_id, objective=self.objective)
+                          pad_id=self.tokenizer.pad_token_id, objective=self.objective,
+                          should_stop=lambda: self.stop_signal.received is not None)
+        if losses is None:
+            return False
         record, line = track(self.state, losses, step, patience=self.cfg.eval.patience)
         self.metrics.write(record)
         self._say(line)
+        return True
 
     def _save(self, step: int) -> Path:
         from dataclasses import asdict
 
-        from fft_dist import checkpoint as ckpt
-        from fft_dist.checkpoint.format import step_dir_name
-
         s = self.state
-        name = step_dir_name(step)
         if s.best_step == step:  # this checkpoint holds the best-evaluated weights so far
-            s.best_checkpoint = name
+            s.best_checkpoint = self.checkpoints.name(step)
         trainer_state = {k: v for k, v in asdict(s).items() if k != "step"}
-        protect = [s.best_checkpoint] if self.cfg.checkpoint.keep_best and s.best_checkpoint else []
-        return ckpt.save_checkpoint(
-            self.strategy, ckpt_root=self.ckpt_root, step=step,
+        return self.checkpoints.save(
+            self.strategy, step, best_checkpoint=s.best_checkpoint,
             train_state={"trainer": trainer_state, "sampler": self.sampler.position(step),
                          "schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps}},
-            keep_last=self.cfg.checkpoint.keep_last, protect=protect,
             meta={"config_yaml": self.config_yaml, "model_config": self.hf_config.to_dict(),
                   "backend": self.cfg.parallelism.name.value, "model_path": self.cfg.model.path,
                   "optimizer": self.cfg.optimizer.name.value, "task": self.task,
-                  "tokenizer_dir": str(tokenizer_dir(self.cfg.model))},
+                  "tokenizer_dir": str(tokenizer_dir(self.cfg.model))},  # copied into the checkpoint, not stored
         )
 
     def run(self) -> Summary:
@@ -298,17 +283,17 @@ class Trainer:
         self._resume()
         cfg, s = self.cfg, self.state
         start_time = time.perf_counter()
+        stop_now = False  # a stop signal (agreed by all ranks) during a step or an evaluation
         if s.step == 0 and self.eval_set and cfg.eval.every_steps:  # 0: evaluate only at the end
-            self._eval_and_track(0)
+            stop_now = not self._eval_and_track(0)
         last_ckpt: Path | None = None
         last_saved_step: int | None = None
-        stopped, stop_signal = "completed", None
         from tqdm.auto import tqdm
 
         self._bar = tqdm(total=self.total_steps, initial=s.step, disable=not self.ctx.is_main, desc="train",
                          dynamic_ncols=True, mininterval=1.0)
         self.strategy.train(True)
-        while s.step < self.total_steps and not s.stopped_early:
+        while not stop_now and s.step < self.total_steps and not s.stopped_early:
             t0 = time.perf_counter()
             out = self.train_step(s.step)
             dt = time.perf_counter() - t0
@@ -316,42 +301,32 @@ class Trainer:
             s.tokens_seen += out["inputs"]
             s.skipped_steps += int(out["skipped"])
             self._log_step(out, dt)
-            if cfg.eval.every_steps and s.step % cfg.eval.every_steps == 0 and s.step < self.total_steps:
-                self._eval_and_track(s.step)
-            if out["stop"]:
-                last_ckpt, last_saved_step = self._save(s.step), s.step
-                received = self.stop_signal.received
-                stopped, stop_signal = "preempted", signal_name(received) if received else "a signal to another rank"
-                break
-            if cfg.checkpoint.every_steps and s.step % cfg.checkpoint.every_steps == 0:
+            stop_now = out["stop"]
+            if not stop_now and cfg.eval.every_steps and s.step % cfg.eval.every_steps == 0 and s.step < self.total_steps:
+                stop_now = not self._eval_and_track(s.step)
+            if not stop_now and cfg.checkpoint.every_steps and s.step % cfg.checkpoint.every_steps == 0:
                 last_ckpt, last_saved_step = self._save(s.step), s.step
         self._bar.close()
         self._bar = None
-        if stopped == "completed":
-            if s.stopped_early:
-                stopped = "early_stopped"
-            if self.eval_set and s.last_eval_step != s.step:
-                self._eval_and_track(s.step)
-            if cfg.checkpoint.save_final and last_saved_step != s.step:
-                last_ckpt = self._save(s.step)
+        stopped, stop_signal = ("early_stopped" if s.stopped_early else "completed"), None
+        if not stop_now and self.eval_set and s.last_eval_step != s.step:
+            stop_now = not self._eval_and_track(s.step)
+        if stop_now:  # exit 75 promises a checkpoint of the last step
+            received = self.stop_signal.received
+            stopped, stop_signal = "preempted", signal_name(received) if received else "a signal to another rank"
+        if (stop_now or cfg.checkpoint.save_final) and last_saved_step != s.step:
+            last_ckpt = self._save(s.step)
         self.metrics.close()
         summary = Summary(steps=s.step, seconds=time.perf_counter() - start_time, first_eval_loss=s.first_eval_loss,
                           final_eval_loss=s.last_eval_loss, best_eval_loss=s.best_eval_loss, best_step=s.best_step,
                           run_dir=str(self.run_dir), checkpoint=str(last_ckpt) if last_ckpt else None,
                           stopped=stopped, signal=stop_signal)
         if stopped != "preempted" and cfg.checkpoint.export_final and last_ckpt is not None:
-            summary.export_source = self._export_source(last_ckpt)
+            summary.export_source = self.checkpoints.export_source(last_ckpt, s.best_checkpoint)
             summary.export = self.run_dir / "hf"
             summary.tokenizer_dir = tokenizer_dir(cfg.model)
+            summary.run_id = self.checkpoints.run_id
         return summary
-
-    def _export_source(self, last: Path) -> Path:
-        best = self.state.best_checkpoint
-        if self.cfg.checkpoint.export != ExportChoice.best or best is None:
-            if self.cfg.checkpoint.export == ExportChoice.best:
-                self._say("fft-dist: warning: no saved checkpoint was taken at an evaluation; exporting the last one")
-            return last
-        return self.ckpt_root / best
 
     def _log_step(self, out: dict, dt: float) -> None:
         s = self.state

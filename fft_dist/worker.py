@@ -119,12 +119,15 @@ def _claim_run_dir(prepared, ctx):
 
 
 def _export(summary) -> int:
-    from fft_dist.checkpoint import export_hf
+    from fft_dist.checkpoint import ExportTargetError, export_hf
 
     print(f"fft-dist: exporting {summary.export_source} to {summary.export}", flush=True)
     try:
-        # run.dir/hf belongs to this run: a resumed run replaces its earlier export (atomically)
-        export_hf(summary.export_source, summary.export, tokenizer_dir=summary.tokenizer_dir, overwrite=True)
+        # a resumed run replaces its own earlier export (atomically); anything else there is refused
+        export_hf(summary.export_source, summary.export, tokenizer_dir=summary.tokenizer_dir, run_id=summary.run_id)
+    except ExportTargetError as e:
+        report("export failed", e)
+        return exit_codes.CONFIG_ERROR
     except CheckpointError as e:
         report("export failed", e)
         return exit_codes.CHECKPOINT_ERROR

@@ -9,6 +9,8 @@ from checkpoint_worker import FlatShardStrategy
 
 from fft_dist import checkpoint as ckpt
 
+RUN = "0123456789abcdef"
+"""The run id the tests' checkpoints belong to (a run's id marks what it may prune)."""
 SHAPES = {"model.a.weight": (13, 8), "model.b.weight": (7,), "model.c.weight": (5, 3)}
 TINY_LLAMA = dict(vocab_size=61, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
                   num_key_value_heads=1, max_position_embeddings=32)
@@ -22,10 +24,10 @@ def strategy(shapes: dict | None = None, *, steps: int = 1, seed: int = 0) -> Fl
 
 
 def save(root: Path, step: int, *, s: FlatShardStrategy | None = None, keep_last: int = 5, protect=(),
-         meta: dict | None = None) -> Path:
+         meta: dict | None = None, run_id: str = RUN) -> Path:
     s = s or strategy(steps=1)
     return ckpt.save_checkpoint(s, ckpt_root=root, step=step, train_state={"step": step}, keep_last=keep_last,
-                                meta=dict(meta or {"backend": "flatshard-rows"}), protect=protect)
+                                meta=dict(meta or {"backend": "flatshard-rows"}), protect=protect, run_id=run_id)
 
 
 def llama_checkpoint(root: Path, step: int = 1) -> Path:

@@ -200,6 +200,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+RUN_ID = "fedcba9876543210"
+"""Every save of this worker belongs to one run (so keep_last prunes across its restarts)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
@@ -243,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.save_every and step % args.save_every == 0 or step == args.steps:
                 ckpt.save_checkpoint(strategy, ckpt_root=root, step=step, keep_last=args.keep_last,
                                      train_state={"step": step, "tokens_seen": 100 * step}, meta=meta,
-                                     protect=protect)
+                                     protect=protect, run_id=RUN_ID)
                 result.setdefault("saved", []).append(step)
                 result.setdefault("rand_after_save", {})[str(step)] = [torch.rand(3).tolist(), random.random(),
                                                                         float(np.random.rand())]

@@ -24,6 +24,7 @@ from fft_dist import checkpoint as ckpt
 from fft_dist.checkpoint import CheckpointError, CheckpointReader
 from fft_dist.checkpoint import format as fmt
 from checkpoint_worker import FlatShardStrategy, llama_shapes
+from checkpoint_helpers import RUN
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = str(Path(__file__).resolve().parent / "checkpoint_worker.py")
@@ -146,7 +147,8 @@ def test_resume_1_rank_other_split_bit_exact(spec, saved2, tmp_path):
     assert state["step"] == 3
     for step in range(3, 6):
         s.train_step(step)
-    out = ckpt.save_checkpoint(s, ckpt_root=tmp_path, step=6, train_state={"step": 6}, keep_last=1, meta={})
+    out = ckpt.save_checkpoint(s, ckpt_root=tmp_path, step=6, train_state={"step": 6}, keep_last=1, meta={},
+                               run_id=RUN)
     assert_matches(reference(spec, 6), out)
 
 
@@ -183,7 +185,7 @@ def test_resume_2_ranks_same_world_auto(spec, saved2, tmp_path):
 def good(spec, tmp_path) -> Path:
     s = reference(spec, 2)
     return ckpt.save_checkpoint(s, ckpt_root=tmp_path / "root", step=2, train_state={"step": 2}, keep_last=2,
-                                meta={"backend": "flatshard-rows"})
+                                meta={"backend": "flatshard-rows"}, run_id=RUN)
 
 
 def fresh_untouched(spec) -> tuple[FlatShardStrategy, dict]:
@@ -340,11 +342,19 @@ def test_sigkill_at_commit_points_single_process(spec, tmp_path, point):
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     prev = root / "step-0000002"
     assert ckpt.verify_checkpoint(prev) == []  # keep_last=1, yet the previous one is still there
-    committed = point == "before_prune"
-    assert (root / "latest").read_text().strip() == ("step-0000004" if committed else "step-0000002")
-    # before_latest: step 4 is complete but `latest` still names step 2, which stays the resume point
+    committed = point in ("before_latest", "before_prune")
+    assert (root / "latest").read_text().strip() == ("step-0000004" if point == "before_prune" else "step-0000002")
+    # before_latest: step 4 is committed and intact although `latest` still names step 2: resume=auto
+    # takes the newest intact checkpoint, so step 4 is neither lost nor saved over
     assert ckpt.find_resume("auto", root) == (root / "step-0000004" if committed else prev)
-    assert (root / "step-0000004").is_dir() is (point in ("before_latest", "before_prune"))
+    assert (root / "step-0000004").is_dir() is committed
+    if point == "before_latest":
+        run_ok(subprocess.run([sys.executable, WORKER, "--spec", str(spec), "--ckpt-root", str(root), "--steps", "6",
+                               "--save-every", "2", "--keep-last", "1", "--resume", "auto"], cwd=REPO,
+                              env={k: v for k, v in env.items() if not k.startswith("FFT_DIST_FAULT")},
+                              capture_output=True, text=True, timeout=120))
+        assert_matches(reference(spec, 6), root / "step-0000006")
+        assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000006"]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -422,7 +432,8 @@ def test_export_roundtrip_logits(spec, spec_tied, saved2, tmp_path, tied):
             s.train_step(step)
         meta = json.loads(spec_tied.read_text())
         checkpoint = ckpt.save_checkpoint(s, ckpt_root=tmp_path / "c", step=2, train_state={}, keep_last=1,
-                                          meta={"model_config": meta["model_config"], "tokenizer_dir": str(TOKENIZER)})
+                                          meta={"model_config": meta["model_config"], "tokenizer_dir": str(TOKENIZER)},
+                                          run_id=RUN)
     else:  # untied: the 2-rank checkpoint whose tensors straddle ranks
         checkpoint = saved2[0] / "step-0000003"
     ref = reference_model(checkpoint)
@@ -526,7 +537,7 @@ def test_bad_strategy_commits_nothing(spec, good):
     s.ranges[name] = (a + 1, b)
     s.params[name] = torch.nn.Parameter(s.params[name].detach()[1:].clone())
     with pytest.raises(CheckpointError, match=f"{name} \\(param\\): gap at flat element 0"):
-        ckpt.save_checkpoint(s, ckpt_root=good.parent, step=3, train_state={}, keep_last=1, meta={})
+        ckpt.save_checkpoint(s, ckpt_root=good.parent, step=3, train_state={}, keep_last=1, meta={}, run_id=RUN)
     assert (good.parent / "latest").read_text().strip() == good.name
     assert ckpt.find_resume("auto", good.parent) == good and not (good.parent / "step-0000003").exists()
 
@@ -581,7 +592,7 @@ def test_export_and_hf_load_memory_stay_small(tmp_path):
     from transformers import LlamaConfig
 
     c = ckpt.save_checkpoint(s, ckpt_root=tmp_path / "c", step=1, train_state={}, keep_last=1,
-                             meta={"model_config": LlamaConfig().to_dict()})
+                             meta={"model_config": LlamaConfig().to_dict()}, run_id=RUN)
     growth = _probe("export", str(c), str(tmp_path / "hf"))
     print(f"export: peak RSS growth {growth / 2**20:.0f} MiB for {model_bytes / 2**20:.0f} MiB of weights")
     assert growth < 0.4 * model_bytes, f"export grew RSS by {growth / 2**20:.0f} MiB"
@@ -605,13 +616,14 @@ def test_export_and_hf_load_memory_stay_small(tmp_path):
     assert growth < 0.5 * model_bytes, f"rank 0 of 8 grew RSS by {growth / 2**20:.0f} MiB"
 
 
-def test_saving_an_existing_step_again_replaces_it(spec, good):
-    """E.g. resuming from an older checkpoint and reaching a step saved before: the new one wins."""
+def test_saving_an_existing_step_again_is_refused(spec, good):
+    """A committed checkpoint is never saved over (e.g. a run resumed from an older one reaching a
+    step saved before): refused on every rank, nothing changed, the temporary folder removed."""
+    before = {p.name: p.read_bytes() for p in good.rglob("*") if p.is_file()}
     s = reference(spec, 2)
     s.train_step(7)  # different state, same step number
-    again = ckpt.save_checkpoint(s, ckpt_root=good.parent, step=2, train_state={"step": 2, "again": True},
-                                 keep_last=2, meta={})
-    assert again == good and ckpt.verify_checkpoint(good) == []
-    assert ckpt.read_train_state(good)["train_state"]["again"] is True
+    with pytest.raises(CheckpointError, match="never saves over a committed checkpoint"):
+        ckpt.save_checkpoint(s, ckpt_root=good.parent, step=2, train_state={"step": 2, "again": True},
+                             keep_last=2, meta={}, run_id=RUN)
+    assert {p.name: p.read_bytes() for p in good.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in good.parent.iterdir()) == ["latest", good.name]
-    assert_matches(s, good)

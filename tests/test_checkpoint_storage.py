@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from checkpoint_helpers import llama_checkpoint, save, strategy
+from checkpoint_helpers import RUN, llama_checkpoint, save, strategy
 
 from fft_dist import checkpoint as ckpt
 from fft_dist.checkpoint import CheckpointError, ExportTargetError
@@ -66,7 +66,7 @@ def test_full_disk_names_the_file_and_removes_the_partial_save(tmp_path, mounts)
     with pytest.raises(CheckpointError) as e:
         save(root, 1, s=big)
     msg = str(e.value)
-    assert "No space left on device" in msg and str(root / "step-0000001.tmp") in msg, msg
+    assert "No space left on device" in msg and str(root / f"step-0000001.{RUN}.tmp") in msg, msg
     assert sorted(p.name for p in root.iterdir()) == []  # no step-0000001.tmp, no latest
     # a save that fits, then a full disk at the next one: the previous checkpoint stays the latest
     small = save(root, 1, s=strategy({"model.small.weight": (8, 8)}))

@@ -144,6 +144,12 @@ def test_second_run_on_a_busy_run_dir_is_refused_with_the_holder(tmp_path):
                                 cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
         assert second.returncode == 2, second.stderr
         assert f"pid {proc.pid} on host" in second.stderr and "in use by another fft-dist run" in second.stderr
+        # another run.dir but the same checkpoint.dir: the two would delete each other's saves in progress
+        third = subprocess.run([sys.executable, "-m", "fft_dist.cli", "train", f"run.dir={tmp_path / 'other'}",
+                                f"checkpoint.dir={run / 'checkpoints'}", *TINY_JOB, "checkpoint.save_final=true"],
+                               cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+        assert third.returncode == 2, third.stdout[-2000:] + third.stderr[-2000:]
+        assert f"checkpoint.dir={run / 'checkpoints'} is in use by another fft-dist run" in third.stderr
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=60)

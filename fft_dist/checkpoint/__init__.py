@@ -8,11 +8,16 @@ root's ``latest`` file (:func:`resolve_checkpoint`).
 
 - :func:`check_writable`: create the checkpoint root and prove it is writable, before training.
 - :func:`save_checkpoint` (collective): each rank writes its own fragments; rank 0 writes
-  index.json, train_state.json and MANIFEST.json (last), renames ``step-N.tmp`` to ``step-N``,
-  replaces ``latest`` atomically and prunes to ``keep_last`` intact ones (``protect`` keeps
-  named ones). Refuses NaN/inf; a failed save removes its ``step-N.tmp``.
-- :func:`find_resume`: ``'none'`` / ``'auto'`` / a path -> the checkpoint folder to resume;
-  ``auto`` skips damaged checkpoints with a warning and refuses when none is intact.
+  index.json, train_state.json and MANIFEST.json (last, naming the run), renames
+  ``step-N.<run id>.tmp`` to ``step-N``, replaces ``latest`` atomically and prunes this run's
+  checkpoints to ``keep_last`` intact ones (``protect`` keeps named ones). Refuses NaN/inf and an
+  existing ``step-N``; a failed save removes its temporary folder.
+- :func:`find_resume`: ``'none'`` / ``'auto'`` / a path -> the checkpoint folder to resume by the
+  cheap check; ``auto`` picks the newest intact one, skips damaged ones with a warning and refuses
+  when none is intact. :func:`choose_verified` (collective) also hashes it, falling back to the
+  next older intact one; :func:`clear_the_way` keeps a resumed run from saving over newer folders.
+- :mod:`.ownership`: what fft-dist made (run ids in manifests, names and markers) and
+  :func:`~fft_dist.checkpoint.ownership.remove`, the only function that deletes.
 - :func:`load_checkpoint` (collective): verify sizes and sha256, check names and shapes,
   ``strategy.load_fragments``, restore RNG; returns the saved ``train_state``.
 - :class:`CheckpointReader`: a ``FragmentSource`` over a checkpoint (any range of any tensor).
@@ -30,7 +35,7 @@ from fft_dist.checkpoint.hf_source import HFFolderSource, load_pretrained
 from fft_dist.checkpoint.integrity import checkpoint_info, is_complete, verify_checkpoint
 from fft_dist.checkpoint.layout import check_writable, resolve_checkpoint
 from fft_dist.checkpoint.reader import CheckpointReader, load_checkpoint, read_train_state
-from fft_dist.checkpoint.resume import find_resume, newest_complete
+from fft_dist.checkpoint.resume import choose_verified, clear_the_way, find_resume, newest_complete
 from fft_dist.checkpoint.writer import save_checkpoint
 
 __all__ = [
@@ -42,6 +47,8 @@ __all__ = [
     "HFFolderSource",
     "check_writable",
     "checkpoint_info",
+    "choose_verified",
+    "clear_the_way",
     "export_hf",
     "find_resume",
     "is_complete",

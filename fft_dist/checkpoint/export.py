@@ -4,17 +4,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
 from fft_dist.checkpoint import format as fmt
+from fft_dist.checkpoint import ownership
 from fft_dist.checkpoint.faults import check_fault_env, fault_point
 from fft_dist.checkpoint.format import CheckpointError
 from fft_dist.checkpoint.integrity import verify_checkpoint
 from fft_dist.checkpoint.layout import resolve_checkpoint
 from fft_dist.checkpoint.reader import CheckpointReader, read_train_state
 from fft_dist.checkpoint.safetensors_io import write_safetensors_lazy
+from fft_dist.processes import process_token
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,30 +77,42 @@ class ExportTargetError(ValueError):
     """The output folder exists and is not empty (a usage error: pass overwrite=True / --force)."""
 
 
-def _check_target(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
+def _check_target(out_dir: Path, overwrite: bool, run_id: str | None) -> None:
+    if os.path.lexists(out_dir) and (out_dir.is_symlink() or not out_dir.is_dir()):
         raise ExportTargetError(f"{out_dir}: exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportTargetError(f"{out_dir}: not empty; refusing to write into it (pass --force / overwrite=True "
-                                f"to replace it as a whole)")
+        if run_id is not None and ownership.proves(out_dir, ownership.Reason.OWN_EXPORT, run_id):
+            return  # this run's earlier export (a resumed run exports again)
+        raise ExportTargetError(f"{out_dir}: not empty{' and not written by this run' if run_id else ''}; refusing "
+                                f"to write into it (pass --force / overwrite=True to replace it as a whole)")
 
 
-def _swap_in(new: Path, target: Path) -> None:
+def _swap_in(new: Path, target: Path, *, owner: str) -> None:
     """Put the finished folder `new` at `target`; an existing `target` is replaced (and deleted).
 
     Linux: renameat2(RENAME_EXCHANGE) swaps the two atomically, so `target` is always either
     the old folder or the complete new one. Elsewhere: two renames (a crash between them
-    leaves both folders next to each other, never a half-written one at `target`).
+    leaves both folders next to each other, never a half-written one at `target`). The old
+    folder ends up under a temporary name that carries `owner`, which is what allows its removal.
     """
     if not target.exists() or (target.is_dir() and not any(target.iterdir())):
         os.replace(new, target)  # rename(2) replaces an empty folder atomically
         return
     if not _exchange(new, target):
-        old = new.with_name(new.name + ".old")
+        old = new.with_name(ownership.temp_name(f".{target.name}.replaced", owner))
         os.rename(target, old)
         os.rename(new, target)
         new = old
-    shutil.rmtree(new, ignore_errors=True)
+    ownership.remove(new, ownership.Reason.OWN_TEMPORARY, owner=owner)
+
+
+def _remove_stale_partials(out_dir: Path) -> None:
+    """Leftovers of exports into `out_dir` that were killed (their process is gone): removed."""
+    prefix = f".{out_dir.name}.partial."
+    for p in out_dir.parent.iterdir() if out_dir.parent.is_dir() else []:
+        if p.name.startswith(prefix) and ownership.proves(p, ownership.Reason.STALE_TEMPORARY, None):
+            ownership.remove(p, ownership.Reason.STALE_TEMPORARY, owner=ownership.temp_owner(p.name))
+            print(f"fft-dist: removed {p}, the leftover of a killed export", file=sys.stderr, flush=True)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -114,7 +129,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def export_hf(checkpoint: Path, out_dir: Path, *, dtype: str = "float32", max_shard_size: str | int = "2GB",
               tokenizer_dir: Path | None = None, verify: bool = True, model_config: dict | None = None,
-              overwrite: bool = False) -> dict:
+              overwrite: bool = False, run_id: str | None = None) -> dict:
     """Write `checkpoint` as a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads
     (a classifier: ``AutoModelForSequenceClassification``, with its label names and pad_token_id).
 
@@ -127,10 +142,13 @@ def export_hf(checkpoint: Path, out_dir: Path, *, dtype: str = "float32", max_sh
     one output shard). With ``tie_word_embeddings`` the output embedding is not written: it
     stays tied to the input one.
 
-    Everything is written into a temporary sibling folder that replaces `out_dir` only when
-    complete, so a failed or killed export never leaves a half-written `out_dir`. A non-empty
-    `out_dir` is refused (:class:`ExportTargetError`) unless `overwrite`. Bad `dtype` or
-    `max_shard_size`: ValueError; a bad checkpoint: CheckpointError.
+    Everything is written into a temporary sibling folder (named for this process) that replaces
+    `out_dir` only when complete, so a failed or killed export never leaves a half-written
+    `out_dir`; what a killed export left is removed by the next export into the same folder. The
+    folder gets a marker (:data:`~fft_dist.checkpoint.ownership.EXPORT_MARKER`) naming `run_id`,
+    the run it belongs to. A non-empty `out_dir` is refused (:class:`ExportTargetError`) unless
+    `overwrite`, or its marker names `run_id` (a resumed run replaces its own export). Bad
+    `dtype` or `max_shard_size`: ValueError; a bad checkpoint: CheckpointError.
     Returns a summary dict (files, shards, bytes, tokenizer files).
     """
     out_dir = Path(os.path.abspath(out_dir))
@@ -139,23 +157,26 @@ def export_hf(checkpoint: Path, out_dir: Path, *, dtype: str = "float32", max_sh
     max_bytes = fmt.parse_size(max_shard_size)
     if max_bytes <= 0:
         raise ValueError(f"max_shard_size {max_shard_size!r}: must be more than 0 bytes")
-    _check_target(out_dir, overwrite)
+    _check_target(out_dir, overwrite, run_id)
     check_fault_env()
     checkpoint = resolve_checkpoint(checkpoint)
     problems = verify_checkpoint(checkpoint, checksums=verify)
     if problems:
         raise CheckpointError(f"cannot export {checkpoint}:\n  " + "\n  ".join(problems))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_stale_partials(out_dir)
+    token = process_token()
+    tmp = out_dir.with_name(ownership.temp_name(f".{out_dir.name}.partial", token))
     tmp.mkdir()
     try:
         summary = _write_export(checkpoint, tmp, dtype=dtype, max_bytes=max_bytes, tokenizer_dir=tokenizer_dir,
                                 model_config=model_config)
-        _check_target(out_dir, overwrite)  # something may have appeared there meanwhile
-        _swap_in(tmp, out_dir)
+        ownership.write_export_marker(tmp, run_id=run_id, step=read_train_state(checkpoint)["step"])
+        _check_target(out_dir, overwrite, run_id)  # something may have appeared there meanwhile
+        _swap_in(tmp, out_dir, owner=token)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_dir():
+            ownership.remove(tmp, ownership.Reason.OWN_TEMPORARY, owner=token)
         raise
     return dict(summary, out_dir=str(out_dir))
 

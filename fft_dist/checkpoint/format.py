@@ -171,11 +171,15 @@ def parse_step(folder_name: str) -> int | None:
 
 
 def iter_committed(ckpt_root: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every ``step-N`` folder under a checkpoint root (intact or not), newest first."""
+    """(step, folder) of every ``step-N`` folder under a checkpoint root (intact or not), newest first.
+
+    A symbolic link named ``step-N`` is not a checkpoint of this root: it is never read, pruned or
+    replaced (deleting through it could reach whatever it points to)."""
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
-    found = [(s, p) for p in root.iterdir() if p.is_dir() and (s := parse_step(p.name)) is not None]
+    found = [(s, p) for p in root.iterdir()
+             if (s := parse_step(p.name)) is not None and p.is_dir() and not p.is_symlink()]
     return sorted(found, reverse=True)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fft_dist.checkpoint import format as fmt
 from fft_dist.checkpoint.format import CheckpointError
+from fft_dist.checkpoint.ownership import temp_name
 from fft_dist.checkpoint.schema import read_latest_file
 
 
@@ -18,19 +19,26 @@ def read_latest(ckpt_root: Path) -> str | None:
     return read_latest_file(path)
 
 
-def write_latest(ckpt_root: Path, folder_name: str) -> None:
-    """Point ``latest`` at a committed folder: write latest.tmp, fsync, os.replace, fsync the dir."""
-    tmp = Path(ckpt_root) / (fmt.LATEST_FILE + fmt.TMP_SUFFIX)
+def write_latest(ckpt_root: Path, folder_name: str, *, owner: str) -> None:
+    """Point ``latest`` at a committed folder: write ``latest.<owner>.tmp``, fsync, os.replace, fsync
+    the dir. Only a regular file (or nothing) named ``latest`` is replaced: a folder or a link there
+    is the user's, and the error says so."""
+    root = Path(ckpt_root)
+    target = root / fmt.LATEST_FILE
+    if target.is_symlink() or (target.exists() and not target.is_file()):
+        raise CheckpointError(f"{target} is {'a symbolic link' if target.is_symlink() else 'not a regular file'}, "
+                              f"which fft-dist never replaces")
+    tmp = root / temp_name(fmt.LATEST_FILE, owner)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(folder_name + "\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, Path(ckpt_root) / fmt.LATEST_FILE)
-        fmt.fsync_dir(Path(ckpt_root))
+        os.replace(tmp, target)
+        fmt.fsync_dir(root)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot update {Path(ckpt_root) / fmt.LATEST_FILE}: {e.strerror or e}") from None
+        tmp.unlink(missing_ok=True)  # our own temporary: its name carries this run's id
+        raise CheckpointError(f"cannot update {target}: {e.strerror or e}") from None
 
 
 def is_root(path: Path) -> bool:
@@ -78,9 +86,16 @@ def check_writable(ckpt_root: str | Path) -> None:
 
     Creates the folder if needed, then writes, fsyncs and removes a small probe file. Raises
     :class:`CheckpointError` naming the path and the OS error (read-only file system, no
-    space, permission denied). Safe on every rank at once: the probe's name is per host and pid.
+    space, permission denied), and when ``latest`` there is a folder or a link (fft-dist writes
+    that name as a file and never replaces anything else). Safe on every rank at once: the
+    probe's name is per host and pid.
     """
     root = Path(ckpt_root)
+    latest = root / fmt.LATEST_FILE
+    if latest.is_symlink() or (latest.exists() and not latest.is_file()):
+        kind = "a symbolic link" if latest.is_symlink() else "a folder"
+        raise CheckpointError(f"{latest} is {kind}; fft-dist writes its own 'latest' file there and never replaces "
+                              f"anything else: move it away, or set checkpoint.dir to another folder")
     probe = root / f".write-probe-{socket.gethostname()}-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Collection
@@ -15,6 +14,7 @@ from typing import Any, Collection
 import torch
 
 from fft_dist.checkpoint import format as fmt
+from fft_dist.checkpoint import ownership
 from fft_dist.checkpoint.collective import agree_or_raise
 from fft_dist.checkpoint.faults import check_fault_env, fault_point
 from fft_dist.checkpoint.format import CheckpointError
@@ -150,21 +150,22 @@ def _describe(e: BaseException) -> str:
     return str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
 
 
-def save_checkpoint(strategy, *, ckpt_root: Path, step: int, train_state: dict, keep_last: int,
+def save_checkpoint(strategy, *, ckpt_root: Path, step: int, train_state: dict, keep_last: int, run_id: str,
                     meta: dict | None = None, protect: Collection[str] = ()) -> Path:
     """Write a complete checkpoint of `strategy` at `step` and commit it atomically. Collective.
 
     Every rank writes ``model/`` and ``optim/`` shards of the fragments it owns (no rank ever
     holds more than its own state; fragments are written straight from their storage). Rank 0
     writes index.json (built from every rank's small fragment metadata), train_state.json (with
-    every rank's RNG state), an optional tokenizer copy, and MANIFEST.json last. Then it renames
-    ``step-N.tmp`` to ``step-N``, replaces ``latest`` and prunes to ``keep_last`` intact
-    checkpoints, never one named in `protect` (step-folder names, e.g. the best-eval one) and
-    never a damaged one (see the format docstring).
+    every rank's RNG state), an optional tokenizer copy, and MANIFEST.json last (naming `run_id`,
+    the run that owns the checkpoint). Then it renames ``step-N.<run_id>.tmp`` to ``step-N``,
+    points ``latest`` at it and prunes this run's checkpoints to ``keep_last`` intact ones, never
+    one named in `protect` (e.g. the best-eval one), a damaged one, or another run's.
 
-    Refused, on every rank, with nothing committed and ``step-N.tmp`` removed: any parameter or
-    optimizer-state fragment holding NaN/inf (the error names the tensor and kind), a strategy
-    whose fragments do not tile the tensors, and any write error (the error names the file).
+    Refused, on every rank, with nothing committed and the temporary folder removed: an existing
+    ``step-N`` (a committed checkpoint is never saved over), any parameter or optimizer-state
+    fragment holding NaN/inf (the error names the tensor and kind), a strategy whose fragments
+    do not tile the tensors, and any write error (the error names the file).
 
     I/O engine: our own streaming safetensors writer, not DCP's ``HuggingFaceStorageWriter``.
     DCP names files ``shard-0000r-model-0000k-of-0000n.safetensors`` in one folder (not
@@ -180,19 +181,19 @@ def save_checkpoint(strategy, *, ckpt_root: Path, step: int, train_state: dict, 
     ckpt_root = Path(ckpt_root)
     rank, world = rank_world()
     name = fmt.step_dir_name(step)
-    tmp = ckpt_root / (name + fmt.TMP_SUFFIX)
+    tmp = ckpt_root / ownership.temp_name(name, run_id)
     try:
         return _save(strategy, ckpt_root=ckpt_root, step=step, train_state=train_state, keep_last=keep_last,
-                     meta=dict(meta or {}), protect=set(protect), rank=rank, world=world, tmp=tmp)
+                     meta=dict(meta or {}), protect=set(protect), rank=rank, world=world, tmp=tmp, run_id=run_id)
     except BaseException:
         # Every error above is agreed by all ranks first, so no rank is still writing into tmp.
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0 and tmp.is_dir():
+            ownership.remove(tmp, ownership.Reason.OWN_TEMPORARY, owner=run_id)
         raise
 
 
 def _save(strategy, *, ckpt_root: Path, step: int, train_state: dict, keep_last: int, meta: dict,
-          protect: set[str], rank: int, world: int, tmp: Path) -> Path:
+          protect: set[str], rank: int, world: int, tmp: Path, run_id: str) -> Path:
     name = fmt.step_dir_name(step)
     final = ckpt_root / name
     head = f"saving {final} failed (nothing was committed; {tmp.name} removed):"
@@ -203,10 +204,12 @@ def _save(strategy, *, ckpt_root: Path, step: int, train_state: dict, keep_last:
     if rank == 0:
         try:
             ckpt_root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)  # leftover of a save that was killed
-            (tmp / fmt.MODEL_DIR).mkdir(parents=True)
-            (tmp / fmt.OPTIM_DIR).mkdir()
+            if os.path.lexists(final):
+                problems.append(_already_there(final))
+            else:
+                ownership.remove(tmp, ownership.Reason.OWN_TEMPORARY, owner=run_id)  # a killed save's leftover
+                (tmp / fmt.MODEL_DIR).mkdir(parents=True)
+                (tmp / fmt.OPTIM_DIR).mkdir()
         except OSError as e:
             problems.append(f"cannot create {tmp}: {e.strerror or e}")
     agree_or_raise(problems, head)
@@ -232,16 +235,12 @@ def _save(strategy, *, ckpt_root: Path, step: int, train_state: dict, keep_last:
         try:
             fault_point("before_index", step)
             _commit(tmp=tmp, final=final, ckpt_root=ckpt_root, step=step, world=world, index=index,
-                    gathered=gathered, train_state=train_state, meta=meta, strategy=strategy)
+                    gathered=gathered, train_state=train_state, meta=meta, strategy=strategy, run_id=run_id)
         except Exception as e:  # noqa: BLE001 - reported on every rank below
             problems.append(_describe(e))
     agree_or_raise(problems, head)
     if rank == 0:
-        fault_point("before_prune", step)
-        try:
-            prune(ckpt_root, keep_last=keep_last, keep=final.name, protect=protect)
-        except OSError as e:  # the new checkpoint is committed; a failed clean-up must not fail the run
-            warn0(f"pruning {ckpt_root} failed after saving {final.name}: {e}")
+        _after_commit(ckpt_root, final, step=step, keep_last=keep_last, protect=protect, run_id=run_id)
     t_end = time.perf_counter()
     LAST_SAVE_TIMINGS.clear()
     LAST_SAVE_TIMINGS.update(setup=t_setup - t0, shards=t_shards - t_setup, gather=t_gather - t_shards,
@@ -251,8 +250,30 @@ def _save(strategy, *, ckpt_root: Path, step: int, train_state: dict, keep_last:
     return final
 
 
+def _already_there(final: Path) -> str:
+    what = "a symbolic link" if final.is_symlink() else ("a folder" if final.is_dir() else "a file")
+    return (f"{final} already exists ({what}); fft-dist never saves over a committed checkpoint or anything "
+            f"else of that name: move it away, or set checkpoint.dir to another folder")
+
+
+def _after_commit(ckpt_root: Path, final: Path, *, step: int, keep_last: int, protect: set[str], run_id: str) -> None:
+    """Point ``latest`` at the new checkpoint and prune. The checkpoint is committed already, so a
+    failure here is a warning: ``resume=auto`` finds the newest intact checkpoint without ``latest``."""
+    fault_point("before_latest", step)
+    try:
+        write_latest(ckpt_root, final.name, owner=run_id)
+    except CheckpointError as e:
+        warn0(f"{final.name} is committed, but {e}; resume=auto still finds it (it picks the newest intact "
+              f"checkpoint)")
+    fault_point("before_prune", step)
+    try:
+        prune(ckpt_root, keep_last=keep_last, keep=final.name, protect=protect, run_id=run_id)
+    except (OSError, CheckpointError) as e:  # the new checkpoint is committed; a failed clean-up must not fail the run
+        warn0(f"pruning {ckpt_root} failed after saving {final.name}: {e}")
+
+
 def _commit(*, tmp: Path, final: Path, ckpt_root: Path, step: int, world: int, index: dict, gathered: list[dict],
-            train_state: dict, meta: dict, strategy) -> None:
+            train_state: dict, meta: dict, strategy, run_id: str) -> None:
     import fft_dist
 
     files: dict[str, dict] = {}
@@ -266,23 +287,23 @@ def _commit(*, tmp: Path, final: Path, ckpt_root: Path, step: int, world: int, i
     config_yaml = meta.pop("config_yaml", None)
     model_config = meta.pop("model_config", None)
     backend = meta.pop("backend", None) or getattr(strategy, "name", "unknown")
+    tokenizer_src = meta.pop("tokenizer_dir", None)
     state = {
         "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
         "fft_dist_version": getattr(fft_dist, "__version__", "unknown"), "torch_version": torch.__version__,
-        "step": step, "world_size": world, "backend": backend,
+        "step": step, "world_size": world, "backend": backend, "run_id": run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "train_state": _jsonable(train_state),
         "rng": [g["rng"] for g in gathered],  # indexed by rank
         "config_yaml": config_yaml, "model_config": _jsonable(model_config), "meta": _jsonable(meta),
     }
     fmt.write_json_durable(tmp / fmt.TRAIN_STATE_FILE, state)
-    tok = meta.get("tokenizer_dir")
-    if tok and Path(tok).is_dir():
-        present = [f for f in fmt.TOKENIZER_FILES if (Path(tok) / f).is_file()]
+    if tokenizer_src and Path(tokenizer_src).is_dir():  # the run's own tokenizer, named by the trainer
+        present = [f for f in fmt.TOKENIZER_FILES if (Path(tokenizer_src) / f).is_file()]
         if present:
             (tmp / fmt.TOKENIZER_DIR).mkdir()
             for f in present:
-                copy_durable(Path(tok) / f, tmp / fmt.TOKENIZER_DIR / f)
+                copy_durable(Path(tokenizer_src) / f, tmp / fmt.TOKENIZER_DIR / f)
                 size, digest = hash_file(tmp / fmt.TOKENIZER_DIR / f)
                 files[f"{fmt.TOKENIZER_DIR}/{f}"] = {"size": size, "sha256": digest}
             fmt.fsync_dir(tmp / fmt.TOKENIZER_DIR)
@@ -291,47 +312,34 @@ def _commit(*, tmp: Path, final: Path, ckpt_root: Path, step: int, world: int, i
         files[f] = {"size": size, "sha256": digest}
     fault_point("before_manifest", step)
     manifest = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "step": step,
-                "world_size": world, "created": state["created"], "files": dict(sorted(files.items()))}
+                "world_size": world, "run_id": run_id, "created": state["created"],
+                "files": dict(sorted(files.items()))}
     fmt.write_json_durable(tmp / fmt.MANIFEST_FILE, manifest)
     fmt.fsync_dir(tmp)
     fault_point("before_rename", step)
-
-    old = None
-    if final.exists():  # saving the same step again (e.g. after resuming from an older checkpoint)
-        old = final.with_name(final.name + ".old" + fmt.TMP_SUFFIX)
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(final, old)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if old is not None:
-            os.rename(old, final)  # put the previous save of this step back
-        raise
+    if os.path.lexists(final):  # appeared since step 1 (the checkpoint.dir lock makes this a user's doing)
+        raise CheckpointError(_already_there(final))
+    os.rename(tmp, final)
     fmt.fsync_dir(ckpt_root)
-    fault_point("before_latest", step)
-    write_latest(ckpt_root, final.name)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
-def prune(ckpt_root: Path, *, keep_last: int, keep: str, protect: Collection[str] = ()) -> list[str]:
-    """Keep `keep` plus the newest ``keep_last - 1`` other *intact* checkpoints; delete older intact ones
-    unless named in `protect`; never touch a damaged one (it does not count as kept either). Also
-    removes leftovers of killed saves (``*.tmp``). A folder is first renamed to ``*.old.tmp``
-    (atomic), then deleted, so a kill during deletion never leaves a half-deleted ``step-N``."""
+def prune(ckpt_root: Path, *, keep_last: int, keep: str, run_id: str, protect: Collection[str] = ()) -> list[str]:
+    """Keep `keep` plus this run's newest ``keep_last - 1`` other *intact* checkpoints; delete this run's
+    older intact ones unless named in `protect`. Never touches a damaged checkpoint (it does not count
+    as kept either), another run's checkpoint (no manifest naming `run_id`: e.g. one copied in to
+    resume from), or anything that is not a checkpoint. Also removes this run's leftovers of killed
+    saves (temporaries whose name carries `run_id`). Every delete goes through
+    :func:`fft_dist.checkpoint.ownership.remove`."""
     removed = []
-    intact = [p.name for _, p in fmt.iter_committed(ckpt_root) if p.name != keep and is_complete(p)]
-    doomed = [n for n in intact[max(keep_last - 1, 0):] if n not in protect]
+    ours = [p.name for _, p in fmt.iter_committed(ckpt_root)
+            if p.name != keep and ownership.manifest_run_id(p) == run_id and is_complete(p)]
+    doomed = [n for n in ours[max(keep_last - 1, 0):] if n not in protect]
     for n in doomed:
-        trash = ckpt_root / (n + ".old" + fmt.TMP_SUFFIX)
-        if trash.exists():
-            shutil.rmtree(trash, ignore_errors=True)
-        os.rename(ckpt_root / n, trash)
+        ownership.remove(ckpt_root / n, ownership.Reason.OWN_CHECKPOINT, owner=run_id)
         removed.append(n)
     if doomed:
         fmt.fsync_dir(ckpt_root)
     for p in ckpt_root.iterdir():
-        if p.name.endswith(fmt.TMP_SUFFIX) and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+        if ownership.temp_owner(p.name) == run_id:
+            ownership.remove(p, ownership.Reason.OWN_TEMPORARY, owner=run_id)
     return removed

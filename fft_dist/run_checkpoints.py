@@ -1,0 +1,98 @@
+"""One run's checkpoints: who owns them, where a resume starts, each save, and what gets exported.
+
+The trainer calls this, never the checkpoint functions directly, so the rules of a run's
+checkpoints live in one place: the run id that marks what this run may prune or replace (from
+run.dir, :mod:`fft_dist.rundir`), the checkpoint to resume from (verified on every rank, falling
+back past corrupt ones), newer damaged folders set aside so no save lands on them, and every save
+handed the run id, the keep_last / keep_best rules and the metadata the export needs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fft_dist import checkpoint as ckpt
+from fft_dist.checkpoint.collective import agree_or_raise
+from fft_dist.checkpoint.format import step_dir_name
+from fft_dist.config import ExportChoice, FFTConfig
+from fft_dist.dist import DistContext, broadcast_small, print0
+from fft_dist.rundir import run_identity
+
+
+def read_generation_config(model_path: str | None) -> dict | None:
+    """The model folder's generation_config.json, stored in each checkpoint so that an export carries
+    it without reading any folder a checkpoint names."""
+    if model_path is None:
+        return None
+    try:
+        obj = json.loads((Path(model_path) / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+class RunCheckpoints:
+    """The checkpoints of one run (collective methods are called by every rank)."""
+
+    def __init__(self, cfg: FFTConfig, ctx: DistContext):
+        self.cfg, self.ctx = cfg, ctx
+        self.root = Path(cfg.checkpoint.dir)
+        self.run_id: str = broadcast_small(run_identity(Path(cfg.run.dir)) if ctx.is_main else None)
+        self.generation_config = read_generation_config(cfg.model.path)
+
+    def check_writable(self) -> None:
+        """A read-only or full checkpoint disk (or a folder named ``latest``) shows now, on every rank
+        at once, not after training. Collective."""
+        problems = []
+        try:
+            ckpt.check_writable(self.root)
+        except ckpt.CheckpointError as e:
+            problems.append(str(e))
+        agree_or_raise(problems, "checkpoints could not be saved (nothing was trained):")
+
+    def choose_resume(self) -> tuple[Path, dict] | None:
+        """(the checkpoint to resume from, its train_state.json) or None for a fresh start. Collective.
+
+        The checkpoint is hashed on every rank (a corrupt newest one falls back to the next older
+        intact one); newer damaged folders of this run are then set aside so that no save lands on
+        them, and anything else newer stops the run here, before training.
+        """
+        if self.cfg.resume == "none":
+            return None
+        path, corrupt = ckpt.choose_verified(self.cfg.resume, self.root)
+        if path is None:
+            return None
+        envelope = ckpt.read_train_state(path)
+        problems = []
+        if self.ctx.is_main:
+            try:
+                problems = ckpt.clear_the_way(self.root, resume_step=int(envelope["step"]), run_id=self.run_id,
+                                              corrupt=corrupt)
+            except (OSError, ckpt.CheckpointError) as e:
+                problems = [f"cannot move a damaged checkpoint out of the way: {e}"]
+        agree_or_raise(problems, f"cannot resume from {path}:")
+        return path, envelope
+
+    def load(self, strategy, path: Path) -> dict:
+        """Load `path` (already verified by :meth:`choose_resume`: no second pass over the data)."""
+        return ckpt.load_checkpoint(strategy, path, verify=False,
+                                    params_only=not self.cfg.checkpoint.load_optimizer)
+
+    def save(self, strategy, step: int, *, train_state: dict, meta: dict, best_checkpoint: str | None) -> Path:
+        """Save `step` as this run's; keep_best protects `best_checkpoint` from pruning. Collective."""
+        protect = [best_checkpoint] if self.cfg.checkpoint.keep_best and best_checkpoint else []
+        return ckpt.save_checkpoint(strategy, ckpt_root=self.root, step=step, train_state=train_state,
+                                    keep_last=self.cfg.checkpoint.keep_last, protect=protect, run_id=self.run_id,
+                                    meta={**meta, "generation_config": self.generation_config})
+
+    def export_source(self, last: Path, best_checkpoint: str | None) -> Path:
+        """The checkpoint ``checkpoint.export_final`` writes: the last one, or the best-eval one."""
+        if self.cfg.checkpoint.export != ExportChoice.best or best_checkpoint is None:
+            if self.cfg.checkpoint.export == ExportChoice.best:
+                print0("fft-dist: warning: no saved checkpoint was taken at an evaluation; exporting the last one")
+            return last
+        return self.root / best_checkpoint
+
+    @staticmethod
+    def name(step: int) -> str:
+        return step_dir_name(step)
