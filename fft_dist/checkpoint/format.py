@@ -222,8 +222,10 @@ def read_json(path: Path, what: str | None = None) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing{f' ({what})' if what else ''}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable{f' {what}' if what else ''}: {e}") from None
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8, an int of more than 4300 digits
+        raise CheckpointError(f"{path}: unreadable{f' {what}' if what else ''}: {str(e)[:200]}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: unreadable{f' {what}' if what else ''}: nested too deeply") from None
 
 
 def write_json_durable(path: Path, obj: Any, *, indent: int | None = 1) -> None:

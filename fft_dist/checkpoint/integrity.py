@@ -1,5 +1,5 @@
-"""Is a checkpoint complete and uncorrupted? The cheap check (manifest + sizes), the full one
-(+ sha256 + index + train state), and the summary behind ``fft-dist ckpt info``."""
+"""Is a checkpoint complete and uncorrupted? The cheap check (manifest + sizes + the metadata
+files' specs), the full one (+ sha256), and the summary behind ``fft-dist ckpt info``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,9 +7,8 @@ from pathlib import Path
 from fft_dist.checkpoint import format as fmt
 from fft_dist.checkpoint.format import CheckpointError
 from fft_dist.checkpoint.layout import resolve_checkpoint
-from fft_dist.checkpoint.rng import check_rng
 from fft_dist.checkpoint.safetensors_io import hash_file
-from fft_dist.checkpoint.schema import read_index, read_manifest, read_train_state_file
+from fft_dist.checkpoint.schema import check_agree, read_index, read_manifest, read_train_state_file
 
 
 def check_files(path: Path, manifest: dict, *, checksums: bool, only: list[str] | None = None) -> list[str]:
@@ -52,13 +51,12 @@ def quick_problems(path: Path) -> list[str]:
 
 
 def _structure_problems(path: Path, manifest: dict) -> list[str]:
-    """The index (types, safe paths listed in the manifest, exact tiling) and the train state
-    (types, restorable RNG states) of a checkpoint whose files are all present."""
+    """The index (its spec, safe paths listed in the manifest, exact tiling), the train state (its
+    spec, restorable RNG states) and their agreement, for a checkpoint whose files are all present."""
     try:
-        read_index(path, manifest=manifest)
+        index = read_index(path, manifest=manifest)
         state = read_train_state_file(path)
-        for r, rng in enumerate(state["rng"]):
-            check_rng(rng, f"{path / fmt.TRAIN_STATE_FILE}: rng[{r}]")
+        check_agree(path, manifest, index, state)
     except CheckpointError as e:
         return [str(e)]
     return []
@@ -85,7 +83,9 @@ def checkpoint_info(path: Path) -> dict:
     path = resolve_checkpoint(path)
     manifest = read_manifest(path)
     state = read_train_state_file(path)
-    tensors = read_index(path, manifest=manifest)["tensors"]
+    index = read_index(path, manifest=manifest)
+    check_agree(path, manifest, index, state)
+    tensors = index["tensors"]
     kinds: dict[str, int] = {}
     param_elems = 0
     for t in tensors.values():
@@ -97,7 +97,7 @@ def checkpoint_info(path: Path) -> dict:
     optim_bytes = sum(r["size"] for f, r in files.items() if f.startswith(fmt.OPTIM_DIR + "/"))
     return {
         "path": str(path), "step": state["step"], "backend": state["backend"],
-        "world_size": state["world_size"], "format_version": state.get("format_version"),
+        "world_size": state["world_size"], "format_version": state["format_version"],
         "fft_dist_version": state["fft_dist_version"], "created": state["created"],
         "tensors": len(tensors), "parameters": param_elems, "state_kinds": kinds,
         "model_bytes": model_bytes, "optim_bytes": optim_bytes,
