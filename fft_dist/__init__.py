@@ -14,7 +14,7 @@ LAYERS: list[list[str]] = [
     ["strategy"],                                    # FSDP2 / DeepSpeed / single process behind one protocol
     ["memory", "planner"],                           # will it fit: per-GPU bytes, the cheapest set-up that fits
     ["checkpoint"],                                  # one format over every strategy's fragments
-    ["trainer", "rundir", "evaluation"],             # the loop, the run directory, eval losses
+    ["trainer", "train_state", "rundir", "evaluation"],  # the loop, its saved state's spec, run dir, eval losses
     ["worker"],                                      # one rank's life
     ["launch_plan", "launch_slurm", "launch", "sweep"],      # resolve once, check, start or submit the ranks
     ["cli", "train"],                                # entry points
