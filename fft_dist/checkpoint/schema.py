@@ -9,7 +9,9 @@ everywhere: a field this version does not know is one it would silently ignore.
 """
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,10 @@ from fft_dist.checkpoint.spec import (
     Tuple,
     parse,
 )
+
+LATEST_MAX_BYTES = 4096
+"""A ``latest`` file holds one ``step-N`` name; anything longer is refused unread."""
+
 
 def check_relpath(rel: Any, where: str) -> str:
     """`rel` is a plain relative path that stays inside the checkpoint folder; else CheckpointError."""
@@ -218,20 +224,38 @@ def check_agree(folder: Path, manifest: dict, index: dict, state: dict) -> None:
 
 # -- latest ------------------------------------------------------------------------------------------------
 def parse_latest(text: bytes | str, where: Path) -> str:
-    """The folder name held by a ``latest`` file: exactly one ``step-N`` name, nothing else."""
+    """The folder name held by a ``latest`` file: exactly one ``step-N`` name, nothing else. Its content
+    is never echoed (``latest`` may be anything, even a link to a secret): only its size is."""
+    data = text.encode("utf-8", "replace") if isinstance(text, str) else text
     try:
-        name = (text.decode("utf-8") if isinstance(text, bytes) else text).strip()
+        name = data.decode("utf-8").strip()
     except UnicodeDecodeError:
-        raise CheckpointError(f"{where}: not a text file (expected one step-N folder name)") from None
-    if not fmt.STEP_DIR_RE.match(name):
-        shown = name if len(name) <= 60 else name[:60] + "..."
-        raise CheckpointError(f"{where}: holds {shown!r}, not a step-N folder name")
+        name = None
+    if name is None or not fmt.STEP_DIR_RE.match(name):
+        raise CheckpointError(f"{where}: holds {len(data)} bytes that are not a step-N folder name")
     return name
 
 
 def read_latest_file(path: Path) -> str:
+    """Read ``latest`` only when it is a small regular file: a symbolic link, a folder, a FIFO or a
+    device is refused unread (following a link would read, and might show, a file outside the root)."""
+    path = Path(path)
     try:
-        data = Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        if path.is_symlink():
+            raise CheckpointError(f"{path}: a symbolic link; refusing to follow it (expected a file holding "
+                                  "one step-N folder name)") from None
+        raise CheckpointError(f"{path}: unreadable: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path}: not a regular file; expected a file holding one step-N folder name")
+        if st.st_size > LATEST_MAX_BYTES:
+            raise CheckpointError(f"{path}: holds {st.st_size} bytes that are not a step-N folder name")
+        data = os.read(fd, LATEST_MAX_BYTES + 1)
     except OSError as e:
         raise CheckpointError(f"{path}: unreadable: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
     return parse_latest(data, path)
