@@ -1,5 +1,6 @@
 """Is a checkpoint complete and uncorrupted? The cheap check (manifest + sizes + the metadata
-files' specs), the full one (+ sha256), and the summary behind ``fft-dist ckpt info``."""
+files' specs), the full one (+ sha256 + the shards' headers against the index), and the summary
+behind ``fft-dist ckpt info``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -62,6 +63,38 @@ def _structure_problems(path: Path, manifest: dict) -> list[str]:
     return []
 
 
+def shard_problems(path: Path, index: dict, manifest: dict) -> list[str]:
+    """Do the shards hold what the index says? Every range's key with its length and dtype, and no
+    tensor the index does not list (an index edited to drop one would export a model without it).
+    Reads only the safetensors headers."""
+    from safetensors import safe_open
+
+    shards = sorted(f for f in manifest["files"] if f.endswith(".safetensors")
+                    and f.split("/", 1)[0] in (fmt.MODEL_DIR, fmt.OPTIM_DIR))
+    held: dict[str, dict[str, tuple[str, list[int]]]] = {}
+    for file in shards:
+        try:
+            with safe_open(str(path / file), framework="pt") as h:
+                held[file] = {k: (h.get_slice(k).get_dtype(), h.get_slice(k).get_shape()) for k in h.keys()}
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            return [f"{path / file}: not a readable safetensors file: {str(e)[:200]}"]
+    for name, t in index["tensors"].items():
+        for kind, k in t["kinds"].items():
+            want_dtype = fmt.safetensors_dtype(fmt.dtype_from_name(k["dtype"]))
+            for start, stop, file, key in k["ranges"]:
+                got = held.get(file, {}).get(key)
+                if got != (want_dtype, [stop - start]):
+                    found = "is missing" if got is None else f"is {got[0]} {got[1]}"
+                    return [f"{path / file}: {key} {found}; {fmt.INDEX_FILE} says {want_dtype} [{stop - start}] "
+                            f"({name} ({kind}) {start}..{stop})"]
+    for file, keys in held.items():
+        for key in keys:
+            name = key.rsplit(fmt.KEY_SEP, 2)[0]
+            if name not in index["tensors"]:
+                return [f"{path / file}: holds tensor {name} ({key}), which {fmt.INDEX_FILE} does not list"]
+    return []
+
+
 def is_complete(path: Path) -> bool:
     """True when :func:`quick_problems` finds nothing: what resume and pruning call *intact*."""
     return not quick_problems(path)
@@ -69,13 +102,15 @@ def is_complete(path: Path) -> bool:
 
 def verify_checkpoint(path: Path, *, checksums: bool = True) -> list[str]:
     """Every problem with a checkpoint (empty list: complete, every checksum matches, index and
-    train state well-formed). `path` may be a step-N folder, a checkpoint root or its ``latest``."""
+    train state well-formed, the shards hold what the index says). `path` may be a step-N folder, a
+    checkpoint root or its ``latest``."""
     try:
         path = resolve_checkpoint(path)
         manifest = read_manifest(path)
     except CheckpointError as e:
         return [str(e)]
-    return check_files(path, manifest, checksums=checksums) or _structure_problems(path, manifest)
+    problems = check_files(path, manifest, checksums=checksums) or _structure_problems(path, manifest)
+    return problems or shard_problems(path, read_index(path, manifest=manifest), manifest)
 
 
 def checkpoint_info(path: Path) -> dict:
