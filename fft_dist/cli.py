@@ -157,7 +157,8 @@ def export(argv: list[str]) -> int:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-shard-size", default="2GB", type=_shard_size, help="e.g. 2GB, 500MB, 1GiB")
-    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: the one the run used)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer folder (default: the checkpoint's own tokenizer/ copy)")
     p.add_argument("--force", action="store_true", help="replace a non-empty out_dir (atomically, when complete)")
     a = p.parse_args(argv)
     try:
@@ -186,7 +187,7 @@ def ckpt(argv: list[str]) -> int:
     a = p.parse_args(argv)
     try:
         if a.action == "verify":
-            problems = verify_checkpoint(a.checkpoint)
+            problems = verify_checkpoint(a.checkpoint) or _trainer_state_problems(a.checkpoint)
             for problem in problems:
                 print(f"fft-dist: {problem}", file=sys.stderr)
             if problems:
@@ -198,6 +199,24 @@ def ckpt(argv: list[str]) -> int:
     except CheckpointError as e:
         print(f"fft-dist: {e}", file=sys.stderr)
         return CHECKPOINT_ERROR
+
+
+def _trainer_state_problems(checkpoint: Path) -> list[str]:
+    """The fft-dist trainer's own sections of the train state, when the trainer wrote them (any of
+    trainer / sampler / schedule present); other writers' train states are opaque to `verify`."""
+    from fft_dist.checkpoint import CheckpointError, read_train_state, resolve_checkpoint
+    from fft_dist.checkpoint.format import TRAIN_STATE_FILE
+    from fft_dist.train_state import parse_trainer_state
+
+    path = resolve_checkpoint(checkpoint)
+    saved = read_train_state(path)["train_state"]
+    if not {"trainer", "sampler", "schedule"} & set(saved):
+        return []
+    try:
+        parse_trainer_state(saved, str(path / TRAIN_STATE_FILE))
+    except CheckpointError as e:
+        return [str(e)]
+    return []
 
 
 def _sizing_args(prog: str, argv: list[str], *, plan: bool):

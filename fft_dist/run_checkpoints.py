@@ -13,10 +13,11 @@ from pathlib import Path
 
 from fft_dist import checkpoint as ckpt
 from fft_dist.checkpoint.collective import agree_or_raise
-from fft_dist.checkpoint.format import step_dir_name
+from fft_dist.checkpoint.format import TRAIN_STATE_FILE, step_dir_name
 from fft_dist.config import ExportChoice, FFTConfig
 from fft_dist.dist import DistContext, broadcast_small, print0
 from fft_dist.rundir import run_identity
+from fft_dist.train_state import parse_trainer_state
 
 
 def read_generation_config(model_path: str | None) -> dict | None:
@@ -53,7 +54,7 @@ class RunCheckpoints:
     def choose_resume(self) -> tuple[Path, dict] | None:
         """(the checkpoint to resume from, its train_state.json) or None for a fresh start. Collective.
 
-        The checkpoint is hashed on every rank (a corrupt newest one falls back to the next older
+        The trainer's sections of its train state are checked against their spec first. The checkpoint is hashed on every rank (a corrupt newest one falls back to the next older
         intact one); newer damaged folders of this run are then set aside so that no save lands on
         them, and anything else newer stops the run here, before training.
         """
@@ -63,6 +64,7 @@ class RunCheckpoints:
         if path is None:
             return None
         envelope = ckpt.read_train_state(path)
+        parse_trainer_state(envelope["train_state"], str(path / TRAIN_STATE_FILE))  # before anything uses it
         problems = []
         if self.ctx.is_main:
             try:

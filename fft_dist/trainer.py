@@ -167,8 +167,7 @@ class Trainer:
         """The verified checkpoint to resume from; the sampler continues from its sample position."""
         found = self.checkpoints.choose_resume()
         if found is not None:
-            step, saved = int(found[1]["step"]), found[1].get("train_state", {})
-            self.sampler.resume_at(step, saved.get("sampler", {}))
+            self.sampler.resume_at(found[1]["step"], found[1]["train_state"]["sampler"])
         return found
 
     def _resume(self) -> None:
@@ -183,15 +182,13 @@ class Trainer:
         if problems:
             raise ckpt.CheckpointError(f"{path} cannot continue this run (nothing was loaded):\n  " + "\n  ".join(problems))
         saved = self.checkpoints.load(self.strategy, path)
-        known = TrainState.__dataclass_fields__
-        self.state = TrainState(**{k: v for k, v in saved.get("trainer", {}).items() if k in known})
-        self.state.step = int(envelope["step"])
-        notes = resume_checks.changes({**saved.get("sampler", {}), **saved.get("schedule", {})}, self._plan_facts())
+        self.state = TrainState(step=envelope["step"], **saved["trainer"])  # the spec guarantees these fields
+        notes = resume_checks.changes({**saved["sampler"], **saved["schedule"]}, self._plan_facts())
         print0(f"fft-dist: resumed from {path} at step {self.state.step}")
         for note in notes:
             print0(f"fft-dist: warning: since the checkpoint, {note}; the lr schedule and data order follow "
                    "the new settings from here on")
-        if saved.get("sampler", {}).get("global_batch_size", self.plan.global_batch_size) != self.plan.global_batch_size:
+        if saved["sampler"]["global_batch_size"] != self.plan.global_batch_size:
             print0(f"fft-dist: the data continues at {self.sampler.describe(self.state.step)}, the first sample the "
                    "checkpoint had not trained on (nothing skipped or replayed); steps count on from the checkpoint's")
         if notes:

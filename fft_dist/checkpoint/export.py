@@ -17,6 +17,7 @@ from fft_dist.checkpoint.integrity import verify_checkpoint
 from fft_dist.checkpoint.layout import resolve_checkpoint
 from fft_dist.checkpoint.reader import CheckpointReader, read_train_state
 from fft_dist.checkpoint.safetensors_io import write_safetensors_lazy
+from fft_dist.checkpoint.schema import read_manifest
 from fft_dist.processes import process_token
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -64,9 +65,9 @@ def _is_classifier(config) -> bool:
     return model_task(config) == SEQUENCE_CLASSIFICATION
 
 
-def _copy_tokenizer(src: Path, out_dir: Path) -> list[str]:
+def _copy_tokenizer(src: Path, out_dir: Path, names: list[str] | tuple[str, ...]) -> list[str]:
     copied = []
-    for f in fmt.TOKENIZER_FILES:
+    for f in names:
         if (src / f).is_file():
             shutil.copyfile(src / f, out_dir / f)
             copied.append(f)
@@ -135,8 +136,10 @@ def export_hf(checkpoint: Path, out_dir: Path, *, dtype: str = "float32", max_sh
 
     Single process. `checkpoint`: a step-N folder, a checkpoint root or its ``latest``. Output:
     config.json (from the model config stored at save time, or `model_config`),
-    generation_config.json, the tokenizer files (from `tokenizer_dir`, else the checkpoint's own
-    tokenizer/ copy, else the folder recorded at save time), ``model-0000k-of-0000n.safetensors``
+    generation_config.json (saved in the checkpoint's ``meta``, else from `tokenizer_dir`, else
+    derived from the config), the tokenizer files (from `tokenizer_dir`, else the checkpoint's own
+    verified tokenizer/ copy; never from a path recorded in the checkpoint's metadata, which is
+    not trusted to point outside it), ``model-0000k-of-0000n.safetensors``
     split at `max_shard_size`, and ``model.safetensors.index.json``. Tensors are assembled from
     their stored ranges and written one at a time, so peak memory is about one tensor (at most
     one output shard). With ``tie_word_embeddings`` the output embedding is not written: it
@@ -228,35 +231,49 @@ def _write_export(checkpoint: Path, out_dir: Path, *, dtype: str, max_bytes: int
     config.save_pretrained(out_dir)
     files.append("config.json")
 
-    gen = None if _is_classifier(config) else _generation_config(config, state, tokenizer_dir)  # nothing to generate
-    if gen is not None:
-        gen.save_pretrained(out_dir)
+    # a classifier has nothing to generate
+    if not _is_classifier(config) and _write_generation_config(config, state, tokenizer_dir, out_dir):
         files.append("generation_config.json")
 
-    tok_files: list[str] = []
-    candidates = [tokenizer_dir, checkpoint / fmt.TOKENIZER_DIR, (state.get("meta") or {}).get("tokenizer_dir")]
-    for cand in candidates:
-        if cand and Path(cand).is_dir():
-            tok_files = _copy_tokenizer(Path(cand), out_dir)
-            if tok_files:
-                break
+    tok_files = _copy_tokenizer(Path(tokenizer_dir), out_dir, fmt.TOKENIZER_FILES) if tokenizer_dir else []
+    if not tok_files:
+        tok_files = _copy_tokenizer(checkpoint / fmt.TOKENIZER_DIR, out_dir, _own_tokenizer_files(checkpoint))
     files += tok_files
     return {"shards": n, "bytes": total, "tensors": len(names), "dtype": dtype,
             "files": files, "tokenizer_files": tok_files}
 
 
-def _generation_config(config, state: dict, tokenizer_dir: Path | None):
-    """The model folder's own generation_config.json when known, else one derived from config."""
+def _own_tokenizer_files(checkpoint: Path) -> list[str]:
+    """The tokenizer files of the checkpoint's own ``tokenizer/`` copy that its manifest lists (so they
+    were checked) and that are plain files inside the folder (a link would copy a file from elsewhere)."""
+    listed = read_manifest(checkpoint)["files"]
+    inside = checkpoint.resolve()
+    own = []
+    for f in fmt.TOKENIZER_FILES:
+        path = checkpoint / fmt.TOKENIZER_DIR / f
+        if f"{fmt.TOKENIZER_DIR}/{f}" in listed and path.resolve().parent == inside / fmt.TOKENIZER_DIR \
+                and not path.is_symlink():
+            own.append(f)
+    return own
+
+
+def _write_generation_config(config, state: dict, tokenizer_dir: Path | None, out_dir: Path) -> bool:
+    """generation_config.json: the model folder's own, stored at save time in ``meta.generation_config``
+    (written as it was: transformers refuses to re-save many real ones), else the one in an explicitly
+    given `tokenizer_dir`, else one derived from `config`; False when there is none. A folder named in
+    the checkpoint's metadata is never read: the metadata is not trusted to point outside the checkpoint."""
     from transformers import GenerationConfig
 
-    meta = state.get("meta") or {}
-    if isinstance(meta.get("generation_config"), dict):
-        return GenerationConfig.from_dict(meta["generation_config"])
-    for folder in (meta.get("model_path"), tokenizer_dir, meta.get("tokenizer_dir")):
-        if folder and (Path(folder) / "generation_config.json").is_file():
-            return GenerationConfig.from_pretrained(str(folder))
-    try:
-        return GenerationConfig.from_model_config(config)
-    except Exception:  # noqa: BLE001 - a config without generation fields: skip the file
-        return None
-
+    saved = state["meta"].get("generation_config")
+    if saved is not None:
+        (out_dir / "generation_config.json").write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
+        return True
+    if tokenizer_dir is not None and (Path(tokenizer_dir) / "generation_config.json").is_file():
+        gen = GenerationConfig.from_pretrained(str(tokenizer_dir))
+    else:
+        try:
+            gen = GenerationConfig.from_model_config(config)
+        except Exception:  # noqa: BLE001 - a config without generation fields: skip the file
+            return False
+    gen.save_pretrained(out_dir)
+    return True

@@ -28,7 +28,9 @@ A save writes into ``step-N.tmp/``, fsyncs every file and the folder, renames it
 (``latest.tmp`` + ``os.replace``). A folder without a valid ``MANIFEST.json`` is incomplete
 and is refused, with the reason, by every reader. A save that fails (full disk, non-finite
 values, a rank's error) removes its ``step-N.tmp/``; one that is killed leaves it, and the next
-save removes it. ``latest`` holds exactly one ``step-N`` name (anything else is refused).
+save removes it. ``latest`` is a regular file holding exactly one ``step-N`` name: a symbolic
+link, a folder or any other content is refused without being read further or echoed (the
+error gives its size, never its content).
 
 Damaged checkpoints
 -------------------
@@ -45,7 +47,27 @@ Paths
 -----
 Every path in ``MANIFEST.json`` and ``index.json`` is relative, uses ``/``, and has no ``..``
 or empty component: it stays inside the checkpoint folder. Every shard file the index names
-is listed in the manifest. Readers refuse anything else (see :mod:`.schema`).
+is listed in the manifest. Readers refuse anything else (see :mod:`.schema`). Paths recorded
+in ``meta`` (``model_path``, ``tokenizer_dir``) are a record of the run only: no reader opens
+them (export takes the tokenizer from an explicit argument or the checkpoint's own
+``tokenizer/`` copy, listed in the manifest).
+
+Strictness
+----------
+Each metadata file has one spec (:mod:`.schema`, in the terms of :mod:`.spec`); every reader
+(verify, info, resume, load, export) parses the file with it before using any value. The
+specs below are exact: a missing field, a field of another type (a bool is never an integer;
+``1.0`` and ``1e30`` are not integers), a count outside ``0 <= n < 2**53`` (``world_size``:
+1 to 2**20), a string that does not match its pattern, or *any field not listed* is refused
+with a :class:`CheckpointError` (exit 4) naming the file and the field's dotted path, e.g.
+``train_state.json: field rng: expected one RNG state per rank (world_size 2), got 0``. A
+``format_version`` newer than this fft-dist's is refused with "upgrade fft-dist". The three
+files must agree on ``step`` and ``world_size``, and a ``step-N`` folder's N is its step. The
+full check (``ckpt verify``, export) also compares every shard's safetensors header with the
+index: each range's key, length and dtype, and no tensor the index leaves out.
+Numbers inside the opaque values (``model_config``, ``train_state``, ``meta.generation_config``)
+belong to their owners: the fft-dist trainer's ``train_state`` has its own spec,
+:func:`fft_dist.train_state.parse_trainer_state`.
 
 Shard files
 -----------
@@ -63,7 +85,7 @@ index.json
     {
       "format": "fft-dist-checkpoint", "format_version": 1,
       "world_size": 2,
-      "tensors": {
+      "tensors": {                           # at least one
         "<name>": {
           "shape": [d0, d1, ...],            # full shape of the parameter
           "dtype": "float32",                # dtype of the stored parameter ranges
@@ -79,22 +101,34 @@ index.json
 
 ``ranges`` are sorted, do not overlap, and cover ``[0, numel(shape))`` of that kind exactly;
 the writer refuses to commit anything else. Each kind carries its own shape and dtype because
-some states (the scalar ``step``) are not shaped like the parameter.
+some states (the scalar ``step``) are not shaped like the parameter. Every tensor has a
+``param`` kind, whose shape and dtype are the tensor's. Kind names hold no ``@``.
 
 train_state.json
 ----------------
-``{"format", "format_version", "fft_dist_version", "torch_version", "step", "world_size",
-"backend", "created", "train_state": <the trainer's dict, returned by load_checkpoint>,
-"rng": [<rank 0>, <rank 1>, ...], "config_yaml": "...", "model_config": {...} | null,
-"meta": {<other JSON-able meta>}}``. Each RNG entry is JSON (no pickle):
-``{"python": [version, [625 ints], gauss_next], "numpy": {"key": [624 ints], "pos", "has_gauss",
-"cached_gaussian"}, "torch": "<base64 of torch.get_rng_state()>", "cuda": ["<base64>", ...]}``.
+``{"format", "format_version", "fft_dist_version": str, "torch_version": str, "step": int,
+"world_size": int, "backend": str, "created": str, "train_state": {<the caller's dict, returned
+by load_checkpoint; any JSON object here>}, "rng": [<rank 0>, <rank 1>, ...], "config_yaml": str
+| null, "model_config": {...} | null, "meta": {...}, "run_id"?: str}``. ``rng`` has exactly
+``world_size`` entries, each JSON (no pickle) that restores: ``{"python": [version, [625 ints],
+gauss_next], "numpy": {"kind", "key": [624 ints], "pos", "has_gauss", "cached_gaussian"},
+"torch": "<base64 of torch.get_rng_state()>", "cuda": ["<base64>", ...]}``. ``meta`` holds
+only these optional keys (what save_checkpoint's caller passed, less ``config_yaml``,
+``model_config`` and ``backend``, which have fields of their own): ``model_path`` (str|null),
+``optimizer`` (str), ``task`` (str), ``tokenizer_dir`` (str|null; a record, never read back),
+``generation_config`` (the model's generation_config.json as an object, or null; export writes
+it as it is).
 
 MANIFEST.json
 -------------
-``{"format", "format_version", "step", "created", "files": {"<relative path>": {"size": int,
-"sha256": "<hex>"}}}``: every file of the checkpoint except the manifest itself. Written last,
-after everything it lists is fsynced, so its presence marks a complete checkpoint.
+``{"format", "format_version", "step", "world_size", "created", "files": {"<relative path>":
+{"size": int, "sha256": "<hex>"}}, "run_id"?: str}``: every file of the checkpoint except the
+manifest itself (index.json and train_state.json included). Written last, after everything it
+lists is fsynced, so its presence marks a complete checkpoint.
+
+``run_id`` (optional, in MANIFEST.json and train_state.json): the id of the run that wrote the
+checkpoint, 12 to 64 lowercase hex digits. Checkpoints written before it existed lack it and
+stay valid.
 """
 from __future__ import annotations
 
@@ -226,8 +260,10 @@ def read_json(path: Path, what: str | None = None) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing{f' ({what})' if what else ''}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable{f' {what}' if what else ''}: {e}") from None
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8, an int of more than 4300 digits
+        raise CheckpointError(f"{path}: unreadable{f' {what}' if what else ''}: {str(e)[:200]}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: unreadable{f' {what}' if what else ''}: nested too deeply") from None
 
 
 def write_json_durable(path: Path, obj: Any, *, indent: int | None = 1) -> None:

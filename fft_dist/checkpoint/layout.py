@@ -12,9 +12,10 @@ from fft_dist.checkpoint.schema import read_latest_file
 
 
 def read_latest(ckpt_root: Path) -> str | None:
-    """The ``step-N`` name in ``<root>/latest``; None when there is no such file. Garbage raises."""
+    """The ``step-N`` name in ``<root>/latest``; None when there is none. Garbage, a symbolic link or
+    anything but a regular file raises (unread; see :func:`.schema.read_latest_file`)."""
     path = Path(ckpt_root) / fmt.LATEST_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
     return read_latest_file(path)
 
@@ -45,13 +46,13 @@ def is_root(path: Path) -> bool:
     """A checkpoint root (holds ``latest`` or step-N folders) rather than one checkpoint."""
     path = Path(path)
     return (path.is_dir() and not (path / fmt.MANIFEST_FILE).exists()
-            and ((path / fmt.LATEST_FILE).exists() or bool(fmt.iter_committed(path))))
+            and (os.path.lexists(path / fmt.LATEST_FILE) or bool(fmt.iter_committed(path))))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint folder a user's path means. Used by every command that takes a checkpoint.
 
-    - ``<root>/latest`` (the text file): the folder it names (it must exist);
+    - ``<root>/latest`` (a regular file, never a link): the folder it names (it must exist);
     - a checkpoint root: the folder ``latest`` names, else its highest ``step-N``;
     - anything else (a ``step-N`` folder, any folder with a manifest): itself.
 
@@ -60,14 +61,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     (:func:`fft_dist.checkpoint.resume.find_resume`).
     """
     p = Path(path)
-    if p.is_file():
-        if p.name != fmt.LATEST_FILE:
-            raise CheckpointError(f"{p}: a file; expected a checkpoint folder, a checkpoint root or its "
-                                  f"'{fmt.LATEST_FILE}' file")
-        target = p.parent / read_latest_file(p)
+    if p.name == fmt.LATEST_FILE and (p.is_symlink() or (p.exists() and not p.is_dir())):
+        target = p.parent / read_latest_file(p)  # a link or a non-regular file is refused unread
         if not target.is_dir():
             raise CheckpointError(f"{p}: names {target.name}, which does not exist")
         return target
+    if p.is_file():
+        raise CheckpointError(f"{p}: a file; expected a checkpoint folder, a checkpoint root or its "
+                              f"'{fmt.LATEST_FILE}' file")
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint (expected a step-N folder, a checkpoint root or its "
                               f"'{fmt.LATEST_FILE}' file)")

@@ -12,8 +12,8 @@ from fft_dist.checkpoint.collective import agree_or_raise, raise_problems
 from fft_dist.checkpoint.format import CheckpointError
 from fft_dist.checkpoint.integrity import check_files
 from fft_dist.checkpoint.layout import resolve_checkpoint
-from fft_dist.checkpoint.rng import check_rng, restore_rng, rng_for_rank
-from fft_dist.checkpoint.schema import read_index, read_manifest, read_train_state_file
+from fft_dist.checkpoint.rng import restore_rng, rng_for_rank
+from fft_dist.checkpoint.schema import check_agree, read_index, read_manifest, read_train_state_file
 from fft_dist.dist import all_gather_small, rank_world
 
 
@@ -158,10 +158,11 @@ def load_checkpoint(strategy, path: Path, *, verify: bool = True, params_only: b
 
     Collective. `path`: a step-N folder, a checkpoint root or its ``latest``. Order: manifest
     valid, files present with their sizes -> sha256 of every file (split over the ranks) ->
-    index and train state well-formed, every shard listed in the manifest -> every model
-    parameter exists with the same full shape (and nothing extra) -> ``strategy.load_fragments``
-    -> this rank's RNG. Any problem raises the same :class:`CheckpointError` on every rank
-    before the model is touched. Returns the ``train_state`` dict that was passed to save_checkpoint.
+    index and train state parsed by their specs (:mod:`.schema`), every shard listed in the
+    manifest -> every model parameter exists with the same full shape (and nothing extra) ->
+    ``strategy.load_fragments`` -> this rank's RNG. Any problem raises the same
+    :class:`CheckpointError` on every rank before the model is touched. Returns the ``train_state``
+    dict that was passed to save_checkpoint.
     ``params_only``: load the weights and leave the optimizer fresh (a deliberate optimizer switch).
     """
     rank, world = rank_world()
@@ -178,10 +179,9 @@ def load_checkpoint(strategy, path: Path, *, verify: bool = True, params_only: b
         agree_or_raise(check_files(path, manifest, checksums=True, only=mine), f"cannot load {path}:")
     try:
         reader = CheckpointReader(path, manifest=manifest)
-        state = read_train_state_file(path)
-        saved_rng = rng_for_rank(state["rng"], rank) if state["rng"] else None
-        if saved_rng is not None:
-            check_rng(saved_rng, f"{path / fmt.TRAIN_STATE_FILE}: rng[{rank % len(state['rng'])}]")
+        state = read_train_state_file(path)  # its spec: one restorable RNG state per saved rank
+        check_agree(path, manifest, reader.index, state)
+        saved_rng = rng_for_rank(state["rng"], rank)
         problems = []
     except CheckpointError as e:
         reader, state, saved_rng, problems = None, None, None, [str(e)]
@@ -192,8 +192,7 @@ def load_checkpoint(strategy, path: Path, *, verify: bool = True, params_only: b
     raise_problems(problems, f"checkpoint {path} does not match the model (nothing was loaded):")
     strategy.load_fragments(ParamsOnly(reader) if params_only else reader)
     reader.close()
-    if saved_rng is not None:
-        restore_rng(saved_rng)
+    restore_rng(saved_rng)
     return dict(state["train_state"])
 
 

@@ -1,11 +1,18 @@
-"""Per-rank RNG state as plain JSON (python, numpy, torch CPU, CUDA): no pickle anywhere."""
+"""Per-rank RNG state as plain JSON (python, numpy, torch CPU, CUDA): no pickle anywhere.
+
+:data:`RNG_SPEC` is that JSON form's spec: a state it accepts is one :func:`restore_rng` restores,
+so a bad entry is refused by the reader before any weight is loaded, not half-way through a resume.
+"""
 from __future__ import annotations
 
 import base64
+import binascii
 import random
 
 import numpy as np
 import torch
+
+from fft_dist.checkpoint.spec import Check, Float, Int, ListOf, Nullable, Obj, Str, Tuple
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -13,7 +20,7 @@ def _b64(t: torch.Tensor) -> str:
 
 
 def _unb64(s: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+    return torch.frombuffer(bytearray(base64.b64decode(s, validate=True)), dtype=torch.uint8).clone()
 
 
 def capture_rng() -> dict:
@@ -31,23 +38,40 @@ def capture_rng() -> dict:
     return state
 
 
-def check_rng(state: dict, where: str) -> None:
-    """Raise CheckpointError unless restore_rng(state) will succeed (checked before the model is loaded)."""
-    from fft_dist.checkpoint.format import CheckpointError
-
+def _restorable(state: dict) -> str | None:
+    """Why :func:`restore_rng` would fail on a well-typed `state` (None: it will succeed)."""
+    version, internal, gauss = state["python"]
+    n = state["numpy"]
+    for what, attempt in (
+        ("python", lambda: random.Random().setstate((version, tuple(internal), gauss))),
+        ("numpy", lambda: np.random.RandomState().set_state(
+            (n["kind"], np.asarray(n["key"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))),
+    ):
+        try:
+            attempt()
+        except (TypeError, ValueError, OverflowError) as e:
+            return f"{what}: {str(e)[:80]}"
     try:
-        version, internal, gauss = state["python"]
-        random.Random().setstate((version, tuple(internal), gauss))
-        n = state["numpy"]
-        np.random.RandomState().set_state((n["kind"], np.asarray(n["key"], dtype=np.uint32), n["pos"],
-                                           n["has_gauss"], n["cached_gaussian"]))
         saved = _unb64(state["torch"])
-        if saved.numel() != torch.get_rng_state().numel():
-            raise ValueError(f"torch state has {saved.numel()} bytes, expected {torch.get_rng_state().numel()}")
-        for s in state.get("cuda") or []:
+        for s in state["cuda"]:
             _unb64(s)
-    except (KeyError, TypeError, ValueError, OverflowError) as e:
-        raise CheckpointError(f"{where}: malformed RNG state: {type(e).__name__}: {e}") from None
+    except (binascii.Error, ValueError):
+        return "torch/cuda: not base64"
+    if saved.numel() != torch.get_rng_state().numel():
+        return f"torch: {saved.numel()} bytes, expected {torch.get_rng_state().numel()}"
+    return None
+
+
+_WORD = Int(0, 2**32 - 1)
+RNG_SPEC = Check(Obj({
+    "python": Tuple(Int(0, 1000), ListOf(_WORD, min_len=625, max_len=625), Nullable(Float()),
+                    expected="[version, [625 integers], gauss_next]"),
+    "numpy": Obj({"kind": Str(max_len=64), "key": ListOf(_WORD, min_len=624, max_len=624), "pos": Int(0, 624),
+                  "has_gauss": Int(0, 1), "cached_gaussian": Float()}),
+    "torch": Str(min_len=1, max_len=1 << 16, expected="base64 of torch.get_rng_state()"),
+    "cuda": ListOf(Str(max_len=1 << 16), max_len=1 << 12),
+}), _restorable, expected="a restorable RNG state")
+"""One rank's entry of train_state.json's ``rng`` list (the form :func:`capture_rng` writes)."""
 
 
 def restore_rng(state: dict) -> None:

@@ -1,85 +1,110 @@
-"""The one place that checks a checkpoint's JSON files (manifest, index, train state, ``latest``).
+"""The one place that checks a checkpoint's metadata files (manifest, index, train state, ``latest``).
 
-Everything read from a checkpoint folder passes through here before it is used, so a flipped
-bit, a hand-edited file or a hostile path becomes a :class:`CheckpointError` that names the
-file and the entry, never a KeyError deep inside a reader or a path outside the folder.
+Each file has one spec (:data:`MANIFEST_SPEC`, :data:`INDEX_SPEC`, :data:`TRAIN_STATE_SPEC`,
+written in :mod:`.spec`'s terms) and everything read from a checkpoint folder is parsed by it
+before it is used: a flipped bit, a hand-edited file or a hostile path becomes a
+:class:`CheckpointError` naming the file and the field, never a KeyError deep inside a reader,
+a path outside the folder, or a silent run on a negative step. Unknown fields are refused
+everywhere: a field this version does not know is one it would silently ignore.
 """
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
 from fft_dist.checkpoint import format as fmt
 from fft_dist.checkpoint.format import CheckpointError
+from fft_dist.checkpoint.rng import RNG_SPEC
+from fft_dist.checkpoint.spec import (
+    JSON_OBJECT,
+    Check,
+    Const,
+    Int,
+    Invalid,
+    ListOf,
+    MapOf,
+    Nullable,
+    Obj,
+    Str,
+    Tuple,
+    parse,
+)
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _shape_ok(shape: Any) -> bool:
-    return isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
+LATEST_MAX_BYTES = 4096
+"""A ``latest`` file holds one ``step-N`` name; anything longer is refused unread."""
 
 
 def check_relpath(rel: Any, where: str) -> str:
     """`rel` is a plain relative path that stays inside the checkpoint folder; else CheckpointError."""
-    if not isinstance(rel, str) or not rel:
-        raise CheckpointError(f"{where}: file path {rel!r} is not a non-empty string")
-    parts = rel.split("/")
-    if rel.startswith("/") or "\\" in rel or "\x00" in rel or re.match(r"^[A-Za-z]:", rel) \
-            or any(p in ("", ".", "..") for p in parts):
-        raise CheckpointError(f"{where}: file path {rel!r} is absolute or leaves the checkpoint folder; refusing it")
+    problem = _relpath_problem(rel)
+    if problem:
+        raise CheckpointError(f"{where}: file path {rel!r} {problem}")
     return rel
 
 
-def parse_latest(text: bytes | str, where: Path) -> str:
-    """The folder name held by a ``latest`` file: exactly one ``step-N`` name, nothing else."""
-    try:
-        name = (text.decode("utf-8") if isinstance(text, bytes) else text).strip()
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{where}: not a text file (expected one step-N folder name)") from None
-    if not fmt.STEP_DIR_RE.match(name):
-        shown = name if len(name) <= 60 else name[:60] + "..."
-        raise CheckpointError(f"{where}: holds {shown!r}, not a step-N folder name")
-    return name
+def _relpath_problem(rel: Any) -> str | None:
+    if not isinstance(rel, str) or not rel:
+        return "is not a non-empty string"
+    parts = rel.split("/")
+    if rel.startswith("/") or "\\" in rel or "\x00" in rel or re.match(r"^[A-Za-z]:", rel) \
+            or any(p in ("", ".", "..") for p in parts):
+        return "is absolute or leaves the checkpoint folder; refusing it"
+    return None
 
 
-def read_latest_file(path: Path) -> str:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{path}: unreadable: {e.strerror or e}") from None
-    return parse_latest(data, path)
-
-
-# -- MANIFEST.json ---------------------------------------------------------------------------------
-def validate_manifest(obj: Any, where: Path) -> dict:
-    if not isinstance(obj, dict) or obj.get("format") != fmt.FORMAT_NAME:
-        raise CheckpointError(f"{where}: not an fft-dist checkpoint manifest")
-    version = obj.get("format_version")
-    if not _is_int(version):
-        raise CheckpointError(f"{where}: format_version is {version!r}, not an integer")
+# -- the fields every file shares --------------------------------------------------------------------
+def _not_newer(version: int) -> str | None:
     if version > fmt.FORMAT_VERSION:
-        raise CheckpointError(f"{where}: format version {version} is newer than this fft-dist understands "
-                              f"({fmt.FORMAT_VERSION}); upgrade fft-dist")
-    files = obj.get("files")
-    if not isinstance(files, dict):
-        raise CheckpointError(f"{where}: 'files' is missing or not an object")
-    for rel, rec in files.items():
-        check_relpath(rel, f"{where}: entry {rel!r}")
-        if rel == fmt.MANIFEST_FILE:
-            raise CheckpointError(f"{where}: lists itself")
-        if not isinstance(rec, dict) or not _is_int(rec.get("size")) or rec["size"] < 0:
-            raise CheckpointError(f"{where}: entry {rel!r} has no valid 'size' (got {rec!r})")
-        if not isinstance(rec.get("sha256"), str) or not _SHA256.match(rec["sha256"]):
-            raise CheckpointError(f"{where}: entry {rel!r} has no valid 'sha256' (got {rec!r})")
-    for required in (fmt.INDEX_FILE, fmt.TRAIN_STATE_FILE):
-        if required not in files:
-            raise CheckpointError(f"{where}: does not list {required}")
-    return obj
+        return (f"format version {version} is newer than this fft-dist understands ({fmt.FORMAT_VERSION}); "
+                "upgrade fft-dist")
+    return None
+
+
+FORMAT = Const(fmt.FORMAT_NAME)
+VERSION = Check(Int(1), _not_newer, expected=f"a format version up to {fmt.FORMAT_VERSION}")
+COUNT = Int(0)
+"""Anything that counts (steps, bytes, elements): 0 <= n < 2**53."""
+WORLD_SIZE = Int(1, 1 << 20)
+RUN_ID = Str(r"[0-9a-f]{12,64}", expected="a run id (12 to 64 lowercase hex digits)")
+CREATED = Str(max_len=64)
+VERSION_TEXT = Str(max_len=128)
+SHA256 = Str(r"[0-9a-f]{64}", expected="a sha256 (64 lowercase hex digits)")
+RELPATH = Check(Str(min_len=1), _relpath_problem, expected="a relative path inside the checkpoint folder")
+
+
+def _dtype_problem(name: str) -> str | None:
+    try:
+        fmt.dtype_from_name(name)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+DTYPE = Check(Str(max_len=64), _dtype_problem, expected="a dtype name")
+SHAPE = ListOf(COUNT, max_len=64)
+
+
+# -- MANIFEST.json -----------------------------------------------------------------------------------
+def _files_problem(files: dict) -> str | None:
+    if fmt.MANIFEST_FILE in files:
+        return "the manifest lists itself"
+    missing = [f for f in (fmt.INDEX_FILE, fmt.TRAIN_STATE_FILE) if f not in files]
+    return f"it does not list {', '.join(missing)}" if missing else None
+
+
+MANIFEST_SPEC = Obj(
+    {"format": FORMAT, "format_version": VERSION, "step": COUNT, "world_size": WORLD_SIZE, "created": CREATED,
+     "files": Check(MapOf(Obj({"size": COUNT, "sha256": SHA256}), key=RELPATH), _files_problem,
+                    expected="every file of the checkpoint but the manifest")},
+    {"run_id": RUN_ID},
+    expected="an fft-dist checkpoint manifest (a JSON object)")
+
+
+def validate_manifest(obj: Any, where: Path) -> dict:
+    return parse(MANIFEST_SPEC, obj, str(where))
 
 
 def read_manifest(folder: Path) -> dict:
@@ -94,28 +119,37 @@ def read_manifest(folder: Path) -> dict:
     return validate_manifest(fmt.read_json(mpath, "manifest"), mpath)
 
 
-# -- index.json --------------------------------------------------------------------------------------
+# -- index.json ----------------------------------------------------------------------------------------
+RANGE = Tuple(COUNT, COUNT, Str(min_len=1), Str(min_len=1, max_len=8192), expected="[start, stop, file, key]")
+KIND = Obj({"shape": SHAPE, "dtype": DTYPE, "ranges": ListOf(RANGE)})
+
+
+def _tensor_problem(t: dict) -> None:
+    param = t["kinds"].get(fmt.PARAM_KIND)
+    if param is None:
+        raise Invalid(("kinds",), f"has no {fmt.PARAM_KIND!r} entry (every tensor stores its parameter)")
+    if param["shape"] != t["shape"] or param["dtype"] != t["dtype"]:
+        raise Invalid((), f"shape/dtype {t['shape']} {t['dtype']} differ from its {fmt.PARAM_KIND!r} entry's "
+                          f"{param['shape']} {param['dtype']}")
+
+
+TENSOR = Obj({"shape": SHAPE, "dtype": DTYPE,
+              "kinds": MapOf(KIND, key=Str(r"[^@]{1,256}", expected="a state kind"), min_len=1)},
+             after=_tensor_problem)
+INDEX_SPEC = Obj({"format": FORMAT, "format_version": VERSION, "world_size": WORLD_SIZE,
+                  "tensors": MapOf(TENSOR, min_len=1, expected="an object with at least one tensor")},
+                 expected="an fft-dist checkpoint index (a JSON object)")
+
+
 def validate_index(obj: Any, where: Path, *, listed: set[str] | None = None) -> dict:
-    """Types of every field, safe shard paths (listed in the manifest when `listed` is given), and
-    ranges that are sorted, contiguous and cover each (tensor, kind) exactly."""
-    if not isinstance(obj, dict) or obj.get("format") != fmt.FORMAT_NAME or not isinstance(obj.get("tensors"), dict):
-        raise CheckpointError(f"{where}: not an fft-dist checkpoint index")
+    """The spec, then safe shard paths (listed in the manifest when `listed` is given), and ranges that
+    are sorted, contiguous and cover each (tensor, kind) exactly."""
+    obj = parse(INDEX_SPEC, obj, str(where))
     for name, t in obj["tensors"].items():
-        what = f"{where}: tensor {name!r}"
-        if not isinstance(t, dict) or not _shape_ok(t.get("shape")) or not isinstance(t.get("kinds"), dict):
-            raise CheckpointError(f"{what}: malformed entry (needs shape, dtype, kinds)")
-        _dtype(t.get("dtype"), what)
         for kind, k in t["kinds"].items():
             kwhat = f"{where}: {name} ({kind})"
-            if not isinstance(k, dict) or not _shape_ok(k.get("shape")) or not isinstance(k.get("ranges"), list):
-                raise CheckpointError(f"{kwhat}: malformed entry (needs shape, dtype, ranges)")
-            _dtype(k.get("dtype"), kwhat)
             pos, total = 0, fmt.numel(k["shape"])
-            for r in k["ranges"]:
-                if not (isinstance(r, list) and len(r) == 4 and _is_int(r[0]) and _is_int(r[1])
-                        and isinstance(r[3], str)):
-                    raise CheckpointError(f"{kwhat}: malformed range {r!r} (expected [start, stop, file, key])")
-                start, stop, file, _ = r
+            for start, stop, file, _ in k["ranges"]:
                 check_relpath(file, f"{kwhat}: range {start}..{stop}")
                 if listed is not None and file not in listed:
                     raise CheckpointError(f"{kwhat}: shard {file!r} is not listed in {fmt.MANIFEST_FILE}")
@@ -127,15 +161,6 @@ def validate_index(obj: Any, where: Path, *, listed: set[str] | None = None) -> 
     return obj
 
 
-def _dtype(name: Any, where: str) -> None:
-    if not isinstance(name, str):
-        raise CheckpointError(f"{where}: dtype {name!r} is not a string")
-    try:
-        fmt.dtype_from_name(name)
-    except CheckpointError as e:
-        raise CheckpointError(f"{where}: {e}") from None
-
-
 def read_index(folder: Path, *, manifest: dict | None = None) -> dict:
     ipath = Path(folder) / fmt.INDEX_FILE
     if not ipath.is_file():
@@ -144,47 +169,93 @@ def read_index(folder: Path, *, manifest: dict | None = None) -> dict:
     return validate_index(fmt.read_json(ipath, "index"), ipath, listed=listed)
 
 
-# -- train_state.json --------------------------------------------------------------------------------
-_STATE_FIELDS: dict[str, tuple[type, ...]] = {
-    "step": (int,), "world_size": (int,), "train_state": (dict,), "rng": (list,),
-    "backend": (str, type(None)), "config_yaml": (str, type(None)), "model_config": (dict, type(None)),
-    "meta": (dict, type(None)), "created": (str, type(None)), "fft_dist_version": (str, type(None)),
-}
+# -- train_state.json ------------------------------------------------------------------------------------
+META_SPEC = Obj({}, {
+    "model_path": Nullable(Str()), "optimizer": Str(max_len=64), "task": Str(max_len=64),
+    "tokenizer_dir": Nullable(Str()), "generation_config": Nullable(JSON_OBJECT),
+}, expected="an object of run facts")
+"""``meta``: what save_checkpoint's caller passed, less config_yaml, model_config and backend (their own
+fields). Record only: paths in it are never read (export takes the tokenizer from the checkpoint's
+own copy or an explicit argument)."""
+
+
+def _one_rng_per_rank(obj: dict) -> None:
+    """Before the states are checked: 10,000 copies of one are refused at once."""
+    ws, rng = obj["world_size"], obj["rng"]
+    if type(rng) is list and type(ws) is int and len(rng) != ws:
+        raise Invalid(("rng",), f"expected one RNG state per rank (world_size {ws}), got {len(rng)}")
+
+
+TRAIN_STATE_SPEC = Obj(
+    {"format": FORMAT, "format_version": VERSION, "fft_dist_version": VERSION_TEXT, "torch_version": VERSION_TEXT,
+     "step": COUNT, "world_size": WORLD_SIZE, "backend": Str(max_len=64), "created": CREATED,
+     "train_state": JSON_OBJECT, "rng": ListOf(RNG_SPEC, min_len=1), "config_yaml": Nullable(Str(max_len=1 << 24)),
+     "model_config": Nullable(JSON_OBJECT), "meta": META_SPEC},
+    {"run_id": RUN_ID},
+    expected="an fft-dist train state (a JSON object)", before=_one_rng_per_rank)
+"""The envelope. ``train_state`` is the caller's own dict, checked only as an object here (the fft-dist
+trainer's sections: :func:`fft_dist.train_state.parse_trainer_state`)."""
 
 
 def validate_train_state(obj: Any, where: Path) -> dict:
-    if not isinstance(obj, dict) or obj.get("format") != fmt.FORMAT_NAME:
-        raise CheckpointError(f"{where}: not an fft-dist train state")
-    for key, types in _STATE_FIELDS.items():
-        value = obj.get(key)
-        if not isinstance(value, types) or isinstance(value, bool):
-            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise CheckpointError(f"{where}: field {key!r} is {type(value).__name__} {_short(value)}, expected {want}")
-    for r, state in enumerate(obj["rng"]):
-        _check_rng(state, f"{where}: rng[{r}]")
-    return obj
-
-
-def _check_rng(state: Any, where: str) -> None:
-    ok = isinstance(state, dict)
-    py = state.get("python") if ok else None
-    ok = ok and isinstance(py, list) and len(py) == 3 and _is_int(py[0]) and isinstance(py[1], list) \
-        and all(_is_int(x) for x in py[1]) and (py[2] is None or isinstance(py[2], (int, float)))
-    npy = state.get("numpy") if ok else None
-    ok = ok and isinstance(npy, dict) and isinstance(npy.get("kind"), str) and isinstance(npy.get("key"), list) \
-        and all(_is_int(x) for x in npy["key"]) and _is_int(npy.get("pos")) and _is_int(npy.get("has_gauss")) \
-        and isinstance(npy.get("cached_gaussian"), (int, float))
-    ok = ok and isinstance(state.get("torch"), str) and isinstance(state.get("cuda", []), list) \
-        and all(isinstance(c, str) for c in state.get("cuda", []))
-    if not ok:
-        raise CheckpointError(f"{where}: malformed RNG state (expected python, numpy, torch, cuda entries)")
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:40] + "..."
+    return parse(TRAIN_STATE_SPEC, obj, str(where))
 
 
 def read_train_state_file(folder: Path) -> dict:
     path = Path(folder) / fmt.TRAIN_STATE_FILE
     return validate_train_state(fmt.read_json(path, "train state"), path)
+
+
+def check_agree(folder: Path, manifest: dict, index: dict, state: dict) -> None:
+    """The three files describe the same save: one step, one world size (a mixed-up copy otherwise)."""
+    folder = Path(folder)
+    if manifest["step"] != state["step"]:
+        raise CheckpointError(f"{folder / fmt.TRAIN_STATE_FILE}: field step: {state['step']}, but "
+                              f"{fmt.MANIFEST_FILE} says {manifest['step']}")
+    for name, obj in ((fmt.INDEX_FILE, index), (fmt.TRAIN_STATE_FILE, state)):
+        if obj["world_size"] != manifest["world_size"]:
+            raise CheckpointError(f"{folder / name}: field world_size: {obj['world_size']}, but "
+                                  f"{fmt.MANIFEST_FILE} says {manifest['world_size']}")
+    named = fmt.parse_step(folder.name)
+    if named is not None and named != manifest["step"]:
+        raise CheckpointError(f"{folder / fmt.MANIFEST_FILE}: field step: {manifest['step']}, but the folder is "
+                              f"named {folder.name}")
+
+
+# -- latest ------------------------------------------------------------------------------------------------
+def parse_latest(text: bytes | str, where: Path) -> str:
+    """The folder name held by a ``latest`` file: exactly one ``step-N`` name, nothing else. Its content
+    is never echoed (``latest`` may be anything, even a link to a secret): only its size is."""
+    data = text.encode("utf-8", "replace") if isinstance(text, str) else text
+    try:
+        name = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not fmt.STEP_DIR_RE.match(name):
+        raise CheckpointError(f"{where}: holds {len(data)} bytes that are not a step-N folder name")
+    return name
+
+
+def read_latest_file(path: Path) -> str:
+    """Read ``latest`` only when it is a small regular file: a symbolic link, a folder, a FIFO or a
+    device is refused unread (following a link would read, and might show, a file outside the root)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        if path.is_symlink():
+            raise CheckpointError(f"{path}: a symbolic link; refusing to follow it (expected a file holding "
+                                  "one step-N folder name)") from None
+        raise CheckpointError(f"{path}: unreadable: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path}: not a regular file; expected a file holding one step-N folder name")
+        if st.st_size > LATEST_MAX_BYTES:
+            raise CheckpointError(f"{path}: holds {st.st_size} bytes that are not a step-N folder name")
+        data = os.read(fd, LATEST_MAX_BYTES + 1)
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    return parse_latest(data, path)
