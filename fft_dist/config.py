@@ -237,7 +237,7 @@ class CheckpointConfig:
     every_steps: int = 0
     """Save every N optimizer steps (0: only at the end if save_final)."""
     keep_last: int = 2
-    """Intact checkpoints kept; older ones are pruned after each commit."""
+    """Intact checkpoints of this run kept; older ones of this run are pruned after each commit."""
     keep_best: bool = False
     """Also keep the checkpoint with the best eval loss, whatever keep_last says."""
     save_final: bool = True
@@ -246,7 +246,8 @@ class CheckpointConfig:
     export: ExportChoice = ExportChoice.last
     """Which checkpoint export_final writes: last, or best (needs keep_best and evaluations)."""
     overwrite: bool = False
-    """With resume=none, delete the checkpoints an earlier run left in checkpoint.dir instead of refusing."""
+    """With resume=none, delete what an earlier run left (its fft-dist checkpoints, config.yaml, metrics.jsonl,
+    tb/ events, hf/ export) instead of refusing; never anything fft-dist cannot prove it made."""
     load_optimizer: bool = True
     """On resume, restore the optimizer states. false: weights, step and schedule only (to switch optimizer)."""
 

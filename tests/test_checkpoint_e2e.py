@@ -85,7 +85,7 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 def test_layout_and_export_of_a_real_run(uninterrupted):
     root = uninterrupted / "checkpoints"
-    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000004", "step-0000008"]
+    assert sorted(p.name for p in root.iterdir()) == [".fft-dist.lock", "latest", "step-0000004", "step-0000008"]
     info = ckpt.checkpoint_info(root / "step-0000008")
     assert (info["step"], info["backend"], info["world_size"]) == (8, "fsdp", 2)
     assert ckpt.verify_checkpoint(root / "step-0000008") == []
@@ -174,12 +174,14 @@ def test_resume_from_corrupt_checkpoint_exits_4_and_writes_nothing(uninterrupted
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    before = {p.relative_to(run): p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")}
+    before = {p.relative_to(run): p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")
+              if p.name != ".fft-dist.lock"}
     proc = torchrun_train(run, f"resume={good}", expect_rc=1)  # torchrun itself exits 1; the ranks exit 4
     assert f"exitcode  : {CHECKPOINT_ERROR}" in proc.stderr, proc.stderr[-3000:]
     assert "optim/shard-00001-of-00002.safetensors" in proc.stderr, proc.stderr[-3000:]
     assert "sha256" in proc.stderr, proc.stderr[-3000:]
-    after = {p.relative_to(run): p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")}
+    after = {p.relative_to(run): p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")
+             if p.name != ".fft-dist.lock"}  # the job locks checkpoint.dir while it runs
     assert after == before, f"checkpoint files changed (nothing may be saved or pruned)\n{proc.stderr[-3000:]}"
     trained = (run / "metrics.jsonl").exists() and [r for r in read_metrics(run) if "loss" in r]
     assert not trained, f"a step ran from a corrupt checkpoint\n{proc.stderr[-3000:]}"

@@ -149,3 +149,8 @@ def test_failed_export_leaves_the_previous_folder_untouched(llama, tmp_path, mon
                            "--max-shard-size", "4KB"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "hf"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".hf.partial"), leftovers  # what the kill left
+    monkeypatch.undo()
+    ckpt.export_hf(llama, out, max_shard_size="4KB", overwrite=True)  # the next export into hf removes it
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]

@@ -103,6 +103,47 @@ def test_preempted_run_resumes_with_resume_auto(tmp_path):
     assert max(steps) == 30 and ckpt.find_resume("auto", run / "checkpoints").name == "step-0000030"
 
 
+@pytest.mark.slow
+def test_a_stop_during_evaluation_checkpoints_within_a_batch(tmp_path):
+    """The ranks agree on a stop before every eval batch: 75 and a checkpoint within seconds, not after
+    the whole evaluation (7 batches of 2 s each here, made slow by tests/hooks/slow_eval)."""
+    flag = tmp_path / "slow"
+    env = child_env(FFT_DIST_TEST_SLOW_EVAL=str(flag))
+    env["PYTHONPATH"] = f"{REPO / 'tests' / 'hooks' / 'slow_eval'}{os.pathsep}{env['PYTHONPATH']}"
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fft_dist.cli", "train", f"run.dir={run}", *LONG_JOB,
+                             "eval.every_steps=2", "eval.max_batches=0"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ranks = wait_for_steps(proc, run, steps=1)
+    flag.touch()  # from here on every eval batch is slow; the evaluation at step 2 takes ~14 s
+    ranks = wait_for_steps(proc, run, steps=2)
+    t0 = time.time()
+    os.kill(proc.pid, signal.SIGUSR1)
+    code, out, err = finish(proc, ranks)
+    took = time.time() - t0
+    assert code == PREEMPTED, err[-3000:]
+    assert took < 8, f"the stop waited {took:.1f} s: the whole evaluation"
+    assert ckpt.find_resume("auto", run / "checkpoints").name == "step-0000002"
+    assert not [r for r in read_metrics(run) if "eval_loss" in r and r["step"] == 2], "a cut-short eval is not logged"
+
+
+def test_a_stop_during_composition_stays_a_stop():
+    """OmegaConf wraps or re-raises (as ``type(e)(message)``) what is raised inside it: a stop signal that
+    lands while the config is composed must come out as the same StartupInterrupted (exit 76)."""
+    from omegaconf import OmegaConf
+
+    from fft_dist.preemption import StartupInterrupted
+
+    def stop():
+        raise StartupInterrupted(signal.SIGTERM)
+
+    OmegaConf.register_new_resolver("test_stop_now", stop, replace=True)
+    with pytest.raises(StartupInterrupted) as e:
+        OmegaConf.create({"a": "${test_stop_now:}"}).a
+    assert e.value.signum == signal.SIGTERM
+    assert StartupInterrupted("SIGTERM\n    full_key: data.name").signum == signal.SIGTERM  # the re-raise form
+
+
 def test_signal_before_any_rank_starts_exits_76_and_says_nothing_was_saved(tmp_path):
     run = tmp_path / "run"
     proc = start(run)
