@@ -200,12 +200,13 @@ class Job:
             return ("# fft-dist runs this through torch.distributed.run's API, forwarding stop signals to the ranks\n"
                     + plan.shell_line(argv, self.env()))
         if self.name == LauncherName.deepspeed:
-            lines = [f"# {self.run_dir / 'hostfile'}: {line}" for line in plan.hostfile_text(lch).splitlines()]
+            hostfile, env_file = (plan.comment_words([str(self.run_dir / f)]) for f in ("hostfile", "deepspeed_env"))
+            lines = [f"# {hostfile}: {line}" for line in plan.hostfile_text(lch).splitlines()]
             if lch.hosts:
-                env_file = self.run_dir / "deepspeed_env"
                 lines += [f"# {env_file} (DS_ENV_FILE, exported on every host): {line}"
                           for line in plan.deepspeed_env_text(self.env()).splitlines()]
-                return "\n".join([*lines, plan.shell_line(self._deepspeed_argv(), {"DS_ENV_FILE": str(env_file)})])
+                env = {"DS_ENV_FILE": str(self.run_dir / "deepspeed_env")}
+                return "\n".join([*lines, plan.shell_line(self._deepspeed_argv(), env)])
             return plan.shell_line(self._deepspeed_argv(), self.env())
         if self.name == LauncherName.slurm:
             return self.sbatch_script().rstrip("\n")
