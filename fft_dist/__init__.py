@@ -10,7 +10,7 @@ LAYERS: list[list[str]] = [
     ["exit_codes", "errors"],                        # what can go wrong, and its exit code
     ["config_launcher", "config"],                   # the typed schema
     ["validate", "compose", "config_help", "resume_checks", "preemption", "dist"],  # pure rules, processes
-    ["model", "optim", "metrics", "data", "loss"],   # components built from typed config
+    ["model_checks", "model", "optim", "metrics", "data", "loss"],  # components built from typed config
     ["strategy"],                                    # FSDP2 / DeepSpeed / single process behind one protocol
     ["memory", "planner"],                           # will it fit: per-GPU bytes, the cheapest set-up that fits
     ["checkpoint"],                                  # one format over every strategy's fragments

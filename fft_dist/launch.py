@@ -59,16 +59,19 @@ def preflight(cfg: FFTConfig, plan: BatchPlan) -> None:
     """Checks that need a package or a file but no process group: run before any rank starts."""
     from fft_dist.checkpoint import find_resume
     from fft_dist.data import check_data_files
+    from fft_dist.dist import check_backend
+    from fft_dist.launch_plan import ranks_on_this_machine
     from fft_dist.metrics import check_logging
+    from fft_dist.model import check_model
     from fft_dist.strategy import check as check_strategy
 
     check_strategy(cfg, plan)
     check_logging(cfg)
     check_data_files(cfg.data)
-    if cfg.model.path is not None:
-        from fft_dist.model import hf_config
-
-        hf_config(cfg.model)  # a broken config.json is a named error now, not a rank traceback
+    here = ranks_on_this_machine(cfg.launcher)
+    if here:
+        check_backend(cfg.dist.backend)
+    check_model(cfg, ranks_here=here, our_packages=cfg.launcher.name != LauncherName.container)
     if cfg.resume not in ("none", "auto"):
         find_resume(cfg.resume, Path(cfg.checkpoint.dir))
 

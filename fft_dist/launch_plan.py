@@ -88,6 +88,13 @@ def world_size(launcher: LauncherConfig) -> int:
     return nodes * launcher.nproc_per_node
 
 
+def ranks_on_this_machine(launcher: LauncherConfig) -> bool:
+    """Whether the ranks run here, with this machine's torch and devices (a container's image and a
+    SLURM or ssh host may differ: what they have is checked when the ranks start)."""
+    return launcher.name in (LauncherName.local, LauncherName.torchrun) or (
+        launcher.name == LauncherName.deepspeed and not launcher.hosts)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
