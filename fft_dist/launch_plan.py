@@ -140,11 +140,18 @@ def deepspeed_argv(launcher: LauncherConfig, *, hostfile: str | None, master_por
     return [*argv, f"--master_port={master_port}", "--module", "fft_dist.train"]
 
 
+DS_EXPORT_UNSAFE = frozenset('"$`\\\n\r')
+"""DeepSpeed's pdsh runner puts each DS_ENV_FILE value into `export KEY="value";` of a shell command
+on every host (multinode_runner.add_export, 0.19): inside double quotes these still mean something."""
+
+
 def deepspeed_env_text(env: dict[str, str]) -> str:
     """DS_ENV_FILE contents: what the deepspeed launcher exports on every host (KEY=VALUE lines)."""
-    bad = [k for k, v in env.items() if "\n" in v]
+    bad = [k for k, v in env.items() if DS_EXPORT_UNSAFE & set(v)]
     if bad:
-        raise ConfigError(f"launcher.env {bad}: values for the deepspeed launcher must be one line")
+        raise ConfigError(f"launcher.env / run.dir {bad}: with launcher.hosts, DeepSpeed's launcher exports each "
+                          'value on every host as export KEY="value" in a shell command, where a line break, ", $, ` '
+                          "or \\ would be read by that shell; use values without them")
     return "".join(f"{k}={v}\n" for k, v in env.items())
 
 

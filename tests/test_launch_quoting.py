@@ -208,3 +208,13 @@ def test_values_starting_with_a_dash_stay_values_for_torchrun_and_deepspeed():
 def test_deepspeed_hosts_must_be_plain_host_names(hosts):
     proc = dry("launcher=deepspeed", "parallelism=zero2", f"launcher.hosts={hosts}")
     assert proc.returncode == 2 and "launcher.hosts" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("value", ["$(touch MARK)", "`touch MARK`", 'a" ; touch MARK ; "b', "a\ntouch MARK"])
+def test_env_values_deepspeed_would_export_through_a_remote_shell_are_refused(value, tmp_path):
+    """DeepSpeed's pdsh runner writes export KEY="value"; into the command each host's shell runs."""
+    proc = dry("launcher=deepspeed", "parallelism=zero2", "launcher.hosts=[n1,n2]", "train.global_batch_size=16",
+               f"run.dir={tmp_path}/r", f"+launcher.env.X={hydra_quoted(value)}")
+    assert proc.returncode == 2 and "['X']" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert dry_ok("launcher=deepspeed", "parallelism=zero2", "launcher.hosts=[n1,n2]", "train.global_batch_size=16",
+                  f"run.dir={tmp_path}/r", "+launcher.env.X='a b,c'")
