@@ -81,9 +81,14 @@ def tokenizer_dir(cfg: ModelConfig) -> Path:
     return BUNDLED_TOKENIZER
 
 
-def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+def _code_free_tokenizer_dir(cfg: ModelConfig) -> Path:
     folder = tokenizer_dir(cfg)
     refuse_custom_code(folder, "model.tokenizer" if cfg.tokenizer is not None else "model.path")
+    return folder
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    folder = _code_free_tokenizer_dir(cfg)
     tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -98,8 +103,7 @@ def check_model(cfg: FFTConfig, *, ranks_here: bool, our_packages: bool) -> None
     from fft_dist.dist import warn0
 
     config = hf_config(cfg.model)
-    folder = tokenizer_dir(cfg.model)
-    refuse_custom_code(folder, "model.tokenizer" if cfg.model.tokenizer is not None else "model.path")
+    _code_free_tokenizer_dir(cfg.model)
     source = f"model.path={cfg.model.path}" if cfg.model.path is not None else f"model={cfg.model.name}"
     warning = check_positions(config, cfg.data.max_length, source)
     if warning:
