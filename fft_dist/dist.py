@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fft_dist.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -36,10 +38,29 @@ def pick_backend(requested: str) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def check_backend(requested: str) -> None:
+    """dist.backend=nccl needs CUDA on the machine the ranks run on (the launcher checks it before
+    launch where the ranks run on its own machine; a rank checks it at start)."""
+    if requested == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("dist.backend=nccl needs CUDA GPUs, and torch sees none on this machine "
+                          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use dist.backend=auto "
+                          "(nccl on GPUs, gloo on CPU) or dist.backend=gloo")
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistContext:
-    """Join the process group (or run as a lone rank 0 when no launcher is present)."""
-    backend = pick_backend(backend)
+    """Join the process group (or run as a lone rank 0 when no launcher is present).
+
+    A backend this machine cannot run ends the rank with the config-error exit code (2) and one
+    message from rank 0, not a traceback (the caller does not catch errors this early).
+    """
     rank = int(os.environ.get("RANK", "0"))
+    try:
+        check_backend(backend)
+    except ConfigError as e:
+        from fft_dist.compose import report_known
+
+        raise SystemExit(report_known(e, show=rank == 0)) from None
+    backend = pick_backend(backend)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available() and backend == "nccl":

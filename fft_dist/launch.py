@@ -59,16 +59,19 @@ def preflight(cfg: FFTConfig, plan: BatchPlan) -> None:
     """Checks that need a package or a file but no process group: run before any rank starts."""
     from fft_dist.checkpoint import find_resume
     from fft_dist.data import check_data_files
+    from fft_dist.dist import check_backend
+    from fft_dist.launch_plan import ranks_on_this_machine
     from fft_dist.metrics import check_logging
+    from fft_dist.model import check_model
     from fft_dist.strategy import check as check_strategy
 
     check_strategy(cfg, plan)
     check_logging(cfg)
     check_data_files(cfg.data)
-    if cfg.model.path is not None:
-        from fft_dist.model import hf_config
-
-        hf_config(cfg.model)  # a broken config.json is a named error now, not a rank traceback
+    here = ranks_on_this_machine(cfg.launcher)
+    if here:
+        check_backend(cfg.dist.backend)
+    check_model(cfg, ranks_here=here, our_packages=cfg.launcher.name != LauncherName.container)
     if cfg.resume not in ("none", "auto"):
         find_resume(cfg.resume, Path(cfg.checkpoint.dir))
 
@@ -221,12 +224,13 @@ class Job:
             return ("# fft-dist runs this through torch.distributed.run's API, forwarding stop signals to the ranks\n"
                     + plan.shell_line(argv, self.env()))
         if self.name == LauncherName.deepspeed:
-            lines = [f"# {self.run_dir / 'hostfile'}: {line}" for line in plan.hostfile_text(lch).splitlines()]
+            hostfile, env_file = (plan.comment_words([str(self.run_dir / f)]) for f in ("hostfile", "deepspeed_env"))
+            lines = [f"# {hostfile}: {line}" for line in plan.hostfile_text(lch).splitlines()]
             if lch.hosts:
-                env_file = self.run_dir / "deepspeed_env"
                 lines += [f"# {env_file} (DS_ENV_FILE, exported on every host): {line}"
                           for line in plan.deepspeed_env_text(self.env()).splitlines()]
-                return "\n".join([*lines, plan.shell_line(self._deepspeed_argv(), {"DS_ENV_FILE": str(env_file)})])
+                env = {"DS_ENV_FILE": str(self.run_dir / "deepspeed_env")}
+                return "\n".join([*lines, plan.shell_line(self._deepspeed_argv(), env)])
             return plan.shell_line(self._deepspeed_argv(), self.env())
         if self.name == LauncherName.slurm:
             return self.sbatch_script().rstrip("\n")

@@ -7,6 +7,7 @@ launchers; one set for a launcher that does not use it is refused (:func:`check_
 from __future__ import annotations
 
 import dataclasses
+import re
 import shlex
 import socket
 import sys
@@ -27,7 +28,9 @@ OWN_OPTIONS: dict[LauncherName, set[str]] = {
 SLURM_PORT = 29500
 # fft-dist's own torchrun settings: our SignalForwarder handles the stop signals (torchrun's handler
 # would kill ranks mid-save), and a short monitor interval notices a dead rank quickly.
-AGENT_FLAGS = ["--monitor_interval", "0.5", "--signals_to_handle", "SIGQUIT"]
+AGENT_FLAGS = ["--monitor_interval=0.5", "--signals_to_handle=SIGQUIT"]
+HOST_NAME = re.compile(r"\w[\w.:-]*", re.ASCII)
+"""A plain host name or address: one word, no leading '-' (it is written into a hostfile and an ssh command)."""
 
 
 def _default(f: dataclasses.Field):
@@ -55,11 +58,17 @@ def check_launcher(launcher: LauncherConfig, parallelism: Parallelism) -> None:
         (launcher.nodes >= 1 and launcher.gpus_per_node >= 0 and launcher.cpus_per_task >= 0,
          "launcher.nodes must be >= 1, launcher.gpus_per_node and launcher.cpus_per_task >= 0"),
         (launcher.signal_lead_s >= 0, "launcher.signal_lead_s must be >= 0 (0: no --signal line)"),
-        (all(line.startswith("#SBATCH ") for line in launcher.sbatch_lines),
-         f"launcher.sbatch_lines must each start with '#SBATCH ': {launcher.sbatch_lines}"),
+        (all(line.startswith("#SBATCH ") and one_line(line) for line in launcher.sbatch_lines),
+         f"launcher.sbatch_lines must each be one line starting with '#SBATCH ': {launcher.sbatch_lines}"),
+        (all(HOST_NAME.fullmatch(host) for host in launcher.hosts),
+         f"launcher.hosts={launcher.hosts}: each entry must be a plain host name or address (letters, digits, "
+         f"'.', ':', '-', '_'; no spaces, no leading '-')"),
         (launcher.engine in ("docker", "podman"), f"launcher.engine={launcher.engine!r}: use docker or podman"),
         (launcher.name != LauncherName.container or bool(launcher.image),
          "launcher=container needs launcher.image=<image built from docker/Dockerfile*>"),
+        (not launcher.image.startswith("-") and one_word(launcher.image),
+         f"launcher.image={launcher.image!r} must be an image name: one word, not starting with '-' "
+         "(the engine would read it as an option)"),
         (not (launcher.ipc_host and launcher.shm_size),
          "launcher.shm_size has no effect with launcher.ipc_host=true (the host's /dev/shm is used); set one"),
         (all(k.isidentifier() for k in launcher.env), f"launcher.env keys must be variable names: {list(launcher.env)}"),
@@ -79,6 +88,13 @@ def world_size(launcher: LauncherConfig) -> int:
     return nodes * launcher.nproc_per_node
 
 
+def ranks_on_this_machine(launcher: LauncherConfig) -> bool:
+    """Whether the ranks run here, with this machine's torch and devices (a container's image and a
+    SLURM or ssh host may differ: what they have is checked when the ranks start)."""
+    return launcher.name in (LauncherName.local, LauncherName.torchrun) or (
+        launcher.name == LauncherName.deepspeed and not launcher.hosts)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -86,21 +102,24 @@ def free_port() -> int:
 
 
 def torchrun_args(launcher: LauncherConfig) -> list[str]:
-    """torchrun's arguments (up to the module) for launcher=local or launcher=torchrun on this node."""
-    args = ["--nproc_per_node", str(launcher.nproc_per_node)]
+    """torchrun's arguments (up to the module) for launcher=local or launcher=torchrun on this node.
+
+    Options take their values attached (``--rdzv_id=<id>``), so a value starting with '-' stays a value.
+    """
+    args = [f"--nproc_per_node={launcher.nproc_per_node}"]
     if launcher.name == LauncherName.torchrun and launcher.nnodes > 1:
-        args += ["--nnodes", str(launcher.nnodes), "--node_rank", str(launcher.node_rank),
-                 "--rdzv_backend", "c10d", "--rdzv_endpoint", launcher.rdzv_endpoint, "--rdzv_id", launcher.rdzv_id,
+        args += [f"--nnodes={launcher.nnodes}", f"--node_rank={launcher.node_rank}", "--rdzv_backend=c10d",
+                 f"--rdzv_endpoint={launcher.rdzv_endpoint}", f"--rdzv_id={launcher.rdzv_id}",
                  # c10d cannot tell which node hosts the store when all nodes share a hostname; say it
-                 "--rdzv_conf", f"is_host={str(launcher.node_rank == 0).lower()}"]
+                 f"--rdzv_conf=is_host={str(launcher.node_rank == 0).lower()}"]
         if launcher.local_addr:
-            args += ["--local_addr", launcher.local_addr]
+            args.append(f"--local_addr={launcher.local_addr}")
     elif launcher.master_port:
-        args += ["--master_addr", "127.0.0.1", "--master_port", str(launcher.master_port)]
+        args += ["--master_addr=127.0.0.1", f"--master_port={launcher.master_port}"]
     else:
         args += ["--standalone"]
     restarts = launcher.max_restarts if launcher.name == LauncherName.torchrun else 0
-    return [*args, "--max_restarts", str(restarts), *AGENT_FLAGS]
+    return [*args, f"--max_restarts={restarts}", *AGENT_FLAGS]
 
 
 def hostfile_text(launcher: LauncherConfig) -> str:
@@ -113,45 +132,80 @@ DEEPSPEED_RUNNER = [sys.executable, "-m", "deepspeed.launcher.runner"]  # the `d
 def deepspeed_argv(launcher: LauncherConfig, *, hostfile: str | None, master_port: int) -> list[str]:
     """The deepspeed launcher's command line."""
     argv = list(DEEPSPEED_RUNNER)
-    argv += ["--hostfile", hostfile] if hostfile else ["--num_gpus", str(launcher.nproc_per_node)]
+    argv.append(f"--hostfile={hostfile}" if hostfile else f"--num_gpus={launcher.nproc_per_node}")
     if launcher.include:
-        argv += ["--include", launcher.include]
+        argv.append(f"--include={launcher.include}")
     if launcher.exclude:
-        argv += ["--exclude", launcher.exclude]
-    return [*argv, "--master_port", str(master_port), "--module", "fft_dist.train"]
+        argv.append(f"--exclude={launcher.exclude}")
+    return [*argv, f"--master_port={master_port}", "--module", "fft_dist.train"]
+
+
+DS_EXPORT_UNSAFE = frozenset('"$`\\\n\r')
+"""DeepSpeed's pdsh runner puts each DS_ENV_FILE value into `export KEY="value";` of a shell command
+on every host (multinode_runner.add_export, 0.19): inside double quotes these still mean something."""
 
 
 def deepspeed_env_text(env: dict[str, str]) -> str:
     """DS_ENV_FILE contents: what the deepspeed launcher exports on every host (KEY=VALUE lines)."""
-    bad = [k for k, v in env.items() if "\n" in v]
+    bad = [k for k, v in env.items() if DS_EXPORT_UNSAFE & set(v)]
     if bad:
-        raise ConfigError(f"launcher.env {bad}: values for the deepspeed launcher must be one line")
+        raise ConfigError(f"launcher.env / run.dir {bad}: with launcher.hosts, DeepSpeed's launcher exports each "
+                          'value on every host as export KEY="value" in a shell command, where a line break, ", $, ` '
+                          "or \\ would be read by that shell; use values without them")
     return "".join(f"{k}={v}\n" for k, v in env.items())
 
 
 def container_argv(launcher: LauncherConfig, *, run_dir: str, config_path: str) -> list[str]:
     """`docker|podman run ...` that starts the ranks inside the image, reading the same config file.
 
+    Every option carries its value attached (``--volume=<spec>``, ``--env=KEY=VALUE``), so no value
+    can be read as an option; the image (refused when it starts with '-') is the one positional word.
+
     The resolved config names this install's bundled files (the default data set and tokenizer);
     they are mounted read-only at the same path, so the image's fft-dist finds them there.
     """
-    argv = [launcher.engine, "run", "--rm", "--network", "host", "-v", f"{run_dir}:{run_dir}",
-            "-v", f"{ASSETS_DIR}:{ASSETS_DIR}:ro"]
-    for mount in launcher.mounts:
-        argv += ["-v", mount]
+    if ":" in run_dir or not one_line(run_dir):
+        raise ConfigError(f"run.dir={run_dir!r}: launcher=container mounts it as --volume=<dir>:<dir>, so it "
+                          "cannot hold ':' or a line break; pick another run.dir")
+    argv = [launcher.engine, "run", "--rm", "--network=host", f"--volume={run_dir}:{run_dir}",
+            f"--volume={ASSETS_DIR}:{ASSETS_DIR}:ro"]
+    argv += [f"--volume={mount}" for mount in launcher.mounts]
     if launcher.gpus:
-        argv += ["--gpus", launcher.gpus]
+        argv.append(f"--gpus={launcher.gpus}")
     if launcher.ipc_host:
-        argv += ["--ipc", "host"]
+        argv.append("--ipc=host")
     elif launcher.shm_size:
-        argv += ["--shm-size", launcher.shm_size]
-    for key, value in {**launcher.env, CONFIG_ENV: config_path}.items():
-        argv += ["-e", f"{key}={value}"]
+        argv.append(f"--shm-size={launcher.shm_size}")
+    argv += [f"--env={key}={value}" for key, value in {**launcher.env, CONFIG_ENV: config_path}.items()]
     node = torchrun_args(dataclasses.replace(launcher, name=LauncherName.local))
     return [*argv, launcher.image, "node", *node]
 
 
+def one_line(text: str) -> bool:
+    """No line break or other control character: safe inside a comment or an #SBATCH line."""
+    return not any(ord(ch) < 32 or ord(ch) == 127 for ch in text)
+
+
+def one_word(text: str) -> bool:
+    return one_line(text) and not any(ch.isspace() for ch in text)
+
+
 def shell_line(argv: list[str], env: dict[str, str] | None = None) -> str:
-    """One copy-pasteable shell line, every word quoted as needed."""
+    """A copy-pasteable shell command, every word quoted as needed (POSIX quotes: `shlex.split` reads
+    it back exactly; a value holding a newline keeps it, inside its quotes)."""
     prefix = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()]
     return " ".join([*prefix, *(shlex.quote(a) for a in argv)])
+
+
+_C_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _ansi_c(ch: str) -> str:
+    return _C_ESCAPES.get(ch) or (ch if one_line(ch) else f"\\x{ord(ch):02x}")
+
+
+def comment_words(argv: list[str]) -> str:
+    """`argv` as shell words on one line, for a comment that must stay one line and copy-pasteable:
+    a word holding a newline or another control character is written in bash's ANSI-C quoting,
+    ``$'line 1\\nline 2'``; the others as `shlex.quote` writes them."""
+    return " ".join(shlex.quote(a) if one_line(a) else "$'" + "".join(map(_ansi_c, a)) + "'" for a in argv)

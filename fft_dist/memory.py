@@ -65,7 +65,7 @@ def model_shape(cfg: FFTConfig) -> ModelShape:
 
     config = hf_config(cfg.model)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     apply_freeze(model, cfg.model)
     params = list({id(p): p for p in model.parameters()}.values())
     layers = decoder_layers(model)

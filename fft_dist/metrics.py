@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import resource
 from pathlib import Path
 
@@ -60,6 +61,42 @@ def check_logging(cfg: FFTConfig) -> None:
     if importlib.util.find_spec("wandb") is None:
         raise ConfigError("logging.wandb.enabled=true but the wandb package is not installed: "
                           "pip install 'fft-dist[wandb]' (or set logging.wandb.enabled=false)")
+    env = {**os.environ, **cfg.launcher.env}  # launcher.env reaches the ranks too
+    if wb.mode == "online" and not wandb_key_found(env):
+        raise ConfigError("logging.wandb.mode=online needs a W&B API key, and none was found (no WANDB_API_KEY, "
+                          f"no WANDB_IDENTITY_TOKEN_FILE, no entry for {_wandb_host(env)} in {_netrc_path()}); run "
+                          "`wandb login`, or set WANDB_API_KEY (or +launcher.env.WANDB_API_KEY=...), or use "
+                          "logging.wandb.mode=offline and `wandb sync` later")
+
+
+def _wandb_host(env: dict[str, str]) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(env.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+
+
+def _netrc_path() -> Path:
+    """The netrc file wandb 0.31 reads (wandb/sdk/lib/wbauth/wbnetrc.py): $NETRC, else ~/.netrc,
+    else ~/_netrc if only that exists."""
+    if os.environ.get("NETRC"):
+        return Path(os.environ["NETRC"]).expanduser()
+    unix, windows = Path("~/.netrc").expanduser(), Path("~/_netrc").expanduser()
+    return windows if windows.exists() and not unix.exists() else unix
+
+
+def wandb_key_found(env: dict[str, str]) -> bool:
+    """Whether wandb.init(mode='online') will find credentials where wandb 0.31 looks for them (the
+    environment `env` of the ranks, then the netrc entry of its host), without importing wandb or
+    asking the server."""
+    import netrc
+
+    if env.get("WANDB_API_KEY") or env.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    try:
+        entry = netrc.netrc(str(_netrc_path())).authenticators(_wandb_host(env))
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
 
 
 def _series_name(key: str) -> str:

@@ -3,11 +3,13 @@ and its tokenizer from our config. No parallelism here."""
 from __future__ import annotations
 
 import fnmatch
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import (
+    CONFIG_MAPPING,
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -16,8 +18,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fft_dist.config import ASSETS_DIR, ConfigError, DataFormat, ModelConfig
+from fft_dist.config import ASSETS_DIR, ConfigError, DataFormat, FFTConfig, ModelConfig
 from fft_dist.errors import CheckpointError
+from fft_dist.model_checks import check_attention, check_heads, check_positions, refuse_custom_code
 
 BUNDLED_TOKENIZER = ASSETS_DIR / "tokenizer"
 CAUSAL_LM = "causal_lm"
@@ -27,20 +30,47 @@ _CLASSIFICATION_PROBLEM = "single_label_classification"
 
 
 def hf_config(cfg: ModelConfig) -> PretrainedConfig:
-    """The transformers config: from model.path, or from model.arch for a random init."""
-    if cfg.path is not None:
-        try:
-            config = AutoConfig.from_pretrained(cfg.path, local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as e:  # JSON errors are ValueErrors
-            raise CheckpointError(f"model.path={cfg.path}: {Path(cfg.path) / 'config.json'} is not a usable "
-                                  f"transformers config: {e}") from None
-    else:
-        arch = dict(cfg.arch)
-        model_type = arch.pop("model_type")
-        config = AutoConfig.for_model(model_type, **arch)
+    """The transformers config: from model.path, or from model.arch for a random init.
+
+    Never with the folder's own code (trust_remote_code=False; a folder with auto_map is refused),
+    and with the attention heads checked before transformers builds it (its own check is a traceback).
+    """
+    config = _folder_config(Path(cfg.path)) if cfg.path is not None else _arch_config(dict(cfg.arch))
     config._attn_implementation = cfg.attn_implementation  # noqa: SLF001 - the supported switch
     config.use_cache = False
     return config
+
+
+def _folder_config(path: Path) -> PretrainedConfig:
+    from huggingface_hub.errors import StrictDataclassError  # transformers' validation of a config's fields
+
+    refuse_custom_code(path, "model.path")
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        names = CONFIG_MAPPING[raw["model_type"]].attribute_map
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # unreadable or unknown: from_pretrained names the problem below
+    else:
+        check_heads(raw, names, f"{{}} in {path / 'config.json'}")
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:  # JSON errors are ValueErrors
+        raise CheckpointError(f"model.path={path}: {path / 'config.json'} is not a usable transformers config: "
+                              f"{e}") from None
+
+
+def _arch_config(arch: dict) -> PretrainedConfig:
+    from huggingface_hub.errors import StrictDataclassError
+
+    model_type = arch.pop("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ConfigError(f"model.arch.model_type={model_type!r} is not a model type transformers knows "
+                          "(fft-dist never runs a model's own code)")
+    check_heads(arch, CONFIG_MAPPING[model_type].attribute_map, "model.arch.{}")
+    try:
+        return AutoConfig.for_model(model_type, **arch)
+    except (ValueError, TypeError, StrictDataclassError) as e:
+        raise ConfigError(f"model.arch: transformers refuses this {model_type} architecture: {e}") from None
 
 
 def tokenizer_dir(cfg: ModelConfig) -> Path:
@@ -51,11 +81,35 @@ def tokenizer_dir(cfg: ModelConfig) -> Path:
     return BUNDLED_TOKENIZER
 
 
+def _code_free_tokenizer_dir(cfg: ModelConfig) -> Path:
+    folder = tokenizer_dir(cfg)
+    refuse_custom_code(folder, "model.tokenizer" if cfg.tokenizer is not None else "model.path")
+    return folder
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(cfg)), local_files_only=True)
+    folder = _code_free_tokenizer_dir(cfg)
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def check_model(cfg: FFTConfig, *, ranks_here: bool, our_packages: bool) -> None:
+    """Before launch: what :func:`hf_config`, :func:`load_tokenizer` and the rank's model would refuse
+    (custom code, heads, a broken config.json), data.max_length against the model's positions, and
+    the attention kernel. `ranks_here`: the ranks use this machine's devices; `our_packages`: and this
+    install's packages (not so in a container image, where :func:`build_model` reports it instead)."""
+    from fft_dist.dist import warn0
+
+    config = hf_config(cfg.model)
+    _code_free_tokenizer_dir(cfg.model)
+    source = f"model.path={cfg.model.path}" if cfg.model.path is not None else f"model={cfg.model.name}"
+    warning = check_positions(config, cfg.data.max_length, source)
+    if warning:
+        warn0(warning)
+    if our_packages:
+        check_attention(cfg.model.attn_implementation, cuda=torch.cuda.is_available() if ranks_here else None)
 
 
 def check_vocab(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -109,9 +163,20 @@ def for_task(config: PretrainedConfig, task: str, *, labels: list[str] = (), pad
 
 
 def build_model(config: PretrainedConfig) -> nn.Module:
-    """A randomly initialised fp32 model (weights from model.path are loaded later, per shard)."""
+    """A randomly initialised fp32 model (weights from model.path are loaded later, per shard).
+
+    An attention kernel transformers cannot use here (e.g. flash_attention_2 without its package,
+    inside a container whose image was not checked before launch) is a config error, not a traceback.
+    """
     auto = AutoModelForSequenceClassification if model_task(config) == SEQUENCE_CLASSIFICATION else AutoModelForCausalLM
-    return auto.from_config(config, dtype=torch.float32)
+    try:
+        return auto.from_config(config, dtype=torch.float32, trust_remote_code=False)
+    except (ImportError, ValueError) as e:
+        implementation = config._attn_implementation  # noqa: SLF001 - the supported switch
+        if implementation in ("eager", "sdpa", None):
+            raise
+        raise ConfigError(f"model.attn_implementation={implementation} cannot be used here: {e}; "
+                          "use model.attn_implementation=sdpa") from None
 
 
 def new_head_names(model: nn.Module) -> list[str]:

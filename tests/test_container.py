@@ -147,7 +147,7 @@ def test_readme_kubernetes_env_only_torchrun_dry_run(tmp_path):
     proc = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     words = shlex.split(proc.stdout.strip().splitlines()[-1])
-    pairs = dict(zip(words, words[1:]))
+    pairs = dict(w.split("=", 1) for w in words if w.startswith("--") and "=" in w)  # options take attached values
     assert pairs["--nnodes"] == "2" and pairs["--node_rank"] == "1" and pairs["--nproc_per_node"] == "2"
     assert pairs["--rdzv_backend"] == "c10d" and pairs["--rdzv_endpoint"] == "10.9.0.4:29400"
     assert pairs["--rdzv_id"] == "ft-42" and pairs["--rdzv_conf"] == "is_host=false"

@@ -60,7 +60,9 @@ def last_line_words(text: str) -> list[str]:
 
 
 def flag(words: list[str], name: str) -> str:
-    return words[words.index(name) + 1]
+    """The value of option `name`, given in the attached form `--name=value` (never as a separate word)."""
+    assert name not in words, f"{name} followed by a separate value word: {words}"
+    return next(w.split("=", 1)[1] for w in words if w.startswith(name + "="))
 
 
 def test_local_and_torchrun_dry_runs_show_the_torchrun_command_and_run_nothing(tmp_path):
@@ -124,7 +126,7 @@ def test_slurm_dry_run_is_a_whole_sbatch_script(tmp_path, parallelism):
                  'mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")'):
         assert line + "\n" in text, f"missing {line!r}:\n{text}"
     srun = text[text.index("srun "):text.index("code=$?")]
-    assert "--nproc_per_node 8 --nnodes 4 --rdzv_backend c10d" in srun and '--rdzv_endpoint "$head:29500"' in srun
+    assert "--nproc_per_node=8 --nnodes=4 --rdzv_backend=c10d" in srun and '--rdzv_endpoint="$head:29500"' in srun
     # the exports reach the ranks unchanged: run them through bash
     exports = "".join(ln + "\n" for ln in text.splitlines() if ln.startswith("export "))
     got = subprocess.run(["bash", "-c", exports + 'printf "%s|%s" "$ODD" "$FFT_DIST_CONFIG"'], capture_output=True,
@@ -138,8 +140,8 @@ def test_slurm_with_the_deepspeed_launcher_writes_a_hostfile_and_runs_one_runner
     assert "printf '%s slots=4\\n' \"${nodes[@]}\" > \"$log_dir/hostfile\"" in text, text
     srun = text[text.index("srun "):text.index("code=$?")]
     # each task expands its own SLURM_NODEID (escaped from the batch shell); no ssh, rendezvous on the first node
-    for part in ("node --deepspeed --hostfile $log_dir/hostfile --no_ssh", r"--node_rank \$SLURM_NODEID",
-                 "--master_addr $head --master_port 29500", "--module fft_dist.train"):
+    for part in ("node --deepspeed --hostfile=$log_dir/hostfile --no_ssh", r"--node_rank=\$SLURM_NODEID",
+                 "--master_addr=$head --master_port=29500", "--module fft_dist.train"):
         assert part in srun, f"missing {part!r}:\n{srun}"
     assert "torch.distributed.run" not in srun and "--rdzv" not in srun
     assert "#SBATCH --signal=USR1@120" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
@@ -160,14 +162,15 @@ def test_container_dry_run(tmp_path):
     words = last_line_words(dry_ok("launcher=container", "launcher.image=localhost/fft-dist:cpu", "launcher.engine=podman",
                                    "launcher.mounts=[/data:/data:ro]", "launcher.gpus=all", f'run.dir="{ODD}"',
                                    "+launcher.env.HF_HOME=/data/hf"))
-    assert words[:3] == ["podman", "run", "--rm"] and f"{ODD}:{ODD}" in words and "/data:/data:ro" in words
-    assert flag(words, "--gpus") == "all" and flag(words, "--ipc") == "host" and "HF_HOME=/data/hf" in words
-    assert f"FFT_DIST_CONFIG={ODD}/config.yaml" in words
+    assert words[:3] == ["podman", "run", "--rm"] and f"--volume={ODD}:{ODD}" in words
+    assert "--volume=/data:/data:ro" in words and "--env=HF_HOME=/data/hf" in words
+    assert flag(words, "--gpus") == "all" and flag(words, "--ipc") == "host"
+    assert f"--env=FFT_DIST_CONFIG={ODD}/config.yaml" in words
     image = words.index("localhost/fft-dist:cpu")
     assert words[image + 1] == "node" and flag(words, "--nproc_per_node") == "2"
     words = last_line_words(dry_ok("launcher=container", "launcher.image=i", "launcher.ipc_host=false",
                                    "launcher.shm_size=8g", f"run.dir={tmp_path}/r"))
-    assert flag(words, "--shm-size") == "8g" and "--ipc" not in words
+    assert flag(words, "--shm-size") == "8g" and not [w for w in words if w.startswith("--ipc")]
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -137,14 +137,18 @@ def check_options(cfg: DataConfig) -> None:
 
 
 def check_data_files(cfg: DataConfig) -> None:
-    """Before launch: the sources exist, decode, parse and have the columns (no tokenizer, no conversion).
+    """Before launch: the sources exist, decode, parse and have the columns of the right types (no
+    tokenizer, no conversion), and a data.chat_template file exists.
 
     With data.mixture, every source is checked, and each error names its entry (data.mixture.<name>).
     """
     from fft_dist.data.mixture import source_configs
 
+    from fft_dist.data.encode import check_chat_template
+
     for where, source_cfg in source_configs(cfg):
         check_options(source_cfg)
+        check_chat_template(source_cfg, where)
         for key, value in ((f"{where}.path", source_cfg.path), (f"{where}.eval_path", source_cfg.eval_path)):
             if value is None:
                 continue
@@ -154,16 +158,36 @@ def check_data_files(cfg: DataConfig) -> None:
 
 
 def check_source(source: Source, cfg: DataConfig) -> int:
-    """Rows found (JSONL: within the first PRECHECK_LINES lines); raises DataError naming the file."""
+    """Rows found (JSONL and text: within the first PRECHECK_LINES lines); raises DataError naming the file."""
     want = expected_columns(cfg)
     if source.loader == "json":
         return sum(1 for _ in iter_json_rows(source.path, want, cfg, max_lines=PRECHECK_LINES))
     if source.loader == "text":
         _have(source.path, ["text"], want)
-        return 1 if source.path.stat().st_size else 0
-    names, rows = _columnar_schema(source)
-    _have(source.path, names, want)
+        return sum(1 for _ in _lines(source.path, PRECHECK_LINES, "text"))
+    schema, rows = _columnar_schema(source)
+    _have(source.path, list(schema.names), want)
+    for column, kind in want.items():
+        found = schema.field(column).type
+        if not _holds(found, kind):
+            raise DataError(f"{source.path}: column {column!r} is {found}, but data.format={cfg.format.value} reads "
+                            f"it as {KIND_NAMES[kind]}; convert the column (or point data.*_key at another one)")
     return rows
+
+
+KIND_NAMES = {str: "a string", list: "a list"}
+
+
+def _holds(arrow_type: Any, kind: type) -> bool:
+    """Whether a column of `arrow_type` gives Python values of `kind` (what a JSON row is checked for)."""
+    import pyarrow as pa
+
+    if kind is str:
+        return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_string_view(arrow_type)
+    if kind is list:
+        return any(check(arrow_type) for check in (pa.types.is_list, pa.types.is_large_list,
+                                                    pa.types.is_fixed_size_list, pa.types.is_list_view))
+    return True
 
 
 def _have(path: Path, found: list[str], want: dict[str, type]) -> None:
@@ -172,32 +196,37 @@ def _have(path: Path, found: list[str], want: dict[str, type]) -> None:
         raise DataError(f"{path}: missing column(s) {missing}; expected {list(want)}, found {sorted(found)}")
 
 
-def _columnar_schema(source: Source) -> tuple[list[str], int]:
-    """(column names, rows) from a file's header or metadata, without reading its data."""
+def csv_header(path: Path) -> list[str]:
+    """A CSV file's column names. CSV holds text: every column is read as strings (no type guessing)."""
+    first = next(_lines(path, 1, "CSV"), (1, ""))[1]
+    return next(csv.reader(io.StringIO(first)), [])
+
+
+def _columnar_schema(source: Source):
+    """(arrow schema, rows) from a file's header or metadata, without reading its data."""
+    import pyarrow as pa
+
     path = source.path
     try:
         if source.loader == "parquet":
             import pyarrow.parquet as pq
 
             meta = pq.ParquetFile(path)
-            return list(meta.schema_arrow.names), meta.metadata.num_rows
+            return meta.schema_arrow, meta.metadata.num_rows
         if source.loader == "csv":
-            with path.open(newline="", encoding="utf-8") as f:
-                header = next(csv.reader(io.StringIO(f.readline())), [])
-                return header, sum(1 for _ in f)
+            rows = sum(1 for _ in _lines(path, None, "CSV")) - 1
+            return pa.schema([(name, pa.string()) for name in csv_header(path)]), max(rows, 0)
         if source.loader == "arrow":
-            import pyarrow as pa
-
             with pa.memory_map(str(path)) as mm:
                 try:
                     reader = pa.ipc.open_stream(mm)
                 except pa.ArrowInvalid:
                     reader = pa.ipc.open_file(mm)
-                return list(reader.schema.names), 1  # the row count needs a full read
+                return reader.schema, 1  # the row count needs a full read
         import datasets
 
         ds = datasets.load_from_disk(str(path))
-        return list(ds.column_names), len(ds)
+        return ds.features.arrow_schema, len(ds)
     except DataError:
         raise
     except (OSError, ValueError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -247,22 +276,28 @@ def _json_rows(path: Path, max_lines: int | None):
             raise DataError(f"{path}: malformed JSON ({e})") from None
         yield from enumerate(rows, start=1)
         return
+    for lineno, line in _lines(path, max_lines, "JSONL"):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+
+
+def _lines(path: Path, max_lines: int | None, kind: str):
+    """(line number, text) of a text file, decoded line by line: a stray non-UTF-8 byte or a binary
+    file is reported with its file and line instead of a decoder traceback."""
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if max_lines is not None and lineno > max_lines:
                 return
             if b"\0" in raw or (lineno == 1 and raw.startswith((b"PAR1", b"ARROW1"))):
-                raise DataError(f"{path}:{lineno}: a binary file (parquet/arrow?), not JSONL text")
+                raise DataError(f"{path}:{lineno}: a binary file (parquet/arrow?), not {kind} text")
             try:
-                line = raw.decode("utf-8")
+                yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
 
 
 # -- loading (on the rank that builds the cache) -----------------------------------------------------------
@@ -293,12 +328,18 @@ def load_sources(value: Any, cfg: DataConfig, *, key: str, work_dir: Path) -> Lo
                 continue  # an empty file adds no rows (the json loader cannot read it)
         elif source.path.is_file() and not source.path.stat().st_size:
             continue
+        elif source.loader in ("text", "csv"):
+            for _ in _lines(source.path, None, source.loader):
+                pass  # every line decodes (the pre-launch check read the first PRECHECK_LINES)
+        extra = {}
+        if source.loader == "csv":  # text, not numbers: a column of digits stays the strings it holds
+            extra["features"] = datasets.Features({name: datasets.Value("string") for name in csv_header(source.path)})
         try:
             if source.loader == "disk":
                 ds = datasets.load_from_disk(str(source.path))
             else:
                 ds = datasets.load_dataset(source.loader, data_files=[str(source.path)], split="train",
-                                           cache_dir=str(work_dir / "hf"))
+                                           cache_dir=str(work_dir / "hf"), **extra)
         except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
             raise DataError(f"{source.path}: could not be read as {source.loader} ({type(e).__name__}: {e})") from None
         _have(source.path, list(ds.column_names), expected_columns(cfg))
