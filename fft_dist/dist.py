@@ -50,16 +50,9 @@ def check_backend(requested: str) -> None:
 def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistContext:
     """Join the process group (or run as a lone rank 0 when no launcher is present).
 
-    A backend this machine cannot run ends the rank with the config-error exit code (2) and one
-    message from rank 0, not a traceback (the caller does not catch errors this early).
+    The caller checks the backend first (:func:`check_backend`), where its error is reported.
     """
     rank = int(os.environ.get("RANK", "0"))
-    try:
-        check_backend(backend)
-    except ConfigError as e:
-        from fft_dist.compose import report_known
-
-        raise SystemExit(report_known(e, show=rank == 0)) from None
     backend = pick_backend(backend)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -68,11 +68,12 @@ def run_worker(argv: list[str], *, stop: StopSignal | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"fft-dist: not restarting: the job was stopped by {os.environ[STOPPED_ENV]}", flush=True)
         return exit_codes.PREEMPTED
-    from fft_dist.dist import barrier, destroy, init_distributed
+    from fft_dist.dist import barrier, check_backend, destroy, init_distributed
 
     is_rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         prepared, from_file = load_worker_config(argv)
+        check_backend(prepared.cfg.dist.backend)  # e.g. nccl on a machine without GPUs: exit 2, not a traceback
     except Exception as e:  # noqa: BLE001 - identical on every rank: report once
         return report_known(e, show=is_rank0)
     cfg = prepared.cfg
