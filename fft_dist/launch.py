@@ -58,6 +58,7 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 def preflight(cfg: FFTConfig, plan: BatchPlan) -> None:
     """Checks that need a package or a file but no process group: run before any rank starts."""
     from fft_dist.checkpoint import find_resume
+    from fft_dist.checkpoint.layout import check_latest_slot
     from fft_dist.data import check_data_files
     from fft_dist.dist import check_backend
     from fft_dist.launch_plan import ranks_on_this_machine
@@ -72,6 +73,7 @@ def preflight(cfg: FFTConfig, plan: BatchPlan) -> None:
     if here:
         check_backend(cfg.dist.backend)
     check_model(cfg, ranks_here=here, our_packages=cfg.launcher.name != LauncherName.container)
+    check_latest_slot(Path(cfg.checkpoint.dir))
     if cfg.resume not in ("none", "auto"):
         find_resume(cfg.resume, Path(cfg.checkpoint.dir))
 
@@ -289,9 +291,12 @@ class Job:
         return subprocess.run(argv, env=env, check=False).returncode
 
     def _submit(self) -> int:
+        from fft_dist.rundir import release_locks
+
         script = self.run_dir / "slurm" / "job.sbatch"
         script.parent.mkdir(parents=True, exist_ok=True)
         script.write_text(self.sbatch_script(), encoding="utf-8")
+        release_locks()  # the job's first node takes them: it may start before this process exits
         proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=False)
         if proc.returncode:
             print(f"fft-dist: sbatch {script} failed ({proc.returncode}): {proc.stderr.strip()}", file=sys.stderr)

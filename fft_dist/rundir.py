@@ -69,6 +69,12 @@ def lock_dir(folder: Path, what: str) -> None:
     _held[str(path)] = f
 
 
+def release_locks() -> None:
+    """Give up this process's locks (a SLURM submitter, whose job's first node takes them over)."""
+    while _held:
+        _held.popitem()[1].close()
+
+
 def lock_run(cfg: FFTConfig) -> None:
     """Lock run.dir and checkpoint.dir (two runs with different run.dirs may share a checkpoint.dir)."""
     lock_dir(Path(cfg.run.dir), "run.dir")

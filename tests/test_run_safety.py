@@ -100,6 +100,30 @@ def test_unwritable_checkpoint_dir_stops_before_training(tmp_path):
         subprocess.run(["umount", "-l", str(ro)], check=False)
 
 
+def test_a_read_only_run_dir_and_a_folder_named_latest_are_refused_before_launch(tmp_path):
+    import subprocess
+
+    from fft_dist.exit_codes import CONFIG_ERROR
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
+    try:
+        proc = train(ro / "run", *TINY_JOB, expect_rc=CONFIG_ERROR)
+        assert f"run.dir={ro / 'run'} is not writable" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "latest").mkdir(parents=True)
+    (run / "checkpoints" / "latest" / "mine.txt").write_text("mine")
+    proc = train(run, *TINY_JOB, "checkpoint.save_final=true", expect_rc=CHECKPOINT_ERROR)
+    assert "latest is a folder" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert (run / "checkpoints" / "latest" / "mine.txt").read_text() == "mine"
+    assert not (run / "metrics.jsonl").exists(), "refused before any rank started"
+
+
 def test_keep_best_survives_pruning_and_export_best_writes_it(tmp_path):
     run = tmp_path / "run"
     # With this constant lr the eval loss is best at step 4 and worse after it (checked below).

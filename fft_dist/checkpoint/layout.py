@@ -82,6 +82,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
+def check_latest_slot(ckpt_root: Path) -> None:
+    """``<root>/latest`` is absent or a regular file: fft-dist writes that name and never replaces a
+    folder or a link there (a run would otherwise train to the end and only then fail to point at it)."""
+    latest = Path(ckpt_root) / fmt.LATEST_FILE
+    if latest.is_symlink() or (latest.exists() and not latest.is_file()):
+        kind = "a symbolic link" if latest.is_symlink() else "a folder"
+        raise CheckpointError(f"{latest} is {kind}; fft-dist writes its own 'latest' file there and never replaces "
+                              f"anything else: move it away, or set checkpoint.dir to another folder")
+
+
 def check_writable(ckpt_root: str | Path) -> None:
     """Fail early, before training, when checkpoints cannot be written under `ckpt_root`.
 
@@ -92,11 +102,7 @@ def check_writable(ckpt_root: str | Path) -> None:
     probe's name is per host and pid.
     """
     root = Path(ckpt_root)
-    latest = root / fmt.LATEST_FILE
-    if latest.is_symlink() or (latest.exists() and not latest.is_file()):
-        kind = "a symbolic link" if latest.is_symlink() else "a folder"
-        raise CheckpointError(f"{latest} is {kind}; fft-dist writes its own 'latest' file there and never replaces "
-                              f"anything else: move it away, or set checkpoint.dir to another folder")
+    check_latest_slot(root)
     probe = root / f".write-probe-{socket.gethostname()}-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
