@@ -33,6 +33,21 @@ class RunDirBusy(ConfigError):
     """Another live process holds the run directory or the checkpoint directory."""
 
 
+def make_dir_like_parent(folder: Path) -> None:
+    """mkdir -p, each new folder owned like its parent when we are root: a launcher run as root (e.g.
+    beside a container engine) must not leave the run's ranks, which may run as the folder owner's
+    uid (the image's user), a checkpoint folder they cannot write."""
+    folder = Path(folder)
+    if folder.is_dir():
+        return
+    make_dir_like_parent(folder.parent)
+    folder.mkdir(exist_ok=True)
+    if os.geteuid() == 0:
+        parent = folder.parent.stat()
+        if (parent.st_uid, parent.st_gid) != (0, 0):
+            os.chown(folder, parent.st_uid, parent.st_gid)
+
+
 def lock_dir(folder: Path, what: str) -> None:
     """Take an exclusive lock on `folder` (run.dir or checkpoint.dir), recording who holds it; refuse if
     another job has it. flock, so a crashed job never leaves a stale lock: the kernel drops it with
@@ -42,7 +57,7 @@ def lock_dir(folder: Path, what: str) -> None:
     if str(path) in _held:
         return
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dir_like_parent(folder)
         f = open(path, "a+", encoding="utf-8")
     except OSError as e:  # a read-only checkpoint disk is a checkpoint error (exit 4), as at a save
         error = CheckpointError if what == "checkpoint.dir" else ConfigError

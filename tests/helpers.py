@@ -99,6 +99,20 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, depth first (a launcher's agents, runners and ranks)."""
+    return [d for c in children(pid) for d in (c, *descendants(c))]
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie has finished; it only waits for its parent to reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def catches_signal(pid: int, sig: int) -> bool:
     """True once `pid` has a handler for `sig` (/proc/PID/status SigCgt): the process is ready for it."""
     try:

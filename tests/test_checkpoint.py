@@ -25,6 +25,7 @@ from fft_dist.checkpoint import CheckpointError, CheckpointReader
 from fft_dist.checkpoint import format as fmt
 from checkpoint_worker import FlatShardStrategy, llama_shapes
 from checkpoint_helpers import RUN
+from helpers import descendants
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = str(Path(__file__).resolve().parent / "checkpoint_worker.py")
@@ -357,18 +358,6 @@ def test_sigkill_at_commit_points_single_process(spec, tmp_path, point):
         assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000006"]
 
 
-def _descendants(pid: int) -> list[int]:
-    out = []
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            for child in (task / "children").read_text().split():
-                out.append(int(child))
-                out.extend(_descendants(int(child)))
-    except OSError:
-        pass
-    return out
-
-
 @pytest.mark.slow
 def test_external_sigkill_while_writing(tmp_path):
     """SIGKILL every process of a 2-rank job from outside while it writes a ~45 MB checkpoint."""
@@ -390,7 +379,7 @@ def test_external_sigkill_while_writing(tmp_path):
             committed = [p for p in root.glob("step-*") if fmt.parse_step(p.name) is not None] if tmps else []
             if tmps and any((p / "MANIFEST.json").is_file() for p in committed):
                 time.sleep(0.02 * attempt)
-                for pid in [*_descendants(proc.pid), proc.pid]:  # the workers first, then the agent
+                for pid in [*descendants(proc.pid), proc.pid]:  # the workers first, then the agent
                     try:
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, assert_close_rel, child_env, fft_dist, read_metrics
+from helpers import REPO, assert_close_rel, child_env, descendants, fft_dist, read_metrics
 from fft_dist import checkpoint as ckpt
 from fft_dist.checkpoint import CheckpointReader
 
@@ -264,17 +264,6 @@ def test_cross_backend_zero2_to_fsdp(uninterrupted_zero, tmp_path):
     assert_close_rel([resumed[s] for s in range(5, 9)], [full[s] for s in range(5, 9)], 1e-5, "zero2 -> fsdp")
 
 
-def _descendants(pid: int) -> list[int]:
-    out = []
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            for child in (task / "children").read_text().split():
-                out += [int(child), *_descendants(int(child))]
-    except OSError:
-        pass
-    return out
-
-
 def test_preemption_signal_checkpoints_and_resumes_exactly(uninterrupted, tmp_path):
     """SIGTERM to every rank (what SLURM does to all tasks) mid-run: finish the step, checkpoint,
     exit 75; then resume=auto in the same run dir finishes with bit-identical losses and weights."""
@@ -292,7 +281,7 @@ def test_preemption_signal_checkpoints_and_resumes_exactly(uninterrupted, tmp_pa
         if metrics.exists() and any('"loss"' in line for line in metrics.read_text().splitlines()):
             break  # step 1 is done
         time.sleep(0.01)
-    workers = [p for p in _descendants(proc.pid)
+    workers = [p for p in descendants(proc.pid)
                if "fft_dist.train" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
     assert len(workers) == 2, workers
     for pid in workers:

@@ -366,7 +366,7 @@ def test_launch_launcher_container_runs_the_job_in_the_image(podman, image, tmp_
                     f"run.dir={run}", *SHORT, env=child_env(CONTAINERS_CONF=podman["CONTAINERS_CONF"]), timeout=900)
     timed("fft-dist launch launcher=container (30 steps)", started)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
-    assert f"podman run --rm --network host -v {run}:{run}" in proc.stdout
+    assert f"podman run --rm --network=host --volume={run}:{run}" in proc.stdout
     losses = check_run(run)
     earlier = LOSSES.get("docker run")
     if earlier:  # the same job and image: the launcher runs exactly what `docker run` ran

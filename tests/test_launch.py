@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import catches_signal, child_env, children, read_metrics, REPO, TINY_JOB, train
+from helpers import alive, catches_signal, child_env, children, read_metrics, REPO, TINY_JOB, train
 from fft_dist import checkpoint as ckpt
 from fft_dist.exit_codes import PREEMPTED, STOPPED_NO_CHECKPOINT
 
@@ -27,14 +27,6 @@ def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fft_dist.cli", "train", f"run.dir={run_dir}", *LONG_JOB,
                              *overrides], cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def wait_for_steps(proc: subprocess.Popen, run_dir: Path, steps: int = 1, timeout: float = 240) -> list[int]:

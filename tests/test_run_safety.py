@@ -80,41 +80,44 @@ def test_resume_says_when_the_schedule_changes(tmp_path):
     assert "train.global_batch_size changed from 4 to 8" in proc.stdout + proc.stderr
 
 
-def test_unwritable_checkpoint_dir_stops_before_training(tmp_path):
+@pytest.fixture
+def read_only():
+    """mount(folder): an empty read-only tmpfs there (skipped, saying why, where mounting is not allowed)."""
     import subprocess
 
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True, text=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
-    try:
-        run = tmp_path / "run"
-        proc = train(run, *TINY_JOB, f"checkpoint.dir={ro}/ckpt", "checkpoint.save_final=true",
-                     expect_rc=CHECKPOINT_ERROR)
-        assert str(ro) in proc.stderr and "not writable" in proc.stderr, proc.stderr[-2000:]
-        assert "Traceback" not in proc.stderr
-        # refused by the launcher before any rank started: nothing trained, nothing logged
-        assert not (run / "metrics.jsonl").exists() or not [r for r in read_metrics(run) if "loss" in r]
-    finally:
-        subprocess.run(["umount", "-l", str(ro)], check=False)
+    mounted: list[Path] = []
+
+    def mount(folder: Path) -> Path:
+        folder.mkdir(parents=True)
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True,
+                              text=True)
+        if proc.returncode:
+            pytest.skip(f"cannot mount a read-only tmpfs here: {proc.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
-def test_a_read_only_run_dir_and_a_folder_named_latest_are_refused_before_launch(tmp_path):
-    import subprocess
+def test_unwritable_checkpoint_dir_stops_before_training(tmp_path, read_only):
+    ro = read_only(tmp_path / "ro")
+    run = tmp_path / "run"
+    proc = train(run, *TINY_JOB, f"checkpoint.dir={ro}/ckpt", "checkpoint.save_final=true",
+                 expect_rc=CHECKPOINT_ERROR)
+    assert str(ro) in proc.stderr and "not writable" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    # refused by the launcher before any rank started: nothing trained, nothing logged
+    assert not (run / "metrics.jsonl").exists() or not [r for r in read_metrics(run) if "loss" in r]
 
+
+def test_a_read_only_run_dir_and_a_folder_named_latest_are_refused_before_launch(tmp_path, read_only):
     from fft_dist.exit_codes import CONFIG_ERROR
 
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True, text=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
-    try:
-        proc = train(ro / "run", *TINY_JOB, expect_rc=CONFIG_ERROR)
-        assert f"run.dir={ro / 'run'} is not writable" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    finally:
-        subprocess.run(["umount", "-l", str(ro)], check=False)
+    ro = read_only(tmp_path / "ro")
+    proc = train(ro / "run", *TINY_JOB, expect_rc=CONFIG_ERROR)
+    assert f"run.dir={ro / 'run'} is not writable" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     run = tmp_path / "run"
     (run / "checkpoints" / "latest").mkdir(parents=True)
     (run / "checkpoints" / "latest" / "mine.txt").write_text("mine")

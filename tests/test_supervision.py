@@ -10,32 +10,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY_JOB, child_env, read_metrics
+from helpers import REPO, TINY_JOB, alive, child_env, descendants, read_metrics
 
 HOOK = REPO / "tests" / "hooks" / "pause_rank"
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def descendants(pid: int) -> list[int]:
-    out = []
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            for child in (task / "children").read_text().split():
-                out += [int(child), *descendants(int(child))]
-    except OSError:
-        pass
-    return out
 
 
 def gone_within(pids: list[int], seconds: float) -> list[int]:
