@@ -16,6 +16,8 @@ from fft_dist.config_launcher import LauncherConfig, LauncherName  # noqa: F401 
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+TOKENIZER_BUNDLED = "bundled"
+"""model.tokenizer=bundled: fft-dist's own 2048-token tokenizer, asked for on purpose."""
 ASSETS_DIR = PACKAGE_DIR / "assets"
 
 
@@ -85,9 +87,16 @@ class ModelConfig:
     arch: dict[str, Any] = field(default_factory=dict)
     """transformers config kwargs including model_type; used when path is None."""
     tokenizer: str | None = None
-    """Tokenizer folder. None: model.path if it holds one, else the bundled byte-level BPE."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel passed to transformers (sdpa works on CPU and GPU)."""
+    """Tokenizer folder, or `bundled` (fft-dist's 2048-token byte-level BPE). None: model.path's own (a
+    model.path without tokenizer files is refused), or the bundled one for a random init."""
+    add_tokens: list[str] = field(default_factory=list)
+    """Tokens to add (as special tokens, never split); the embeddings grow, new rows start at the mean
+    of the old ones. The <|...|> markers of data.chat_template that the tokenizer lacks are added too."""
+    pad_vocab_to_multiple_of: int = 0
+    """Round the embedding rows up to a multiple of this (e.g. 64 for GPU kernels); 0: no rounding."""
+    attn_implementation: str = "auto"
+    """Attention kernel passed to transformers: auto (sdpa where the family supports it, else eager; the
+    banner says which), eager, sdpa, flash_attention_2 ... A kernel the family does not support is refused."""
     activation_checkpointing: bool = False
     """Recompute decoder-layer activations in backward to save memory."""
     freeze: list[str] = field(default_factory=list)

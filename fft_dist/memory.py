@@ -43,6 +43,8 @@ class ModelShape:
     """Parameters outside the decoder layers (embeddings, final norm, lm_head): FSDP2's root unit."""
     param_sizes: tuple[int, ...]
     """Element count of every parameter (for ZeRO-3's persistence threshold)."""
+    attention: str = "sdpa"
+    """The attention kernel the model runs (eager keeps the s x s scores)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ def model_shape(cfg: FFTConfig) -> ModelShape:
     from transformers import AutoModelForCausalLM
 
     from fft_dist.model import apply_freeze, decoder_layers, hf_config
+    from fft_dist.models.family import dimension
 
     config = hf_config(cfg.model)
     with torch.device("meta"):
@@ -71,10 +74,10 @@ def model_shape(cfg: FFTConfig) -> ModelShape:
     layers = decoder_layers(model)
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
     largest_module = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
-    hidden = _first(config, "hidden_size", "n_embd", "d_model")
-    heads = _first(config, "num_attention_heads", "n_head")
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    intermediate = _first(config, "intermediate_size", "n_inner", default=0) or 4 * hidden
+    hidden = dimension(config, "hidden_size")
+    heads = dimension(config, "num_attention_heads")
+    kv_heads = dimension(config, "num_key_value_heads", default=heads)
+    intermediate = dimension(config, "intermediate_size", default=4 * hidden)
     names = {n.rsplit(".", 1)[-1] for n, _ in layers[0].named_modules()} if layers else set()
     return ModelShape(
         params=sum(p.numel() for p in params),
@@ -85,18 +88,8 @@ def model_shape(cfg: FFTConfig) -> ModelShape:
         largest_module=largest_module,
         root_params=sum(p.numel() for p in params if id(p) not in in_layers),
         param_sizes=tuple(p.numel() for p in params),
+        attention=config._attn_implementation,  # noqa: SLF001 - resolved by hf_config (auto -> the family's)
     )
-
-
-def _first(config: Any, *keys: str, default: Any = None) -> Any:
-    for key in keys:
-        value = getattr(config, key, None)
-        if value:
-            return int(value)
-    if default is None:
-        raise ConfigError(f"model {getattr(config, 'model_type', '?')}: its config has none of {list(keys)}, so the "
-                          "memory estimate cannot size it (model.arch / model.path config.json)")
-    return default
 
 
 def optimizer_bytes_per_param(cfg: FFTConfig) -> int:
@@ -186,7 +179,7 @@ def estimate(shape: ModelShape, cfg: FFTConfig, setup: Setup) -> dict[str, Any]:
                 cpu += params - w * detail["persistent_params"]
                 params = w * detail["persistent_params"]
     acts = {on: activation_bytes(shape, micro_batch=setup.micro_batch, seq_len=setup.seq_len, checkpointing=on,
-                                 precision=precision, eager_attention=cfg.model.attn_implementation == "eager")
+                                 precision=precision, eager_attention=shape.attention == "eager")
             for on in (False, True)}
     buffers = sum(v for key, v in detail.items() if key != "persistent_params")
     per_gpu = {"params": params, "grads": grads, "master": master, "optimizer": optim,

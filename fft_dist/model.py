@@ -18,8 +18,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fft_dist.config import ASSETS_DIR, ConfigError, DataFormat, FFTConfig, ModelConfig
+from fft_dist.config import (ASSETS_DIR, TOKENIZER_BUNDLED, ConfigError, DataConfig, DataFormat, FFTConfig,
+                             ModelConfig)
 from fft_dist.errors import CheckpointError
+from fft_dist.models.family import resolve_attention
+from fft_dist.models.vocab import add_tokens, grown_vocab_size, tokens_to_add
 from fft_dist.model_checks import check_attention, check_heads, check_positions, refuse_custom_code
 
 BUNDLED_TOKENIZER = ASSETS_DIR / "tokenizer"
@@ -36,7 +39,7 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
     and with the attention heads checked before transformers builds it (its own check is a traceback).
     """
     config = _folder_config(Path(cfg.path)) if cfg.path is not None else _arch_config(dict(cfg.arch))
-    config._attn_implementation = cfg.attn_implementation  # noqa: SLF001 - the supported switch
+    config._attn_implementation = resolve_attention(config, cfg.attn_implementation)  # noqa: SLF001 - the supported switch
     config.use_cache = False
     return config
 
@@ -73,12 +76,24 @@ def _arch_config(arch: dict) -> PretrainedConfig:
         raise ConfigError(f"model.arch: transformers refuses this {model_type} architecture: {e}") from None
 
 
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def tokenizer_dir(cfg: ModelConfig) -> Path:
+    """model.tokenizer (a folder, or `bundled`), else model.path's own tokenizer, else (random init)
+    the bundled one. A model.path without tokenizer files is refused: training a real model with an
+    unrelated 2048-token tokenizer, and exporting that as the model's own, is never what was meant."""
+    if cfg.tokenizer == TOKENIZER_BUNDLED:
+        return BUNDLED_TOKENIZER
     if cfg.tokenizer is not None:
         return Path(cfg.tokenizer)
-    if cfg.path is not None and any((Path(cfg.path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+    if cfg.path is None:
+        return BUNDLED_TOKENIZER
+    if any((Path(cfg.path) / f).is_file() for f in TOKENIZER_MARKERS):
         return Path(cfg.path)
-    return BUNDLED_TOKENIZER
+    raise ConfigError(f"model.path={cfg.path} has no tokenizer files ({', '.join(TOKENIZER_MARKERS[:2])} ...); "
+                      f"name the model's tokenizer with model.tokenizer=<folder>, or model.tokenizer="
+                      f"{TOKENIZER_BUNDLED} to train with fft-dist's bundled 2048-token tokenizer on purpose")
 
 
 def _code_free_tokenizer_dir(cfg: ModelConfig) -> Path:
@@ -87,38 +102,80 @@ def _code_free_tokenizer_dir(cfg: ModelConfig) -> Path:
     return folder
 
 
-def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+def explicit_chat_template(data: DataConfig) -> str | None:
+    """The template text data.chat_template gives a chat run (None: the tokenizer's own is used)."""
+    from fft_dist.data.encode import chat_template_file
+
+    if data.format != DataFormat.chat or data.chat_template is None:
+        return None
+    path = chat_template_file(data.chat_template)
+    return data.chat_template if path is None else path.read_text(encoding="utf-8")
+
+
+def load_tokenizer(cfg: ModelConfig, *, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """The run's tokenizer: the folder's, plus model.add_tokens and the markers `chat_template` needs
+    (:mod:`fft_dist.models.vocab`), with `chat_template` as its own (so checkpoints and the export carry
+    the template the run trained with)."""
     folder = _code_free_tokenizer_dir(cfg)
     tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    added = tokens_to_add(tok, list(cfg.add_tokens), chat_template)
+    add_tokens(tok, added)
+    tok.fft_dist_added = added  # what grow_vocab makes room for
+    if chat_template is not None:
+        tok.chat_template = chat_template
     return tok
+
+
+def save_run_tokenizer(tokenizer: PreTrainedTokenizerBase) -> Path:
+    """The run's tokenizer (its added tokens, its chat template) saved where each checkpoint copies it
+    from: a temporary folder of this process, removed at exit (and by the worker after the export)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="fft-dist-tokenizer-"))
+    atexit.register(shutil.rmtree, folder, True)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def grow_vocab(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig) -> int | None:
+    """Grow config.vocab_size to the tokenizer (tokens were added, or model.pad_vocab_to_multiple_of asks
+    for it); the old size when it grew, else None. A tokenizer larger than the embeddings without either
+    is refused, naming the fix."""
+    old = getattr(config, "vocab_size", None)
+    if old is None:
+        return None
+    grow = bool(getattr(tokenizer, "fft_dist_added", ())) or cfg.pad_vocab_to_multiple_of > 0
+    new = grown_vocab_size(old, len(tokenizer), cfg.pad_vocab_to_multiple_of) if grow else old
+    if len(tokenizer) > new:
+        raise ConfigError(
+            f"the tokenizer ({tokenizer_dir(cfg)}) has {len(tokenizer)} tokens but the model's embeddings have {old} "
+            "rows; use the model's own tokenizer (model.tokenizer=<folder>), or grow the embeddings on purpose with "
+            "model.pad_vocab_to_multiple_of=<n> (new rows start at the mean of the old ones)")
+    if new == old:
+        return None
+    config.vocab_size = new
+    return old
 
 
 def check_model(cfg: FFTConfig, *, ranks_here: bool, our_packages: bool) -> None:
     """Before launch: what :func:`hf_config`, :func:`load_tokenizer` and the rank's model would refuse
-    (custom code, heads, a broken config.json), data.max_length against the model's positions, and
-    the attention kernel. `ranks_here`: the ranks use this machine's devices; `our_packages`: and this
+    (custom code, heads, a broken config.json, an attention kernel the family lacks, a tokenizer the
+    embeddings cannot hold), data.max_length against the model's positions, and the attention kernel's package. `ranks_here`: the ranks use this machine's devices; `our_packages`: and this
     install's packages (not so in a container image, where :func:`build_model` reports it instead)."""
     from fft_dist.dist import warn0
 
     config = hf_config(cfg.model)
-    _code_free_tokenizer_dir(cfg.model)
     source = f"model.path={cfg.model.path}" if cfg.model.path is not None else f"model={cfg.model.name}"
     warning = check_positions(config, cfg.data.max_length, source)
     if warning:
         warn0(warning)
     if our_packages:
         check_attention(cfg.model.attn_implementation, cuda=torch.cuda.is_available() if ranks_here else None)
-
-
-def check_vocab(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
-    vocab = getattr(config, "vocab_size", None)
-    if vocab is not None and len(tokenizer) > vocab:
-        raise ConfigError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}; "
-            "use a matching model.tokenizer or set model.arch.vocab_size"
-        )
+    grow_vocab(config, load_tokenizer(cfg.model, chat_template=explicit_chat_template(cfg.data)), cfg.model)
 
 
 def task_of(data_format: DataFormat) -> str:

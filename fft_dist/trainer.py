@@ -26,7 +26,8 @@ from fft_dist.metrics import MetricsWriter, flops_per_token, peak_flops, peak_me
 from fft_dist.model import (
     apply_freeze,
     build_model,
-    check_vocab,
+    explicit_chat_template,
+    grow_vocab,
     count_parameters,
     decoder_layers,
     enable_activation_checkpointing,
@@ -34,9 +35,12 @@ from fft_dist.model import (
     hf_config,
     load_tokenizer,
     new_head_names,
+    save_run_tokenizer,
     task_of,
     tokenizer_dir,
 )
+from fft_dist.models.family import embedding_rows, hidden_size
+from fft_dist.models.vocab import GrownVocabulary
 from fft_dist.optim import lr_schedule, optimizer_factory
 from fft_dist.preemption import StopSignal, signal_name
 from fft_dist.run_checkpoints import RunCheckpoints
@@ -111,9 +115,10 @@ class Trainer:
         if cfg.checkpoint.save_final or cfg.checkpoint.every_steps:
             self.checkpoints.check_writable()
         seed_everything(cfg.train.seed, cfg.train.deterministic)
-        self.tokenizer = load_tokenizer(cfg.model)
+        self.tokenizer = load_tokenizer(cfg.model, chat_template=explicit_chat_template(cfg.data))
         self.hf_config = hf_config(cfg.model)
-        check_vocab(self.hf_config, self.tokenizer)
+        self.old_vocab = grow_vocab(self.hf_config, self.tokenizer, cfg.model)  # model.add_tokens ...
+        self.tokenizer_files = save_run_tokenizer(self.tokenizer) if self.ctx.is_main else None
         data = load_training_data(cfg.data, self.tokenizer, cache_dir=cfg.data.cache_dir or self.run_dir / "data_cache")
         self.train_set, self.eval_set, stats = data.train, EvalSets(data.evals), data.stats
         self.sampler = data.sampler(self.plan.global_batch_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
@@ -136,6 +141,7 @@ class Trainer:
             self.n_params = count_parameters(model)
             self.n_layers = len(decoder_layers(model))
             self.new_head = new_head_names(model)
+            self.grown = embedding_rows(model, self.hf_config.vocab_size) if self.old_vocab else {}
             return model
 
         self.lr_at = lr_schedule(cfg.train, self.total_steps)
@@ -145,16 +151,18 @@ class Trainer:
         if cfg.model.path is not None:
             from fft_dist import checkpoint as ckpt
 
+            grown = (lambda source: GrownVocabulary(source, self.grown, old_rows=self.old_vocab)) if self.grown else None
             fresh = ckpt.load_pretrained(self.strategy, cfg.model.path, new_head=self.new_head, seed=cfg.train.seed,
-                                         init_std=getattr(self.hf_config, "initializer_range", 0.02))
+                                         init_std=getattr(self.hf_config, "initializer_range", 0.02), wrap=grown)
             if fresh:  # what transformers' from_pretrained warns as "newly initialized", in our words
                 print0(f"fft-dist: warning: model.path={cfg.model.path} has no {', '.join(fresh)}: a new task head, "
                        "initialised fresh (seeded by train.seed); train it before trusting its predictions")
-        hidden = getattr(self.hf_config, "hidden_size", None) or getattr(self.hf_config, "n_embd", 0)
-        self.flops_per_token = flops_per_token(self.n_params, self.n_layers, hidden, cfg.data.max_length)
+        self.flops_per_token = flops_per_token(self.n_params, self.n_layers, hidden_size(self.hf_config),
+                                               cfg.data.max_length)
         self.peak_flops = peak_flops(self.ctx.device)
         print0(
-            f"fft-dist: {cfg.model.name} ({self.n_params / 1e6:.2f}M params, {len(self.frozen)} frozen tensors) | "
+            f"fft-dist: {cfg.model.name} ({self.n_params / 1e6:.2f}M params, {len(self.frozen)} frozen tensors, "
+            f"{self.hf_config._attn_implementation} attention) | {self._tokenizer_line()} | "  # noqa: SLF001
             f"{cfg.parallelism.name.value} x {self.ctx.world_size} ranks ({self.ctx.backend}) | "
             f"{len(self.train_set)} train / {len(self.eval_set)} eval rows "
             f"({stats.truncated} truncated, {stats.dropped_no_loss} dropped with no loss tokens; "
@@ -162,6 +170,13 @@ class Trainer:
             f"global batch {self.plan.global_batch_size} = micro {self.plan.micro_batch_size} x "
             f"accum {self.plan.grad_accum} x world {self.plan.world_size} | {self.total_steps} steps"
         )
+
+    def _tokenizer_line(self) -> str:
+        """Which tokenizer the run uses, and what it added (the banner names it: a wrong one is costly)."""
+        added = getattr(self.tokenizer, "fft_dist_added", [])
+        grown = f", embeddings {self.old_vocab} -> {self.hf_config.vocab_size} rows" if self.old_vocab else ""
+        return (f"tokenizer {tokenizer_dir(self.cfg.model)} ({len(self.tokenizer)} tokens"
+                f"{f', {len(added)} added' if added else ''}{grown})")
 
     def _resume_sample_position(self) -> tuple[Path, dict] | None:
         """The verified checkpoint to resume from; the sampler continues from its sample position."""
@@ -272,7 +287,7 @@ class Trainer:
             meta={"config_yaml": self.config_yaml, "model_config": self.hf_config.to_dict(),
                   "backend": self.cfg.parallelism.name.value, "model_path": self.cfg.model.path,
                   "optimizer": self.cfg.optimizer.name.value, "task": self.task,
-                  "tokenizer_dir": str(tokenizer_dir(self.cfg.model))},  # copied into the checkpoint, not stored
+                  "tokenizer_dir": self.tokenizer_files},  # the run's tokenizer, copied into the checkpoint
         )
 
     def run(self) -> Summary:
@@ -317,11 +332,10 @@ class Trainer:
         summary = Summary(steps=s.step, seconds=time.perf_counter() - start_time, first_eval_loss=s.first_eval_loss,
                           final_eval_loss=s.last_eval_loss, best_eval_loss=s.best_eval_loss, best_step=s.best_step,
                           run_dir=str(self.run_dir), checkpoint=str(last_ckpt) if last_ckpt else None,
-                          stopped=stopped, signal=stop_signal)
+                          stopped=stopped, signal=stop_signal, tokenizer_dir=self.tokenizer_files)
         if stopped != "preempted" and cfg.checkpoint.export_final and last_ckpt is not None:
             summary.export_source = self.checkpoints.export_source(last_ckpt, s.best_checkpoint)
             summary.export = self.run_dir / "hf"
-            summary.tokenizer_dir = tokenizer_dir(cfg.model)
             summary.run_id = self.checkpoints.run_id
         return summary
 

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 from fft_dist.config import (
+    TOKENIZER_BUNDLED,
     BatchPlan,
     ConfigError,
     ExportChoice,
@@ -91,8 +92,11 @@ def _check_paths(cfg: FFTConfig) -> None:
     elif not cfg.model.arch.get("model_type"):
         raise ConfigError("model.arch.model_type is required when model.path is not set")
     # data.path / data.eval_path (files, globs, lists, dataset folders) are checked by data.check_data_files
-    if cfg.model.tokenizer is not None and not Path(cfg.model.tokenizer).is_dir():
-        raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r} is not a folder")
+    if cfg.model.tokenizer not in (None, TOKENIZER_BUNDLED) and not Path(cfg.model.tokenizer).is_dir():
+        raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r} is not a folder (or {TOKENIZER_BUNDLED})")
+    if cfg.model.pad_vocab_to_multiple_of < 0:
+        raise ConfigError(f"model.pad_vocab_to_multiple_of={cfg.model.pad_vocab_to_multiple_of} must be >= 0 "
+                          "(0: no rounding)")
 
 
 def validate(cfg: FFTConfig, world_size: int) -> BatchPlan:

@@ -8,6 +8,7 @@ anything else is a bug and keeps its traceback (exit 1).
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from fft_dist import exit_codes
@@ -93,10 +94,14 @@ def run_worker(argv: list[str], *, stop: StopSignal | None = None) -> int:
         destroy()
     if not ctx.is_main:
         return summary.exit_code
-    if summary.export_source is not None:
-        code = _export(summary)  # after the process group is gone: no collective timeout applies
-        if code:
-            return code
+    try:
+        if summary.export_source is not None:
+            code = _export(summary)  # after the process group is gone: no collective timeout applies
+            if code:
+                return code
+    finally:
+        if summary.tokenizer_dir is not None:  # the run's tokenizer folder (a temporary of this process)
+            shutil.rmtree(summary.tokenizer_dir, ignore_errors=True)
     print_summary(summary)
     return summary.exit_code
 

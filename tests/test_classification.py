@@ -197,7 +197,7 @@ def test_causal_lm_folder_gets_a_fresh_head_the_same_on_every_backend(tmp_path):
         for p in lm.parameters():
             p.add_(0.01 * torch.randn_like(p))
     lm.save_pretrained(tmp_path / "lm")
-    job = (*CLASSIFY, f"model.path={tmp_path / 'lm'}", "train.max_steps=4")
+    job = (*CLASSIFY, f"model.path={tmp_path / 'lm'}", "model.tokenizer=bundled", "train.max_steps=4")
     ref = train(tmp_path / "none", *job, "eval.every_steps=4", nproc=1, parallelism="none")
     assert "has no score.weight: a new task head, initialised fresh" in ref.stdout + ref.stderr
 

@@ -59,7 +59,7 @@ def test_model_path_loads_pretrained_weights(tmp_path):
             p.add_(0.01 * torch.randn_like(p))
     pretrained.save_pretrained(tmp_path / "hf")
     run = tmp_path / "run"
-    proc = train(run, *TINY_TRAIN, f"model.path={tmp_path / 'hf'}", "train.max_steps=1", "train.warmup_steps=0",
+    proc = train(run, *TINY_TRAIN, f"model.path={tmp_path / 'hf'}", "model.tokenizer=bundled", "train.max_steps=1", "train.warmup_steps=0",
                  "eval.max_batches=0", "eval.every_steps=1")
     step0 = dict(eval_losses(run))[0]
     assert "fft-dist: hf (" in proc.stdout, "the banner names the model actually trained"

@@ -167,17 +167,19 @@ class FreshHead:
 
 
 def load_pretrained(strategy, path: str | Path, *, new_head: list[str] = (), init_std: float = 0.02,
-                    seed: int = 0) -> list[str]:
+                    seed: int = 0, wrap=None) -> list[str]:
     """Collective: check every model parameter against the folder (names + shapes), then load.
 
     Parameters the folder lacks, or has with another shape, are listed in one CheckpointError
     on every rank before anything is loaded. Tensors in the folder that the model does not have
     (buffers such as rotary caches, or heads of another task) are ignored. Names in `new_head`
     (a task head on a pretrained backbone) that the folder lacks start fresh (:class:`FreshHead`);
-    returns those names, so the caller can say so.
+    returns those names, so the caller can say so. `wrap` (source -> source) serves the model from the
+    folder where they differ on purpose (a grown vocabulary: :class:`fft_dist.models.vocab.GrownVocabulary`).
     """
     try:
         source = HFFolderSource(path)
+        source = wrap(source) if wrap is not None else source
         problems = []
     except CheckpointError as e:
         source, problems = None, [str(e)]

@@ -20,12 +20,14 @@ from fft_dist.config import (
     BatchPlan,
     ConfigError,
     FFTConfig,
+    ModelConfig,
     OnNonFinite,
     Parallelism,
     ParallelismConfig,
     Precision,
     TrainConfig,
 )
+from fft_dist.errors import CheckpointError
 from fft_dist.strategy.options import FSDP_ONLY, ZERO3_ONLY, refuse_changed
 
 INSTALL_HINT = "pip install --no-build-isolation 'fft-dist[deepspeed]'"
@@ -87,14 +89,16 @@ GPU_DEFAULT_BUCKETS = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size
 BUCKET_FIELDS = tuple(CPU_BUCKETS)
 
 
-def hidden_size_of(arch: dict[str, Any] | None) -> int | None:
-    """The model's hidden size from ``model.arch`` (which holds config.json's keys under model.path)."""
-    arch = _plain(arch) or {}
-    for key in ("hidden_size", "n_embd", "d_model"):
-        value = arch.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+def hidden_size_of(model: ModelConfig) -> int | None:
+    """The model's hidden size, by its family (:mod:`fft_dist.models.family`); None when the config
+    cannot be read here (the rank reports that), so the auto buckets fall back to their defaults."""
+    from fft_dist.model import hf_config
+    from fft_dist.models.family import dimension
+
+    try:
+        return dimension(hf_config(model), "hidden_size")
+    except (ConfigError, CheckpointError, OSError, ValueError):
+        return None
 
 
 def gpu_buckets(hidden_size: int | None) -> dict[str, int]:
@@ -289,4 +293,4 @@ def check_deepspeed(cfg: FFTConfig, plan: BatchPlan) -> dict[str, Any]:
     if Precision(cfg.train.precision) == Precision.fp16 and not torch.cuda.is_available():
         raise ConfigError("train.precision=fp16 with DeepSpeed needs a CUDA device; use bf16 or fp32 on CPU")
     # raises on overrides that fight our options; auto buckets follow the model's hidden size and the device
-    return build_deepspeed_config(par, cfg.train, plan, hidden_size=hidden_size_of(cfg.model.arch))
+    return build_deepspeed_config(par, cfg.train, plan, hidden_size=hidden_size_of(cfg.model))

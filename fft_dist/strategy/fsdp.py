@@ -15,6 +15,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from fft_dist.config import BatchPlan, FFTConfig, Precision
 from fft_dist.dist import DistContext
 from fft_dist.model import decoder_layers
+from fft_dist.models.family import rebuild_buffers
 from fft_dist.strategy.options import check_fsdp
 from fft_dist.strategy.torch_common import TorchOptimizerStrategy
 
@@ -63,7 +64,7 @@ class FSDPStrategy(TorchOptimizerStrategy):
         if self.meta_init or rank0_init:
             model.to_empty(device=self.device)
         if self.meta_init:
-            reinit_buffers(model)
+            rebuild_buffers(model)  # rotary frequencies, Gemma's embed_scale: transformers' own init
         self.model = model
         if rank0_init:
             fill_from_rank0(model, full, local_range=self._local_range, device=self.device)
@@ -149,17 +150,3 @@ def fill_from_rank0(model: torch.nn.Module, full: torch.nn.Module | None, *, loc
     state = torch.get_rng_state()
     dist.broadcast(state, src=0)
     torch.set_rng_state(state)
-
-
-def reinit_buffers(model: torch.nn.Module) -> None:
-    """Recompute non-persistent buffers (rotary inv_freq) lost by meta-device construction.
-
-    Parameters are loaded from the checkpoint / HF folder afterwards; buffers are not stored there.
-    """
-    init = getattr(model, "_init_weights", None)
-    for module in model.modules():
-        if any(True for _ in module.buffers(recurse=False)) and not any(True for _ in module.parameters(recurse=False)):
-            if init is None:
-                raise RuntimeError(f"cannot re-create buffers of {type(module).__name__} after meta init")
-            with torch.no_grad():
-                init(module)
