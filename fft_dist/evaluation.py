@@ -63,7 +63,7 @@ def split_loss(strategy, split, *, ctx: DistContext, cfg: EvalConfig, pad_id: in
             return None
         rows = split.rows(mine[i * size : (i + 1) * size] or [0])
         batch = collate(rows, pad_id)
-        logits = strategy.forward(batch["input_ids"], batch["attention_mask"])
+        logits = strategy.forward(batch["input_ids"], batch["attention_mask"]).logits
         if mine[i * size : (i + 1) * size]:
             total_loss += float(objective.loss_sum(logits, batch["labels"]))
             units += objective.count(batch)

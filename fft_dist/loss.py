@@ -71,6 +71,24 @@ class Objective:
         return {"eval_ppl": math.exp(min(loss, 50.0))}
 
 
+def router_aux_loss(output, config) -> torch.Tensor | None:
+    """A Mixture-of-Experts router's load-balancing loss of one micro batch, as transformers computes it
+    when the model's config asks for it (``output_router_logits``); None otherwise.
+
+    transformers adds ``router_aux_loss_coef x aux`` to each forward's mean loss. Our loss is a token
+    sum over the whole global batch, so the trainer weights each micro batch's aux loss by its share of
+    the global batch's input (non-pad) tokens: the term is ``coef x sum_b(aux_b x n_b) / N``, the
+    token-weighted mean of the micro batches' aux losses. It equals transformers' term when the global
+    batch is one micro batch, and it is the same on every backend that splits the batch into the same
+    micro batches (the sampler's split is contiguous and rank-ordered, so fsdp, zero2, zero3 and a
+    single process with accumulation see the same ones).
+    """
+    aux = getattr(output, "aux_loss", None)
+    if aux is None or not getattr(config, "output_router_logits", False):
+        return None
+    return aux.float()
+
+
 TOKENS = Objective("tokens", token_loss_sum, count_loss_tokens)
 CLASSES = Objective("examples", class_loss_sum, count_examples, count_correct)
 

@@ -21,7 +21,7 @@ from fft_dist.data.training import load_training_data
 from fft_dist.dist import DistContext, all_reduce_sum, print0, seed_everything
 from fft_dist.errors import NonFiniteError
 from fft_dist.evaluation import EvalSets, evaluate, track
-from fft_dist.loss import objective_for
+from fft_dist.loss import objective_for, router_aux_loss
 from fft_dist.metrics import MetricsWriter, flops_per_token, peak_flops, peak_memory_mb
 from fft_dist.model import (
     apply_freeze,
@@ -228,13 +228,22 @@ class Trainer:
         local_inputs = sum(int(b["attention_mask"].sum()) for b in batches)
         global_tokens, global_inputs = all_reduce_sum([local_tokens, local_inputs], self.ctx.device).tolist()
         loss_sum = torch.zeros((), dtype=torch.float64)
+        aux_sum = torch.zeros((), dtype=torch.float64)  # a MoE router's load-balancing loss (loss.router_aux_loss)
+        coef = float(getattr(self.hf_config, "router_aux_loss_coef", 0.0) or 0.0)
         for batch in batches:
-            logits = self.strategy.forward(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
-            loss = self.objective.loss_sum(logits, batch["labels"])
-            self.strategy.backward(loss / global_tokens)
+            out = self.strategy.forward(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
+            loss = self.objective.loss_sum(out.logits, batch["labels"])
+            objective = loss / global_tokens
+            aux = router_aux_loss(out, self.hf_config)
+            if aux is not None:
+                weighted = aux * (int(batch["attention_mask"].sum()) / global_inputs)
+                objective = objective + coef * weighted.to(objective.device)
+                aux_sum += weighted.detach().double().cpu()
+            self.strategy.backward(objective)
             loss_sum += loss.detach().double().cpu()
         stop = float(self.stop_signal.received is not None)
-        total_loss, any_stop = all_reduce_sum([float(loss_sum), stop], self.ctx.device).tolist()
+        total_loss, any_stop, aux_total = all_reduce_sum([float(loss_sum), stop, float(aux_sum)],
+                                                         self.ctx.device).tolist()
         loss_value = total_loss / global_tokens
         skip = self.cfg.train.on_nonfinite == OnNonFinite.skip
         if not math.isfinite(loss_value) and not skip:
@@ -249,8 +258,9 @@ class Trainer:
                 f"(the last good checkpoint, if any, is in {self.ckpt_root}). Lower train.lr, or set "
                 "train.on_nonfinite=skip to drop such steps and go on.")
         return {"loss": loss_value, "grad_norm": grad_norm, "tokens": int(global_tokens),
-                "inputs": int(global_inputs), "stop": any_stop > 0,
-                "skipped": not math.isfinite(grad_norm)}
+                "inputs": int(global_inputs), "stop": any_stop > 0, "skipped": not math.isfinite(grad_norm),
+                **({"router_aux_loss": aux_total} if coef and getattr(self.hf_config, "output_router_logits", False)
+                   else {})}
 
     def _say(self, message: str) -> None:
         """A rank-0 console line that does not break the progress bar."""
@@ -348,7 +358,8 @@ class Trainer:
             self.metrics.write({"step": s.step, "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
                                 "tokens_per_s": tok_s, "mfu": mfu, "peak_mem_mb": peak_memory_mb(self.ctx.device),
                                 "loss_tokens": out["tokens"], "tokens_seen": s.tokens_seen,
-                                "skipped_steps": s.skipped_steps})
+                                "skipped_steps": s.skipped_steps,
+                                **({"router_aux_loss": out["router_aux_loss"]} if "router_aux_loss" in out else {})})
         if out["skipped"]:
             self._say(f"fft-dist: warning: step {s.step}: gradient norm {out['grad_norm']}; update skipped "
                       f"({s.skipped_steps} so far)")

@@ -123,7 +123,7 @@ def train_steps(strategy, plan, ctx, vocab: int, steps: range) -> None:
         local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         n_global = float(all_reduce_sum([local])[0])
         for b in batches:
-            logits = strategy.forward(b["input_ids"], b["attention_mask"])
+            logits = strategy.forward(b["input_ids"], b["attention_mask"]).logits
             strategy.backward(token_loss_sum(logits, b["labels"]) / n_global)
         strategy.step(step)
 
@@ -170,7 +170,7 @@ def mode_memory(args, ctx) -> None:
         batches = micro_batches(args.steps, plan, ctx.rank, model_cfg.vocab_size)
         n_global = float(all_reduce_sum([sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)])[0])
         for b in batches:
-            loss = token_loss_sum(strategy.forward(b["input_ids"], b["attention_mask"]), b["labels"])
+            loss = token_loss_sum(strategy.forward(b["input_ids"], b["attention_mask"]).logits, b["labels"])
             strategy.backward(loss / n_global)
             del loss
         gc.collect()

@@ -158,3 +158,28 @@ def test_new_tokens_grow_the_embeddings_on_every_backend_and_resume_and_export_c
     assert len(tok) == 2053 and tok.convert_tokens_to_ids(NEW) == list(range(2048, 2053))
     weights = load_file(next((run / "hf").glob("model-*.safetensors")))
     assert weights["model.embed_tokens.weight"].shape == (2112, 64) and weights["lm_head.weight"].shape == (2112, 64)
+
+
+MOE = ["model.name=moe", "model.arch.model_type=mixtral", "model.arch.intermediate_size=64",
+       "+model.arch.num_local_experts=4", "+model.arch.num_experts_per_tok=2", "+model.arch.output_router_logits=true",
+       "+model.arch.router_aux_loss_coef=0.02"]
+
+
+@pytest.mark.slow
+def test_the_routers_load_balancing_loss_is_a_term_of_its_own_with_parity_across_backends(tmp_path):
+    """output_router_logits in the model's config: the aux loss is added (token-weighted over the
+    micro batches, see fft_dist.loss.router_aux_loss), logged as router_aux_loss, and every backend
+    agrees on both terms for 3 steps."""
+    from helpers import TINY_JOB
+
+    curves = {}
+    for parallelism, nproc in (("none", 1), ("fsdp", 2), ("zero2", 2), ("zero3", 2)):
+        run = tmp_path / parallelism
+        train(run, *TINY_JOB, *MOE, "train.max_steps=3", nproc=nproc, parallelism=parallelism)
+        steps = step_records(run)
+        curves[parallelism] = [(r["loss"], r["router_aux_loss"]) for r in steps]
+    reference = curves.pop("none")
+    assert all(aux > 0 for _, aux in reference)
+    for parallelism, curve in curves.items():
+        for (loss, aux), (loss0, aux0) in zip(curve, reference):
+            assert abs(loss - loss0) / loss0 < 1e-5 and abs(aux - aux0) / aux0 < 1e-5, (parallelism, curve, reference)

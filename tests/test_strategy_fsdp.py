@@ -32,7 +32,7 @@ strategy.setup(build_model=lambda: build_model(hf_config(cfg.model)),
                make_optimizer=optimizer_factory(cfg.optimizer, 1e-3), lr_at=lambda step: 1e-3)
 strategy.train(True)
 ids = torch.randint(0, 64, (2, 8))
-logits = strategy.forward(ids, torch.ones_like(ids))
+logits = strategy.forward(ids, torch.ones_like(ids)).logits
 model = strategy.model
 out = {"root": not isinstance(model.lm_head.weight, DTensor),
        "layer": not isinstance(model.model.layers[0].mlp.up_proj.weight, DTensor)}

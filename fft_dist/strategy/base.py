@@ -65,8 +65,10 @@ class Strategy(Protocol):
         """Build (or partition-build) the model, shard it, and create the optimizer."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for a micro batch, under the configured precision (position_ids: packed rows, see model_inputs)."""
+                position_ids: torch.Tensor | None = None):
+        """The model's output for a micro batch (``.logits``, and what else the model computes, e.g. a
+        Mixture-of-Experts router's ``.aux_loss``), under the configured precision (position_ids:
+        packed rows, see model_inputs)."""
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of a micro-batch loss that is already normalised by the global-batch token count.

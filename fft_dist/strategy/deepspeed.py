@@ -117,12 +117,11 @@ class DeepSpeedStrategy:
         self.engine.set_gradient_accumulation_boundary(micro_index >= self.plan.grad_accum)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None):
         if self.engine.training:
             self._set_boundary(self._micro + 1)
         with self._linear.scope():
-            out = self.engine(**model_inputs(input_ids, attention_mask, position_ids, self.ctx.device))
-        return out.logits
+            return self.engine(**model_inputs(input_ids, attention_mask, position_ids, self.ctx.device))
 
     def backward(self, loss: torch.Tensor) -> None:
         """`loss` is already sum(token losses) / (valid tokens of the whole global batch).

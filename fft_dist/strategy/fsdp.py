@@ -71,11 +71,11 @@ class FSDPStrategy(TorchOptimizerStrategy):
         self._finish_setup(make_optimizer, lr_at)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        logits = super().forward(input_ids, attention_mask, position_ids)
+                position_ids: torch.Tensor | None = None):
+        out = super().forward(input_ids, attention_mask, position_ids)
         if not torch.is_grad_enabled():  # evaluation: no backward will reshard the root
             self._reshard()
-        return logits
+        return out
 
     def _reshard(self) -> None:
         """Free gathered parameters and register the shards again.

@@ -60,10 +60,9 @@ class TorchOptimizerStrategy:
         return torch.amp.GradScaler(self.device.type)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None):
         with self._autocast():
-            out = self.model(**model_inputs(input_ids, attention_mask, position_ids, self.device))
-        return out.logits
+            return self.model(**model_inputs(input_ids, attention_mask, position_ids, self.device))
 
     def backward(self, loss: torch.Tensor) -> None:
         loss = loss * self._grad_divide_factor()
