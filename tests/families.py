@@ -41,13 +41,17 @@ class Family:
     """The tiny shape, on top of COMMON."""
     overrides: tuple[str, ...] = ()
     """fft-dist overrides this family needs (on every backend)."""
-    attn_implementation: str = "sdpa"
-    """The kernel the training runs use (fft-dist's default: sdpa) and the reference loads with."""
-
     def config(self):
         import transformers
 
         return getattr(transformers, self.config_class)(**{**COMMON, **self.kwargs})
+
+    @property
+    def attn_implementation(self) -> str:
+        """The kernel fft-dist's default (auto) picks for the family, which the reference loads with too."""
+        from fft_dist.models.family import resolve_attention
+
+        return resolve_attention(self.config(), "auto")
 
     @property
     def tied(self) -> bool:
@@ -61,12 +65,9 @@ FAMILIES: list[Family] = [
     Family("mistral", "MistralConfig", {**GQA, "head_dim": 16, "sliding_window": 32}),  # 32 < data.max_length
     Family("phi3", "Phi3Config", {**GQA, "original_max_position_embeddings": 256}),  # fused qkv and gate_up
     # Gemma: head_dim 32 != hidden / heads, query_pre_attn_scalar, soft-capping (2), sliding and full
-    # layers, tied embeddings, an embed_scale buffer. transformers 5.25 refuses sdpa for Gemma-2
-    # ("does not support an attention implementation through scaled_dot_product_attention"), and
-    # fft-dist passes model.attn_implementation (default sdpa) through as is: eager until fft-dist's
-    # default works for Gemma-2 (being fixed; then drop both fields).
-    Family("gemma2", "Gemma2Config", {**GQA, "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 32},
-           overrides=("model.attn_implementation=eager",), attn_implementation="eager"),
+    # layers, tied embeddings, an embed_scale buffer. transformers 5.25 has no sdpa for Gemma-2, so
+    # fft-dist's model.attn_implementation=auto picks eager for it.
+    Family("gemma2", "Gemma2Config", {**GQA, "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 32}),
     Family("gemma3", "Gemma3TextConfig", {**GQA, "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 32,
                                           "layer_types": ["sliding_attention", "full_attention"]}),
     Family("gpt_neox", "GPTNeoXConfig", {"intermediate_size": 128}),  # no GQA; output embedding `embed_out` on disk
