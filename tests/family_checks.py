@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-CHECKS = ("train", "step1=HF", "=none", "resume", "export logits", "export keys")
+CHECKS = ("train", "step1=HF", "=none", "buffers", "resume", "export logits", "export keys")
 LOSS_REL = 1e-5
 LOGITS_ABS = 1e-6
 OK, NOT_REACHED, NOT_APPLICABLE = "ok", "-", "n/a"
@@ -126,7 +126,7 @@ def logits_of(model, vocab: int) -> torch.Tensor:
 
 # -- one row -----------------------------------------------------------------------------------------
 def check_row(run: dict | None, *, reference: float | str, baseline: dict | None, attn_implementation: str,
-              work: Path) -> dict:
+              work: Path, folder: Path) -> dict:
     """check -> 'ok', an error's first line, '-' (not reached) or 'n/a', for one (family, backend) row;
     plus the measured relative differences under '_step1_rel' and '_none_rel' where they were computed.
 
@@ -157,6 +157,8 @@ def check_row(run: dict | None, *, reference: float | str, baseline: dict | None
             worst = row["_none_rel"] = max(_rel(losses[s], base[s]) for s in ("1", "2", "3"))
             row["=none"] = OK if worst <= LOSS_REL else (
                 f"losses {[losses[s] for s in '123']} vs none {[base[s] for s in '123']}: rel {worst:.2e}")
+    if run.get("buffers") and Path(run["buffers"]).is_file():
+        row["buffers"] = same_buffers(Path(run["buffers"]), folder, attn_implementation)
     if run.get("error"):
         return row
     resumed = run.get("resumed_losses", {})
@@ -166,6 +168,20 @@ def check_row(run: dict | None, *, reference: float | str, baseline: dict | None
         row["resume"] = same_state(Path(run["checkpoint"]), Path(run["resumed_checkpoint"])) or OK
     row.update(check_export(Path(run["checkpoint"]), work, attn_implementation))
     return row
+
+
+def same_buffers(saved: Path, folder: Path, attn_implementation: str) -> str:
+    """Every buffer the backend's model held (built on meta under fsdp, and loaded) equals from_pretrained's."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    got = load_file(str(saved))
+    want = dict(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                     attn_implementation=attn_implementation).named_buffers())
+    if sorted(got) != sorted(want):
+        return f"buffer names differ: only trained {sorted(set(got) - set(want))}, only HF {sorted(set(want) - set(got))}"
+    bad = [n for n in want if not torch.equal(got[n].to(want[n].dtype), want[n])]
+    return f"buffers differ from from_pretrained's: {bad[:4]}" if bad else OK
 
 
 def check_export(checkpoint: Path, work: Path, attn_implementation: str) -> dict[str, str]:

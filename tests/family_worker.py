@@ -13,7 +13,8 @@ SPEC is a JSON file: ``{"overrides": [...common to every run...], "families": [{
 2. a fresh Trainer in ``<root>/resume`` resumes from the first run's step-2 checkpoint and runs step 3 again.
 
 Rank 0 rewrites OUT (JSON) after each family: ``{name: {"losses", "resumed_losses", "checkpoint",
-"resumed_checkpoint", "seconds", "error", "detail"}}``; "error" (the exception) and "detail" (the
+"resumed_checkpoint", "buffers", "seconds", "error", "detail"}}`` ("buffers": a safetensors file of the
+first run's model buffers as the backend held them); "error" (the exception) and "detail" (the
 traceback's tail) are set when a run raised. A family that fails does not stop the others, as long as the
 ranks agree that it failed (fft-dist's own errors are agreed across ranks); if they do not, the job
 stops there and says so, since the process group can no longer be trusted.
@@ -45,7 +46,7 @@ def _losses(run_dir: Path) -> dict[str, float]:
     return {str(r["step"]): r["loss"] for r in records if "loss" in r}
 
 
-def _train(overrides: list[str], ctx):
+def _train(overrides: list[str], ctx, buffers_to: Path | None = None):
     """One fft-dist job in this process group, as fft_dist.worker runs it after launch."""
     from fft_dist.compose import prepare
     from fft_dist.config import ConfigError
@@ -69,8 +70,18 @@ def _train(overrides: list[str], ctx):
     except BaseException:
         trainer.metrics.close()
         raise
+    if buffers_to is not None and ctx.is_main:
+        save_buffers(trainer.strategy.model, buffers_to)
     barrier()
     return summary
+
+
+def save_buffers(model, path: Path) -> None:
+    """Every buffer of the trained model as the backend holds it (buffers are never sharded)."""
+    from safetensors.torch import save_file
+
+    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    save_file({n: b.detach().cpu().contiguous() for n, b in module.named_buffers()}, str(path))
 
 
 def _run_family(fam: dict, common: list[str], ctx) -> dict:
@@ -79,7 +90,8 @@ def _run_family(fam: dict, common: list[str], ctx) -> dict:
     result: dict = {"losses": {}, "resumed_losses": {}, "checkpoint": None, "resumed_checkpoint": None}
     t0 = time.perf_counter()
     try:
-        summary = _train([*first, f"run.dir={root / 'run'}"], ctx)
+        summary = _train([*first, f"run.dir={root / 'run'}"], ctx, buffers_to=root / "buffers.safetensors")
+        result["buffers"] = str(root / "buffers.safetensors")
         result["checkpoint"] = summary.checkpoint
         result["losses"] = _losses(root / "run")
         result["seconds_run"] = round(time.perf_counter() - t0, 2)

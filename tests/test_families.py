@@ -107,7 +107,8 @@ def check_backend(suite: Suite, backend: str, names: list[str], work: Path) -> N
     for name in names:
         row = check_row(runs.get(name), reference=suite.reference(name),
                         baseline=None if baseline is None else baseline.get(name, {}),
-                        attn_implementation=BY_NAME[name].attn_implementation, work=work / name)
+                        attn_implementation=BY_NAME[name].attn_implementation, work=work / name,
+                        folder=suite.folders(name))
         rows[name] = {check: value.replace(str(suite.folders(name)), "<model.path>") if isinstance(value, str) else value
                       for check, value in row.items()}
     report = table(backend, rows, seconds)
