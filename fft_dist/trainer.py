@@ -223,34 +223,41 @@ class Trainer:
         return [collate(self.train_set.rows(g), pad) for g in groups]
 
     def train_step(self, step: int) -> dict:
+        """One optimizer step. The per-step numbers stay on the device until one copy to the host after
+        the last micro batch (loss, stop flag, router aux loss, gradient norm), whatever the accumulation:
+        a GPU is never made to wait mid-step."""
         batches = self._micro_batches(step)
         local_tokens = sum(self.objective.count(b) for b in batches)
-        local_inputs = sum(int(b["attention_mask"].sum()) for b in batches)
-        global_tokens, global_inputs = all_reduce_sum([local_tokens, local_inputs], self.ctx.device).tolist()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        aux_sum = torch.zeros((), dtype=torch.float64)  # a MoE router's load-balancing loss (loss.router_aux_loss)
+        local_inputs = sum(int(b["attention_mask"].sum()) for b in batches)  # data on the host: no device sync
+        device = self.ctx.device
+        counts = all_reduce_sum([local_tokens, local_inputs], device)  # global tokens, inputs: stay on the device
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, stop flag, router aux loss
         coef = float(getattr(self.hf_config, "router_aux_loss_coef", 0.0) or 0.0)
         for batch in batches:
             out = self.strategy.forward(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
             loss = self.objective.loss_sum(out.logits, batch["labels"])
-            objective = loss / global_tokens
+            objective = loss / counts[0].to(loss.device, loss.dtype)
             aux = router_aux_loss(out, self.hf_config)
             if aux is not None:
-                weighted = aux * (int(batch["attention_mask"].sum()) / global_inputs)
+                weighted = aux * (int(batch["attention_mask"].sum()) / counts[1].to(aux.device, aux.dtype))
                 objective = objective + coef * weighted.to(objective.device)
-                aux_sum += weighted.detach().double().cpu()
+                sums[2] += weighted.detach().to(device, torch.float64)
             self.strategy.backward(objective)
-            loss_sum += loss.detach().double().cpu()
-        stop = float(self.stop_signal.received is not None)
-        total_loss, any_stop, aux_total = all_reduce_sum([float(loss_sum), stop, float(aux_sum)],
-                                                         self.ctx.device).tolist()
+            sums[0] += loss.detach().to(device, torch.float64)
+        sums[1] = float(self.stop_signal.received is not None)
+        norm = self.strategy.grad_norm()  # on the device; None: the backend computes it in its update
+        reduced = [all_reduce_sum(sums, device), counts]
+        if norm is not None:
+            reduced.append(norm.detach().reshape(1).to(device, torch.float64))
+        values = torch.cat(reduced).tolist()  # the step's one device-to-host copy
+        total_loss, any_stop, aux_total, global_tokens, global_inputs = values[:5]
         loss_value = total_loss / global_tokens
         skip = self.cfg.train.on_nonfinite == OnNonFinite.skip
         if not math.isfinite(loss_value) and not skip:
             raise NonFiniteError(
                 f"loss is {loss_value} at step {step + 1}; stopping without applying or saving this step "
                 f"(the last good checkpoint, if any, is in {self.ckpt_root}). Lower train.lr or check the data.")
-        grad_norm = self.strategy.step(step)  # a non-finite norm applies no update (Strategy contract)
+        grad_norm = self.strategy.apply_update(step, values[5] if norm is not None else None)
         # fp16's loss scaler skips overflowing steps by design: that is not divergence
         if not math.isfinite(grad_norm) and not skip and self.cfg.train.precision != Precision.fp16:
             raise NonFiniteError(

@@ -77,12 +77,22 @@ class Strategy(Protocol):
         so that the summed gradient is exactly d(sum of token losses / global tokens).
         """
 
-    def step(self, step: int) -> float:
-        """Clip, optimizer step at lr_at(step), zero grads. Returns the pre-clip global grad norm.
+    def grad_norm(self) -> torch.Tensor | None:
+        """The pre-clip global gradient norm of this step's gradients, as a tensor on the device (no host
+        sync), computed on every rank; None where the backend computes it inside its own update
+        (DeepSpeed). The first half of the optimizer step: the caller reads it together with its other
+        per-step numbers in one device-to-host copy, then calls :meth:`apply_update`."""
 
-        A non-finite norm applies no update (the gradients are dropped), except under ZeRO-3,
-        where DeepSpeed applies it before we can see the norm (so ``on_nonfinite=skip`` is refused there).
-        """
+    def apply_update(self, step: int, norm: float | None) -> float:
+        """The second half: clip to train.max_grad_norm with `norm` (the value :meth:`grad_norm` gave),
+        optimizer step at lr_at(step), zero grads; returns the norm. A non-finite norm applies no update
+        (the gradients are dropped), except under ZeRO-3, where DeepSpeed applies it before we can see
+        the norm (so ``on_nonfinite=skip`` is refused there)."""
+
+    def step(self, step: int) -> float:
+        """Both halves at once (:meth:`grad_norm`, then :meth:`apply_update`); returns the norm."""
+        norm = self.grad_norm()
+        return self.apply_update(step, None if norm is None else float(norm))
 
     def fragments(self) -> Iterator[Fragment]:
         """Every parameter and optimizer-state range this rank owns (each range owned by one rank)."""

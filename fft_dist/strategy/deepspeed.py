@@ -43,7 +43,7 @@ from torch import nn
 from fft_dist.config import BatchPlan, FFTConfig
 from fft_dist.dist import DistContext
 from fft_dist.model import compile_layers
-from fft_dist.strategy.base import Fragment, FragmentSource, LrSchedule, OptimizerFactory, model_inputs
+from fft_dist.strategy.base import Fragment, FragmentSource, LrSchedule, OptimizerFactory, Strategy, model_inputs
 from fft_dist.strategy.deepspeed_compat import (
     ScopedZero3Linear,
     full_shapes,
@@ -54,7 +54,7 @@ from fft_dist.strategy.deepspeed_compat import (
 from fft_dist.strategy.deepspeed_config import check_deepspeed, zero_stage
 
 
-class DeepSpeedStrategy:
+class DeepSpeedStrategy(Strategy):
     """ZeRO-2 / ZeRO-3 via a DeepSpeed engine; see the module docstring."""
 
     def __init__(self, cfg: FFTConfig, plan: BatchPlan, ctx: DistContext):
@@ -140,7 +140,10 @@ class DeepSpeedStrategy:
         with self._linear.scope():
             self.engine.backward(loss * float(self.ctx.world_size), scale_wrt_gas=False)
 
-    def step(self, step: int) -> float:
+    def grad_norm(self) -> None:
+        return None  # DeepSpeed computes it inside engine.step()
+
+    def apply_update(self, step: int, norm: float | None) -> float:
         if self._micro != self.plan.grad_accum:
             raise RuntimeError(
                 f"step() after {self._micro} backward() calls; the batch plan has {self.plan.grad_accum} "

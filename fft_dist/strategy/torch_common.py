@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import torch
@@ -11,13 +12,13 @@ from fft_dist.config import FFTConfig, Precision
 from fft_dist.dist import DistContext
 from fft_dist.model import compile_layers
 from fft_dist.optim import set_lr
-from fft_dist.strategy.base import Fragment, FragmentSource, LrSchedule, model_inputs
+from fft_dist.strategy.base import Fragment, FragmentSource, LrSchedule, Strategy, model_inputs
 
 OPTIMIZER_STATE_KINDS = ("step", "exp_avg", "exp_avg_sq", "momentum_buffer")
 COMPUTE_DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
 
 
-class TorchOptimizerStrategy:
+class TorchOptimizerStrategy(Strategy):
     """Common step / clip / loss-scaling / optimizer-state logic; subclasses shard (or not) the model."""
 
     name = "torch"
@@ -73,24 +74,26 @@ class TorchOptimizerStrategy:
     def _trainable(self) -> list[torch.Tensor]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def step(self, step: int) -> float:
-        set_lr(self.optimizer, self.lr_at(step))
+    def grad_norm(self) -> torch.Tensor:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self._trainable() if p.grad is not None]
+        return self._full_norm(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
+
+    def apply_update(self, step: int, norm: float | None) -> float:
+        set_lr(self.optimizer, self.lr_at(step))
         params = [p for p in self._trainable() if p.grad is not None]
-        grads = [p.grad for p in params]
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        norm = self._full_norm(norm)
-        finite = bool(torch.isfinite(norm))  # the global norm: every rank takes the same branch
-        if finite and self.train_cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, self.train_cfg.max_grad_norm, norm)
+        finite = norm is not None and math.isfinite(norm)  # the global norm: every rank takes the same branch
+        if finite and self.train_cfg.max_grad_norm > 0:  # the norm was float32 on the device: exact round trip
+            total = torch.tensor(norm, dtype=torch.float32, device=self.device)
+            torch.nn.utils.clip_grads_with_norm_(params, self.train_cfg.max_grad_norm, total)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the update itself when the unscaled grads overflow
             self.scaler.update()
         elif finite:  # a NaN/inf gradient never reaches the weights or the optimizer state
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return float("nan") if norm is None else norm
 
     def _full_norm(self, norm: torch.Tensor) -> torch.Tensor:
         return norm
