@@ -119,13 +119,41 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_gather_small(obj):
+def collective_device(group=None) -> torch.device:
+    """Where a tensor must be for a collective on `group`: the device type its backend serves.
+
+    Under NCCL only CUDA tensors have a backend ("No backend type associated with device type cpu"
+    for anything else); gloo serves the CPU. Every tensor collective of fft-dist goes through the
+    helpers below, which move the tensor there and back, so a CPU tensor (an RNG state, a count) never
+    reaches an NCCL group as it is (tests/test_collectives.py checks that no other module calls one).
+    """
+    types = [d.type for d in getattr(group or dist.group.WORLD, "_device_types", ())]
+    if not types or "cpu" in types:
+        return torch.device("cpu")
+    return torch.device(types[0])  # "cuda": the current device (set per rank by init_distributed)
+
+
+def _on(device: torch.device, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.device == device else tensor.to(device)
+
+
+def broadcast_tensor(tensor: torch.Tensor, src: int = 0, group=None) -> None:
+    """Rank `src`'s `tensor` into every rank's `tensor`, in place, wherever it lives. Collective."""
+    if rank_world()[1] == 1:
+        return
+    work = _on(collective_device(group), tensor)
+    dist.broadcast(work, src=src, group=group)
+    if work is not tensor:
+        tensor.copy_(work)
+
+
+def all_gather_small(obj, group=None):
     """Gather a small object from every rank (pickled, but only between our own ranks)."""
     world = rank_world()[1]
     if world == 1:
         return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
+    out = [None] * (dist.get_world_size(group) if group is not None else world)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -139,10 +167,14 @@ def broadcast_small(obj, src: int = 0):
 
 
 def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
-    """Sum a small vector of numbers over all ranks, in float64 so token counts stay exact."""
+    """Sum a small vector of numbers over all ranks, in float64 so token counts stay exact; the result is
+    on `device` (default: the collective device), the sum is taken on the collective device."""
     t = torch.as_tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        work = _on(collective_device(), t)
+        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+        if work is not t:
+            t.copy_(work)
     return t
 
 

@@ -223,13 +223,7 @@ def _wait_group():
 
 def _agree(problem: tuple[str, str] | None, group=None) -> None:
     """Raise the first rank's problem on every rank (collective when there are several ranks)."""
-    if group is None:
-        problems = all_gather_small(problem)
-    else:
-        import torch.distributed as dist
-
-        problems = [None] * dist.get_world_size()
-        dist.all_gather_object(problems, problem, group=group)
+    problems = all_gather_small(problem, group=group)
     first = next((p for p in problems if p), None)
     if first:
         raise (ConfigError if first[0] == "ConfigError" else DataError)(first[1])

@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from fft_dist.config import BatchPlan, FFTConfig, Precision
-from fft_dist.dist import DistContext
+from fft_dist.dist import DistContext, broadcast_tensor
 from fft_dist.model import decoder_layers
 from fft_dist.models.family import rebuild_buffers
 from fft_dist.strategy.options import check_fsdp
@@ -142,11 +142,11 @@ def fill_from_rank0(model: torch.nn.Module, full: torch.nn.Module | None, *, loc
             source.data = torch.empty(0, dtype=source.dtype)  # free rank 0's full copy as we go
         else:
             value = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
-        dist.broadcast(value, src=0)
+        broadcast_tensor(value, src=0)
         local, _, start = local_range(tensor)
         local.copy_(value.view(-1)[start:start + local.numel()])
     if rank0 and sources:
         raise RuntimeError(f"rank 0's model has tensors the sharded model lacks: {sorted(sources)[:5]}")
-    state = torch.get_rng_state()
-    dist.broadcast(state, src=0)
+    state = torch.get_rng_state()  # a CPU tensor: under NCCL it must travel through the GPU
+    broadcast_tensor(state, src=0)
     torch.set_rng_state(state)
