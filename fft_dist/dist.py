@@ -47,11 +47,20 @@ def check_backend(requested: str) -> None:
                           "(nccl on GPUs, gloo on CPU) or dist.backend=gloo")
 
 
+def default_cuda_alloc_conf(env) -> None:
+    """expandable_segments:True unless the user set the allocator's config: segments grow instead of
+    caching fixed blocks, so training's and eval's different batch shapes do not fragment memory
+    (issue 17). It must be in the environment before the rank's first CUDA allocation."""
+    if torch.version.cuda and not {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & set(env):
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistContext:
     """Join the process group (or run as a lone rank 0 when no launcher is present).
 
     The caller checks the backend first (:func:`check_backend`), where its error is reported.
     """
+    default_cuda_alloc_conf(os.environ)
     rank = int(os.environ.get("RANK", "0"))
     backend = pick_backend(backend)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
