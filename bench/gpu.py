@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- job: {args.model} ({n_params / 1e9:.2f}B params, {fpt / 1e9:.2f} GFLOP per token), micro {args.micro} "
         f"x seq {args.seq} per GPU, {precision}, "
         f"activation checkpointing {'on' if args.ac else 'off'}, compile {'on' if args.compile else 'off'}; "
-        f"median step after the first {WARMUP_STEPS}. Anchor: torchtitan ~39% MFU (Llama 3 8B, H100, FSDP + compile).",
+        f"median step after the first {WARMUP_STEPS}; peak memory: torch.cuda.max_memory_allocated on a GPU, peak RSS "
+        "on CPU (rank 0). Anchor: torchtitan ~39% MFU (Llama 3 8B, H100, FSDP + compile).",
         "",
         *lines,
         "",
