@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -64,6 +65,20 @@ def job_env(sync_log: Path, ext_dir: Path) -> dict[str, str]:
     return env
 
 
+def run_job(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[str, str]:
+    """(status, output) of one job, run in its own process group: at its deadline the whole group is
+    killed (a one-rank job runs in the launcher's process and would outlive a killed parent)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return "out of time", out or ""
+    return ("ok" if proc.returncode == 0 else f"exit {proc.returncode}"), out
+
+
 def train_overrides(backend: str, ranks: int, steps: int, work: Path) -> list[str]:
     return [f"parallelism={backend}", f"launcher.nproc_per_node={ranks}", *SMOKE_MODEL, "train.precision=bf16",
             "data.max_length=1024", "data.packing=true", f"data.cache_dir={work / 'data_cache'}",
@@ -100,15 +115,10 @@ def run_train_job(backend: str, ranks: int, args, work: Path, deadline: float) -
     overrides = train_overrides(backend, ranks, args.steps, work)
     row: dict = {"job": name, "ranks": ranks}
     t0 = time.monotonic()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "fft_dist.cli", "train", *overrides], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=max(1.0, deadline - time.monotonic()))
-        status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
-        output = proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as e:
-        status, output = "out of time", f"{e.stdout or ''}{e.stderr or ''}"
+    status, output = run_job([sys.executable, "-m", "fft_dist.cli", "train", *overrides], env,
+                             deadline - time.monotonic())
     row["wall_s"] = time.monotonic() - t0
-    (work / f"{backend}_x{ranks}.log").write_text(output if isinstance(output, str) else output.decode(errors="replace"))
+    (work / f"{backend}_x{ranks}.log").write_text(output)
     metrics = work / f"{backend}_x{ranks}" / "metrics.jsonl"
     steps = [json.loads(x) for x in metrics.read_text().splitlines() if '"loss"' in x] if metrics.exists() else []
     later = steps[2:] or steps
@@ -126,23 +136,20 @@ def run_train_job(backend: str, ranks: int, args, work: Path, deadline: float) -
 
 def run_gpu_bench(args, work: Path, deadline: float) -> dict:
     """bench/gpu.py on one GPU, the ~1.1B model, fft-dist only (HF Trainer needs `accelerate`)."""
-    log, out = work / "gpu_bench.syncs", work / "gpu_bench.json"
-    env = job_env(log, work / "gpu_bench.torch_extensions")
+    log, out, ext = work / "gpu_bench.syncs", work / "gpu_bench.json", work / "gpu_bench.torch_extensions"
+    ext.mkdir()
+    env = job_env(log, ext)
     cmd = [sys.executable, str(HERE / "gpu.py"), "--model", "1b", "--steps", str(max(args.steps // 2, 6)),
            "--micro", "4", "--seq", "2048", "--no-hf", "--no-record", "--json", str(out)]
-    row: dict = {"job": "bench/gpu.py 1.1B fsdp x1", "ranks": 1, "estimate_gib": None, "built": []}
+    row: dict = {"job": "bench/gpu.py 1.1B fsdp x1", "ranks": 1, "estimate_gib": None}
     t0 = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=max(1.0, deadline - time.monotonic()))
-        status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
-        (work / "gpu_bench.log").write_text(proc.stdout + proc.stderr)
-    except subprocess.TimeoutExpired:
-        status = "out of time"
+    status, output = run_job(cmd, env, deadline - time.monotonic())
     row["wall_s"] = time.monotonic() - t0
+    (work / "gpu_bench.log").write_text(output)
     bench = json.loads(out.read_text())[0] if out.exists() else {}
     row.update(status=status, steps=bench.get("steps", 0), tokens_per_s=bench.get("tokens_per_s"),
-               mfu=bench.get("mfu"), peak_gib=bench.get("peak_mem_gib"), **sync_counts(log))
+               mfu=bench.get("mfu"), peak_gib=bench.get("peak_mem_gib"), built=sorted(p.name for p in ext.iterdir()),
+               **sync_counts(log))
     return row
 
 
