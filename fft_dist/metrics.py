@@ -8,6 +8,7 @@ import os
 import re
 import resource
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -34,8 +35,9 @@ PEAK_BF16_FLOPS: tuple[tuple[tuple[str, ...], str, float], ...] = (
 )
 """Dense bf16 tensor-core peak FLOP/s (no sparsity) from NVIDIA's data sheets: the name's words that
 pick a row (first match wins, most specific first), the part it means, the peak. The PCIe and NVL
-H100s run at lower clocks than the SXM part, so one figure for every H100 overstated the PCIe
-card's MFU by 31%. A device no row names reports MFU as null."""
+H100s run at lower clocks than the SXM part, so one figure for every H100 put a PCIe card's MFU a
+quarter too low (756 against 989). A10G, L4 and RTX 4090 are the figures the table had before, not
+re-checked in issue 17. A device no row names reports MFU as null."""
 
 
 def device_peak(name: str) -> tuple[str, float] | None:
@@ -58,7 +60,7 @@ def peak_flops(device: torch.device) -> float | None:
     return found[1] if found else None
 
 
-def matmul_params(model: nn.Module, config) -> int:
+def matmul_params(model: nn.Module, config: Any) -> int:
     """Parameters that cost 6 FLOPs per token in training (torchtitan's count, for MFU).
 
     An embedding table is a lookup, not a matmul, so it is left out (about 6% of a 1B Llama with a
@@ -85,7 +87,7 @@ def matmul_params(model: nn.Module, config) -> int:
     return round(sum(getattr(p, "ds_numel", p.numel()) * weight[i] for i, p in params.items()))
 
 
-def attention_flops_per_token(config, seq_len: int) -> float:
+def attention_flops_per_token(config: Any, seq_len: int) -> float:
     """Training FLOPs per token of the attention scores and their weighted sum: per layer 12 x heads x
     head_dim x the tokens it attends to (q.k and p.v: 2 matmuls forward, 4 backward, 2 FLOPs per
     multiply-add; the causal half is not discounted, flash attention's recomputation not counted:
@@ -103,7 +105,7 @@ def attention_flops_per_token(config, seq_len: int) -> float:
     return 12.0 * heads * head_dim * attended
 
 
-def flops_per_token(model: nn.Module, config, seq_len: int) -> float:
+def flops_per_token(model: nn.Module, config: Any, seq_len: int) -> float:
     """Model FLOPs per trained token, the numerator of MFU: 6 x matmul parameters (2 forward, 4
     backward) plus attention (:func:`attention_flops_per_token`); ``config`` is the model's HF config
     and ``seq_len`` the row length (data.max_length). Activation checkpointing's recomputed forward
