@@ -92,7 +92,7 @@ def dominated_by_activations(row: dict[str, Any], with_checkpointing: dict[str, 
 
 
 def best_plan(cfg: FFTConfig, shape: ModelShape, *, gpus: int, gpu_mem: int, headroom: float = HEADROOM) -> Choice:
-    """The first candidate (cheapest) whose per-GPU total fits in :func:`fft_dist.memory.budget`."""
+    """The first candidate (cheapest) whose per-GPU total fits within :func:`fft_dist.memory.limit`."""
     rows = [(key, setup, accum, estimate(shape, cfg, setup)) for key, setup, accum in candidates(cfg, gpus)]
     for key, setup, accum, row in rows:
         if fits(row, gpu_mem, headroom=headroom):
