@@ -1,18 +1,23 @@
-"""One GPU: fft-dist `parallelism=fsdp` next to HF Trainer on a ~1B Llama-shaped model; tokens/s and MFU.
+"""fft-dist `parallelism=fsdp` next to HF Trainer on a ~1B Llama-shaped model; tokens/s and MFU.
 
-    python bench/gpu.py [--model 1b|tiny] [--steps 30] [--micro 4] [--seq 2048] [--ac] [--compile]
+    python bench/gpu.py [--model 1b|tiny] [--gpus 1] [--steps 30] [--micro 4] [--seq 2048] [--ac] [--compile]
                         [--hf-path DIR] [--no-hf] [--json rows.json] [--no-record]
 
 The model is built from config (random init, no download): `1b` is TinyLlama's shape (hidden 2048,
 22 layers, MLP 5632, 32 heads, 4 KV heads, vocab 32000: 1.1B parameters). Both sides get the same
 generated token rows (each exactly --seq tokens), micro batch, AdamW, clipping and constant lr, in
 bf16 on a GPU (fp32 on CPU), with activation checkpointing (--ac) and torch.compile (--compile) on
-or off for both. fft-dist runs `python -m fft_dist.cli train` with one rank; HF Trainer runs this
-file's --hf-worker mode (one process, no DeepSpeed; Trainer needs `accelerate`: --hf-path).
+or off for both. fft-dist runs `python -m fft_dist.cli train` with --gpus ranks (micro batch per
+rank); HF Trainer runs this file's --hf-worker mode (one process, no DeepSpeed; Trainer needs
+`accelerate`: --hf-path), so it is refused with --gpus > 1. Both run with their defaults for
+determinism, the ones users get (fft-dist: train.deterministic=true; Trainer: full_determinism=False),
+and the table says which.
 
-MFU = tokens/s x (6N + 12 L d S) / peak bf16 FLOP/s of the device (fft_dist.metrics's table). The
-anchor: torchtitan reports about 39% MFU for Llama 3 8B on H100 with FSDP and compile. On CPU there
-is no peak figure, so MFU is left out; `--model tiny` is the CPU mode the test runs.
+MFU is the trainer's own (fft_dist.metrics: 6 x matmul parameters, embeddings left out, plus
+12 x layers x heads x head_dim x seq for attention, torchtitan's count) over the device's dense bf16
+peak from fft_dist.metrics's table (H100 SXM / PCIe / NVL told apart) times the GPUs. The anchor:
+torchtitan reports about 39% MFU for Llama 3 8B on H100 with FSDP and compile. On CPU there is no
+peak figure, so MFU is left out; `--model tiny` is the CPU mode the test runs.
 """
 from __future__ import annotations
 
@@ -50,24 +55,28 @@ def env(extra_path: str = "") -> dict:
     return e
 
 
-def fft_dist_run(args, arch: dict, data: Path, work: Path, precision: str) -> list[float]:
-    """Seconds per step of `fft-dist train parallelism=fsdp` on one rank."""
+def fft_dist_run(args, arch: dict, data: Path, work: Path, precision: str) -> tuple[list[float], dict]:
+    """Seconds per step of `fft-dist train parallelism=fsdp` on --gpus ranks, and what the run used."""
+    import yaml
+
     run_dir = work / "fft"
-    cmd = [sys.executable, "-m", "fft_dist.cli", "train", "parallelism=fsdp", "launcher.nproc_per_node=1",
+    cmd = [sys.executable, "-m", "fft_dist.cli", "train", "parallelism=fsdp", f"launcher.nproc_per_node={args.gpus}",
            "model=tiny_llama", "model.name=bench_gpu", *(f"model.arch.{k}={v}" for k, v in arch.items() if k != "model_type"),
            "data=stdlib_text", f"data.path={data}", f"data.max_length={args.seq}", "data.eval_fraction=0",
            "data.shuffle=false", "eval.every_steps=0", f"train.max_steps={args.steps}",
-           f"train.global_batch_size={args.micro}", f"train.micro_batch_size={args.micro}", "train.lr=1e-4",
+           f"train.global_batch_size={args.micro * args.gpus}", f"train.micro_batch_size={args.micro}", "train.lr=1e-4",
            "train.lr_schedule=constant", f"train.precision={precision}", f"train.compile={str(args.compile).lower()}",
-           "train.deterministic=false", f"model.activation_checkpointing={str(args.ac).lower()}",
+           f"model.activation_checkpointing={str(args.ac).lower()}",
            "checkpoint.save_final=false", f"run.dir={run_dir}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"fft-dist failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rows = [r for r in rows if "loss" in r]
-    tokens = args.micro * args.seq
-    return [tokens / r["tokens_per_s"] for r in rows]
+    tokens = args.micro * args.seq * args.gpus
+    used = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return [tokens / r["tokens_per_s"] for r in rows], {
+        "deterministic": used["train"]["deterministic"], "peak_mem_gib": max(r["peak_mem_mb"] for r in rows) / 1024}
 
 
 def hf_run(args, arch_path: Path, data: Path, work: Path, precision: str) -> list[float]:
@@ -113,16 +122,19 @@ def hf_worker(args) -> None:
     Path(args.out).write_text(json.dumps({"step_s": timer.times}))
 
 
-def summary(name: str, times: list[float], *, tokens: int, flops_per_token: float, peak: float | None) -> dict:
+def summary(name: str, times: list[float], *, tokens: int, flops_per_token: float, peak: float | None,
+            gpus: int = 1, **used) -> dict:
+    """Median steady-state tokens/s and MFU (per GPU: over `gpus` x the device's peak)."""
     steady = times[WARMUP_STEPS:] or times
     tps = tokens / statistics.median(steady)
-    return {"variant": name, "tokens_per_s": tps, "mfu": tps * flops_per_token / peak if peak else None,
-            "steps": len(times)}
+    return {"variant": name, "tokens_per_s": tps, "mfu": tps * flops_per_token / (peak * gpus) if peak else None,
+            "steps": len(times), **used}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=list(MODELS), default="1b")
+    ap.add_argument("--gpus", type=int, default=1, help="fft-dist ranks (one per GPU); HF Trainer runs on one only")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
@@ -142,12 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.hf_worker:
         hf_worker(args)
         return 0
+    if args.gpus < 1:
+        ap.error(f"--gpus {args.gpus}: use 1 or more")
+    if args.gpus > 1 and not args.no_hf:
+        ap.error("--gpus > 1: HF Trainer here runs on one GPU; add --no-hf")
     import torch
 
-    from fft_dist.metrics import flops_per_token, peak_flops
+    from fft_dist.metrics import device_peak, flops_per_token
 
     on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if on_gpu else "cpu")
+    if on_gpu and torch.cuda.device_count() < args.gpus:
+        ap.error(f"--gpus {args.gpus}: torch sees {torch.cuda.device_count()} GPU(s)")
     precision = "bf16" if on_gpu else "fp32"
     arch = MODELS[args.model] or {"model_type": "llama", **model_arch()}
     work = Path(tempfile.mkdtemp(prefix="fft-dist-bench-gpu-"))
@@ -157,31 +174,41 @@ def main(argv: list[str] | None = None) -> int:
     from loops import build_model
 
     with torch.device("meta"):
-        n_params = sum(p.numel() for p in build_model(str(arch_path)).parameters())
-    fpt = flops_per_token(n_params, arch["num_hidden_layers"], arch["hidden_size"], args.seq)
-    peak = peak_flops(device)
-    tokens = args.micro * args.seq
-    rows = [summary("fft-dist fsdp x1", fft_dist_run(args, arch, data, work, precision), tokens=tokens,
-                    flops_per_token=fpt, peak=peak)]
+        model = build_model(str(arch_path))
+    n_params = sum(p.numel() for p in model.parameters())
+    fpt = flops_per_token(model, model.config, args.seq)
+    dev = torch.cuda.get_device_name(0) if on_gpu else "CPU"
+    part = device_peak(dev) if on_gpu else None
+    peak = part[1] if part else None
+    times, used = fft_dist_run(args, arch, data, work, precision)
+    rows = [summary(f"fft-dist fsdp x{args.gpus}", times, tokens=args.micro * args.seq * args.gpus,
+                    flops_per_token=fpt, peak=peak, gpus=args.gpus, **used)]
     if not args.no_hf:
-        rows.append(summary("HF Trainer x1", hf_run(args, arch_path, data, work, precision), tokens=tokens,
-                            flops_per_token=fpt, peak=peak))
+        rows.append(summary("HF Trainer x1", hf_run(args, arch_path, data, work, precision), tokens=args.micro * args.seq,
+                            flops_per_token=fpt, peak=peak, deterministic=False, peak_mem_gib=None))
     if args.json:
         Path(args.json).write_text(json.dumps(rows))
-    dev = torch.cuda.get_device_name(0) if on_gpu else "CPU"
-    lines = ["| variant | tokens/s | MFU | steps |", "|---|---|---|---|"]
+    lines = ["| variant | tokens/s | MFU | deterministic | peak memory (GiB) | steps |", "|---|---|---|---|---|---|"]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no peak FLOP/s for this device)"
-        lines.append(f"| {r['variant']} | {r['tokens_per_s']:.0f} | {mfu} | {r['steps']} |")
+        mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "n/a"
+        lines.append(f"| {r['variant']} | {r['tokens_per_s']:.0f} | {mfu} | {r['deterministic']} | {mem} | {r['steps']} |")
+    peak_text = (f"{part[0]}, {part[1] / 1e12:.0f} TFLOP/s dense bf16" if part
+                 else "none known" if on_gpu else "none (CPU)")
+    alloc = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or (
+        "expandable_segments:True (fft-dist's default)" if torch.version.cuda else "unset (a CPU build of torch)")
     text = "\n".join([
-        f"## One device: fft-dist fsdp against HF Trainer ({time.strftime('%Y-%m-%d %H:%M %Z')})",
+        f"## {'One device' if args.gpus == 1 else f'{args.gpus} devices'}: fft-dist fsdp against HF Trainer "
+        f"({time.strftime('%Y-%m-%d %H:%M %Z')})",
         "",
         f"- command: `python bench/gpu.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip(),
-        f"- machine: {machine()}; device: {dev}",
+        f"- machine: {machine()}; device: {dev} x{args.gpus} (peak: {peak_text}); PYTORCH_CUDA_ALLOC_CONF={alloc}",
         f"- versions: {versions('torch', 'transformers')}",
-        f"- job: {args.model} ({n_params / 1e9:.2f}B params), micro {args.micro} x seq {args.seq}, {precision}, "
+        f"- job: {args.model} ({n_params / 1e9:.2f}B params, {fpt / 1e9:.2f} GFLOP per token), micro {args.micro} "
+        f"x seq {args.seq} per GPU, {precision}, "
         f"activation checkpointing {'on' if args.ac else 'off'}, compile {'on' if args.compile else 'off'}; "
-        f"median step after the first {WARMUP_STEPS}. Anchor: torchtitan ~39% MFU (Llama 3 8B, H100, FSDP + compile).",
+        f"median step after the first {WARMUP_STEPS}; peak memory: torch.cuda.max_memory_allocated on a GPU, peak RSS "
+        "on CPU (rank 0). Anchor: torchtitan ~39% MFU (Llama 3 8B, H100, FSDP + compile).",
         "",
         *lines,
         "",

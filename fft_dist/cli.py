@@ -16,9 +16,9 @@ commands:
   node [torchrun args]           one node's agent for a written config (FFT_DIST_CONFIG); sbatch scripts use it
   export <checkpoint> <out_dir>  write a Hugging Face folder from a checkpoint (--force replaces a
                                  non-empty out_dir; <checkpoint>: step-N, the checkpoint root or latest)
-  estimate [overrides] [--gpus 1,2,8] [--gpu-mem 80GiB] [--json]
+  estimate [overrides] [--gpus 1,2,8] [--gpu-mem 80GiB] [--headroom 10%] [--json]
                                  per-GPU memory of every backend at each GPU count (model on meta)
-  plan --gpus N --gpu-mem M [overrides]
+  plan --gpus N --gpu-mem M [--headroom 10%] [overrides]
                                  the cheapest set-up that fits, with the overrides to paste
   data [hydra overrides]         print what the data turns into (splits, lengths, truncation, loss mask,
                                  data.inspect_terms=[...] token splits); trains nothing
@@ -219,8 +219,21 @@ def _trainer_state_problems(checkpoint: Path) -> list[str]:
     return []
 
 
+def _headroom(text: str) -> float:
+    """argparse type for --headroom: '10%' or a fraction such as 0.1 (a bare 10 is ambiguous: refused)."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a share of the budget below 100%, e.g. 10% or 0.1")
+    return value
+
+
 def _sizing_args(prog: str, argv: list[str], *, plan: bool):
     """Flags of `estimate` / `plan`; everything else is a Hydra override."""
+    from fft_dist.memory import HEADROOM, USABLE
+
     p = argparse.ArgumentParser(prog=prog)
     if plan:
         p.add_argument("--gpus", type=int, required=True, help="GPUs to train on")
@@ -229,6 +242,9 @@ def _sizing_args(prog: str, argv: list[str], *, plan: bool):
         p.add_argument("--gpus", default="1,2,4,8", help="comma-separated GPU counts (default 1,2,4,8)")
         p.add_argument("--gpu-mem", type=_shard_size, default=None, help="memory of one GPU, e.g. 80GiB: marks what fits")
         p.add_argument("--json", action="store_true", help="print one JSON list of rows")
+    p.add_argument("--headroom", type=_headroom, default=None,
+                   help=f"share of the budget ({USABLE:.0%} of --gpu-mem) left free for what the estimate does not see "
+                        f"(default {HEADROOM:.0%}; 0 fills the budget)")
     p.add_argument("--config-dir", action="append", default=[], help="extra folder of config groups")
     return p.parse_known_args(argv)
 
@@ -249,7 +265,8 @@ def estimate(argv: list[str]) -> int:
     """`fft-dist estimate`: exit 0, or 2 on a bad flag / config."""
     import json
 
-    from fft_dist.memory import estimate_table, format_table
+    from fft_dist.memory import HEADROOM, estimate_table, format_table
+    from fft_dist.planner import budget_text
 
     a, overrides = _sizing_args("fft-dist estimate", argv, plan=False)
     try:
@@ -262,24 +279,34 @@ def estimate(argv: list[str]) -> int:
     cfg, shape = _load_for_sizing(overrides, a.config_dir)
     if cfg is None:
         return shape
-    rows = estimate_table(cfg, shape, gpus, gpu_mem=a.gpu_mem)
+    if a.gpu_mem is None and a.headroom is not None:
+        print("fft-dist estimate: --headroom marks what fits in --gpu-mem: give --gpu-mem too", file=sys.stderr)
+        return 2
+    a.headroom = HEADROOM if a.headroom is None else a.headroom
+    rows = estimate_table(cfg, shape, gpus, gpu_mem=a.gpu_mem, headroom=a.headroom)
     if a.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{cfg.model.name}: {shape.params:,} parameters ({shape.trainable:,} trainable), precision "
-          f"{cfg.train.precision.value}, optimizer {cfg.optimizer.name.value}, micro batch {cfg.train.micro_batch_size} "
-          f"x {cfg.data.max_length} tokens, activation checkpointing "
-          f"{'on' if cfg.model.activation_checkpointing else 'off'}. GiB per GPU; act+AC / act-AC: activations with "
-          "checkpointing toggled; cpu: offload memory per GPU (README: Memory planning):")
+    evals = rows[0]["eval_micro_batch_size"] if rows else 0
+    print(f"{cfg.model.name}: {shape.params:,} parameters ({shape.trainable:,} trainable), vocabulary {shape.vocab:,}, "
+          f"precision {cfg.train.precision.value}, optimizer {cfg.optimizer.name.value}, micro batch "
+          f"{cfg.train.micro_batch_size} x {cfg.data.max_length} tokens, "
+          + (f"eval micro batch {evals}" if evals else "no eval set") + ", activation checkpointing "
+          f"{'on' if cfg.model.activation_checkpointing else 'off'}. GiB per GPU; activations: the larger of train "
+          "(saved for backward) and eval (one eval forward); tr+AC / tr-AC: train with checkpointing toggled; cpu: "
+          "offload memory per GPU" + (f"; fits: within {budget_text(a.gpu_mem, a.headroom)}" if a.gpu_mem else "")
+          + " (README: Memory planning):")
     print(format_table(rows, a.gpu_mem))
     return 0
 
 
 def plan(argv: list[str]) -> int:
     """`fft-dist plan`: exit 0 with a plan, 2 on a bad flag / config or when nothing fits."""
+    from fft_dist.memory import HEADROOM
     from fft_dist.planner import NoFit, best_plan, format_plan
 
     a, overrides = _sizing_args("fft-dist plan", argv, plan=True)
+    a.headroom = HEADROOM if a.headroom is None else a.headroom
     if a.gpus < 1:
         print(f"fft-dist plan: --gpus {a.gpus}: use 1 or more", file=sys.stderr)
         return 2
@@ -287,11 +314,11 @@ def plan(argv: list[str]) -> int:
     if cfg is None:
         return shape
     try:
-        choice = best_plan(cfg, shape, gpus=a.gpus, gpu_mem=a.gpu_mem)
+        choice = best_plan(cfg, shape, gpus=a.gpus, gpu_mem=a.gpu_mem, headroom=a.headroom)
     except NoFit as e:
         print(f"fft-dist plan: {e}", file=sys.stderr)
         return 2
-    print(format_plan(choice, a.gpu_mem))
+    print(format_plan(choice))
     return 0
 
 

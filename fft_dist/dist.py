@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -52,6 +53,7 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistContext
 
     The caller checks the backend first (:func:`check_backend`), where its error is reported.
     """
+    default_cuda_alloc_conf(os.environ)
     rank = int(os.environ.get("RANK", "0"))
     backend = pick_backend(backend)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -202,3 +204,11 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 def warn0(msg: str) -> None:
     if is_main():
         print(f"fft-dist: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def default_cuda_alloc_conf(env: MutableMapping[str, str]) -> None:
+    """expandable_segments:True unless the user set the allocator's config: segments grow instead of
+    caching fixed blocks, so training's and eval's different batch shapes do not fragment memory
+    (issue 17). It must be in the environment before the rank's first CUDA allocation."""
+    if torch.version.cuda and not {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & set(env):
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"

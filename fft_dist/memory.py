@@ -56,6 +56,8 @@ class Setup:
     micro_batch: int
     seq_len: int
     checkpointing: bool
+    eval_micro_batch: int = 0
+    """eval.micro_batch_size when the run evaluates (0: no eval set, no eval forward)."""
 
 
 def model_shape(cfg: FFTConfig) -> ModelShape:
@@ -125,10 +127,45 @@ def activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, check
     per_layer = tokens * (6 * shape.hidden + 2 * shape.kv_hidden + mlp) * e
     if eager_attention:
         per_layer += micro_batch * shape.heads * seq_len * seq_len * e
-    logits = tokens * shape.vocab * (e + 4 + (0 if e == 4 else 4))
+    logits = logits_bytes(shape, tokens, e)
     if checkpointing:
         return shape.layers * tokens * shape.hidden * 4 + per_layer + logits
     return shape.layers * per_layer + logits
+
+
+def logits_bytes(shape: ModelShape, tokens: int, e: int) -> int:
+    """The logits (e bytes), their fp32 copy under 16-bit compute, and the loss's fp32 log-softmax."""
+    return tokens * shape.vocab * (e + 4 + (0 if e == 4 else 4))
+
+
+def eval_activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, precision: Precision,
+                          eager_attention: bool = False) -> int:
+    """The peak of one eval forward (no_grad, eval.micro_batch_size rows): nothing is saved for
+    backward, so it is the larger of one layer's intermediates and the logits with the loss's fp32
+    copies, plus the hidden states carried between layers. Eval's micro batch (default 8) is larger
+    than training's, so at a 128k vocabulary this can be the run's activation peak.
+    """
+    if micro_batch <= 0:
+        return 0
+    e = 4 if Precision(precision) == Precision.fp32 else 2
+    tokens = micro_batch * seq_len
+    layer = activation_bytes(dataclasses.replace(shape, layers=1, vocab=0), micro_batch=micro_batch,
+                             seq_len=seq_len, checkpointing=False, precision=precision,
+                             eager_attention=eager_attention)
+    return max(layer, logits_bytes(shape, tokens, e)) + tokens * shape.hidden * e
+
+
+def runs_eval(cfg: FFTConfig) -> bool:
+    """Whether the run has an eval set (an eval forward at eval.micro_batch_size happens)."""
+    return cfg.data.eval_path is not None or cfg.data.eval_fraction > 0 or bool(cfg.data.mixture)
+
+
+def setup_for(cfg: FFTConfig, backend: str, gpus: int, *, micro_batch: int | None = None,
+              checkpointing: bool | None = None, eval_micro_batch: int | None = None) -> Setup:
+    """A row's knobs: the config's own, unless given."""
+    return Setup(backend, gpus, cfg.train.micro_batch_size if micro_batch is None else micro_batch,
+                 cfg.data.max_length, cfg.model.activation_checkpointing if checkpointing is None else checkpointing,
+                 (cfg.eval.micro_batch_size if runs_eval(cfg) else 0) if eval_micro_batch is None else eval_micro_batch)
 
 
 def estimate(shape: ModelShape, cfg: FFTConfig, setup: Setup) -> dict[str, Any]:
@@ -178,17 +215,23 @@ def estimate(shape: ModelShape, cfg: FFTConfig, setup: Setup) -> dict[str, Any]:
             if backend == "zero3_offload":
                 cpu += params - w * detail["persistent_params"]
                 params = w * detail["persistent_params"]
+    eager = shape.attention == "eager"
     acts = {on: activation_bytes(shape, micro_batch=setup.micro_batch, seq_len=setup.seq_len, checkpointing=on,
-                                 precision=precision, eager_attention=shape.attention == "eager")
+                                 precision=precision, eager_attention=eager)
             for on in (False, True)}
+    eval_acts = eval_activation_bytes(shape, micro_batch=setup.eval_micro_batch, seq_len=setup.seq_len,
+                                      precision=precision, eager_attention=eager)
     buffers = sum(v for key, v in detail.items() if key != "persistent_params")
+    # training's saved activations and eval's forward never coexist: the larger one is the peak
     per_gpu = {"params": params, "grads": grads, "master": master, "optimizer": optim,
-               "activations": acts[setup.checkpointing], "buffers": buffers}
+               "activations": max(acts[setup.checkpointing], eval_acts), "buffers": buffers}
     per_gpu["total"] = sum(per_gpu.values())
     return {"parallelism": backend, "gpus": n, "params": psi, "trainable_params": t,
             "micro_batch_size": setup.micro_batch, "seq_len": setup.seq_len,
-            "activation_checkpointing": setup.checkpointing, "per_gpu_bytes": per_gpu,
+            "activation_checkpointing": setup.checkpointing, "eval_micro_batch_size": setup.eval_micro_batch,
+            "per_gpu_bytes": per_gpu,
             "activations_by_checkpointing": {"off": acts[False], "on": acts[True]},
+            "train_activations": acts[setup.checkpointing], "eval_activations": eval_acts,
             "cpu_bytes_per_gpu": cpu, "detail": detail}
 
 
@@ -210,31 +253,47 @@ def backends_for(gpus: int) -> tuple[str, ...]:
     return BACKENDS if gpus == 1 else BACKENDS[1:]
 
 
+USABLE = 0.9
+"""The budget: the share of a GPU's memory the estimate may count on; the rest is the CUDA context,
+NCCL's buffers and the allocator's own use."""
+HEADROOM = 0.10
+"""Default share of the budget a plan leaves free for what the estimate does not see (temporaries,
+fragmentation, estimate error): `--headroom`."""
+
+
+def budget(gpu_mem: int) -> float:
+    return USABLE * gpu_mem
+
+
+def limit(gpu_mem: int, headroom: float = HEADROOM) -> float:
+    """The most a set-up may need on a GPU of ``gpu_mem``: the budget less ``headroom`` of it."""
+    return budget(gpu_mem) * (1.0 - headroom)
+
+
 def estimate_table(cfg: FFTConfig, shape: ModelShape, gpus: list[int], *, gpu_mem: int | None = None,
-                   headroom: float = 0.9) -> list[dict[str, Any]]:
-    """Every backend at every GPU count for the configured micro batch, sequence length and
-    checkpointing; with ``gpu_mem`` each row says whether it fits in ``headroom`` of it (the rest is
-    left for the CUDA context, the allocator's fragmentation and temporaries)."""
+                   headroom: float = HEADROOM) -> list[dict[str, Any]]:
+    """Every backend at every GPU count for the configured micro batches, sequence length and
+    checkpointing; with ``gpu_mem`` each row says whether it fits (within :func:`limit`)."""
     rows = []
     for n in gpus:
         for backend in backends_for(n):
-            setup = Setup(backend, n, cfg.train.micro_batch_size, cfg.data.max_length, cfg.model.activation_checkpointing)
-            row = estimate(shape, cfg, setup)
+            row = estimate(shape, cfg, setup_for(cfg, backend, n))
             if gpu_mem is not None:
                 row["fits"] = fits(row, gpu_mem, headroom=headroom)
             rows.append(row)
     return rows
 
 
-def fits(row: dict[str, Any], gpu_mem: int, *, headroom: float = 0.9) -> bool:
-    return row["per_gpu_bytes"]["total"] <= headroom * gpu_mem
+def fits(row: dict[str, Any], gpu_mem: int, *, headroom: float = HEADROOM) -> bool:
+    return row["per_gpu_bytes"]["total"] <= limit(gpu_mem, headroom)
 
 
 def format_table(rows: list[dict[str, Any]], gpu_mem: int | None = None) -> str:
-    """A fixed-width table in GiB, one line per row."""
+    """A fixed-width table in GiB, one line per row; `activations` is the larger of `train` and `eval`."""
     cols = ["params", "grads", "master", "optimizer", "activations", "buffers", "total"]
-    toggled = "act-AC" if rows and rows[0]["activation_checkpointing"] else "act+AC"  # activations, AC toggled
-    head = f"{'backend':14s} {'gpus':>4s} " + " ".join(f"{c[:6]:>7s}" for c in cols) + f" {toggled:>7s} {'cpu':>7s}"
+    toggled = "tr-AC" if rows and rows[0]["activation_checkpointing"] else "tr+AC"  # training's, AC toggled
+    head = (f"{'backend':14s} {'gpus':>4s} " + " ".join(f"{c[:6]:>7s}" for c in cols)
+            + f" {'train':>7s} {toggled:>7s} {'eval':>7s} {'cpu':>7s}")
     if gpu_mem is not None:
         head += "  fits"
     lines = [head]
@@ -242,7 +301,8 @@ def format_table(rows: list[dict[str, Any]], gpu_mem: int | None = None) -> str:
         b = r["per_gpu_bytes"]
         other = r["activations_by_checkpointing"]["off" if r["activation_checkpointing"] else "on"]
         line = (f"{r['parallelism']:14s} {r['gpus']:4d} " + " ".join(f"{b[c] / GIB:7.2f}" for c in cols)
-                + f" {other / GIB:7.2f} {r['cpu_bytes_per_gpu'] / GIB:7.2f}")
+                + "".join(f" {x / GIB:7.2f}" for x in (r["train_activations"], other, r["eval_activations"],
+                                                        r["cpu_bytes_per_gpu"])))
         if gpu_mem is not None:
             line += "  yes" if r["fits"] else "  no"
         lines.append(line)

@@ -5,41 +5,112 @@ import importlib.util
 import json
 import math
 import os
+import re
 import resource
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from fft_dist.config import ConfigError, FFTConfig, LoggingConfig, WandbConfig
+from fft_dist.models.family import dimension, text_config
 
 WANDB_MODES = ("offline", "online")
 
-# Dense bf16 peak FLOP/s per device (no sparsity). Unknown devices report MFU as null.
-PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 125e12,
-    "L4": 121e12,
-    "4090": 165e12,
-}
+PEAK_BF16_FLOPS: tuple[tuple[tuple[str, ...], str, float], ...] = (
+    (("H100", "NVL"), "H100 NVL", 835e12),
+    (("H100", "PCIE"), "H100 PCIe", 756e12),
+    (("H100",), "H100 SXM", 989e12),  # "NVIDIA H100 80GB HBM3" is the SXM part
+    (("H200", "NVL"), "H200 NVL", 835e12),
+    (("GH200",), "GH200", 989e12),
+    (("H200",), "H200 SXM", 989e12),
+    (("A100", "PCIE"), "A100 PCIe", 312e12),
+    (("A100",), "A100 SXM", 312e12),
+    (("L40S",), "L40S", 362e12),
+    (("A10G",), "A10G", 125e12),
+    (("L4",), "L4", 121e12),
+    (("4090",), "RTX 4090", 165e12),
+)
+"""Dense bf16 tensor-core peak FLOP/s (no sparsity) from NVIDIA's data sheets: the name's words that
+pick a row (first match wins, most specific first), the part it means, the peak. The PCIe and NVL
+H100s run at lower clocks than the SXM part, so one figure for every H100 put a PCIe card's MFU a
+quarter too low (756 against 989). A10G, L4 and RTX 4090 are the figures the table had before, not
+re-checked in issue 17. A device no row names reports MFU as null."""
 
 
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None  # a CPU MFU would be a made-up figure
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return flops
+def device_peak(name: str) -> tuple[str, float] | None:
+    """(part, dense bf16 peak FLOP/s) for a CUDA device name, or None for a device not in the table.
+
+    Words are matched whole ("NVIDIA A100-SXM4-80GB" -> A100, SXM4, 80GB), so an L40 is not an L4."""
+    words = set(re.split(r"[^A-Z0-9]+", name.upper()))
+    for needed, part, flops in PEAK_BF16_FLOPS:
+        if all(w in words for w in needed):
+            return part, flops
     return None
 
 
-def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus 12*L*d*S for attention scores."""
-    return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, or None on CPU (a CPU MFU would be a made-up figure) and on
+    devices the table does not know."""
+    if device.type != "cuda":
+        return None
+    found = device_peak(torch.cuda.get_device_name(device))
+    return found[1] if found else None
+
+
+def matmul_params(model: nn.Module, config: Any) -> int:
+    """Parameters that cost 6 FLOPs per token in training (torchtitan's count, for MFU).
+
+    An embedding table is a lookup, not a matmul, so it is left out (about 6% of a 1B Llama with a
+    32k vocabulary) unless it is tied to the output head, which multiplies by it. A Mixture of
+    Experts' routed experts count by the share of them a token visits (top_k / experts). Sharded
+    models count whole: FSDP2 DTensors report their full numel, ZeRO-3 keeps it in ds_numel.
+    """
+    params = {id(p): p for p in model.parameters()}
+    weight = dict.fromkeys(params, 1.0)
+    text = text_config(config)
+    experts = next((getattr(text, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                    if getattr(text, k, None)), None)
+    top_k = getattr(text, "num_experts_per_tok", None)
+    head_ids: set[int] = set()
+    for name, module in model.named_modules():
+        if experts and top_k and name.rsplit(".", 1)[-1] == "experts":
+            weight.update(dict.fromkeys((id(p) for p in module.parameters()), top_k / experts))
+        out = getattr(module, "get_output_embeddings", None)
+        if callable(out) and out() is not None:
+            head_ids |= {id(p) for p in out().parameters()}
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            weight.update({id(p): 0.0 for p in module.parameters(recurse=False) if id(p) not in head_ids})
+    return round(sum(getattr(p, "ds_numel", p.numel()) * weight[i] for i, p in params.items()))
+
+
+def attention_flops_per_token(config: Any, seq_len: int) -> float:
+    """Training FLOPs per token of the attention scores and their weighted sum: per layer 12 x heads x
+    head_dim x the tokens it attends to (q.k and p.v: 2 matmuls forward, 4 backward, 2 FLOPs per
+    multiply-add; the causal half is not discounted, flash attention's recomputation not counted:
+    torchtitan's convention). A sliding-window layer attends to at most its window."""
+    text = text_config(config)
+    heads = dimension(text, "num_attention_heads")
+    head_dim = getattr(text, "head_dim", None) or dimension(text, "hidden_size") // heads
+    layers = dimension(text, "num_hidden_layers")
+    window = getattr(text, "sliding_window", None) or 0
+    kinds = getattr(text, "layer_types", None)
+    if not kinds:
+        windowed = window and getattr(text, "use_sliding_window", True) is not False
+        kinds = ["sliding_attention" if windowed else "full_attention"] * layers
+    attended = sum(min(seq_len, window) if kind == "sliding_attention" and window else seq_len for kind in kinds)
+    return 12.0 * heads * head_dim * attended
+
+
+def flops_per_token(model: nn.Module, config: Any, seq_len: int) -> float:
+    """Model FLOPs per trained token, the numerator of MFU: 6 x matmul parameters (2 forward, 4
+    backward) plus attention (:func:`attention_flops_per_token`); ``config`` is the model's HF config
+    and ``seq_len`` the row length (data.max_length). Activation checkpointing's recomputed forward
+    is not counted (MFU, not hardware FLOPs utilisation)."""
+    return 6.0 * matmul_params(model, config) + attention_flops_per_token(config, seq_len)
 
 
 def peak_memory_mb(device: torch.device) -> float:

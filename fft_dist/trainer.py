@@ -157,8 +157,7 @@ class Trainer:
             if fresh:  # what transformers' from_pretrained warns as "newly initialized", in our words
                 print0(f"fft-dist: warning: model.path={cfg.model.path} has no {', '.join(fresh)}: a new task head, "
                        "initialised fresh (seeded by train.seed); train it before trusting its predictions")
-        self.flops_per_token = flops_per_token(self.n_params, self.n_layers, hidden_size(self.hf_config),
-                                               cfg.data.max_length)
+        self.flops_per_token = flops_per_token(self.strategy.model, self.hf_config, cfg.data.max_length)
         self.peak_flops = peak_flops(self.ctx.device)
         print0(
             f"fft-dist: {cfg.model.name} ({self.n_params / 1e6:.2f}M params, {len(self.frozen)} frozen tensors, "

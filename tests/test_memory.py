@@ -22,6 +22,8 @@ from fft_dist.memory import (
     activation_bytes,
     estimate,
     estimate_table,
+    eval_activation_bytes,
+    limit,
     model_shape,
     model_state_bytes,
 )
@@ -192,8 +194,9 @@ def test_estimate_table_marks_what_fits():
     shape = synthetic(8_000_000)
     rows = estimate_table(cfg, shape, [1, 2], gpu_mem=10**9)
     assert [(r["parallelism"], r["gpus"]) for r in rows] == [(b, 1) for b in BACKENDS] + [(b, 2) for b in BACKENDS[1:]]
-    assert all(r["fits"] == (r["per_gpu_bytes"]["total"] <= 0.9e9) for r in rows)
-    tight = estimate_table(cfg, shape, [1], gpu_mem=int(model_state_bytes(rows[0]) * 1.05))
+    assert all(r["fits"] == (r["per_gpu_bytes"]["total"] <= limit(10**9)) for r in rows)
+    assert limit(10**9) == pytest.approx(0.9 * 0.9e9)  # 90% of the GPU, less 10% headroom
+    tight = estimate_table(cfg, shape, [1], gpu_mem=int(model_state_bytes(rows[0]) * 1.3))
     assert tight[0]["fits"] is False  # none: states fit, activations do not
 
 
@@ -240,3 +243,42 @@ def test_estimate_reads_model_path_config(tmp_path, capsys):
     layer = 4 * 96 * 96 + 3 * 96 * 160 + 2 * 96
     assert rows[0]["params"] == 512 * 96 + 3 * layer + 96  # tied lm_head counted once
     assert rows[0]["per_gpu_bytes"]["params"] == 4 * rows[0]["params"]
+
+
+# Issue 17: eval's micro batch (default 8) holds logits of b_e x s x V; at a 128k vocabulary that can
+# be the run's activation peak, and the estimate must count it.
+
+def test_eval_forward_formula():
+    shape = synthetic(vocab=1000, hidden=64, kv_hidden=32, intermediate=128, layers=3)
+    b, s = 8, 10
+    logits = b * s * 1000 * (2 + 4 + 4)  # bf16 logits, their fp32 copy, the fp32 log-softmax
+    assert eval_activation_bytes(shape, micro_batch=b, seq_len=s, precision=Precision.bf16) == logits + b * s * 64 * 2
+    small_vocab = dataclasses.replace(shape, vocab=4)  # then one layer's intermediates are the larger
+    layer = b * s * (6 * 64 + 2 * 32 + 4 * 128) * 4
+    assert eval_activation_bytes(small_vocab, micro_batch=b, seq_len=s, precision=Precision.fp32) == \
+        layer + b * s * 64 * 4
+    assert eval_activation_bytes(shape, micro_batch=0, seq_len=s, precision=Precision.fp32) == 0
+
+
+def test_eval_batch_is_the_peak_at_128k_vocab(capsys):
+    """Llama 3 8B, 2048 tokens, bf16, training micro batch 1: eval's forward at its default micro batch
+    of 8 needs more than training's saved activations, and the estimate's total follows eval.micro_batch_size."""
+    job = ["model=llama3_8b", "data.max_length=2048", "train.micro_batch_size=1", "train.precision=bf16",
+           "--gpus", "8", "--json"]
+
+    def fsdp_row(*extra: str) -> dict:
+        assert cli.estimate([*job, *extra]) == 0
+        return next(r for r in json.loads(capsys.readouterr().out) if r["parallelism"] == "fsdp")
+
+    row = fsdp_row()
+    assert row["eval_micro_batch_size"] == 8
+    assert row["eval_activations"] > 8 * 2048 * 128256 * 10 > row["train_activations"]
+    assert row["per_gpu_bytes"]["activations"] == row["eval_activations"]
+    one = fsdp_row("eval.micro_batch_size=1")
+    assert one["per_gpu_bytes"]["activations"] == one["train_activations"] > one["eval_activations"]
+    assert row["per_gpu_bytes"]["total"] - one["per_gpu_bytes"]["total"] == \
+        row["eval_activations"] - one["train_activations"] > 6 * 2**30
+    assert fsdp_row("data.eval_fraction=0")["eval_activations"] == 0  # no eval set: no eval forward
+    assert cli.estimate(job[:-1] + ["eval.micro_batch_size=8"]) == 0  # the table shows both peaks
+    out = capsys.readouterr().out
+    assert "eval micro batch 8" in out and " train " in out and " eval " in out

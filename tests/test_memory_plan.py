@@ -6,8 +6,8 @@ import pytest
 from helpers import fft_dist
 from fft_dist import cli
 from fft_dist.compose import compose, prepare, resolve, to_typed
-from fft_dist.memory import GIB, estimate, fits, model_shape
-from fft_dist.planner import HEADROOM, NoFit, best_plan, candidates, comm_volume
+from fft_dist.memory import GIB, HEADROOM, estimate, fits, limit, model_shape
+from fft_dist.planner import NoFit, best_plan, candidates, comm_volume
 
 
 def typed(*overrides: str):
@@ -58,13 +58,13 @@ def test_less_memory_turns_on_checkpointing_then_offload(llama8b):
     # just below what the cheapest no-checkpointing set-up at micro 1 needs: checkpointing comes on
     no_ac = min(estimate(shape, cfg, s)["per_gpu_bytes"]["total"] for _, s, _ in candidates(cfg, 8)
                 if not s.checkpointing and not s.parallelism.endswith("_offload"))
-    tight = best_plan(cfg, shape, gpus=8, gpu_mem=int(no_ac / HEADROOM) - 1).row
+    tight = best_plan(cfg, shape, gpus=8, gpu_mem=int(80 * GIB * no_ac / limit(80 * GIB)) - 1).row
     assert tight["activation_checkpointing"] and not tight["parallelism"].endswith("_offload")
     assert tight["per_gpu_bytes"]["total"] < plain["per_gpu_bytes"]["total"]
     # below every non-offload set-up: offload
     on_gpu = min(estimate(shape, cfg, s)["per_gpu_bytes"]["total"] for _, s, _ in candidates(cfg, 8)
                  if not s.parallelism.endswith("_offload"))
-    offload = best_plan(cfg, shape, gpus=8, gpu_mem=int(on_gpu / HEADROOM) - 1)
+    offload = best_plan(cfg, shape, gpus=8, gpu_mem=int(80 * GIB * on_gpu / limit(80 * GIB)) - 1)
     assert offload.row["parallelism"].endswith("_offload") and offload.row["cpu_bytes_per_gpu"] > 0
     assert any("CPU memory" in r for r in offload.reasons)
     with pytest.raises(NoFit, match="nothing fits"):
@@ -73,8 +73,8 @@ def test_less_memory_turns_on_checkpointing_then_offload(llama8b):
 
 def test_cli_plan_prints_overrides_that_run():
     """The real entry point; the pasted overrides compose and validate (the launcher's own checks) at the
-    planned world size."""
-    proc = fft_dist("plan", "--gpus", "1", "--gpu-mem", "24GiB", "model=llama3_1b", "data.max_length=2048")
+    planned world size. (On 24 GiB this set-up fits only without headroom: 21.2 of the 21.6 GiB budget.)"""
+    proc = fft_dist("plan", "--gpus", "1", "--gpu-mem", "28GiB", "model=llama3_1b", "data.max_length=2048")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert out.startswith("plan: none on 1 GPU(s)"), out
@@ -95,3 +95,61 @@ def test_cli_plan_errors(capsys):
     with pytest.raises(SystemExit) as e:
         cli.plan(["--gpus", "2"])
     assert e.value.code == 2 and "--gpu-mem" in capsys.readouterr().err
+
+
+# Issue 17: the plan leaves headroom (default 10% of the 90%-of-the-GPU budget), counts eval's batch,
+# and recommends activation checkpointing where activations dominate.
+README_8B = ["--gpus", "8", "--gpu-mem", "80GiB", "model=llama3_8b", "data.max_length=2048", "train.global_batch_size=64"]
+
+
+def planned(capsys, *argv: str) -> tuple[float, str]:
+    """(GiB per GPU the plan needs, the whole output) of `fft-dist plan` in-process."""
+    assert cli.plan(list(argv)) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    return float(out.split(" needs ")[1].split(" GiB")[0]), out
+
+
+def test_plan_leaves_headroom(capsys):
+    """Before: zero2 at 70.2 GiB, 97.5% of the 72 GiB budget. Now nothing above 90% of it by default,
+    and --headroom 0 gives the old budget (and the old choice) back."""
+    budget = 0.9 * 80
+    need, out = planned(capsys, *README_8B)
+    assert need <= 0.9 * budget and "within 64.8 GiB" in out, out
+    need, out = planned(capsys, *README_8B, "--headroom", "0")
+    assert out.startswith("plan: zero2 on 8 GPU(s)") and 0.9 * budget < need <= budget, out
+    need, out = planned(capsys, *README_8B, "--headroom", "25%")
+    assert need <= 0.75 * budget, out
+
+
+def test_plan_recommends_checkpointing_where_activations_dominate(capsys, llama8b):
+    _, out = planned(capsys, *README_8B)
+    assert "train.micro_batch_size=1" in out.splitlines()[-1]  # fp32: micro 1 without checkpointing fits
+    assert "recommended: activation checkpointing" in out
+    lines = out.splitlines()
+    alt = lines[lines.index("with activation checkpointing (recommended):") + 1].split()
+    assert "model.activation_checkpointing=true" in alt and lines[-1].split()[:-1] == alt[:-1]
+    cfg, shape = llama8b  # micro 4, 2048 tokens, fp32 on 8 x 80 GiB: activations are a small share there
+    choice = best_plan(cfg, shape, gpus=8, gpu_mem=80 * GIB)
+    if 2 * choice.row["train_activations"] <= choice.row["per_gpu_bytes"]["total"]:
+        assert not choice.checkpointing_overrides
+
+
+def test_plan_halves_the_eval_batch_before_anything_costlier(capsys):
+    """bf16 at 2048 tokens and a 128k vocabulary: eval's logits at micro batch 8 (19.6 GiB) do not fit
+    beside zero2's states; at 4 they do, which costs less than checkpointing or more communication."""
+    need, out = planned(capsys, *README_8B, "train.precision=bf16")
+    overrides = out.splitlines()[-1].split()
+    assert "eval.micro_batch_size=4" in overrides and "model.activation_checkpointing=false" in overrides, out
+    assert "eval.micro_batch_size 8 -> 4" in out
+    _, without_eval = planned(capsys, *README_8B, "train.precision=bf16", "data.eval_fraction=0")
+    assert "eval.micro_batch_size" not in without_eval.splitlines()[-1]
+
+
+def test_headroom_flag_is_checked(capsys):
+    for bad in ("10", "100%", "-5%", "lots"):
+        with pytest.raises(SystemExit) as e:
+            cli.plan([*README_8B, "--headroom", bad])
+        assert e.value.code == 2 and "--headroom" in capsys.readouterr().err
+    assert cli.estimate(["--headroom", "5%"]) == 2  # it marks what fits in --gpu-mem: without it, refused
+    assert "--gpu-mem" in capsys.readouterr().err
+    assert HEADROOM == 0.1
