@@ -320,6 +320,7 @@ def run_in_process(launcher: LauncherConfig) -> int:
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(name, None)  # torchrun would set them afresh; a stray WORLD_SIZE must not count
+    os.environ["LOCAL_RANK"] = "0"  # what torchrun gives its only rank (DeepSpeed reads it to pick the device)
     if launcher.master_port:
         os.environ["MASTER_PORT"] = str(launcher.master_port)  # init_distributed keeps a set port
     if "OMP_NUM_THREADS" not in os.environ:  # what start_agent gives one rank; torch is imported already

@@ -29,7 +29,6 @@ from fft_dist.model import (
     explicit_chat_template,
     grow_vocab,
     count_parameters,
-    decoder_layers,
     enable_activation_checkpointing,
     for_task,
     hf_config,
@@ -39,7 +38,7 @@ from fft_dist.model import (
     task_of,
     tokenizer_dir,
 )
-from fft_dist.models.family import embedding_rows, hidden_size
+from fft_dist.models.family import embedding_rows
 from fft_dist.models.vocab import GrownVocabulary
 from fft_dist.optim import lr_schedule, optimizer_factory
 from fft_dist.preemption import StopSignal, signal_name
@@ -139,7 +138,6 @@ class Trainer:
             if cfg.model.activation_checkpointing:
                 enable_activation_checkpointing(model)
             self.n_params = count_parameters(model)
-            self.n_layers = len(decoder_layers(model))
             self.new_head = new_head_names(model)
             self.grown = embedding_rows(model, self.hf_config.vocab_size) if self.old_vocab else {}
             return model

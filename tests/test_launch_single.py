@@ -68,3 +68,12 @@ def test_stray_launcher_variables_in_the_environment_do_not_reach_the_in_process
     proc = fft_dist("train", f"run.dir={tmp_path / 'run'}", *TINY_JOB, *SINGLE, "train.max_steps=2", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x 1 ranks" in proc.stdout and [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [1, 2]
+
+
+def test_one_rank_zero3_runs_in_the_launchers_process(tmp_path):
+    """DeepSpeed reads LOCAL_RANK to pick its device; torchrun would set it for its only rank, so the
+    in-process rank does too (a KeyError: 'LOCAL_RANK' before)."""
+    proc = fft_dist("train", f"run.dir={tmp_path / 'run'}", *TINY_JOB, "parallelism=zero3", "launcher.nproc_per_node=1",
+                    "train.global_batch_size=2", "train.max_steps=2", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [1, 2]
