@@ -11,7 +11,7 @@ LAYERS: list[list[str]] = [
     ["config_launcher", "config"],                   # the typed schema
     ["processes"],                                   # which process is which (pid + start time)
     ["validate", "compose", "config_help", "resume_checks", "preemption", "dist"],  # pure rules, processes
-    ["model_checks", "model", "optim", "metrics", "data", "loss"],  # components built from typed config
+    ["model_checks", "model", "models", "optim", "metrics", "data", "loss"],  # components built from typed config
     ["strategy"],                                    # FSDP2 / DeepSpeed / single process behind one protocol
     ["memory", "planner"],                           # will it fit: per-GPU bytes, the cheapest set-up that fits
     ["checkpoint"],                                  # one format over every strategy's fragments
