@@ -25,7 +25,8 @@ class HFFolderSource:
     answer (:func:`fft_dist.models.conversions.plan_load` on `model`, a meta-device model; by default one
     built from the folder's config.json): renamed keys, the base model's prefix added or dropped, a tied
     parameter the folder omits (``lm_head.weight``) read from its partner, and fused tensors converted
-    from the tensors ``save_pretrained`` writes (an MoE's one tensor per expert).
+    from the tensors ``save_pretrained`` writes (an MoE's one tensor per expert). A name the model does not
+    have is served from the folder tensor of that exact name, if any.
 
     ``read(name, 'param', a, b)`` reads only what the flat range ``[a, b)`` needs: for a plain tensor, the
     rows of dim 0 that cover it (``get_slice(key)[r0:r1]``); for experts stacked along dim 0, only the
@@ -120,20 +121,27 @@ class HFFolderSource:
     def _full(self, key: str) -> torch.Tensor:
         return self._rows(key, 0, fmt.numel(self._key_shape(key))).reshape(self._key_shape(key))
 
+    def _group(self, name: str) -> Group | None:
+        group = self.plan.params.get(name)
+        if group is None and name in self.weight_map:  # a name the model does not have, asked for as it is
+            group = Group(name, {name: [name]}, shapes={name: self._key_shape(name)})
+        return group
+
     def names(self) -> list[str]:
         return list(self.weight_map)
 
     def has(self, name: str, kind: str) -> bool:
-        return kind == fmt.PARAM_KIND and name in self.plan.params
+        return kind == fmt.PARAM_KIND and self._group(name) is not None
 
     def shape(self, name: str) -> tuple[int, ...] | None:
-        return self.plan.shape(name)
+        group = self._group(name)
+        return None if group is None else group.shapes[self.plan.target(name)]
 
     def read(self, name: str, kind: str, start: int, stop: int) -> torch.Tensor:
-        group = self.plan.params.get(name) if kind == fmt.PARAM_KIND else None
+        group = self._group(name) if kind == fmt.PARAM_KIND else None
         if group is None:
             raise CheckpointError(f"{self.path}: {name} ({kind}) is not in this model folder")
-        shape = self.plan.shape(name)
+        shape = self.shape(name)
         if not 0 <= start <= stop <= fmt.numel(shape):
             raise CheckpointError(f"{self.path}: range [{start}, {stop}) is outside {name} (shape {list(shape)})")
         if group.converter is None:
