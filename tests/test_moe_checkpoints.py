@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from fft_dist import checkpoint as ckpt
-from helpers import REPO, TINY_TRAIN, child_env, fft_dist
+from helpers import REPO, TINY_TRAIN, child_env, descendants, fft_dist
 
 WORKER = str(Path(__file__).resolve().parent / "moe_worker.py")
 TOKENIZER = REPO / "fft_dist" / "assets" / "tokenizer"
@@ -72,12 +73,19 @@ def run_worker(backend: str, folders: dict[str, Path], out: Path, *, nproc: int,
     env = child_env()
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env["PYTHONPATH"]])
     out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([*launcher, WORKER, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
-        proc = subprocess.run([*launcher, WORKER, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=WATCHDOG, start_new_session=True)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{backend} x {nproc}: no result after {WATCHDOG} s (a hang?)\n{(e.stderr or b'')[-3000:]}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        stdout, stderr = proc.communicate(timeout=WATCHDOG)
+    except subprocess.TimeoutExpired:
+        for pid in [*descendants(proc.pid), proc.pid]:  # the ranks first, then their launcher
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{backend} x {nproc}: no result after {WATCHDOG} s (a hang?)\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
     return json.loads((out / "results.json").read_text())
 
 
