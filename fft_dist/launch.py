@@ -64,6 +64,7 @@ def preflight(cfg: FFTConfig, plan: BatchPlan) -> None:
     from fft_dist.launch_plan import ranks_on_this_machine
     from fft_dist.metrics import check_logging
     from fft_dist.model import check_model
+    from fft_dist.models.conversions import check_pretrained_layout
     from fft_dist.strategy import check as check_strategy
 
     check_strategy(cfg, plan)
@@ -73,6 +74,7 @@ def preflight(cfg: FFTConfig, plan: BatchPlan) -> None:
     if here:
         check_backend(cfg.dist.backend)
     check_model(cfg, ranks_here=here, our_packages=cfg.launcher.name != LauncherName.container)
+    check_pretrained_layout(cfg)
     check_latest_slot(Path(cfg.checkpoint.dir))
     if cfg.resume not in ("none", "auto"):
         find_resume(cfg.resume, Path(cfg.checkpoint.dir))

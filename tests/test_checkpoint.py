@@ -545,8 +545,9 @@ def rss(key):
             return int(line.split()[1]) * 1024
 
 mode, src, out = sys.argv[1:4]
-if mode == "export":  # import the model code before measuring
-    from transformers import AutoConfig, GenerationConfig
+if mode == "export":  # import the model code before measuring (the export builds the model on the meta device)
+    from transformers import AutoConfig, GenerationConfig, LlamaForCausalLM
+    from transformers import conversion_mapping, core_model_loading
     GenerationConfig.from_model_config(AutoConfig.for_model("llama"))
 torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
 base = rss("VmRSS")

@@ -18,6 +18,7 @@ from fft_dist.checkpoint.layout import resolve_checkpoint
 from fft_dist.checkpoint.reader import CheckpointReader, read_train_state
 from fft_dist.checkpoint.safetensors_io import write_safetensors_lazy
 from fft_dist.checkpoint.schema import read_manifest
+from fft_dist.models.conversions import ExportGroup, meta_model, plan_export, revert
 from fft_dist.processes import process_token
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -140,10 +141,13 @@ def export_hf(checkpoint: Path, out_dir: Path, *, dtype: str = "float32", max_sh
     derived from the config), the tokenizer files (from `tokenizer_dir`, else the checkpoint's own
     verified tokenizer/ copy; never from a path recorded in the checkpoint's metadata, which is
     not trusted to point outside it), ``model-0000k-of-0000n.safetensors``
-    split at `max_shard_size`, and ``model.safetensors.index.json``. Tensors are assembled from
-    their stored ranges and written one at a time, so peak memory is about one tensor (at most
-    one output shard). With ``tie_word_embeddings`` the output embedding is not written: it
-    stays tied to the input one.
+    split at `max_shard_size`, and ``model.safetensors.index.json``. The keys and shapes are the ones
+    ``save_pretrained`` writes for the same model, as transformers says on a meta-device model
+    (:func:`~fft_dist.models.conversions.plan_export`): tied parameters (the output embedding with
+    ``tie_word_embeddings``) are left out, and fused tensors are reverted to their saved layout (an
+    MoE's ``mlp.experts.gate_up_proj`` to one gate and one up tensor per expert). Tensors are assembled
+    from their stored ranges and written one at a time, so peak memory is about one tensor and what
+    its reversion makes of it (a fused expert tensor: about twice its size in the export dtype).
 
     Everything is written into a temporary sibling folder (named for this process) that replaces
     `out_dir` only when complete, so a failed or killed export never leaves a half-written
@@ -200,26 +204,28 @@ def _write_export(checkpoint: Path, out_dir: Path, *, dtype: str, max_bytes: int
                               f"config: {type(e).__name__}: {e}") from None
     reader = CheckpointReader(checkpoint)
     names = [n for n in reader.names() if reader.has(n, fmt.PARAM_KIND)]
-    if getattr(config, "tie_word_embeddings", False):
-        tied_out = {"lm_head.weight", "embed_out.weight"}
-        names = [n for n in names if n not in tied_out]
+    try:
+        model = meta_model(config)
+        groups = plan_export(model, {n: reader.shape(n) for n in names})
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a config it cannot build
+        raise CheckpointError(f"{checkpoint / fmt.TRAIN_STATE_FILE}: cannot build the model its model_config "
+                              f"describes: {type(e).__name__}: {e}") from None
     elem = torch.empty(0, dtype=out_dtype).element_size()
-    sizes = [(n, fmt.numel(reader.shape(n)) * elem) for n in names]
+    shapes = {key: shape for g in groups for key, shape in g.outputs.items()}
+    sizes = [(key, fmt.numel(shape) * elem) for key, shape in shapes.items()]
     shards = _plan_shards(sizes, max_bytes)
+    produce_key = _Reverted(reader, model, groups, out_dtype)
 
     weight_map: dict[str, str] = {}
     files = []
     n = len(shards)
     for k, shard in enumerate(shards, start=1):
         fname = f"model-{k:05d}-of-{n:05d}.safetensors"
-        specs = [(name, reader.shape(name), out_dtype) for name in shard]
-
-        def produce(i: int, shard=shard) -> torch.Tensor:
-            t = reader.read_full(shard[i]).to(out_dtype)
-            reader.close()  # unmap: safetensors reads through mmap, and mapped pages count as RSS
-            return t
-
-        write_safetensors_lazy(out_dir / fname, specs, produce, metadata={"format": "pt"}, digest=False)
+        specs = [(key, shapes[key], out_dtype) for key in shard]
+        write_safetensors_lazy(out_dir / fname, specs, lambda i, shard=shard: produce_key(shard[i]),
+                               metadata={"format": "pt"}, digest=False)
         weight_map.update(dict.fromkeys(shard, fname))
         files.append(fname)
         fault_point("mid_export")
@@ -239,8 +245,33 @@ def _write_export(checkpoint: Path, out_dir: Path, *, dtype: str, max_bytes: int
     if not tok_files:
         tok_files = _copy_tokenizer(checkpoint / fmt.TOKENIZER_DIR, out_dir, _own_tokenizer_files(checkpoint))
     files += tok_files
-    return {"shards": n, "bytes": total, "tensors": len(names), "dtype": dtype,
+    return {"shards": n, "bytes": total, "tensors": len(shapes), "dtype": dtype,
             "files": files, "tokenizer_files": tok_files}
+
+
+class _Reverted:
+    """The export's tensors, key by key, in the plan's order: each group of checkpoint tensors is read whole,
+    cast, reverted by transformers (:func:`fft_dist.models.conversions.revert`) and kept until its last key is
+    written, so memory holds one group at a time (a fused expert tensor and its per-expert pieces)."""
+
+    def __init__(self, reader: CheckpointReader, model, groups: list[ExportGroup], dtype: torch.dtype):
+        self._reader, self._model, self._dtype = reader, model, dtype
+        self._group_of = {key: g for g in groups for key in g.outputs}
+        self._pending: dict[str, torch.Tensor] = {}
+
+    def __call__(self, key: str) -> torch.Tensor:
+        if key not in self._pending:
+            group = self._group_of[key]
+            self._pending = {}
+            values = {n: self._reader.read_full(n).to(self._dtype) for n in group.names}
+            self._reader.close()  # unmap: safetensors reads through mmap, and mapped pages count as RSS
+            out = revert(self._model, values)
+            del values
+            got = {k: tuple(t.shape) for k, t in out.items()}
+            if got != group.outputs:
+                raise CheckpointError(f"export: reverting {group.names} gave {got}, planned {group.outputs}")
+            self._pending = out
+        return self._pending.pop(key).contiguous()
 
 
 def _own_tokenizer_files(checkpoint: Path) -> list[str]:

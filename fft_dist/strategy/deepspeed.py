@@ -30,6 +30,12 @@ What a rank owns of every parameter and optimizer state is a contiguous range of
 tensor (ZeRO-3: ``rank * partition`` onwards; ZeRO-2: ``p._hp_mapping``), so both stages yield
 the same :class:`Fragment`s as FSDP2 and share one checkpoint format.
 
+Mixture-of-Experts: transformers 5 keeps an MoE layer's experts as fused 3-D parameters of one module
+(``mlp.experts.gate_up_proj``), which ZeRO-3 gathers whole when that module runs, so a rank whose tokens
+skip some experts gathers the same parameters as the others and no DeepSpeed leaf module
+(``set_z3_leaf_modules``) is needed (tests/test_moe_checkpoints.py starves experts on one rank, eager
+and grouped_mm experts alike).
+
 ``import deepspeed`` happens only inside functions, so FSDP users never need it.
 """
 from __future__ import annotations
