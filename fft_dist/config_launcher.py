@@ -49,8 +49,9 @@ class LauncherConfig:
     """slurm: nodes (#SBATCH --nodes); one torchrun per node, c10d rendezvous on the first."""
     gpus_per_node: int = 0
     """slurm: #SBATCH --gpus-per-node (0: no GPU request, e.g. CPU jobs)."""
-    cpus_per_task: int = 0
-    """slurm: #SBATCH --cpus-per-task for the one task per node (0: the cluster's default)."""
+    cpus_per_task: str = "auto"
+    """slurm: CPUs for the one task per node (its ranks), asked for by #SBATCH and again by srun. auto: whole
+    nodes (#SBATCH --exclusive) with GPUs, nproc_per_node CPUs without; N: --cpus-per-task=N; 0: no request."""
     partition: str = ""
     """slurm: #SBATCH --partition (empty: the default partition)."""
     account: str = ""

@@ -7,6 +7,7 @@ launchers; one set for a launcher that does not use it is refused (:func:`check_
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shlex
 import socket
@@ -55,8 +56,10 @@ def check_launcher(launcher: LauncherConfig, parallelism: Parallelism) -> None:
         (launcher.nnodes == 1 or ":" in launcher.rdzv_endpoint,
          "launcher.nnodes > 1 needs launcher.rdzv_endpoint=<node 0 address>:<port> (c10d rendezvous)"),
         (launcher.max_restarts >= 0, "launcher.max_restarts must be >= 0"),
-        (launcher.nodes >= 1 and launcher.gpus_per_node >= 0 and launcher.cpus_per_task >= 0,
-         "launcher.nodes must be >= 1, launcher.gpus_per_node and launcher.cpus_per_task >= 0"),
+        (launcher.nodes >= 1 and launcher.gpus_per_node >= 0, "launcher.nodes must be >= 1, launcher.gpus_per_node >= 0"),
+        (launcher.cpus_per_task == "auto" or launcher.cpus_per_task.isdigit(),
+         f"launcher.cpus_per_task={launcher.cpus_per_task!r}: use auto (whole nodes with GPUs, one CPU per rank "
+         "without), a number of CPUs for the task of each node, or 0 (no request)"),
         (launcher.signal_lead_s >= 0, "launcher.signal_lead_s must be >= 0 (0: no --signal line)"),
         (all(line.startswith("#SBATCH ") and one_line(line) for line in launcher.sbatch_lines),
          f"launcher.sbatch_lines must each be one line starting with '#SBATCH ': {launcher.sbatch_lines}"),
@@ -93,6 +96,16 @@ def ranks_on_this_machine(launcher: LauncherConfig) -> bool:
     SLURM or ssh host may differ: what they have is checked when the ranks start)."""
     return launcher.name in (LauncherName.local, LauncherName.torchrun) or (
         launcher.name == LauncherName.deepspeed and not launcher.hosts)
+
+
+def threads_per_rank(local_ranks: int) -> int:
+    """OMP_NUM_THREADS for each of `local_ranks` ranks: the CPUs this process may run on (its affinity:
+    what SLURM or a container gave the task, not the whole machine) shared out, at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, local_ranks))
 
 
 def free_port() -> int:

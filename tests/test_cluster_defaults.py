@@ -1,0 +1,88 @@
+"""The first run on a GPU cluster (issue #17, cluster traps): CPUs asked for on SLURM and repeated on
+srun, OMP_NUM_THREADS from the CPUs a rank may run on, a container with a CUDA image (or on a GPU host)
+refused without launcher.gpus and one rank per GPU given, gloo following NCCL_SOCKET_IFNAME, NCCL's
+async error handling, and dist.timeout_s=auto. Fast: dry runs, pure functions and in-process checks
+(no GPU here: the host's GPUs and torch's CUDA are faked where a decision depends on them)."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from fft_dist import config_launcher, dist as fdist
+from fft_dist.config import ConfigError
+from test_launchers import dry, dry_ok, flag, last_line_words, slurm_script
+
+GPU_JOB = ["launcher.nodes=2", "launcher.gpus_per_node=8", "train.global_batch_size=64"]
+
+
+def srun_line(text: str) -> str:
+    return text[text.index("srun "):text.index("code=$?")]
+
+
+def run_with_stubbed_srun(text: str, where: Path, cpus_on_node: str) -> list[str]:
+    """Run the script as the batch node would (SLURM's commands stubbed); srun's arguments as bash passed them."""
+    script = where / "job.sbatch"
+    script.write_text(text)
+    stubs = ("srun() { printf '%s\\0' \"$@\" > \"$OUT\"; }\nscontrol() { echo node1; }\n"
+             "export -f srun scontrol\nexec bash \"$0\"\n")
+    env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node1", "OUT": str(where / "argv"),
+           "HOME": str(where), "SLURM_CPUS_ON_NODE": cpus_on_node}
+    proc = subprocess.run(["bash", "-c", stubs, str(script)], cwd=where, env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return (where / "argv").read_text().split("\0")[:-1]
+
+
+# -- SLURM: CPUs --------------------------------------------------------------------------------------------
+def test_slurm_asks_for_whole_gpu_nodes_by_default_and_srun_takes_every_cpu(tmp_path):
+    text = slurm_script(*GPU_JOB, f"run.dir={tmp_path}/r")
+    assert "#SBATCH --exclusive\n" in text, text
+    assert '--cpus-per-task="$SLURM_CPUS_ON_NODE"' in srun_line(text)
+    argv = run_with_stubbed_srun(text, tmp_path, cpus_on_node="96")
+    assert "--cpus-per-task=96" in argv and argv[0] == "--ntasks-per-node=1", argv
+    ds = slurm_script(*GPU_JOB, "parallelism=zero3", "launcher.use_deepspeed_launcher=true", f"run.dir={tmp_path}/r")
+    assert "#SBATCH --exclusive\n" in ds and '--cpus-per-task="$SLURM_CPUS_ON_NODE"' in srun_line(ds)
+
+
+@pytest.mark.parametrize("overrides,sbatch,srun", [
+    (["launcher.cpus_per_task=32"], "#SBATCH --cpus-per-task=32", "--cpus-per-task=32"),
+    (["launcher.gpus_per_node=0", "launcher.nproc_per_node=4"], "#SBATCH --cpus-per-task=4", "--cpus-per-task=4"),
+    (["launcher.cpus_per_task=0"], None, None),
+])
+def test_slurm_cpu_request_is_repeated_on_srun(tmp_path, overrides, sbatch, srun):
+    text = slurm_script(*GPU_JOB, f"run.dir={tmp_path}/r", *overrides)
+    assert "#SBATCH --exclusive" not in text
+    if sbatch is None:
+        assert "--cpus-per-task" not in text, text
+    else:
+        assert sbatch + "\n" in text and srun in srun_line(text), text
+        assert run_with_stubbed_srun(text, tmp_path, cpus_on_node="96")[1] == srun
+
+
+def test_slurm_cpus_per_task_must_be_auto_or_a_number():
+    proc = dry("launcher=slurm", "launcher.cpus_per_task=many")
+    assert proc.returncode == 2 and "launcher.cpus_per_task='many'" in proc.stderr, proc.stderr
+    proc = dry("launcher=torchrun", "launcher.cpus_per_task=4")  # not a torchrun option
+    assert proc.returncode == 2 and "does not use launcher.cpus_per_task" in proc.stderr, proc.stderr
+
+
+def test_rank_threads_follow_the_cpu_affinity_not_the_machine(monkeypatch):
+    """A SLURM task (or container) may run on 4 of a node's 64 CPUs: 2 ranks get 2 threads each, not 32."""
+    import torch.distributed.run as trun
+
+    from fft_dist import launch
+
+    seen = {}
+    monkeypatch.setattr(trun, "run", lambda args: seen.setdefault("omp", __import__("os").environ["OMP_NUM_THREADS"]))
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert launch.start_agent(["--nproc_per_node=2", "--standalone"], None) == 0
+    assert seen["omp"] == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the user's own setting wins
+    seen.clear()
+    launch.start_agent(["--nproc_per_node=2", "--standalone"], None)
+    assert seen["omp"] == "7"
