@@ -81,6 +81,14 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistContext
     return DistContext(rank, world_size, local_rank, device, backend)
 
 
+_BEFORE_EXIT: list = []
+
+
+def before_exit(fn) -> None:
+    """Run `fn` in :func:`exit_rank`, which skips atexit (e.g. removing a lock lease this process holds)."""
+    _BEFORE_EXIT.append(fn)
+
+
 def exit_rank(code: int) -> None:
     """End a rank's process now, skipping interpreter finalisation.
 
@@ -89,6 +97,11 @@ def exit_rank(code: int) -> None:
     barrier and destroy_process_group: seen about once per full test run with 3 ranks on 2 cores.
     The rank's work is done and its files are closed by then, so flush and leave directly.
     """
+    for fn in _BEFORE_EXIT:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - the rank's result stands; a clean-up must not change it
+            pass
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
