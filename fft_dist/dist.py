@@ -47,12 +47,24 @@ def check_backend(requested: str) -> None:
                           "(nccl on GPUs, gloo on CPU) or dist.backend=gloo")
 
 
+def warn_cuda_unused(requested: str) -> str | None:
+    """A CUDA build of torch that sees no GPU trains on CPU over gloo with dist.backend=auto: say so
+    (e.g. a container started without --gpus, a SLURM job without a GPU request)."""
+    if requested == "auto" and torch.version.cuda and not torch.cuda.is_available():
+        return (f"torch {torch.__version__} is a CUDA {torch.version.cuda} build but sees no GPU: training on CPU "
+                "over gloo (a container needs launcher.gpus / --gpus, a SLURM job launcher.gpus_per_node)")
+    return None
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistContext:
     """Join the process group (or run as a lone rank 0 when no launcher is present).
 
     The caller checks the backend first (:func:`check_backend`), where its error is reported.
     """
     rank = int(os.environ.get("RANK", "0"))
+    warning = warn_cuda_unused(backend)
+    if warning and rank == 0:
+        print(f"fft-dist: warning: {warning}", file=sys.stderr, flush=True)
     backend = pick_backend(backend)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

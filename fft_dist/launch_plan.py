@@ -13,6 +13,7 @@ import shlex
 import socket
 import sys
 
+from fft_dist import config_launcher
 from fft_dist.config import ASSETS_DIR, ConfigError, LauncherConfig, LauncherName, Parallelism
 from fft_dist.worker import CONFIG_ENV
 
@@ -82,6 +83,30 @@ def check_launcher(launcher: LauncherConfig, parallelism: Parallelism) -> None:
     for ok, message in rules:
         if not ok:
             raise ConfigError(message)
+    if launcher.name == LauncherName.container:
+        check_container_gpus(launcher)
+
+
+CUDA_IMAGE = re.compile(r"cuda|nvidia|gpu", re.IGNORECASE)
+"""An image name or tag that says it is for NVIDIA GPUs (fft-dist:cuda, pytorch/pytorch:...-cuda12.8-..., nvcr.io/nvidia/...)."""
+
+
+def check_container_gpus(launcher: LauncherConfig) -> None:
+    """A container without --gpus sees no GPU, and dist.backend=auto then trains on CPU over gloo, silently:
+    with a CUDA image or on a host with NVIDIA GPUs an empty launcher.gpus is refused (none: CPU on purpose).
+    More ranks than the GPUs given would crash at start; refused here."""
+    gpus = launcher.gpus.strip()
+    host = config_launcher.host_gpus()
+    if not gpus and (CUDA_IMAGE.search(launcher.image) or host):
+        why = f"launcher.image={launcher.image} is a CUDA image" if CUDA_IMAGE.search(launcher.image) else \
+            f"this host has {host} NVIDIA GPU(s)"
+        raise ConfigError(f"launcher=container: {why}, but launcher.gpus is empty, so the container would see no GPU "
+                          "and train on CPU over gloo. Set launcher.gpus=all (or a count, or '\"device=0,1\"'); "
+                          "launcher.gpus=none trains on CPU on purpose")
+    given = config_launcher.gpus_given(gpus)
+    if given is not None and launcher.nproc_per_node > given:
+        raise ConfigError(f"launcher.nproc_per_node={launcher.nproc_per_node} ranks, but launcher.gpus={gpus} gives the "
+                          f"container {given} GPU(s): one rank per GPU (drop launcher.nproc_per_node to follow the GPUs)")
 
 
 def world_size(launcher: LauncherConfig) -> int:
@@ -183,8 +208,9 @@ def container_argv(launcher: LauncherConfig, *, run_dir: str, config_path: str) 
     argv = [launcher.engine, "run", "--rm", "--network=host", f"--volume={run_dir}:{run_dir}",
             f"--volume={ASSETS_DIR}:{ASSETS_DIR}:ro"]
     argv += [f"--volume={mount}" for mount in launcher.mounts]
-    if launcher.gpus:
-        argv.append(f"--gpus={launcher.gpus}")
+    gpus = launcher.gpus.strip()
+    if gpus and gpus != config_launcher.NO_GPUS:  # docker reads the value as CSV: a device list needs its quotes
+        argv.append(f'--gpus="{gpus}"' if "," in gpus and not gpus.startswith('"') else f"--gpus={gpus}")
     if launcher.ipc_host:
         argv.append("--ipc=host")
     elif launcher.shm_size:

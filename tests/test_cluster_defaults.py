@@ -86,3 +86,54 @@ def test_rank_threads_follow_the_cpu_affinity_not_the_machine(monkeypatch):
     seen.clear()
     launch.start_agent(["--nproc_per_node=2", "--standalone"], None)
     assert seen["omp"] == "7"
+
+
+# -- containers and GPUs --------------------------------------------------------------------------------------
+@pytest.fixture
+def host_gpus(monkeypatch):
+    """set(n): pretend this host has n NVIDIA GPUs (/dev/nvidia0..n-1)."""
+    def set_count(n: int) -> None:
+        monkeypatch.setattr(config_launcher, "host_gpus", lambda: n, raising=False)  # raising: the test predates it
+
+    set_count(0)
+    return set_count
+
+
+def container(*overrides: str) -> list[str]:
+    return last_line_words(dry_ok("launcher=container", *overrides))
+
+
+@pytest.mark.parametrize("image,gpus_here,why", [
+    ("fft-dist:cuda", 0, "is a CUDA image"),
+    ("pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime", 0, "is a CUDA image"),
+    ("localhost/fft-dist:cpu", 4, "this host has 4 NVIDIA GPU(s)"),
+])
+def test_a_gpu_container_without_launcher_gpus_is_refused(host_gpus, image, gpus_here, why):
+    host_gpus(gpus_here)
+    proc = dry("launcher=container", f"launcher.image={image}")
+    assert proc.returncode == 2, proc.stdout
+    assert why in proc.stderr and "launcher.gpus is empty" in proc.stderr and "train on CPU" in proc.stderr
+    words = container(f"launcher.image={image}", "launcher.gpus=none")  # CPU on purpose
+    assert not [w for w in words if w.startswith("--gpus")] and flag(words, "--nproc_per_node") == "2"
+
+
+def test_the_rank_count_follows_the_gpus_given(host_gpus):
+    host_gpus(4)
+    words = container("launcher.image=fft-dist:cuda", "launcher.gpus=all", "train.global_batch_size=16")
+    assert flag(words, "--gpus") == "all" and flag(words, "--nproc_per_node") == "4"
+    words = container("launcher.image=fft-dist:cuda", "launcher.gpus=2")
+    assert flag(words, "--gpus") == "2" and flag(words, "--nproc_per_node") == "2"
+    words = container("launcher.image=fft-dist:cuda", "launcher.gpus=\"device=0,1,2\"", "train.global_batch_size=12",
+                      "train.micro_batch_size=4")
+    assert flag(words, "--gpus") == '"device=0,1,2"' and flag(words, "--nproc_per_node") == "3"
+    proc = dry("launcher=container", "launcher.image=fft-dist:cuda", "launcher.gpus=2", "launcher.nproc_per_node=4")
+    assert proc.returncode == 2 and "gives the container 2 GPU(s)" in proc.stderr, proc.stderr
+
+
+def test_a_cuda_torch_that_sees_no_gpu_says_it_trains_on_cpu(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "sees no GPU: training on CPU over gloo" in fdist.warn_cuda_unused("auto")
+    assert fdist.warn_cuda_unused("gloo") is None  # asked for on purpose
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert fdist.warn_cuda_unused("auto") is None
