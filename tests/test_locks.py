@@ -179,5 +179,6 @@ def test_a_real_job_without_flock_holds_a_lease_refuses_a_second_and_took_over_a
     assert first.returncode == 75, err[-3000:]
     assert "Traceback" not in err and err.count("flock is not available") == 1, err[-3000:]
     assert "took over a stale lock lease (pid 4242 on host node-gone" in err, err[-3000:]
+    assert "collective timeout 600 s (dist.timeout_s auto: the CPU default)" in out, out[-3000:]
     leftovers = [p for p in run.rglob("*") if p.name == locks.LEASE_FILE or p.name.endswith(".tmp")]
     assert leftovers == [], f"the job's lease files must go with it: {leftovers}"
