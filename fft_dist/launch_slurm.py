@@ -48,10 +48,10 @@ def cpu_request(launcher: LauncherConfig) -> tuple[list[str], str]:
     """(#SBATCH lines, srun option) asking for the CPUs of the one task per node, which runs all its ranks.
 
     Without a request, a cluster that shares GPU nodes gives the task one CPU, and 8 ranks share it.
-    Since SLURM 22.05 srun no longer inherits --cpus-per-task from sbatch, so srun repeats it. auto:
-    with GPUs, whole nodes (--exclusive: every CPU, whatever the node's CPUs per GPU; full-parameter
-    training also wants the node's memory bandwidth and host RAM for itself), and srun takes all of
-    the node's CPUs; without GPUs, one CPU per rank. 0: no request (the cluster's default).
+    srun of SLURM 22.05 (and later, unless SRUN_CPUS_PER_TASK is set) does not inherit --cpus-per-task
+    from sbatch, so srun repeats it. auto: with GPUs, whole nodes (--exclusive: every CPU, whatever the
+    node's CPUs per GPU; full-parameter training also wants the node's memory bandwidth and host RAM),
+    and srun takes all of the node's CPUs; without GPUs, one CPU per rank. 0: no request.
     """
     value = launcher.cpus_per_task
     if value == "auto":
