@@ -15,8 +15,9 @@ LAYERS: list[list[str]] = [
     ["strategy"],                                    # FSDP2 / DeepSpeed / single process behind one protocol
     ["memory", "planner"],                           # will it fit: per-GPU bytes, the cheapest set-up that fits
     ["checkpoint"],                                  # one format over every strategy's fragments
-    ["trainer", "run_checkpoints", "train_state", "rundir", "evaluation"],  # the loop, a run's checkpoints,
-    #                                                  its saved state's spec, the run directory, eval losses
+    ["trainer", "run_checkpoints", "train_state", "rundir", "locks", "evaluation"],  # the loop, a run's
+    #                                                  checkpoints, its saved state's spec, the run directory and
+    #                                                  its locks (flock or a lease), eval losses
     ["worker"],                                      # one rank's life
     ["launch_plan", "launch_slurm", "launch", "sweep"],      # resolve once, check, start or submit the ranks
     ["cli", "train"],                                # entry points

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from fft_dist import config_launcher
 from fft_dist.config import ASSETS_DIR, BatchPlan, ConfigError, FFTConfig, conf_dir
 from fft_dist.validate import validate
 
@@ -26,6 +27,8 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("now", lambda fmt: datetime.now().strftime(fmt), use_cache=True)
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS_DIR / name))
+    if not OmegaConf.has_resolver("gpu_ranks"):  # launcher=container: one rank per GPU given (launcher.gpus)
+        OmegaConf.register_new_resolver("gpu_ranks", lambda gpus, fallback: config_launcher.gpu_ranks(gpus, fallback))
 
 
 def _store_schema() -> None:

@@ -74,8 +74,9 @@ class RunConfig:
 class DistConfig:
     backend: str = "auto"
     """Process-group backend: auto (nccl on CUDA, gloo on CPU), gloo or nccl."""
-    timeout_s: int = 600
-    """Collective timeout; a hung rank fails the job after this many seconds."""
+    timeout_s: str = "auto"
+    """Collective timeout in seconds; a hung rank fails the job after it. auto: 1800 on GPUs (nccl: a large
+    model's first save, a slow shared file system), 600 on CPU; decided on the rank, which prints it."""
 
 
 @dataclass

@@ -12,6 +12,7 @@ from enum import Enum
 from pathlib import Path
 
 from fft_dist import config as schema
+from fft_dist import config_launcher
 from fft_dist.config import FFTConfig, conf_dir
 
 USAGE = """usage: fft-dist train [--config-dir DIR ...] [--cfg job] [--info] [--help] [key=value ...]
@@ -24,8 +25,16 @@ USAGE = """usage: fft-dist train [--config-dir DIR ...] [--cfg job] [--info] [--
 
 
 def _field_docs() -> dict[tuple[str, str], str]:
-    """(dataclass name, field name) -> the docstring written under the field in config.py."""
-    tree = ast.parse(Path(schema.__file__).read_text(encoding="utf-8"))
+    """(dataclass name, field name) -> the docstring written under the field in config.py (and in
+    config_launcher.py, the launcher's part of the schema)."""
+    docs: dict[tuple[str, str], str] = {}
+    for module in (schema, config_launcher):
+        docs.update(_docs_of(Path(module.__file__)))
+    return docs
+
+
+def _docs_of(path: Path) -> dict[tuple[str, str], str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     docs: dict[tuple[str, str], str] = {}
     for node in tree.body:
         if not isinstance(node, ast.ClassDef):

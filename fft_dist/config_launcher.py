@@ -1,8 +1,13 @@
 """How `fft-dist launch` starts the ranks: the launcher part of the typed schema (see :mod:`fft_dist.config`)."""
 from __future__ import annotations
 
+import glob
+import re
 from dataclasses import dataclass, field
 from enum import Enum
+
+NO_GPUS = "none"
+"""launcher.gpus=none: a container without GPUs, on purpose (CPU ranks over gloo)."""
 
 
 class LauncherName(str, Enum):
@@ -49,8 +54,9 @@ class LauncherConfig:
     """slurm: nodes (#SBATCH --nodes); one torchrun per node, c10d rendezvous on the first."""
     gpus_per_node: int = 0
     """slurm: #SBATCH --gpus-per-node (0: no GPU request, e.g. CPU jobs)."""
-    cpus_per_task: int = 0
-    """slurm: #SBATCH --cpus-per-task for the one task per node (0: the cluster's default)."""
+    cpus_per_task: str = "auto"
+    """slurm: CPUs for the one task per node (its ranks), asked for by #SBATCH and again by srun. auto: whole
+    nodes (#SBATCH --exclusive) with GPUs, nproc_per_node CPUs without; N: --cpus-per-task=N; 0: no request."""
     partition: str = ""
     """slurm: #SBATCH --partition (empty: the default partition)."""
     account: str = ""
@@ -78,8 +84,34 @@ class LauncherConfig:
     mounts: list[str] = field(default_factory=list)
     """container: extra volumes 'host:container[:ro]'; run.dir is always mounted at the same path."""
     gpus: str = ""
-    """container: the --gpus value, e.g. all (empty: no GPUs)."""
+    """container: the --gpus value: all, a count, or '"device=0,1"'; nproc_per_node follows it (one rank per GPU).
+    none: no GPUs on purpose. Empty is refused with a CUDA image or on a host with NVIDIA GPUs (it would train on CPU)."""
     ipc_host: bool = True
     """container: --ipc=host (shared memory of the host, what NCCL and data loaders want)."""
     shm_size: str = ""
     """container: --shm-size, e.g. 16g (used when ipc_host=false)."""
+
+
+def host_gpus() -> int:
+    """NVIDIA GPUs on this machine (/dev/nvidia0, /dev/nvidia1, ...): what `--gpus all` hands a container."""
+    return len([d for d in glob.glob("/dev/nvidia*") if re.fullmatch(r"/dev/nvidia\d+", d)])
+
+
+def gpus_given(gpus: str) -> int | None:
+    """How many GPUs a container gets from launcher.gpus (None: none, or not known here, e.g. all on a
+    machine whose GPUs are not visible)."""
+    value = gpus.strip().strip('"').strip("'")
+    if value in ("", NO_GPUS):
+        return None
+    if value == "all":
+        return host_gpus() or None
+    if value.isdigit():
+        return int(value) or None
+    if value.startswith("device="):
+        return len([d for d in value[len("device="):].split(",") if d.strip()]) or None
+    return None
+
+
+def gpu_ranks(gpus: str, fallback: int) -> int:
+    """launcher=container's default nproc_per_node (the `gpu_ranks` resolver): one rank per GPU given."""
+    return gpus_given(str(gpus)) or int(fallback)

@@ -27,6 +27,8 @@ class DistContext:
     local_rank: int
     device: torch.device
     backend: str
+    timeout_s: int = 600
+    """The collective timeout in force (dist.timeout_s, auto resolved on this rank)."""
 
     @property
     def is_main(self) -> bool:
@@ -48,14 +50,74 @@ def check_backend(requested: str) -> None:
                           "(nccl on GPUs, gloo on CPU) or dist.backend=gloo")
 
 
-def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistContext:
+CPU_TIMEOUT_S = 600
+GPU_TIMEOUT_S = 1800
+"""dist.timeout_s=auto on GPUs: a large model's first save (every rank writes its shards, rank 0 the
+manifest, then all wait) or a slow shared file system outlasts CPU's 600 s; a hung NCCL rank still
+fails the job within half an hour (the data cache build waits on its own group, for hours)."""
+
+
+def describe_timeout(setting: str | int, ctx: DistContext) -> str:
+    """The line that says which collective timeout a run has, and why (rank 0 prints it)."""
+    why = f"auto: the {'GPU' if ctx.backend == 'nccl' else 'CPU'} default" if str(setting) == "auto" else "set"
+    return f"{ctx.backend} process group of {ctx.world_size} rank(s), collective timeout {ctx.timeout_s} s (dist.timeout_s {why})"
+
+
+def timeout_seconds(value: str | int, backend: str) -> int:
+    """dist.timeout_s as seconds: a number, or auto (:data:`GPU_TIMEOUT_S` on nccl, else :data:`CPU_TIMEOUT_S`)."""
+    if str(value) == "auto":
+        return GPU_TIMEOUT_S if backend == "nccl" else CPU_TIMEOUT_S
+    return int(value)
+
+
+def gloo_ifname_from_nccl(nccl: str, interfaces: list[str]) -> str | None:
+    """GLOO_SOCKET_IFNAME for an NCCL_SOCKET_IFNAME value: NCCL matches name prefixes (``eth`` is eth0,
+    eth1), gloo wants exact names, so the prefixes are matched against this node's interfaces. None
+    for an exclusion list (``^docker,lo``) or when nothing matches: gloo then picks as before."""
+    if not nccl or nccl.startswith("^"):
+        return None
+    exact = nccl.startswith("=")
+    wanted = [w.strip() for w in nccl.lstrip("=").split(",") if w.strip()]
+    names = [i for w in wanted for i in interfaces if (i == w if exact else i.startswith(w))]
+    return ",".join(dict.fromkeys(names)) or None  # in the user's order, each once
+
+
+def network_env(backend: str) -> None:
+    """Set what the user did not: GLOO_SOCKET_IFNAME from NCCL_SOCKET_IFNAME (GPU runs open gloo groups
+    too, for the data cache and small objects; on a multi-homed node gloo may pick an interface the other
+    nodes cannot reach, and hang), and NCCL's async error handling (a failed collective ends the job)."""
+    nccl = os.environ.get("NCCL_SOCKET_IFNAME", "")
+    if nccl and not os.environ.get("GLOO_SOCKET_IFNAME"):
+        import socket
+
+        gloo = gloo_ifname_from_nccl(nccl, [name for _, name in socket.if_nameindex()])
+        if gloo:
+            os.environ["GLOO_SOCKET_IFNAME"] = gloo
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+
+
+def warn_cuda_unused(requested: str) -> str | None:
+    """A CUDA build of torch that sees no GPU trains on CPU over gloo with dist.backend=auto: say so
+    (e.g. a container started without --gpus, a SLURM job without a GPU request)."""
+    if requested == "auto" and torch.version.cuda and not torch.cuda.is_available():
+        return (f"torch {torch.__version__} is a CUDA {torch.version.cuda} build but sees no GPU: training on CPU "
+                "over gloo (a container needs launcher.gpus / --gpus, a SLURM job launcher.gpus_per_node)")
+    return None
+
+
+def init_distributed(backend: str = "auto", timeout_s: str | int = "auto") -> DistContext:
     """Join the process group (or run as a lone rank 0 when no launcher is present).
 
     The caller checks the backend first (:func:`check_backend`), where its error is reported.
     """
     default_cuda_alloc_conf(os.environ)
     rank = int(os.environ.get("RANK", "0"))
+    warning = warn_cuda_unused(backend)
+    if warning and rank == 0:
+        print(f"fft-dist: warning: {warning}", file=sys.stderr, flush=True)
     backend = pick_backend(backend)
+    network_env(backend)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available() and backend == "nccl":
@@ -70,7 +132,7 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistContext
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        timeout = timedelta(seconds=timeout_s)
+        timeout = timedelta(seconds=timeout_seconds(timeout_s, backend))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         if attempt != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             # torchrun restarted the group: its store still holds the dead attempt's addresses, and gloo
@@ -80,7 +142,15 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistContext
                 timeout=timeout))
             kwargs.update(store=store, rank=rank, world_size=world_size)
         dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
-    return DistContext(rank, world_size, local_rank, device, backend)
+    return DistContext(rank, world_size, local_rank, device, backend, timeout_seconds(timeout_s, backend))
+
+
+_BEFORE_EXIT: list = []
+
+
+def before_exit(fn) -> None:
+    """Run `fn` in :func:`exit_rank`, which skips atexit (e.g. removing a lock lease this process holds)."""
+    _BEFORE_EXIT.append(fn)
 
 
 def exit_rank(code: int) -> None:
@@ -91,6 +161,11 @@ def exit_rank(code: int) -> None:
     barrier and destroy_process_group: seen about once per full test run with 3 ranks on 2 cores.
     The rank's work is done and its files are closed by then, so flush and leave directly.
     """
+    for fn in _BEFORE_EXIT:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - the rank's result stands; a clean-up must not change it
+            pass
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

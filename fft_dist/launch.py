@@ -110,6 +110,11 @@ def node_command(argv: list[str]) -> int:
         return exit_codes.CONFIG_ERROR
     try:
         _lock_for_slurm_job()
+        if argv[:1] == ["--deepspeed"]:  # DeepSpeed's runner leaves OMP_NUM_THREADS unset: set it for its ranks
+            from fft_dist.compose import load_yaml
+
+            nproc = load_yaml(os.environ[CONFIG_ENV]).launcher.nproc_per_node
+            os.environ.setdefault("OMP_NUM_THREADS", str(plan.threads_per_rank(nproc)))
     except ConfigError as e:
         return report_known(e)
     become_supervisor()
@@ -281,6 +286,8 @@ class Job:
         env = {**os.environ, **self.env()}
         if self.name == LauncherName.deepspeed:
             argv = self._deepspeed_argv()
+            if not lch.hosts:  # DeepSpeed's runner leaves OMP_NUM_THREADS unset: each rank would use every CPU
+                env.setdefault("OMP_NUM_THREADS", str(plan.threads_per_rank(lch.nproc_per_node)))
             if lch.hosts:
                 (self.run_dir / "hostfile").write_text(plan.hostfile_text(lch), encoding="utf-8")
                 env_file = self.run_dir / "deepspeed_env"
@@ -328,8 +335,8 @@ def run_in_process(launcher: LauncherConfig) -> int:
     if "OMP_NUM_THREADS" not in os.environ:  # what start_agent gives one rank; torch is imported already
         import torch
 
-        os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
-        torch.set_num_threads(os.cpu_count() or 1)
+        os.environ["OMP_NUM_THREADS"] = str(plan.threads_per_rank(1))
+        torch.set_num_threads(plan.threads_per_rank(1))
     stop = StopSignal()
     exit_rank(run_worker([], stop=stop))  # like a rank: gloo may abort in interpreter finalisation
     return exit_codes.OK  # not reached
@@ -342,7 +349,7 @@ def start_agent(torchrun_argv: list[str], forwarder: SignalForwarder) -> int:
 
     args = get_args_parser().parse_args([*torchrun_argv, "-m", "fft_dist.train"])
     nproc = int(args.nproc_per_node) if str(args.nproc_per_node).isdigit() else 1
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(plan.threads_per_rank(nproc)))
     # Our forwarder handles the stop signals; torchrun's handler would kill the ranks mid-save.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:

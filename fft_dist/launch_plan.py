@@ -7,11 +7,13 @@ launchers; one set for a launcher that does not use it is refused (:func:`check_
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shlex
 import socket
 import sys
 
+from fft_dist import config_launcher
 from fft_dist.config import ASSETS_DIR, ConfigError, LauncherConfig, LauncherName, Parallelism
 from fft_dist.worker import CONFIG_ENV
 
@@ -55,8 +57,10 @@ def check_launcher(launcher: LauncherConfig, parallelism: Parallelism) -> None:
         (launcher.nnodes == 1 or ":" in launcher.rdzv_endpoint,
          "launcher.nnodes > 1 needs launcher.rdzv_endpoint=<node 0 address>:<port> (c10d rendezvous)"),
         (launcher.max_restarts >= 0, "launcher.max_restarts must be >= 0"),
-        (launcher.nodes >= 1 and launcher.gpus_per_node >= 0 and launcher.cpus_per_task >= 0,
-         "launcher.nodes must be >= 1, launcher.gpus_per_node and launcher.cpus_per_task >= 0"),
+        (launcher.nodes >= 1 and launcher.gpus_per_node >= 0, "launcher.nodes must be >= 1, launcher.gpus_per_node >= 0"),
+        (launcher.cpus_per_task == "auto" or launcher.cpus_per_task.isdigit(),
+         f"launcher.cpus_per_task={launcher.cpus_per_task!r}: use auto (whole nodes with GPUs, one CPU per rank "
+         "without), a number of CPUs for the task of each node, or 0 (no request)"),
         (launcher.signal_lead_s >= 0, "launcher.signal_lead_s must be >= 0 (0: no --signal line)"),
         (all(line.startswith("#SBATCH ") and one_line(line) for line in launcher.sbatch_lines),
          f"launcher.sbatch_lines must each be one line starting with '#SBATCH ': {launcher.sbatch_lines}"),
@@ -79,6 +83,30 @@ def check_launcher(launcher: LauncherConfig, parallelism: Parallelism) -> None:
     for ok, message in rules:
         if not ok:
             raise ConfigError(message)
+    if launcher.name == LauncherName.container:
+        check_container_gpus(launcher)
+
+
+CUDA_IMAGE = re.compile(r"cuda|nvidia|gpu", re.IGNORECASE)
+"""An image name or tag that says it is for NVIDIA GPUs (fft-dist:cuda, pytorch/pytorch:...-cuda12.8-..., nvcr.io/nvidia/...)."""
+
+
+def check_container_gpus(launcher: LauncherConfig) -> None:
+    """A container without --gpus sees no GPU, and dist.backend=auto then trains on CPU over gloo, silently:
+    with a CUDA image or on a host with NVIDIA GPUs an empty launcher.gpus is refused (none: CPU on purpose).
+    More ranks than the GPUs given would crash at start; refused here."""
+    gpus = launcher.gpus.strip()
+    host = config_launcher.host_gpus()
+    if not gpus and (CUDA_IMAGE.search(launcher.image) or host):
+        why = f"launcher.image={launcher.image} is a CUDA image" if CUDA_IMAGE.search(launcher.image) else \
+            f"this host has {host} NVIDIA GPU(s)"
+        raise ConfigError(f"launcher=container: {why}, but launcher.gpus is empty, so the container would see no GPU "
+                          "and train on CPU over gloo. Set launcher.gpus=all (or a count, or '\"device=0,1\"'); "
+                          "launcher.gpus=none trains on CPU on purpose")
+    given = config_launcher.gpus_given(gpus)
+    if given is not None and launcher.nproc_per_node > given:
+        raise ConfigError(f"launcher.nproc_per_node={launcher.nproc_per_node} ranks, but launcher.gpus={gpus} gives the "
+                          f"container {given} GPU(s): one rank per GPU (drop launcher.nproc_per_node to follow the GPUs)")
 
 
 def world_size(launcher: LauncherConfig) -> int:
@@ -93,6 +121,16 @@ def ranks_on_this_machine(launcher: LauncherConfig) -> bool:
     SLURM or ssh host may differ: what they have is checked when the ranks start)."""
     return launcher.name in (LauncherName.local, LauncherName.torchrun) or (
         launcher.name == LauncherName.deepspeed and not launcher.hosts)
+
+
+def threads_per_rank(local_ranks: int) -> int:
+    """OMP_NUM_THREADS for each of `local_ranks` ranks: the CPUs this process may run on (its affinity:
+    what SLURM or a container gave the task, not the whole machine) shared out, at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, local_ranks))
 
 
 def free_port() -> int:
@@ -170,8 +208,9 @@ def container_argv(launcher: LauncherConfig, *, run_dir: str, config_path: str) 
     argv = [launcher.engine, "run", "--rm", "--network=host", f"--volume={run_dir}:{run_dir}",
             f"--volume={ASSETS_DIR}:{ASSETS_DIR}:ro"]
     argv += [f"--volume={mount}" for mount in launcher.mounts]
-    if launcher.gpus:
-        argv.append(f"--gpus={launcher.gpus}")
+    gpus = launcher.gpus.strip()
+    if gpus and gpus != config_launcher.NO_GPUS:  # docker reads the value as CSV: a device list needs its quotes
+        argv.append(f'--gpus="{gpus}"' if "," in gpus and not gpus.startswith('"') else f"--gpus={gpus}")
     if launcher.ipc_host:
         argv.append("--ipc=host")
     elif launcher.shm_size:

@@ -33,8 +33,7 @@ def sbatch_lines(launcher: LauncherConfig, *, log_dir: str) -> list[str]:
              "#SBATCH --ntasks-per-node=1"]
     if launcher.gpus_per_node:
         lines.append(f"#SBATCH --gpus-per-node={launcher.gpus_per_node}")
-    if launcher.cpus_per_task:
-        lines.append(f"#SBATCH --cpus-per-task={launcher.cpus_per_task}")
+    lines += cpu_request(launcher)[0]
     for key in ("partition", "account", "qos", "time"):
         if getattr(launcher, key):
             lines.append(f"#SBATCH --{key}={q(getattr(launcher, key), 'launcher.' + key)}")
@@ -43,6 +42,25 @@ def sbatch_lines(launcher: LauncherConfig, *, log_dir: str) -> list[str]:
     lines.append("#SBATCH --requeue" if launcher.requeue else "#SBATCH --no-requeue")
     lines += [f"#SBATCH --output={q(log_dir + '/%j.out', 'run.dir (the SLURM log folder)')}", "#SBATCH --open-mode=append"]
     return lines + list(launcher.sbatch_lines)
+
+
+def cpu_request(launcher: LauncherConfig) -> tuple[list[str], str]:
+    """(#SBATCH lines, srun option) asking for the CPUs of the one task per node, which runs all its ranks.
+
+    Without a request, a cluster that shares GPU nodes gives the task one CPU, and 8 ranks share it.
+    srun of SLURM 22.05 (and later, unless SRUN_CPUS_PER_TASK is set) does not inherit --cpus-per-task
+    from sbatch, so srun repeats it. auto: with GPUs, whole nodes (--exclusive: every CPU, whatever the
+    node's CPUs per GPU; full-parameter training also wants the node's memory bandwidth and host RAM),
+    and srun takes all of the node's CPUs; without GPUs, one CPU per rank. 0: no request.
+    """
+    value = launcher.cpus_per_task
+    if value == "auto":
+        if launcher.gpus_per_node:
+            return ["#SBATCH --exclusive"], '--cpus-per-task="$SLURM_CPUS_ON_NODE"'
+        value = str(launcher.nproc_per_node)
+    if value == "0":
+        return [], ""
+    return [f"#SBATCH --cpus-per-task={value}"], f"--cpus-per-task={value}"
 
 
 def node_command(launcher: LauncherConfig, *, python: str) -> str:
@@ -84,6 +102,8 @@ def sbatch_script(launcher: LauncherConfig, *, run_dir: str, config_path: str, c
                '  scontrol requeue "$SLURM_JOB_ID"\nfi\n') if launcher.requeue else ""
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in {**launcher.env, CONFIG_ENV: config_path}.items())
     agent = "DeepSpeed's launcher" if launcher.use_deepspeed_launcher else "torchrun's agent"
+    cpus = cpu_request(launcher)[1]
+    srun_cpus = cpus + " " if cpus else ""
     hostfile = (f"printf '%s slots={launcher.nproc_per_node}\\n' \"${{nodes[@]}}\" > \"$log_dir/hostfile\"  "
                 "# DeepSpeed's hostfile: the allocated nodes\n") if launcher.use_deepspeed_launcher else ""
     return (
@@ -102,7 +122,7 @@ def sbatch_script(launcher: LauncherConfig, *, run_dir: str, config_path: str, c
         'head="${nodes[0]}"\n'
         + hostfile
         + 'echo "fft-dist: job $SLURM_JOB_ID attempt $attempt on ${nodes[*]}; logs in $log_dir"\n'
-        'srun --ntasks-per-node=1 --kill-on-bad-exit=1 --output="$log_dir/attempt-$attempt-node-%t.log" \\\n'
+        f'srun --ntasks-per-node=1 {srun_cpus}--kill-on-bad-exit=1 --output="$log_dir/attempt-$attempt-node-%t.log" \\\n'
         f"  {node_command(launcher, python=python)}\n"
         "code=$?\n"
         'echo "fft-dist: job step exited with $code"\n'

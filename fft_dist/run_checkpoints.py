@@ -9,11 +9,15 @@ handed the run id, the keep_last / keep_best rules and the metadata the export n
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 from fft_dist import checkpoint as ckpt
 from fft_dist.checkpoint.collective import agree_or_raise
+from fft_dist.checkpoint import ownership
 from fft_dist.checkpoint.format import TRAIN_STATE_FILE, step_dir_name
+from fft_dist.checkpoint.layout import SHARED_FS_HELP, read_shared_probe, write_shared_probe
+from fft_dist.checkpoint.ownership import Reason
 from fft_dist.config import ExportChoice, FFTConfig
 from fft_dist.dist import DistContext, broadcast_small, print0
 from fft_dist.rundir import run_identity
@@ -50,6 +54,30 @@ class RunCheckpoints:
         except ckpt.CheckpointError as e:
             problems.append(str(e))
         agree_or_raise(problems, "checkpoints could not be saved (nothing was trained):")
+        self.check_shared()
+
+    def check_shared(self) -> None:
+        """Every rank sees the folder rank 0 writes into (node-local disks fail here, not at the first save,
+        hours in): rank 0 writes a token under a unique name, every rank opens that name. Collective."""
+        if self.ctx.world_size == 1:
+            return
+        probe = None
+        if self.ctx.is_main:
+            try:
+                probe = (*write_shared_probe(self.root, owner=self.run_id), socket.gethostname())
+            except OSError as e:
+                probe = f"rank 0 cannot write a probe into {self.root}: {e.strerror or e}"
+        probe = broadcast_small(probe)
+        problems = [probe] if isinstance(probe, str) else []
+        if not problems and not self.ctx.is_main:
+            problem = read_shared_probe(self.root, probe[0], probe[1], writer_host=probe[2])
+            problems = [problem] if problem else []
+        try:
+            agree_or_raise(problems, f"checkpoint.dir {self.root} is not one folder that every rank shares (nothing "
+                                     f"was trained): {SHARED_FS_HELP}.")
+        finally:
+            if self.ctx.is_main and not isinstance(probe, str):
+                ownership.remove(self.root / probe[0], Reason.OWN_TEMPORARY, owner=self.run_id)
 
     def choose_resume(self) -> tuple[Path, dict] | None:
         """(the checkpoint to resume from, its train_state.json) or None for a fresh start. Collective.

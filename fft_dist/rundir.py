@@ -8,25 +8,23 @@ it, a fresh run gets a new one. See :mod:`fft_dist.checkpoint.ownership` for how
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
+from fft_dist import locks
 from fft_dist.checkpoint import format as fmt
 from fft_dist.checkpoint import ownership
 from fft_dist.checkpoint.ownership import Reason
 from fft_dist.config import ConfigError, FFTConfig
 from fft_dist.errors import CheckpointError
 
-LOCK_FILE = ".fft-dist.lock"
+LOCK_FILE = locks.LOCK_FILE
 RUN_MARKER = ".fft-dist-run.json"
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl")
 """Files every run writes into run.dir (besides tb/ events and the hf/ export)."""
 TB_EVENTS = "events.out.tfevents."
-_held: dict[str, object] = {}  # lock path -> open lock file; a lock lives as long as this process
 
 
 class RunDirBusy(ConfigError):
@@ -50,44 +48,25 @@ def make_dir_like_parent(folder: Path) -> None:
 
 def lock_dir(folder: Path, what: str) -> None:
     """Take an exclusive lock on `folder` (run.dir or checkpoint.dir), recording who holds it; refuse if
-    another job has it. flock, so a crashed job never leaves a stale lock: the kernel drops it with
-    the process. Taking a lock this process already holds is a no-op."""
+    another job has it (:mod:`fft_dist.locks`: flock, or a lease file where the file system has no
+    flock). Taking a lock this process already holds is a no-op."""
     folder = Path(folder).resolve()
-    path = folder / LOCK_FILE
-    if str(path) in _held:
+    if locks.holds(folder):
         return
     try:
         make_dir_like_parent(folder)
-        f = open(path, "a+", encoding="utf-8")
+        locks.acquire(folder, what)
+    except locks.Held as e:
+        raise RunDirBusy(f"{what}={folder} is in use by another fft-dist run ({e}); wait for it, stop it, "
+                         f"or pick another {what}") from None
     except OSError as e:  # a read-only checkpoint disk is a checkpoint error (exit 4), as at a save
         error = CheckpointError if what == "checkpoint.dir" else ConfigError
         raise error(f"{what}={folder} is not writable: {e.strerror or e}; pick another {what}") from None
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "{}"
-        f.close()
-        try:
-            info = json.loads(holder)
-        except json.JSONDecodeError:
-            info = {}
-        raise RunDirBusy(
-            f"{what}={folder} is in use by another fft-dist run (pid {info.get('pid', '?')} on host "
-            f"{info.get('host', '?')}, started {info.get('started', '?')}); wait for it, stop it, or pick another {what}"
-        ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
-    f.flush()
-    _held[str(path)] = f
 
 
 def release_locks() -> None:
     """Give up this process's locks (a SLURM submitter, whose job's first node takes them over)."""
-    while _held:
-        _held.popitem()[1].close()
+    locks.release_all()
 
 
 def lock_run(cfg: FFTConfig) -> None:

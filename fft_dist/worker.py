@@ -79,6 +79,10 @@ def run_worker(argv: list[str], *, stop: StopSignal | None = None) -> int:
         return report_known(e, show=is_rank0)
     cfg = prepared.cfg
     ctx = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
+    if ctx.is_main:
+        from fft_dist.dist import describe_timeout
+
+        print(f"fft-dist: {describe_timeout(cfg.dist.timeout_s, ctx)}", flush=True)
     try:
         if not from_file:
             prepared = _claim_run_dir(prepared, ctx)

@@ -101,6 +101,11 @@ def dockerfile_problems(text: str) -> list[str]:
     for offline in ("HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1"):
         if offline not in env:
             problems.append(f"ENV {offline} missing: jobs read local files only")
+    if "cuda" in args_before.get("BASE", ""):  # NCCL across nodes dlopens libibverbs; without it: TCP sockets only
+        rdma = [run for run in runs if "libibverbs1" in run and "ibverbs-providers" in run and "librdmacm1" in run]
+        if not rdma:
+            problems.append("the CUDA image must install the RDMA userspace NCCL uses across nodes "
+                            "(libibverbs1, ibverbs-providers, librdmacm1)")
     return problems
 
 
@@ -119,6 +124,7 @@ def test_dockerfiles_follow_the_rules(name):
     ("--no-build-isolation", "", "deepspeed"),
     ("WORKDIR /work", "WORKDIR /home/fft", "WORKDIR"),
     ("HF_HUB_OFFLINE=1", "HF_HUB_OFFLINE=0", "HF_HUB_OFFLINE"),
+    ("ibverbs-providers", "", "RDMA userspace"),
 ])
 def test_the_dockerfile_parser_catches_each_rule(old, new, message):
     text = (REPO / "docker" / "Dockerfile").read_text()

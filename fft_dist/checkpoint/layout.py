@@ -1,8 +1,11 @@
-"""The checkpoint root on disk: ``latest``, which folder a user's path means, and a writability probe."""
+"""The checkpoint root on disk: ``latest``, which folder a user's path means, and probes that it is
+writable and that every rank sees the same folder."""
 from __future__ import annotations
 
 import os
 import socket
+import time
+import uuid
 from pathlib import Path
 
 from fft_dist.checkpoint import format as fmt
@@ -119,3 +122,49 @@ def check_writable(ckpt_root: str | Path) -> None:
             pass
         raise CheckpointError(f"checkpoint.dir {root} is not writable: {e.strerror or e}"
                               f"{f' ({e.filename})' if e.filename else ''}") from None
+
+
+SHARED_WAIT_S = 10.0
+"""How long a rank looks for rank 0's probe before calling checkpoint.dir unshared: NFS caches a
+folder's attributes (and a name's absence) for seconds; listing the folder between tries revalidates."""
+SHARED_FS_HELP = ("it must be on a shared file system (NFS, Lustre, GPFS, ...) mounted at "
+                  "the same path on every node: each rank writes its shards of every checkpoint there, so "
+                  "node-local disks would fail the first save")
+
+
+def write_shared_probe(ckpt_root: Path, *, owner: str) -> tuple[str, str]:
+    """Rank 0: write a random token under a new name (a temporary of run `owner`); (name, token)."""
+    token = uuid.uuid4().hex
+    name = temp_name(f".shared-probe-{token[:12]}", owner)
+    with open(Path(ckpt_root) / name, "w", encoding="utf-8") as f:
+        f.write(token + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    fmt.fsync_dir(Path(ckpt_root))
+    return name, token
+
+
+def read_shared_probe(ckpt_root: Path, name: str, token: str, *, writer_host: str,
+                      wait_s: float = SHARED_WAIT_S) -> str | None:
+    """Every other rank: open rank 0's probe by its name (a bounded retry, for NFS attribute caching);
+    None when it holds rank 0's token, else the problem, the same on every rank of a host."""
+    path, host = Path(ckpt_root) / name, socket.gethostname()
+    deadline, delay = time.monotonic() + wait_s, 0.05
+    while True:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                found = f.read().strip()
+            break
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                return (f"on host {host}, {path} (written by rank 0 on host {writer_host}) is not there after "
+                        f"{wait_s:.0f} s")
+            try:
+                os.listdir(ckpt_root)
+            except OSError:
+                pass
+            time.sleep(delay)
+            delay = min(2 * delay, 1.0)
+        except OSError as e:
+            return f"on host {host}, cannot read {path}: {e.strerror or e}"
+    return None if found == token else f"on host {host}, {path} holds another token than rank 0 wrote"

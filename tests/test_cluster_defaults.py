@@ -1,0 +1,201 @@
+"""The first run on a GPU cluster (issue #17, cluster traps): CPUs asked for on SLURM and repeated on
+srun, OMP_NUM_THREADS from the CPUs a rank may run on, a container with a CUDA image (or on a GPU host)
+refused without launcher.gpus and one rank per GPU given, gloo following NCCL_SOCKET_IFNAME, NCCL's
+async error handling, and dist.timeout_s=auto. Fast: dry runs, pure functions and in-process checks
+(no GPU here: the host's GPUs and torch's CUDA are faked where a decision depends on them)."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from fft_dist import config_launcher, dist as fdist
+from fft_dist.config import ConfigError
+from test_launchers import dry, dry_ok, flag, last_line_words, slurm_script
+
+GPU_JOB = ["launcher.nodes=2", "launcher.gpus_per_node=8", "train.global_batch_size=64"]
+
+
+def srun_line(text: str) -> str:
+    return text[text.index("srun "):text.index("code=$?")]
+
+
+def run_with_stubbed_srun(text: str, where: Path, cpus_on_node: str) -> list[str]:
+    """Run the script as the batch node would (SLURM's commands stubbed); srun's arguments as bash passed them."""
+    script = where / "job.sbatch"
+    script.write_text(text)
+    stubs = ("srun() { printf '%s\\0' \"$@\" > \"$OUT\"; }\nscontrol() { echo node1; }\n"
+             "export -f srun scontrol\nexec bash \"$0\"\n")
+    env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node1", "OUT": str(where / "argv"),
+           "HOME": str(where), "SLURM_CPUS_ON_NODE": cpus_on_node}
+    proc = subprocess.run(["bash", "-c", stubs, str(script)], cwd=where, env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return (where / "argv").read_text().split("\0")[:-1]
+
+
+# -- SLURM: CPUs --------------------------------------------------------------------------------------------
+def test_slurm_asks_for_whole_gpu_nodes_by_default_and_srun_takes_every_cpu(tmp_path):
+    text = slurm_script(*GPU_JOB, f"run.dir={tmp_path}/r")
+    assert "#SBATCH --exclusive\n" in text, text
+    assert '--cpus-per-task="$SLURM_CPUS_ON_NODE"' in srun_line(text)
+    argv = run_with_stubbed_srun(text, tmp_path, cpus_on_node="96")
+    assert "--cpus-per-task=96" in argv and argv[0] == "--ntasks-per-node=1", argv
+    ds = slurm_script(*GPU_JOB, "parallelism=zero3", "launcher.use_deepspeed_launcher=true", f"run.dir={tmp_path}/r")
+    assert "#SBATCH --exclusive\n" in ds and '--cpus-per-task="$SLURM_CPUS_ON_NODE"' in srun_line(ds)
+
+
+@pytest.mark.parametrize("overrides,sbatch,srun", [
+    (["launcher.cpus_per_task=32"], "#SBATCH --cpus-per-task=32", "--cpus-per-task=32"),
+    (["launcher.gpus_per_node=0", "launcher.nproc_per_node=4"], "#SBATCH --cpus-per-task=4", "--cpus-per-task=4"),
+    (["launcher.cpus_per_task=0"], None, None),
+])
+def test_slurm_cpu_request_is_repeated_on_srun(tmp_path, overrides, sbatch, srun):
+    text = slurm_script(*GPU_JOB, f"run.dir={tmp_path}/r", *overrides)
+    assert "#SBATCH --exclusive" not in text
+    if sbatch is None:
+        assert "--cpus-per-task" not in text, text
+    else:
+        assert sbatch + "\n" in text and srun in srun_line(text), text
+        assert run_with_stubbed_srun(text, tmp_path, cpus_on_node="96")[1] == srun
+
+
+def test_slurm_cpus_per_task_must_be_auto_or_a_number():
+    proc = dry("launcher=slurm", "launcher.cpus_per_task=many")
+    assert proc.returncode == 2 and "launcher.cpus_per_task='many'" in proc.stderr, proc.stderr
+    proc = dry("launcher=torchrun", "launcher.cpus_per_task=4")  # not a torchrun option
+    assert proc.returncode == 2 and "does not use launcher.cpus_per_task" in proc.stderr, proc.stderr
+
+
+def test_rank_threads_follow_the_cpu_affinity_not_the_machine(monkeypatch):
+    """A SLURM task (or container) may run on 4 of a node's 64 CPUs: 2 ranks get 2 threads each, not 32."""
+    import torch.distributed.run as trun
+
+    from fft_dist import launch
+
+    seen = {}
+    monkeypatch.setattr(trun, "run", lambda args: seen.setdefault("omp", __import__("os").environ["OMP_NUM_THREADS"]))
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert launch.start_agent(["--nproc_per_node=2", "--standalone"], None) == 0
+    assert seen["omp"] == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the user's own setting wins
+    seen.clear()
+    launch.start_agent(["--nproc_per_node=2", "--standalone"], None)
+    assert seen["omp"] == "7"
+
+
+# -- containers and GPUs --------------------------------------------------------------------------------------
+@pytest.fixture
+def host_gpus(monkeypatch):
+    """set(n): pretend this host has n NVIDIA GPUs (/dev/nvidia0..n-1)."""
+    def set_count(n: int) -> None:
+        monkeypatch.setattr(config_launcher, "host_gpus", lambda: n, raising=False)  # raising: the test predates it
+
+    set_count(0)
+    return set_count
+
+
+def container(*overrides: str) -> list[str]:
+    return last_line_words(dry_ok("launcher=container", *overrides))
+
+
+@pytest.mark.parametrize("image,gpus_here,why", [
+    ("fft-dist:cuda", 0, "is a CUDA image"),
+    ("pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime", 0, "is a CUDA image"),
+    ("localhost/fft-dist:cpu", 4, "this host has 4 NVIDIA GPU(s)"),
+])
+def test_a_gpu_container_without_launcher_gpus_is_refused(host_gpus, image, gpus_here, why):
+    host_gpus(gpus_here)
+    proc = dry("launcher=container", f"launcher.image={image}")
+    assert proc.returncode == 2, proc.stdout
+    assert why in proc.stderr and "launcher.gpus is empty" in proc.stderr and "train on CPU" in proc.stderr
+    words = container(f"launcher.image={image}", "launcher.gpus=none")  # CPU on purpose
+    assert not [w for w in words if w.startswith("--gpus")] and flag(words, "--nproc_per_node") == "2"
+
+
+def test_the_rank_count_follows_the_gpus_given(host_gpus):
+    host_gpus(4)
+    words = container("launcher.image=fft-dist:cuda", "launcher.gpus=all", "train.global_batch_size=16")
+    assert flag(words, "--gpus") == "all" and flag(words, "--nproc_per_node") == "4"
+    words = container("launcher.image=fft-dist:cuda", "launcher.gpus=2")
+    assert flag(words, "--gpus") == "2" and flag(words, "--nproc_per_node") == "2"
+    words = container("launcher.image=fft-dist:cuda", "launcher.gpus=\"device=0,1,2\"", "train.global_batch_size=12",
+                      "train.micro_batch_size=4")
+    assert flag(words, "--gpus") == '"device=0,1,2"' and flag(words, "--nproc_per_node") == "3"
+    proc = dry("launcher=container", "launcher.image=fft-dist:cuda", "launcher.gpus=2", "launcher.nproc_per_node=4")
+    assert proc.returncode == 2 and "gives the container 2 GPU(s)" in proc.stderr, proc.stderr
+
+
+def test_a_cuda_torch_that_sees_no_gpu_says_it_trains_on_cpu(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "sees no GPU: training on CPU over gloo" in fdist.warn_cuda_unused("auto")
+    assert fdist.warn_cuda_unused("gloo") is None  # asked for on purpose
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert fdist.warn_cuda_unused("auto") is None
+
+
+# -- networking and time-outs ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("nccl,gloo", [
+    ("eth0", "eth0"), ("eth", "eth0,eth1"), ("=eth", None), ("=eth1", "eth1"), ("ib0,eth1", "ib0,eth1"),
+    ("^docker,lo", None), ("wlan", None),
+])
+def test_gloo_interface_from_nccl_socket_ifname(nccl, gloo):
+    assert fdist.gloo_ifname_from_nccl(nccl, ["lo", "eth0", "eth1", "ib0", "docker0"]) == gloo
+
+
+@pytest.fixture
+def fake_group(monkeypatch):
+    """init_distributed up to init_process_group, which records its timeout and the environment instead."""
+    seen: dict = {}
+
+    def init_process_group(backend, timeout, **kwargs):
+        seen.update(backend=backend, timeout=timeout.total_seconds(), env=dict(__import__("os").environ))
+
+    monkeypatch.setattr(fdist.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(fdist.dist, "init_process_group", init_process_group)
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    return seen
+
+
+def test_gpu_runs_get_a_longer_timeout_nccl_error_handling_and_gloo_on_the_nccl_interface(fake_group, monkeypatch):
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "lo")
+    ctx = fdist.init_distributed("nccl", "auto")  # no GPU here: the group is faked, the decisions are real
+    assert fake_group["timeout"] == 1800 and ctx.timeout_s == 1800
+    assert fake_group["env"]["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert fake_group["env"]["GLOO_SOCKET_IFNAME"] == "lo"
+    assert "collective timeout 1800 s (dist.timeout_s auto: the GPU default)" in fdist.describe_timeout("auto", ctx)
+
+
+def test_cpu_runs_keep_600_s_and_explicit_settings_win(fake_group, monkeypatch):
+    ctx = fdist.init_distributed("gloo", "auto")
+    assert fake_group["timeout"] == 600 and "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in fake_group["env"]
+    assert "GLOO_SOCKET_IFNAME" not in fake_group["env"]
+    assert "collective timeout 600 s (dist.timeout_s auto: the CPU default)" in fdist.describe_timeout("auto", ctx)
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "lo")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth9")
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    fdist.init_distributed("nccl", "42")
+    assert fake_group["timeout"] == 42
+    assert (fake_group["env"]["GLOO_SOCKET_IFNAME"], fake_group["env"]["TORCH_NCCL_ASYNC_ERROR_HANDLING"]) == ("eth9", "3")
+
+
+@pytest.mark.parametrize("value,ok", [("auto", True), ("3", True), ("0", False), ("-5", False), ("1.5", False),
+                                      ("soon", False)])
+def test_dist_timeout_is_auto_or_whole_seconds(value, ok):
+    from fft_dist.compose import compose, resolve, to_typed
+    from fft_dist.validate import validate
+
+    cfg = to_typed(resolve(compose([f"dist.timeout_s={value}"])))
+    if ok:
+        validate(cfg, 2)
+    else:
+        with pytest.raises(ConfigError, match="dist.timeout_s must be >= 1 second, or auto"):
+            validate(cfg, 2)
