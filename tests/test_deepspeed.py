@@ -104,7 +104,7 @@ def test_config_defaults_are_cpu_sized_on_cpu_and_model_sized_on_gpu():
                                       ("zero2_offload", 2, True, False), ("zero3_offload", 3, True, True)]:
         cfg = to_typed(compose([f"parallelism={group}"]))
         assert cfg.parallelism.reduce_bucket_size == -1, group
-        hidden = hidden_size_of(cfg.model.arch)
+        hidden = hidden_size_of(cfg.model)
         assert hidden == 128
         plan = BatchPlan(2, 4, 2, 16)
         z = build_deepspeed_config(cfg.parallelism, cfg.train, plan, hidden_size=hidden, on_gpu=False)["zero_optimization"]
