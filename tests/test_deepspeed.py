@@ -26,7 +26,7 @@ import torch
 
 from helpers import REPO, child_env, step_records
 from fft_dist.compose import compose, to_typed
-from fft_dist.config import BatchPlan, ConfigError, Parallelism, ParallelismConfig, Precision, TrainConfig
+from fft_dist.config import BatchPlan, ConfigError, ModelConfig, Parallelism, ParallelismConfig, Precision, TrainConfig
 from fft_dist.strategy.deepspeed_config import build_deepspeed_config, hidden_size_of
 
 WORKER = Path(__file__).with_name("deepspeed_worker.py")
@@ -104,7 +104,7 @@ def test_config_defaults_are_cpu_sized_on_cpu_and_model_sized_on_gpu():
                                       ("zero2_offload", 2, True, False), ("zero3_offload", 3, True, True)]:
         cfg = to_typed(compose([f"parallelism={group}"]))
         assert cfg.parallelism.reduce_bucket_size == -1, group
-        hidden = hidden_size_of(cfg.model.arch)
+        hidden = hidden_size_of(cfg.model)
         assert hidden == 128
         plan = BatchPlan(2, 4, 2, 16)
         z = build_deepspeed_config(cfg.parallelism, cfg.train, plan, hidden_size=hidden, on_gpu=False)["zero_optimization"]
@@ -131,7 +131,7 @@ def test_config_gpu_auto_buckets_follow_the_model_and_set_values_win():
     """auto scales with the model (llama3_8b: hidden 4096); explicit values beat auto on both devices;
     an unknown hidden size on GPU falls back to DeepSpeed's own defaults; nonsense sizes are refused."""
     cfg = to_typed(compose(["parallelism=zero3", "model=llama3_8b"]))
-    z = build_deepspeed_config(cfg.parallelism, cfg.train, PLAN, hidden_size=hidden_size_of(cfg.model.arch),
+    z = build_deepspeed_config(cfg.parallelism, cfg.train, PLAN, hidden_size=hidden_size_of(cfg.model),
                                on_gpu=True)["zero_optimization"]
     assert (z["reduce_bucket_size"], z["stage3_prefetch_bucket_size"], z["stage3_param_persistence_threshold"]) == (
         4096 * 4096, int(0.9 * 4096 * 4096), 40960)
@@ -147,7 +147,8 @@ def test_config_gpu_auto_buckets_follow_the_model_and_set_values_win():
     for bad in ({"reduce_bucket_size": 0}, {"prefetch_bucket_size": -5}, {"param_persistence_threshold": -2}):
         with pytest.raises(ConfigError, match=f"parallelism.{next(iter(bad))}=.*-1 for auto"):
             build_deepspeed_config(par("zero3", **bad), TrainConfig(), PLAN, hidden_size=64, on_gpu=False)
-    assert hidden_size_of({"model_type": "gpt2", "n_embd": 768}) == 768 and hidden_size_of({}) is None
+    assert hidden_size_of(ModelConfig(arch={"model_type": "gpt2", "n_embd": 768})) == 768
+    assert hidden_size_of(ModelConfig(arch={})) is None
 
 
 def test_config_bf16_is_autocast_over_fp32_weights():

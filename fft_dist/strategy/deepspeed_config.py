@@ -97,7 +97,7 @@ def hidden_size_of(model: ModelConfig) -> int | None:
 
     try:
         return dimension(hf_config(model), "hidden_size")
-    except (ConfigError, CheckpointError, OSError, ValueError):
+    except (ConfigError, CheckpointError, OSError, ValueError, KeyError):  # KeyError: no model_type
         return None
 
 
