@@ -265,7 +265,7 @@ def estimate(argv: list[str]) -> int:
     """`fft-dist estimate`: exit 0, or 2 on a bad flag / config."""
     import json
 
-    from fft_dist.memory import HEADROOM, estimate_table, format_table
+    from fft_dist.memory import HEADROOM, assumptions, estimate_table, format_table
     from fft_dist.planner import budget_text
 
     a, overrides = _sizing_args("fft-dist estimate", argv, plan=False)
@@ -289,7 +289,7 @@ def estimate(argv: list[str]) -> int:
         return 0
     evals = rows[0]["eval_micro_batch_size"] if rows else 0
     print(f"{cfg.model.name}: {shape.params:,} parameters ({shape.trainable:,} trainable), vocabulary {shape.vocab:,}, "
-          f"precision {cfg.train.precision.value}, optimizer {cfg.optimizer.name.value}, micro batch "
+          f"{assumptions(cfg)}, optimizer {cfg.optimizer.name.value}, micro batch "
           f"{cfg.train.micro_batch_size} x {cfg.data.max_length} tokens, "
           + (f"eval micro batch {evals}" if evals else "no eval set") + ", activation checkpointing "
           f"{'on' if cfg.model.activation_checkpointing else 'off'}. GiB per GPU; activations: the larger of train "

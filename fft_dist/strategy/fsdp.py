@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from fft_dist.config import BatchPlan, FFTConfig, Precision
+from fft_dist.device_defaults import DeviceDefaults
 from fft_dist.dist import DistContext, broadcast_tensor
 from fft_dist.model import decoder_layers
 from fft_dist.models.family import rebuild_buffers
@@ -23,9 +24,9 @@ from fft_dist.strategy.torch_common import TorchOptimizerStrategy
 class FSDPStrategy(TorchOptimizerStrategy):
     name = "fsdp"
 
-    def __init__(self, cfg: FFTConfig, plan: BatchPlan, ctx: DistContext):
+    def __init__(self, cfg: FFTConfig, plan: BatchPlan, ctx: DistContext, defaults: DeviceDefaults):
         check_fsdp(cfg, plan)
-        super().__init__(cfg, ctx)
+        super().__init__(cfg, ctx, defaults)
         self.reshard_after_forward = cfg.parallelism.reshard_after_forward
         # Weights that come from model.path afterwards need not be initialised: build on meta.
         self.meta_init = cfg.model.path is not None
@@ -53,10 +54,10 @@ class FSDPStrategy(TorchOptimizerStrategy):
                 full = build_model()  # on CPU: only one tensor at a time goes to the device
         else:
             model = build_model().to(self.device)
-        if self.train_cfg.precision == Precision.fp32:
-            mp = MixedPrecisionPolicy()
-        else:
-            mp = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+        # Gradients are reduce-scattered in fp32 under every precision (stated, not left to FSDP2's default of
+        # the parameters' dtype): bf16 reductions would round the sum of N ranks' gradients.
+        mp = MixedPrecisionPolicy(param_dtype=None if self.precision == Precision.fp32 else self.compute_dtype,
+                                  reduce_dtype=torch.float32)
         kwargs = {"mesh": self.mesh, "mp_policy": mp}
         for layer in decoder_layers(model):
             fully_shard(layer, reshard_after_forward=self.reshard_after_forward, **kwargs)
