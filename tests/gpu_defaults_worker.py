@@ -3,6 +3,8 @@
 Modes (results go to OUT/<mode>.json, one row per rank):
   bf16        zero2 and zero3 with train.precision=bf16, parallelism.bf16_weights false (autocast over fp32
               weights) and true (DeepSpeed's bf16 mode): 2 steps each; losses, and what the engine really runs.
+  zero2build  ZeRO-2's initial model (tied embeddings): peak host RSS of the build that rank 0 alone now does,
+              against every rank building it (before), and the weights each rank ends up with.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from deepspeed_worker import IGNORE, SEED, make, make_cfg, micro_batches, tiny_config, token_loss_sum
+from deepspeed_worker import (
+    IGNORE, SEED, _trim, make, make_cfg, measure_peak, micro_batches, tiny_config, token_loss_sum)
 from fft_dist.config import Precision
 from fft_dist.dist import all_reduce_sum, init_distributed, seed_everything
 
@@ -58,15 +61,53 @@ def mode_bf16(args, ctx) -> list[dict]:
     return rows
 
 
+def mode_zero2build(args, ctx) -> list[dict]:
+    from fft_dist.model import build_model
+    from fft_dist.strategy.initial import build_replicated
+
+    model_cfg = tiny_config(scale=6, vocab=2048, layers=16, intermediate=1024)  # 27.5M params, 110 MB in fp32
+    model_cfg.tie_word_embeddings = True  # rank 1's meta build must come out tied as rank 0's
+    build_model(tiny_config())  # warm-up: import the modeling code outside the measurement
+    calls: list[dict] = []
+
+    def build(measure: bool):
+        def run():
+            torch.manual_seed(SEED)
+            if not measure:
+                return build_model(model_cfg)
+            growth, model = measure_peak(lambda: build_model(model_cfg))
+            calls.append({"host_build_bytes": growth, "on_meta": next(model.parameters()).is_meta})
+            return model
+        return run
+
+    # before: every rank built the seeded full model on the host, then moved it to its device
+    before, model = measure_peak(lambda: build(False)().to(ctx.device))
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model
+    _trim()
+    dist.barrier()
+    # now, once to measure the whole phase (on CPU the device copy is host memory too), once per build call
+    whole, model = measure_peak(lambda: build_replicated(build(False), ctx.device, meta_init=False))
+    checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    del model
+    _trim()
+    dist.barrier()
+    model = build_replicated(build(True), ctx.device, meta_init=False)
+    del model
+    return [{"rank": ctx.rank, "full_bytes": full_bytes, "before_every_rank_builds": before,
+             "now_whole_phase": whole, "now_build_calls": calls, "checksum": checksum, "tied": tied}]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["bf16"])
+    ap.add_argument("mode", choices=["bf16", "zero2build"])
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     ctx = init_distributed("gloo", 300)
     try:
-        rows = {"bf16": mode_bf16}[args.mode](args, ctx)
+        rows = {"bf16": mode_bf16, "zero2build": mode_zero2build}[args.mode](args, ctx)
         gathered = [None] * ctx.world_size
         dist.all_gather_object(gathered, rows)
         if ctx.rank == 0:

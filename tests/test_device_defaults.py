@@ -175,3 +175,22 @@ def test_deepspeed_bf16_weights_run_close_to_autocast(tmp_path):
         assert native["master_dtype"] == "torch.float32"  # fp32 master partition and Adam states
         for a, n in zip(autocast["losses"], native["losses"]):
             assert torch.isfinite(torch.tensor(n)) and abs(n - a) / a < 1e-3, (stage, autocast, native)
+
+
+def test_zero2_builds_the_model_once_not_in_every_rank(tmp_path):
+    """~27.5M params (110 MB fp32, tied embeddings) at 2 ranks. Before, each rank built the seeded model on the
+    host before moving it to its device: ~110 MB per rank (8 x 32 GB for an 8B model on one node). Now rank 0
+    alone does; rank 1 builds on meta (measured: 33 kB) and receives the weights, which end up equal (and tied)
+    everywhere. On CPU the device copy is host memory too, so the whole phase costs the same here; on a GPU it
+    is not on the host."""
+    rows = [r[0] for r in worker("zero2build", tmp_path, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")]
+    full = rows[0]["full_bytes"]
+    assert full > 100e6
+    for row in rows:
+        assert row["before_every_rank_builds"] > 0.9 * full, row
+        assert row["now_whole_phase"] < 1.2 * full, row  # the device copy plus one tensor in flight
+        assert row["checksum"] == rows[0]["checksum"] and row["tied"], row
+    (rank0,), (rank1,) = rows[0]["now_build_calls"], rows[1]["now_build_calls"]
+    assert not rank0["on_meta"] and rank0["host_build_bytes"] > 0.9 * full, rank0
+    assert rank1["on_meta"] and rank1["host_build_bytes"] < 0.02 * full, rank1
+    print(json.dumps(rows, indent=1))

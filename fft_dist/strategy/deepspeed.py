@@ -60,6 +60,7 @@ from fft_dist.strategy.deepspeed_compat import (
     keep_arange_dtype,
 )
 from fft_dist.strategy.deepspeed_config import check_deepspeed, zero_stage
+from fft_dist.strategy.initial import build_replicated
 
 
 class DeepSpeedStrategy(Strategy):
@@ -67,6 +68,7 @@ class DeepSpeedStrategy(Strategy):
 
     def __init__(self, cfg: FFTConfig, plan: BatchPlan, ctx: DistContext, defaults: DeviceDefaults):
         self.ds_config = check_deepspeed(cfg, plan, defaults)  # the launcher's check again, with this rank's decisions
+        self.meta_init = cfg.model.path is not None  # ZeRO-2: the weights are loaded after setup
         self.plan = plan
         self.ctx = ctx
         self.stage = zero_stage(cfg.parallelism)
@@ -92,8 +94,8 @@ class DeepSpeedStrategy(Strategy):
             model = self.build_partitioned(build_model)
             with full_shapes(list(model.parameters())):
                 optimizer = make_optimizer(model)
-        else:
-            model = build_model().to(self.ctx.device)
+        else:  # built once (rank 0, or on meta for model.path), not in every rank's host memory
+            model = build_replicated(build_model, self.ctx.device, meta_init=self.meta_init)
             optimizer = make_optimizer(model)
         engine, _, _, _ = self._ds.initialize(
             model=model, optimizer=optimizer, config=copy.deepcopy(self.ds_config), dist_init_required=False

@@ -14,9 +14,10 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from fft_dist.config import BatchPlan, FFTConfig, Precision
 from fft_dist.device_defaults import DeviceDefaults
-from fft_dist.dist import DistContext, broadcast_tensor
+from fft_dist.dist import DistContext
 from fft_dist.model import decoder_layers
 from fft_dist.models.family import rebuild_buffers
+from fft_dist.strategy.initial import fill_from_rank0
 from fft_dist.strategy.options import check_fsdp
 from fft_dist.strategy.torch_common import TorchOptimizerStrategy
 
@@ -123,31 +124,3 @@ class FSDPStrategy(TorchOptimizerStrategy):
         for d in shape[1:]:
             row_numel *= d
         return local.view(-1), shape, row * row_numel
-
-
-@torch.no_grad()
-def fill_from_rank0(model: torch.nn.Module, full: torch.nn.Module | None, *, local_range, device) -> None:
-    """Copy rank 0's full model `full` into every rank's shards of `model` (collective).
-
-    One broadcast per parameter and buffer, in `model`'s order (both were built from the same
-    config, so names match); rank 0 frees each full tensor once it is sent, so its peak is the full
-    model, as before, and the other ranks' is their shards plus one tensor. The generator state
-    after rank 0's build is given to every rank, as if each had built the model itself.
-    """
-    rank0 = dist.get_rank() == 0
-    sources = {**dict(full.named_parameters()), **dict(full.named_buffers())} if rank0 else {}
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if rank0:
-            source = sources.pop(name)
-            value = source.detach().to(device)
-            source.data = torch.empty(0, dtype=source.dtype)  # free rank 0's full copy as we go
-        else:
-            value = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
-        broadcast_tensor(value, src=0)
-        local, _, start = local_range(tensor)
-        local.copy_(value.view(-1)[start:start + local.numel()])
-    if rank0 and sources:
-        raise RuntimeError(f"rank 0's model has tensors the sharded model lacks: {sorted(sources)[:5]}")
-    state = torch.get_rng_state()  # a CPU tensor: under NCCL it must travel through the GPU
-    broadcast_tensor(state, src=0)
-    torch.set_rng_state(state)
