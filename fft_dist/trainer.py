@@ -363,7 +363,7 @@ class Trainer:
         mfu = (tok_s * self.flops_per_token / (self.peak_flops * self.ctx.world_size)) if self.peak_flops else None
         if s.step % self.cfg.train.log_every_steps == 0 or s.step == self.total_steps or out["skipped"]:
             self.metrics.write({"step": s.step, "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
-                                "tokens_per_s": tok_s, "mfu": mfu, "peak_mem_mb": peak_memory_mb(self.ctx.device),
+                                "tokens_per_s": tok_s, "mfu": mfu, **peak_memory_mb(self.ctx.device),
                                 "loss_tokens": out["tokens"], "tokens_seen": s.tokens_seen,
                                 "skipped_steps": s.skipped_steps,
                                 **({"router_aux_loss": out["router_aux_loss"]} if "router_aux_loss" in out else {})})

@@ -133,6 +133,18 @@ def test_tf32_follows_determinism_on_cuda(monkeypatch):
     assert matmul.fp32_precision == conv.fp32_precision == "ieee"
 
 
+def test_gpu_memory_metrics_are_per_step_peaks(monkeypatch):
+    from fft_dist.metrics import peak_memory_mb
+
+    assert set(peak_memory_mb(torch.device("cpu"))) == {"peak_mem_mb"}  # CPU: today's RSS field
+    resets = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 5 * 2**20)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: resets.append(device))
+    cuda = torch.device("cuda", 0)
+    assert peak_memory_mb(cuda) == {"peak_mem_mb": 3.0, "peak_mem_reserved_mb": 5.0} and resets == [cuda]
+
+
 def test_estimate_takes_auto_as_a_gpu_with_bf16_and_counts_bf16_weights():
     from fft_dist.memory import Setup, assumptions, estimate, model_shape
 
