@@ -252,10 +252,12 @@ def _sizing_args(prog: str, argv: list[str], *, plan: bool):
 def _load_for_sizing(overrides: list[str], config_dirs: list[str]):
     """The composed training config and the model's shape, or (None, exit code) after reporting."""
     from fft_dist.compose import compose, report_known, resolve, to_typed
+    from fft_dist.device_defaults import check
     from fft_dist.memory import model_shape
 
     try:
         cfg = to_typed(resolve(compose(overrides, config_dirs=config_dirs)))
+        check(cfg)  # a bad true/false/auto value: exit 2 here too
         return cfg, model_shape(cfg)
     except Exception as e:  # noqa: BLE001 - a known error gets its message and code; a bug re-raises
         return None, report_known(e)

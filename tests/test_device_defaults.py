@@ -107,6 +107,13 @@ def test_bad_values_exit_2_before_launch(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_estimate_refuses_a_bad_toggle_with_exit_2(capsys):
+    from fft_dist import cli
+
+    assert cli.estimate(["parallelism.overlap_comm=often"]) == 2
+    assert "parallelism.overlap_comm='often': use true, false or auto" in capsys.readouterr().err
+
+
 def test_true_and_false_are_typed_as_users_type_them():
     """Hydra gives a bool for true/false and a string for auto; both fit the field, and they stay what they were."""
     cfg = typed("train.deterministic=false", "parallelism=zero2", "parallelism.overlap_comm=true")
