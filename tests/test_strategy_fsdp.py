@@ -49,7 +49,8 @@ destroy()
 
 def gathered_after_forward(reshard: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("MASTER_ADDR", None)
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # an in-process group (test_step_syncs)
+        env.pop(key, None)  # leaves MASTER_PORT set to a port its store still holds
     proc = subprocess.run([sys.executable, "-c", SCRIPT, reshard], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
