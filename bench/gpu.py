@@ -10,8 +10,8 @@ bf16 on a GPU (fp32 on CPU), with activation checkpointing (--ac) and torch.comp
 or off for both. fft-dist runs `python -m fft_dist.cli train` with --gpus ranks (micro batch per
 rank); HF Trainer runs this file's --hf-worker mode (one process, no DeepSpeed; Trainer needs
 `accelerate`: --hf-path), so it is refused with --gpus > 1. Both run with their defaults for
-determinism, the ones users get (fft-dist: train.deterministic=true; Trainer: full_determinism=False),
-and the table says which.
+determinism, the ones users get (fft-dist: train.deterministic=auto, false on a GPU and true on CPU, as
+its metrics record; Trainer: full_determinism=False), and the table says which.
 
 MFU is the trainer's own (fft_dist.metrics: 6 x matmul parameters, embeddings left out, plus
 12 x layers x heads x head_dim x seq for attention, torchtitan's count) over the device's dense bf16
@@ -57,8 +57,6 @@ def env(extra_path: str = "") -> dict:
 
 def fft_dist_run(args, arch: dict, data: Path, work: Path, precision: str) -> tuple[list[float], dict]:
     """Seconds per step of `fft-dist train parallelism=fsdp` on --gpus ranks, and what the run used."""
-    import yaml
-
     run_dir = work / "fft"
     cmd = [sys.executable, "-m", "fft_dist.cli", "train", "parallelism=fsdp", f"launcher.nproc_per_node={args.gpus}",
            "model=tiny_llama", "model.name=bench_gpu", *(f"model.arch.{k}={v}" for k, v in arch.items() if k != "model_type"),
@@ -71,12 +69,12 @@ def fft_dist_run(args, arch: dict, data: Path, work: Path, precision: str) -> tu
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"fft-dist failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    rows = [r for r in rows if "loss" in r]
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = [r for r in records if "loss" in r]
     tokens = args.micro * args.seq * args.gpus
-    used = yaml.safe_load((run_dir / "config.yaml").read_text())
+    used = next(r for r in records if r.get("event") == "defaults")  # what train.deterministic=auto became
     return [tokens / r["tokens_per_s"] for r in rows], {
-        "deterministic": used["train"]["deterministic"], "peak_mem_gib": max(r["peak_mem_mb"] for r in rows) / 1024}
+        "deterministic": used["deterministic"], "peak_mem_gib": max(r["peak_mem_mb"] for r in rows) / 1024}
 
 
 def hf_run(args, arch_path: Path, data: Path, work: Path, precision: str) -> list[float]:

@@ -8,8 +8,8 @@ It adapts to the GPUs torch sees:
   (the ~1.1B TinyLlama shape, its MFU);
 - two or more: the same two backends on 2 ranks over NCCL, then `bench/gpu.py --no-hf` on one GPU.
 Every job is bf16 from random init (no model download, no network: HF_*_OFFLINE=1) with the
-defaults users get (train.deterministic=true, dist.backend=auto -> nccl). The fsdp/zero3 model has
-Llama 3's 128k vocabulary, so eval's logits (eval.micro_batch_size 8) are part of the memory peak.
+defaults users get (train.deterministic=auto -> false on a GPU, dist.backend=auto -> nccl). The
+fsdp/zero3 model has Llama 3's 128k vocabulary, so eval's logits (eval.micro_batch_size 8) are part of the memory peak.
 DeepSpeed gets fft-dist's client torch optimizer and no offload, so no DeepSpeed op is built; the
 script checks that (TORCH_EXTENSIONS_DIR starts empty and must stay so). Syncs are counted in each
 rank with torch.cuda.set_sync_debug_mode("warn") (bench/smoke_hook). Every job has a deadline, so the

@@ -10,6 +10,7 @@ LAYERS: list[list[str]] = [
     ["exit_codes", "errors"],                        # what can go wrong, and its exit code
     ["config_launcher", "config"],                   # the typed schema
     ["processes"],                                   # which process is which (pid + start time)
+    ["device_defaults"],                             # what each `auto` becomes on a rank's device
     ["validate", "compose", "config_help", "resume_checks", "preemption", "dist"],  # pure rules, processes
     ["models", "model_checks", "model", "optim", "metrics", "data", "loss"],  # components built from typed config; model families
     ["strategy"],                                    # FSDP2 / DeepSpeed / single process behind one protocol

@@ -252,10 +252,12 @@ def _sizing_args(prog: str, argv: list[str], *, plan: bool):
 def _load_for_sizing(overrides: list[str], config_dirs: list[str]):
     """The composed training config and the model's shape, or (None, exit code) after reporting."""
     from fft_dist.compose import compose, report_known, resolve, to_typed
+    from fft_dist.device_defaults import check
     from fft_dist.memory import model_shape
 
     try:
         cfg = to_typed(resolve(compose(overrides, config_dirs=config_dirs)))
+        check(cfg)  # a bad true/false/auto value: exit 2 here too
         return cfg, model_shape(cfg)
     except Exception as e:  # noqa: BLE001 - a known error gets its message and code; a bug re-raises
         return None, report_known(e)
@@ -265,7 +267,7 @@ def estimate(argv: list[str]) -> int:
     """`fft-dist estimate`: exit 0, or 2 on a bad flag / config."""
     import json
 
-    from fft_dist.memory import HEADROOM, estimate_table, format_table
+    from fft_dist.memory import HEADROOM, assumptions, estimate_table, format_table
     from fft_dist.planner import budget_text
 
     a, overrides = _sizing_args("fft-dist estimate", argv, plan=False)
@@ -289,7 +291,7 @@ def estimate(argv: list[str]) -> int:
         return 0
     evals = rows[0]["eval_micro_batch_size"] if rows else 0
     print(f"{cfg.model.name}: {shape.params:,} parameters ({shape.trainable:,} trainable), vocabulary {shape.vocab:,}, "
-          f"precision {cfg.train.precision.value}, optimizer {cfg.optimizer.name.value}, micro batch "
+          f"{assumptions(cfg)}, optimizer {cfg.optimizer.name.value}, micro batch "
           f"{cfg.train.micro_batch_size} x {cfg.data.max_length} tokens, "
           + (f"eval micro batch {evals}" if evals else "no eval set") + ", activation checkpointing "
           f"{'on' if cfg.model.activation_checkpointing else 'off'}. GiB per GPU; activations: the larger of train "

@@ -25,6 +25,7 @@ class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
+    auto = "auto"
 
 
 class Parallelism(str, Enum):
@@ -38,6 +39,13 @@ class OptimizerName(str, Enum):
     adamw = "adamw"
     adam = "adam"
     sgd = "sgd"
+
+
+class OptimizerImplementation(str, Enum):
+    auto = "auto"
+    single_tensor = "single_tensor"
+    foreach = "foreach"
+    fused = "fused"
 
 
 class OnNonFinite(str, Enum):
@@ -168,6 +176,9 @@ class OptimizerConfig:
     """fnmatch patterns of parameters without weight decay."""
     momentum: float = 0.9
     """SGD only."""
+    implementation: OptimizerImplementation = OptimizerImplementation.auto
+    """torch's kernel for the update: single_tensor (a loop over parameters), foreach (batched) or fused (one
+    kernel). auto: fused (Adam/AdamW) or foreach (SGD) on CUDA, single_tensor on CPU; decided on the rank."""
 
 
 @dataclass
@@ -190,8 +201,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """Final lr / peak lr for the linear and cosine schedules."""
     seed: int = 1234
-    precision: Precision = Precision.fp32
-    """Compute precision. bf16/fp16 keep fp32 master weights; fp16 adds dynamic loss scaling."""
+    precision: Precision = Precision.auto
+    """Compute precision. bf16/fp16 keep fp32 master weights; fp16 adds dynamic loss scaling. auto: bf16 on a
+    GPU that supports it, else fp32 (decided on the rank; `estimate`/`plan` assume a GPU with bf16)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
     on_nonfinite: OnNonFinite = OnNonFinite.stop
@@ -199,8 +211,9 @@ class TrainConfig:
     skip: drop that step's update, count it in metrics (skipped_steps) and go on."""
     log_every_steps: int = 1
     """Write a metrics record every N optimizer steps."""
-    deterministic: bool = True
-    """torch.use_deterministic_algorithms; required for bit-exact resume."""
+    deterministic: bool | str = "auto"
+    """true: torch.use_deterministic_algorithms and no TF32, so a resume is bitwise exact. false: the fastest
+    kernels (and TF32 matmuls on CUDA). auto: false on CUDA, true on CPU; decided on the rank."""
     compile: bool = False
     """torch.compile each decoder layer's forward (fsdp, none; refused under zero2/zero3). The first
     steps pay the compile time (tens of seconds on CPU)."""
@@ -227,7 +240,13 @@ class ParallelismConfig:
     """DeepSpeed: keep optimizer states (and the step) on CPU."""
     offload_params: bool = False
     """DeepSpeed ZeRO-3: keep parameters on CPU."""
-    overlap_comm: bool = False
+    overlap_comm: bool | str = "auto"
+    """DeepSpeed: overlap gradient reduction with backward. auto: DeepSpeed's default for the stage on a GPU
+    (ZeRO-3 on, ZeRO-2 off), off on CPU; decided on the rank."""
+    bf16_weights: bool | str = "auto"
+    """DeepSpeed with bf16: bf16 working weights and gradients, all-gathers and reduce-scatters in bf16, an
+    fp32 master partition and fp32 Adam states (DeepSpeed's own bf16 mode). false: fp32 weights with bf16
+    autocast and fp32 reductions, as every backend. auto: true on a GPU under bf16, false on CPU."""
     contiguous_gradients: bool = True
     reduce_bucket_size: int = -1
     """Elements per gradient-reduction bucket. -1 (auto): hidden_size^2 on GPU, 2e6 on CPU."""

@@ -8,6 +8,9 @@ tests/test_memory.py (and tests/test_deepspeed.py).
 Vocabulary: Ψ parameters (T of them trainable), N GPUs, w bytes per working weight (4: fft-dist
 keeps fp32 weights under every precision; 2 under DeepSpeed's native fp16 / bf16 modes), k optimizer
 bytes per trainable parameter (Adam/AdamW 8, SGD with momentum 4, plain SGD 0).
+
+`auto` settings are estimated as a rank on a GPU with bf16 decides them (fft_dist.device_defaults:
+precision bf16, DeepSpeed's bf16 weights): `estimate` and `plan` run on login nodes without GPUs.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fft_dist.config import ConfigError, FFTConfig, OptimizerName, Parallelism, ParallelismConfig, Precision
+from fft_dist.device_defaults import PLANNING_GPU, DeviceDefaults, decide
 from fft_dist.strategy.deepspeed_config import bucket_sizes
 
 BACKENDS = ("none", "fsdp", "zero2", "zero3", "zero2_offload", "zero3_offload")
@@ -101,13 +105,26 @@ def optimizer_bytes_per_param(cfg: FFTConfig) -> int:
     return 4 if cfg.optimizer.momentum else 0  # SGD: the momentum buffer
 
 
-def native_16bit(cfg: FFTConfig) -> bool:
-    """DeepSpeed's own 16-bit mode (fp16, or the bf16 opt-in): 16-bit working weights and gradients."""
-    precision = Precision(cfg.train.precision)
-    if precision == Precision.fp16:
-        return True
-    bf16 = (cfg.parallelism.deepspeed_overrides or {}).get("bf16")
-    return precision == Precision.bf16 and isinstance(bf16, dict) and bf16.get("enabled") is True
+def planned(cfg: FFTConfig, backend: str) -> DeviceDefaults:
+    """The settings a rank on a GPU with bf16 would decide for `backend` (every `auto` resolved)."""
+    return decide(cfg, PLANNING_GPU, parallelism=backend.split("_")[0])
+
+
+def native_16bit(cfg: FFTConfig, backend: str | None = None) -> bool:
+    """DeepSpeed's own 16-bit mode (fp16, or parallelism.bf16_weights): 16-bit working weights and gradients."""
+    decided = planned(cfg, backend or Parallelism(cfg.parallelism.name).value)
+    return decided.precision == Precision.fp16 or (decided.precision == Precision.bf16 and decided.bf16_weights)
+
+
+def assumptions(cfg: FFTConfig) -> str:
+    """What the table assumes for the `auto` settings (its header says so: the GPU is not here)."""
+    decided = planned(cfg, "zero2")
+    text = f"precision {decided.precision.value}" + (" (auto: as on a GPU with bf16)" if "train.precision" in decided.auto
+                                                      else "")
+    if decided.precision == Precision.bf16:
+        text += f", ZeRO rows with {'bf16' if decided.bf16_weights else 'fp32'} weights" + (
+            " (parallelism.bf16_weights=auto on that GPU)" if "parallelism.bf16_weights" in decided.auto else "")
+    return text
 
 
 def activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, checkpointing: bool,
@@ -173,9 +190,9 @@ def estimate(shape: ModelShape, cfg: FFTConfig, setup: Setup) -> dict[str, Any]:
     backend, n = setup.parallelism, setup.gpus
     psi, t = shape.params, shape.trainable
     k = optimizer_bytes_per_param(cfg)
-    precision = Precision(cfg.train.precision)
+    precision = planned(cfg, backend).precision
     deepspeed = backend.startswith("zero")
-    w = 2 if deepspeed and native_16bit(cfg) else 4
+    w = 2 if deepspeed and native_16bit(cfg, backend) else 4
     detail: dict[str, int] = {}
     cpu = 0
     if backend == "none":

@@ -113,10 +113,16 @@ def flops_per_token(model: nn.Module, config: Any, seq_len: int) -> float:
     return 6.0 * matmul_params(model, config) + attention_flops_per_token(config, seq_len)
 
 
-def peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """Peak memory for a metrics record. CUDA: the allocator's allocated (``peak_mem_mb``) and reserved
+    (``peak_mem_reserved_mb``) peaks since the previous call, which resets them, so each record shows its
+    own steps (an eval or a save in between counts towards the next). CPU: the process's peak RSS so far."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        out = {"peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+               "peak_mem_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
+        torch.cuda.reset_peak_memory_stats(device)  # allocator counters on the host: no device sync
+        return out
+    return {"peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
 
 
 def check_logging(cfg: FFTConfig) -> None:

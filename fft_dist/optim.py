@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fft_dist.config import ConfigError, OptimizerConfig, OptimizerName, Schedule, TrainConfig
+from fft_dist.config import ConfigError, OptimizerConfig, OptimizerImplementation, OptimizerName, Schedule, TrainConfig
 from fft_dist.validate import warmup_steps_for
 
 
@@ -36,8 +36,18 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def optimizer_factory(cfg: OptimizerConfig, lr: float) -> Callable[[nn.Module], torch.optim.Optimizer]:
-    """A factory so strategies can build the optimizer after they wrap or partition the model."""
+def optimizer_factory(cfg: OptimizerConfig, lr: float,
+                      implementation: OptimizerImplementation = OptimizerImplementation.single_tensor,
+                      ) -> Callable[[nn.Module], torch.optim.Optimizer]:
+    """A factory so strategies can build the optimizer after they wrap or partition the model.
+
+    `implementation` is the rank's decision (fft_dist.device_defaults), never auto; the default is the
+    single-tensor loop every CPU parity test was written against."""
+    implementation = OptimizerImplementation(implementation)
+    if implementation == OptimizerImplementation.auto:
+        raise ValueError("optimizer implementation 'auto' must be decided first (fft_dist.device_defaults)")
+    kernel = {"foreach": implementation == OptimizerImplementation.foreach,
+              "fused": implementation == OptimizerImplementation.fused}
 
     def make(model: nn.Module) -> torch.optim.Optimizer:
         groups = param_groups(model, cfg)
@@ -45,11 +55,11 @@ def optimizer_factory(cfg: OptimizerConfig, lr: float) -> Callable[[nn.Module], 
             raise ConfigError("no trainable parameters: model.freeze / model.freeze_layers froze everything")
         betas = tuple(cfg.betas)
         if cfg.name == OptimizerName.adamw:
-            return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.eps, foreach=False)
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.eps, **kernel)
         if cfg.name == OptimizerName.adam:
-            return torch.optim.Adam(groups, lr=lr, betas=betas, eps=cfg.eps, foreach=False)
+            return torch.optim.Adam(groups, lr=lr, betas=betas, eps=cfg.eps, **kernel)
         if cfg.name == OptimizerName.sgd:
-            return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, foreach=False)
+            return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, **kernel)
         raise ValueError(f"unknown optimizer {cfg.name}")
 
     return make

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fft_dist import resume_checks
+from fft_dist import device_defaults, resume_checks
 from fft_dist.config import BatchPlan, FFTConfig, OnNonFinite, Precision
 from fft_dist.validate import warmup_steps_for
 from fft_dist.data import collate
@@ -113,7 +113,8 @@ class Trainer:
         self.checkpoints = RunCheckpoints(cfg, self.ctx)
         if cfg.checkpoint.save_final or cfg.checkpoint.every_steps:
             self.checkpoints.check_writable()
-        seed_everything(cfg.train.seed, cfg.train.deterministic)
+        self.defaults = device_defaults.resolve(cfg, self.ctx.device)  # every `auto`, for this rank's device
+        seed_everything(cfg.train.seed, self.defaults.deterministic)
         self.tokenizer = load_tokenizer(cfg.model, chat_template=explicit_chat_template(cfg.data))
         self.hf_config = hf_config(cfg.model)
         self.old_vocab = grow_vocab(self.hf_config, self.tokenizer, cfg.model)  # model.add_tokens ...
@@ -143,9 +144,9 @@ class Trainer:
             return model
 
         self.lr_at = lr_schedule(cfg.train, self.total_steps)
-        self.strategy = make_strategy(cfg, self.plan, self.ctx)
-        self.strategy.setup(build_model=build, make_optimizer=optimizer_factory(cfg.optimizer, cfg.train.lr),
-                            lr_at=self.lr_at)
+        self.strategy = make_strategy(cfg, self.plan, self.ctx, self.defaults)
+        make_optimizer = optimizer_factory(cfg.optimizer, cfg.train.lr, self.defaults.optimizer_implementation)
+        self.strategy.setup(build_model=build, make_optimizer=make_optimizer, lr_at=self.lr_at)
         if cfg.model.path is not None:
             from fft_dist import checkpoint as ckpt
 
@@ -167,6 +168,8 @@ class Trainer:
             f"global batch {self.plan.global_batch_size} = micro {self.plan.micro_batch_size} x "
             f"accum {self.plan.grad_accum} x world {self.plan.world_size} | {self.total_steps} steps"
         )
+        print0(f"fft-dist: {self.defaults.banner()}")
+        self.metrics.write(self.defaults.record())
 
     def _tokenizer_line(self) -> str:
         """Which tokenizer the run uses, and what it added (the banner names it: a wrong one is costly)."""
@@ -256,7 +259,7 @@ class Trainer:
                 f"(the last good checkpoint, if any, is in {self.ckpt_root}). Lower train.lr or check the data.")
         grad_norm = self.strategy.apply_update(step, values[5] if norm is not None else None)
         # fp16's loss scaler skips overflowing steps by design: that is not divergence
-        if not math.isfinite(grad_norm) and not skip and self.cfg.train.precision != Precision.fp16:
+        if not math.isfinite(grad_norm) and not skip and self.defaults.precision != Precision.fp16:
             raise NonFiniteError(
                 f"gradient norm is {grad_norm} at step {step + 1}; the update was not applied and nothing is saved "
                 f"(the last good checkpoint, if any, is in {self.ckpt_root}). Lower train.lr, or set "
@@ -360,7 +363,7 @@ class Trainer:
         mfu = (tok_s * self.flops_per_token / (self.peak_flops * self.ctx.world_size)) if self.peak_flops else None
         if s.step % self.cfg.train.log_every_steps == 0 or s.step == self.total_steps or out["skipped"]:
             self.metrics.write({"step": s.step, "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
-                                "tokens_per_s": tok_s, "mfu": mfu, "peak_mem_mb": peak_memory_mb(self.ctx.device),
+                                "tokens_per_s": tok_s, "mfu": mfu, **peak_memory_mb(self.ctx.device),
                                 "loss_tokens": out["tokens"], "tokens_seen": s.tokens_seen,
                                 "skipped_steps": s.skipped_steps,
                                 **({"router_aux_loss": out["router_aux_loss"]} if "router_aux_loss" in out else {})})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from fft_dist import device_defaults
 from fft_dist.config import (
     TOKENIZER_BUNDLED,
     BatchPlan,
@@ -108,6 +109,7 @@ def validate(cfg: FFTConfig, world_size: int) -> BatchPlan:
     called next to this one by :mod:`fft_dist.launch`.
     """
     _check_ranges(cfg)
+    device_defaults.check(cfg)  # true / false / auto, and no explicit choices that contradict
     plan = batch_plan(cfg.train, world_size)
     if cfg.parallelism.name == Parallelism.none and world_size != 1:
         raise ConfigError(

@@ -100,7 +100,7 @@ def test_missing_data_path(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("train.max_stepz=3", "Key 'max_stepz' not in 'TrainConfig'"),
     ("train.lr=abc", "could not be converted to Float"),
-    ("train.precision=fp8", "expected one of [fp32, bf16, fp16]"),
+    ("train.precision=fp8", "expected one of [fp32, bf16, fp16, auto]"),
     ("parallelism=zero9", "Could not find 'parallelism/zero9'"),
     ("train.global_batch_size=10", "not divisible"),
     ("model.path=/definitely/not/here", "not a Hugging Face model folder"),

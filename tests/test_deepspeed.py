@@ -26,7 +26,7 @@ import torch
 
 from helpers import REPO, child_env, step_records
 from fft_dist.compose import compose, to_typed
-from fft_dist.config import BatchPlan, ConfigError, Parallelism, ParallelismConfig, Precision, TrainConfig
+from fft_dist.config import BatchPlan, ConfigError, ModelConfig, Parallelism, ParallelismConfig, Precision, TrainConfig
 from fft_dist.strategy.deepspeed_config import build_deepspeed_config, hidden_size_of
 
 WORKER = Path(__file__).with_name("deepspeed_worker.py")
@@ -131,7 +131,7 @@ def test_config_gpu_auto_buckets_follow_the_model_and_set_values_win():
     """auto scales with the model (llama3_8b: hidden 4096); explicit values beat auto on both devices;
     an unknown hidden size on GPU falls back to DeepSpeed's own defaults; nonsense sizes are refused."""
     cfg = to_typed(compose(["parallelism=zero3", "model=llama3_8b"]))
-    z = build_deepspeed_config(cfg.parallelism, cfg.train, PLAN, hidden_size=hidden_size_of(cfg.model.arch),
+    z = build_deepspeed_config(cfg.parallelism, cfg.train, PLAN, hidden_size=hidden_size_of(cfg.model),
                                on_gpu=True)["zero_optimization"]
     assert (z["reduce_bucket_size"], z["stage3_prefetch_bucket_size"], z["stage3_param_persistence_threshold"]) == (
         4096 * 4096, int(0.9 * 4096 * 4096), 40960)
@@ -147,7 +147,8 @@ def test_config_gpu_auto_buckets_follow_the_model_and_set_values_win():
     for bad in ({"reduce_bucket_size": 0}, {"prefetch_bucket_size": -5}, {"param_persistence_threshold": -2}):
         with pytest.raises(ConfigError, match=f"parallelism.{next(iter(bad))}=.*-1 for auto"):
             build_deepspeed_config(par("zero3", **bad), TrainConfig(), PLAN, hidden_size=64, on_gpu=False)
-    assert hidden_size_of({"model_type": "gpt2", "n_embd": 768}) == 768 and hidden_size_of({}) is None
+    assert hidden_size_of(ModelConfig(arch={"model_type": "gpt2", "n_embd": 768})) == 768
+    assert hidden_size_of(ModelConfig(arch={})) is None
 
 
 def test_config_bf16_is_autocast_over_fp32_weights():
@@ -158,12 +159,26 @@ def test_config_bf16_is_autocast_over_fp32_weights():
     assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
 
 
-def test_config_native_bf16_is_an_explicit_opt_in():
-    p = par("zero3", deepspeed_overrides={"bf16": {"enabled": True}})
-    cfg = build_deepspeed_config(p, TrainConfig(precision=Precision.bf16), PLAN)
-    assert cfg["bf16"]["enabled"] is True and "torch_autocast" not in cfg
-    with pytest.raises(ConfigError, match="train.precision"):  # but never against train.precision=fp32
-        build_deepspeed_config(p, TrainConfig(precision=Precision.fp32), PLAN)
+def test_config_bf16_weights_is_a_typed_option():
+    """parallelism.bf16_weights=true: DeepSpeed's own bf16 mode with bf16 communication; the old override
+    route is refused, naming the option; auto is the GPU's choice (bf16 under bf16) and fp32 weights on CPU."""
+    for stage in ("zero2", "zero3"):
+        cfg = build_deepspeed_config(par(stage, bf16_weights=True), TrainConfig(precision=Precision.bf16), PLAN)
+        assert cfg["bf16"]["enabled"] is True and cfg["communication_data_type"] == "bf16"
+        assert "torch_autocast" not in cfg
+    with pytest.raises(ConfigError, match=r"bf16\.enabled=True .* Use parallelism\.bf16_weights=true\|false"):
+        build_deepspeed_config(par("zero3", deepspeed_overrides={"bf16": {"enabled": True}}),
+                               TrainConfig(precision=Precision.bf16), PLAN, on_gpu=False)
+    for key in ({"communication_data_type": "fp32"}, {"data_types": {"grad_accum_dtype": "fp32"}}):
+        with pytest.raises(ConfigError, match="parallelism.bf16_weights"):
+            build_deepspeed_config(par("zero3", bf16_weights=True, deepspeed_overrides=key),
+                                   TrainConfig(precision=Precision.bf16), PLAN)
+    auto = par("zero3")  # bf16_weights=auto, overlap_comm=auto, precision=auto
+    gpu = build_deepspeed_config(auto, TrainConfig(), PLAN, on_gpu=True)
+    assert gpu["bf16"]["enabled"] is True and gpu["zero_optimization"]["overlap_comm"] is True
+    cpu = build_deepspeed_config(auto, TrainConfig(), PLAN, on_gpu=False)
+    assert cpu["bf16"]["enabled"] is False and "torch_autocast" not in cpu and "communication_data_type" not in cpu
+    assert cpu["zero_optimization"]["overlap_comm"] is False
 
 
 def test_config_fp16_uses_dynamic_loss_scaling():
@@ -197,7 +212,7 @@ def test_overrides_accept_omegaconf_containers():
         ({"gradient_clipping": 5.0}, "gradient_clipping", "train.max_grad_norm"),
         ({"train_micro_batch_size_per_gpu": 3}, "train_micro_batch_size_per_gpu", "train.micro_batch_size"),
         ({"gradient_accumulation_steps": 1}, "gradient_accumulation_steps", "train.global_batch_size"),
-        ({"bf16": {"enabled": True}}, "bf16.enabled", "train.precision"),
+        ({"bf16": {"enabled": True}}, "bf16.enabled", "parallelism.bf16_weights"),
         ({"torch_autocast": {"enabled": True}}, "torch_autocast.enabled", "train.precision"),
         ({"fp16": True}, "fp16", "train.precision"),
         ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage", "parallelism=zero2|zero3"),

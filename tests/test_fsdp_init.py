@@ -1,7 +1,11 @@
-"""FSDP without model.path: rank 0 alone builds the seeded model and broadcasts it, and the other
-ranks only allocate their shards. The initial weights stay bit-identical to a single process's."""
+"""FSDP and ZeRO-2 without model.path: rank 0 alone builds the seeded model and broadcasts it; the other
+ranks build on meta and allocate only their shards (FSDP) or their device copy (ZeRO-2). The initial
+weights stay bit-identical to a single process's. (ZeRO-2's host memory: tests/test_device_defaults.py.)"""
 from __future__ import annotations
 
+import importlib.util
+
+import pytest
 import torch
 
 from helpers import TINY_JOB, train
@@ -18,11 +22,26 @@ def weights(run) -> dict[str, torch.Tensor]:
     return {n: reader.read_full(n) for n in reader.names()}
 
 
-def test_fsdp_initial_weights_are_bit_identical_to_a_single_process(tmp_path):
-    train(tmp_path / "one", *TINY_JOB, *FROZEN_STEP, nproc=1, parallelism="none")
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> dict[str, torch.Tensor]:
+    run = tmp_path_factory.mktemp("one")
+    train(run, *TINY_JOB, *FROZEN_STEP, nproc=1, parallelism="none")
+    return weights(run)
+
+
+def test_fsdp_initial_weights_are_bit_identical_to_a_single_process(single, tmp_path):
     train(tmp_path / "three", *TINY_JOB, *FROZEN_STEP, "train.global_batch_size=6", "train.micro_batch_size=2",
           nproc=3, parallelism="fsdp")
-    one, three = weights(tmp_path / "one"), weights(tmp_path / "three")
-    assert one.keys() == three.keys() and len(one) > 5
-    different = [n for n in one if not torch.equal(one[n], three[n])]
+    three = weights(tmp_path / "three")
+    assert single.keys() == three.keys() and len(single) > 5
+    different = [n for n in single if not torch.equal(single[n], three[n])]
+    assert not different, different
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+def test_zero2_initial_weights_are_bit_identical_to_a_single_process(single, tmp_path):
+    train(tmp_path / "two", *TINY_JOB, *FROZEN_STEP, nproc=2, parallelism="zero2")
+    two = weights(tmp_path / "two")
+    assert single.keys() == two.keys()
+    different = [n for n in single if not torch.equal(single[n], two[n])]
     assert not different, different

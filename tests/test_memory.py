@@ -34,7 +34,9 @@ LLAMA2_7B = ["model=llama3_8b", "model.arch.vocab_size=32000", "model.arch.inter
 
 
 def typed(*overrides: str):
-    return to_typed(resolve(compose(list(overrides))))
+    """fp32 unless a test names a precision: these are the fp32 layouts (auto would be bf16, as a GPU decides)."""
+    pinned = [] if any(o.startswith("train.precision=") for o in overrides) else ["train.precision=fp32"]
+    return to_typed(resolve(compose([*pinned, *overrides])))
 
 
 @pytest.fixture(scope="module")

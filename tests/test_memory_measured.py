@@ -51,7 +51,9 @@ def measure(tmp_path, world: int, backends: list[str], model: str = "tiny") -> l
 
 def expected(backend: str, world: int, arch: list[str] = ARCH) -> tuple[int, int, int]:
     """(after backward, after step, Ψ) from the estimator, for the worker's model and buckets."""
-    cfg = to_typed(resolve(compose([*arch, "parallelism=zero3", f"parallelism.reduce_bucket_size={BUCKET}",
+    # the worker measures fp32 on CPU; the estimate's `auto` precision would plan a GPU's bf16
+    cfg = to_typed(resolve(compose([*arch, "train.precision=fp32", "parallelism=zero3",
+                                    f"parallelism.reduce_bucket_size={BUCKET}",
                                     f"parallelism.allgather_bucket_size={BUCKET}",
                                     f"parallelism.prefetch_bucket_size={BUCKET}"])))
     shape = model_shape(cfg)

@@ -11,7 +11,8 @@ from fft_dist.planner import NoFit, best_plan, candidates, comm_volume
 
 
 def typed(*overrides: str):
-    return to_typed(resolve(compose(list(overrides))))
+    """fp32 (not auto, which the planner takes as bf16 on a GPU): the cases below were sized in fp32."""
+    return to_typed(resolve(compose(["train.precision=fp32", *overrides])))
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,8 @@ def test_cli_plan_errors(capsys):
 # Issue 17: the plan leaves headroom (default 10% of the 90%-of-the-GPU budget), counts eval's batch,
 # and recommends activation checkpointing where activations dominate.
 README_8B = ["--gpus", "8", "--gpu-mem", "80GiB", "model=llama3_8b", "data.max_length=2048", "train.global_batch_size=64"]
+FP32 = "train.precision=fp32"  # the cases below were sized in fp32 / bf16 autocast (auto: bf16 weights on ZeRO)
+AUTOCAST = "parallelism.bf16_weights=false"
 
 
 def planned(capsys, *argv: str) -> tuple[float, str]:
@@ -113,16 +116,16 @@ def test_plan_leaves_headroom(capsys):
     """Before: zero2 at 70.2 GiB, 97.5% of the 72 GiB budget. Now nothing above 90% of it by default,
     and --headroom 0 gives the old budget (and the old choice) back."""
     budget = 0.9 * 80
-    need, out = planned(capsys, *README_8B)
+    need, out = planned(capsys, *README_8B, FP32)
     assert need <= 0.9 * budget and "within 64.8 GiB" in out, out
-    need, out = planned(capsys, *README_8B, "--headroom", "0")
+    need, out = planned(capsys, *README_8B, FP32, "--headroom", "0")
     assert out.startswith("plan: zero2 on 8 GPU(s)") and 0.9 * budget < need <= budget, out
-    need, out = planned(capsys, *README_8B, "--headroom", "25%")
+    need, out = planned(capsys, *README_8B, FP32, "--headroom", "25%")
     assert need <= 0.75 * budget, out
 
 
 def test_plan_recommends_checkpointing_where_activations_dominate(capsys, llama8b):
-    _, out = planned(capsys, *README_8B)
+    _, out = planned(capsys, *README_8B, FP32)
     assert "train.micro_batch_size=1" in out.splitlines()[-1]  # fp32: micro 1 without checkpointing fits
     assert "recommended: activation checkpointing" in out
     lines = out.splitlines()
@@ -137,11 +140,11 @@ def test_plan_recommends_checkpointing_where_activations_dominate(capsys, llama8
 def test_plan_halves_the_eval_batch_before_anything_costlier(capsys):
     """bf16 at 2048 tokens and a 128k vocabulary: eval's logits at micro batch 8 (19.6 GiB) do not fit
     beside zero2's states; at 4 they do, which costs less than checkpointing or more communication."""
-    need, out = planned(capsys, *README_8B, "train.precision=bf16")
+    need, out = planned(capsys, *README_8B, "train.precision=bf16", AUTOCAST)
     overrides = out.splitlines()[-1].split()
     assert "eval.micro_batch_size=4" in overrides and "model.activation_checkpointing=false" in overrides, out
     assert "eval.micro_batch_size 8 -> 4" in out
-    _, without_eval = planned(capsys, *README_8B, "train.precision=bf16", "data.eval_fraction=0")
+    _, without_eval = planned(capsys, *README_8B, "train.precision=bf16", AUTOCAST, "data.eval_fraction=0")
     assert "eval.micro_batch_size" not in without_eval.splitlines()[-1]
 
 

@@ -23,6 +23,7 @@ needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="DeepSpeed is not
 # A non-default value for every option (ParallelismConfig's defaults decide what "set" means).
 NON_DEFAULT = {
     "reshard_after_forward": False, "offload_optimizer": True, "offload_params": True, "overlap_comm": True,
+    "bf16_weights": True,
     "contiguous_gradients": False, "reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000,
     "prefetch_bucket_size": 500_000_000, "param_persistence_threshold": 100000,
     "deepspeed_overrides": {"zero_optimization": {"sub_group_size": 1000}},
@@ -78,7 +79,7 @@ def test_refusal_names_every_set_option_and_its_default():
     msg = str(e.value)
     assert "parallelism.overlap_comm=True" in msg and "parallelism.reduce_bucket_size=500000000" in msg, msg
     assert "have no effect" in msg, msg
-    assert "default: parallelism.overlap_comm=false parallelism.reduce_bucket_size=-1" in msg, msg
+    assert "default: parallelism.overlap_comm=auto parallelism.reduce_bucket_size=-1" in msg, msg
 
 
 @pytest.mark.parametrize("group", ["none", "zero2", "zero3"])

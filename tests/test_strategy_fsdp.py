@@ -35,7 +35,8 @@ ids = torch.randint(0, 64, (2, 8))
 logits = strategy.forward(ids, torch.ones_like(ids)).logits
 model = strategy.model
 out = {"root": not isinstance(model.lm_head.weight, DTensor),
-       "layer": not isinstance(model.model.layers[0].mlp.up_proj.weight, DTensor)}
+       "layer": not isinstance(model.model.layers[0].mlp.up_proj.weight, DTensor),
+       "reduce_dtype": str(model._get_fsdp_state()._mp_policy.reduce_dtype)}
 strategy.backward(logits.float().sum())
 strategy.step(0)
 with torch.no_grad():  # evaluation: nothing may stay gathered, the fragments must be the shards
@@ -48,7 +49,8 @@ destroy()
 
 def gathered_after_forward(reshard: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("MASTER_ADDR", None)
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # an in-process group (test_step_syncs)
+        env.pop(key, None)  # leaves MASTER_PORT set to a port its store still holds
     proc = subprocess.run([sys.executable, "-c", SCRIPT, reshard], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -58,6 +60,8 @@ def gathered_after_forward(reshard: str) -> dict:
 def test_root_stays_gathered_and_layers_follow_reshard_after_forward():
     """The root (embeddings, norm, lm_head) keeps FSDP2's root default, whatever the per-layer setting:
     resharding it after forward would all-gather it again at the start of backward. After an
-    evaluation forward (no backward follows) everything is sharded again, as checkpoints need."""
-    assert gathered_after_forward("true") == {"root": True, "layer": False, "after_eval": []}
-    assert gathered_after_forward("false") == {"root": True, "layer": True, "after_eval": []}
+    evaluation forward (no backward follows) everything is sharded again, as checkpoints need. The
+    mixed-precision policy states its fp32 gradient reduction (issue 17), in fp32 too."""
+    fp32 = {"reduce_dtype": "torch.float32"}
+    assert gathered_after_forward("true") == {"root": True, "layer": False, "after_eval": [], **fp32}
+    assert gathered_after_forward("false") == {"root": True, "layer": True, "after_eval": [], **fp32}

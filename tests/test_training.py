@@ -7,12 +7,25 @@ from helpers import TINY_JOB, assert_close_rel, eval_losses, read_metrics, train
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference_run(tmp_path_factory):
     """parallelism=none, 1 process, micro batch 4 x accumulation 1 (global batch 4)."""
     run = tmp_path_factory.mktemp("ref") / "run"
     train(run, *TINY_JOB, "train.micro_batch_size=4", nproc=1, parallelism="none")
     assert [s for s, _ in eval_losses(run)] == [10], "eval.every_steps=0 evaluates only at the end"
-    return train_losses(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    return train_losses(reference_run)
+
+
+def test_cpu_auto_defaults_are_the_reference_settings(reference_run):
+    """Every `auto` on CPU is what these parity tests were written against (issue 17), recorded once."""
+    (record,) = [r for r in read_metrics(reference_run) if r.get("event") == "defaults"]
+    assert record == {"event": "defaults", "device": "cpu", "precision": "fp32", "deterministic": True,
+                      "tf32": False, "optimizer_implementation": "single_tensor",
+                      "auto": ["train.precision", "train.deterministic", "optimizer.implementation"]}
 
 
 def test_reference_learns(reference):

@@ -52,7 +52,8 @@ class FragmentSource(Protocol):
 class Strategy(Protocol):
     """One parallelism backend. Implementations: none, fsdp (FSDP2), zero2/zero3 (DeepSpeed).
 
-    Every implementation is constructed as ``Cls(cfg, plan, ctx)`` and takes batch sizes from ``plan`` only.
+    Every implementation is constructed as ``Cls(cfg, plan, ctx, defaults)`` and takes batch sizes from ``plan``
+    only, and every device-dependent setting (precision, ...) from ``defaults`` (never `auto`).
     """
 
     name: str

@@ -10,10 +10,11 @@ Numerics (the contract every backend meets, tests/test_deepspeed.py):
 - fp32: the same weights at init (ZeRO-3 builds under ``zero.Init`` but runs HF's init at the
   usual moments on gathered parameters, so the random stream is the plain build's) and the same
   loss curve as ``none`` / ``fsdp`` to float round-off.
-- bf16: fp32 weights (= the master copy) with bf16 compute under ``torch.autocast`` and fp32
-  gradient reductions, which is what ``none`` does. DeepSpeed's native bf16 mode is an explicit
-  opt-in (``+parallelism.deepspeed_overrides.bf16.enabled=true``): less memory, but its fp32
-  master starts from the bf16-rounded weights, so the updates differ from step 2 on.
+- bf16 with ``parallelism.bf16_weights=false`` (auto on CPU): fp32 weights (= the master copy) with
+  bf16 compute under ``torch.autocast`` and fp32 gradient reductions, which is what ``none`` does.
+  ``bf16_weights=true`` (auto on a GPU) is DeepSpeed's own bf16 mode: bf16 working weights, gradients
+  and communication, an fp32 master seeded from the bf16-rounded weights; less memory and traffic,
+  but the updates differ from the other backends from step 2 on.
 - fp16: DeepSpeed's fp16 mode with dynamic loss scaling (CUDA only: check_deepspeed refuses it elsewhere).
 
 Model-state bytes per rank, fp32 + AdamW, Psi parameters, N ranks (measured to 0.01%):
@@ -47,6 +48,7 @@ import torch
 from torch import nn
 
 from fft_dist.config import BatchPlan, FFTConfig
+from fft_dist.device_defaults import DeviceDefaults
 from fft_dist.dist import DistContext
 from fft_dist.model import compile_layers
 from fft_dist.strategy.base import Fragment, FragmentSource, LrSchedule, OptimizerFactory, Strategy, model_inputs
@@ -58,13 +60,15 @@ from fft_dist.strategy.deepspeed_compat import (
     keep_arange_dtype,
 )
 from fft_dist.strategy.deepspeed_config import check_deepspeed, zero_stage
+from fft_dist.strategy.initial import build_replicated
 
 
 class DeepSpeedStrategy(Strategy):
     """ZeRO-2 / ZeRO-3 via a DeepSpeed engine; see the module docstring."""
 
-    def __init__(self, cfg: FFTConfig, plan: BatchPlan, ctx: DistContext):
-        self.ds_config = check_deepspeed(cfg, plan)  # the launcher's check again, on this rank
+    def __init__(self, cfg: FFTConfig, plan: BatchPlan, ctx: DistContext, defaults: DeviceDefaults):
+        self.ds_config = check_deepspeed(cfg, plan, defaults)  # the launcher's check again, with this rank's decisions
+        self.meta_init = cfg.model.path is not None  # ZeRO-2: the weights are loaded after setup
         self.plan = plan
         self.ctx = ctx
         self.stage = zero_stage(cfg.parallelism)
@@ -90,8 +94,8 @@ class DeepSpeedStrategy(Strategy):
             model = self.build_partitioned(build_model)
             with full_shapes(list(model.parameters())):
                 optimizer = make_optimizer(model)
-        else:
-            model = build_model().to(self.ctx.device)
+        else:  # built once (rank 0, or on meta for model.path), not in every rank's host memory
+            model = build_replicated(build_model, self.ctx.device, meta_init=self.meta_init)
             optimizer = make_optimizer(model)
         engine, _, _, _ = self._ds.initialize(
             model=model, optimizer=optimizer, config=copy.deepcopy(self.ds_config), dist_init_required=False

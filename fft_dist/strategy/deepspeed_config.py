@@ -27,6 +27,7 @@ from fft_dist.config import (
     Precision,
     TrainConfig,
 )
+from fft_dist.device_defaults import CPU, PLANNING_GPU, DeviceDefaults, decide
 from fft_dist.errors import CheckpointError
 from fft_dist.strategy.options import FSDP_ONLY, ZERO3_ONLY, refuse_changed
 
@@ -52,7 +53,9 @@ OWNED_KEYS: dict[str, str] = {
     "train_micro_batch_size_per_gpu": "train.micro_batch_size",
     "gradient_accumulation_steps": "train.global_batch_size (accumulation = global / (micro x world size))",
     "gradient_clipping": "train.max_grad_norm",
-    "bf16.enabled": "train.precision",
+    "bf16.enabled": "parallelism.bf16_weights=true|false (DeepSpeed's own bf16 mode, with train.precision=bf16)",
+    "data_types.grad_accum_dtype": "parallelism.bf16_weights (DeepSpeed 0.19 ZeRO-2/3 ignore this key: gradients "
+                                   "accumulate in the weights' dtype; bf16_weights=false keeps them fp32)",
     "fp16.enabled": "train.precision",
     "torch_autocast.enabled": "train.precision",
     "torch_autocast.dtype": "train.precision",
@@ -97,7 +100,7 @@ def hidden_size_of(model: ModelConfig) -> int | None:
 
     try:
         return dimension(hf_config(model), "hidden_size")
-    except (ConfigError, CheckpointError, OSError, ValueError):
+    except (ConfigError, CheckpointError, OSError, ValueError, KeyError):  # KeyError: no model_type
         return None
 
 
@@ -140,12 +143,15 @@ def zero_stage(parallelism: ParallelismConfig) -> int:
 
 
 def build_deepspeed_config(parallelism: ParallelismConfig, train: TrainConfig, plan: BatchPlan, *,
-                           hidden_size: int | None = None, on_gpu: bool | None = None) -> dict[str, Any]:
+                           hidden_size: int | None = None, on_gpu: bool | None = None,
+                           defaults: DeviceDefaults | None = None) -> dict[str, Any]:
     """The DeepSpeed config dict for our typed config (pure: no processes, no deepspeed import).
 
     Bucket fields left at -1 (auto) are sized by :func:`bucket_sizes` for ``hidden_size`` and the
-    device (``on_gpu=None``: whether CUDA is available). ``parallelism.deepspeed_overrides`` is deep-merged last. Repeating a value we set is fine; a
-    different value for a key we own raises :class:`ConfigError` naming the fft-dist option.
+    device (``on_gpu=None``: whether CUDA is available). Precision, overlap_comm and bf16_weights come
+    from the rank's ``defaults``; None (the launcher's check, tests): decided for a GPU with bf16 when
+    ``on_gpu``, else for CPU. ``parallelism.deepspeed_overrides`` is deep-merged last. Repeating a value
+    we set is fine; a different value for a key we own raises :class:`ConfigError` naming the fft-dist option.
     """
     stage = zero_stage(parallelism)
     if plan.micro_batch_size * plan.grad_accum * plan.world_size != plan.global_batch_size:
@@ -153,12 +159,14 @@ def build_deepspeed_config(parallelism: ParallelismConfig, train: TrainConfig, p
             f"inconsistent batch plan: micro {plan.micro_batch_size} x accumulation {plan.grad_accum} x "
             f"world {plan.world_size} != global {plan.global_batch_size}"
         )
-    precision = Precision(train.precision)
-    buckets = bucket_sizes(parallelism, hidden_size=hidden_size,
-                           on_gpu=torch.cuda.is_available() if on_gpu is None else on_gpu)
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    if defaults is None:
+        defaults = decide(FFTConfig(train=train, parallelism=parallelism), PLANNING_GPU if on_gpu else CPU)
+    precision = defaults.precision
+    buckets = bucket_sizes(parallelism, hidden_size=hidden_size, on_gpu=on_gpu)
     zero: dict[str, Any] = {
         "stage": stage,
-        "overlap_comm": bool(parallelism.overlap_comm),
+        "overlap_comm": defaults.overlap_comm,
         "contiguous_gradients": bool(parallelism.contiguous_gradients),
         "reduce_bucket_size": buckets["reduce_bucket_size"],
         "allgather_bucket_size": buckets["allgather_bucket_size"],
@@ -186,25 +194,26 @@ def build_deepspeed_config(parallelism: ParallelismConfig, train: TrainConfig, p
         "steps_per_print": _STEPS_PER_PRINT,
         "wall_clock_breakdown": False,
     }
-    if precision == Precision.bf16:
+    if precision == Precision.bf16 and defaults.bf16_weights:
+        # parallelism.bf16_weights: DeepSpeed's own bf16 mode. bf16 working weights and gradients (ZeRO-2/3
+        # accumulate them in bf16 whatever data_types.grad_accum_dtype says), all-gathers and reduce-scatters
+        # in bf16, an fp32 master partition (seeded from the bf16-rounded weights) and fp32 Adam states.
+        config["bf16"]["enabled"] = True
+        config["communication_data_type"] = "bf16"
+    elif precision == Precision.bf16:
         # fp32 weights (= master), bf16 compute under torch.autocast, fp32 gradients and reductions:
-        # the semantics of parallelism=none and (up to per-op vs per-param casting) of FSDP2. DeepSpeed's
-        # native "bf16" mode would keep bf16 working weights and seed its fp32 master from the bf16-rounded
-        # init, which changes every update from step 2 on. Empty lower_precision_safe_modules keeps the
-        # gradient reduction of Linear weights in fp32 as well.
+        # the semantics of parallelism=none and (up to per-op vs per-param casting) of FSDP2. Empty
+        # lower_precision_safe_modules keeps the gradient reduction of Linear weights in fp32 as well.
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     if precision == Precision.fp16:
         # Dynamic loss scaling, like torch.amp.GradScaler on the other backends.
         config["fp16"].update({"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                                "hysteresis": 2, "min_loss_scale": 1})
     overrides = dict(_plain(parallelism.deepspeed_overrides) or {})
-    native_bf16 = isinstance(overrides.get("bf16"), dict) and overrides["bf16"].get("enabled") is True
-    if precision == Precision.bf16 and native_bf16:
-        # Expert opt-in: DeepSpeed's own bf16 mode (bf16 working weights and gradients, fp32 master seeded
-        # from the bf16-rounded weights). Less memory (ZeRO-3 16 instead of 20 bytes/param/N, ZeRO-2 2
-        # instead of 4 bytes/param for the working copy), but the updates differ from the other backends.
-        config["bf16"]["enabled"] = True
-        del config["torch_autocast"]
+    if defaults.bf16_weights and overrides.get("communication_data_type", "bf16") != "bf16":
+        raise ConfigError(f"parallelism.deepspeed_overrides.communication_data_type="
+                          f"{overrides['communication_data_type']!r} conflicts with parallelism.bf16_weights=true, "
+                          "which communicates in bf16; use parallelism.bf16_weights=false for fp32 weights and reductions")
     for key, option in FORBIDDEN_KEYS.items():
         if key in overrides:
             raise ConfigError(
@@ -266,10 +275,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def check_deepspeed(cfg: FFTConfig, plan: BatchPlan) -> dict[str, Any]:
+def check_deepspeed(cfg: FFTConfig, plan: BatchPlan, defaults: DeviceDefaults | None = None) -> dict[str, Any]:
     """Every DeepSpeed rule in one place; returns the DeepSpeed config dict. Raises ConfigError.
 
-    Runs in the launcher (through ``fft_dist.strategy.check``) and again in the strategy's constructor.
+    Runs in the launcher (through ``fft_dist.strategy.check``; `auto` values decided for the launcher's own
+    device, a guess) and again in the strategy's constructor with the rank's ``defaults``.
     """
     par = cfg.parallelism
     stage = zero_stage(par)
@@ -293,4 +303,4 @@ def check_deepspeed(cfg: FFTConfig, plan: BatchPlan) -> dict[str, Any]:
     if Precision(cfg.train.precision) == Precision.fp16 and not torch.cuda.is_available():
         raise ConfigError("train.precision=fp16 with DeepSpeed needs a CUDA device; use bf16 or fp32 on CPU")
     # raises on overrides that fight our options; auto buckets follow the model's hidden size and the device
-    return build_deepspeed_config(par, cfg.train, plan, hidden_size=hidden_size_of(cfg.model))
+    return build_deepspeed_config(par, cfg.train, plan, hidden_size=hidden_size_of(cfg.model), defaults=defaults)

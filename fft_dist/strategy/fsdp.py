@@ -13,9 +13,11 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from fft_dist.config import BatchPlan, FFTConfig, Precision
-from fft_dist.dist import DistContext, broadcast_tensor
+from fft_dist.device_defaults import DeviceDefaults
+from fft_dist.dist import DistContext
 from fft_dist.model import decoder_layers
 from fft_dist.models.family import rebuild_buffers
+from fft_dist.strategy.initial import fill_from_rank0
 from fft_dist.strategy.options import check_fsdp
 from fft_dist.strategy.torch_common import TorchOptimizerStrategy
 
@@ -23,9 +25,9 @@ from fft_dist.strategy.torch_common import TorchOptimizerStrategy
 class FSDPStrategy(TorchOptimizerStrategy):
     name = "fsdp"
 
-    def __init__(self, cfg: FFTConfig, plan: BatchPlan, ctx: DistContext):
+    def __init__(self, cfg: FFTConfig, plan: BatchPlan, ctx: DistContext, defaults: DeviceDefaults):
         check_fsdp(cfg, plan)
-        super().__init__(cfg, ctx)
+        super().__init__(cfg, ctx, defaults)
         self.reshard_after_forward = cfg.parallelism.reshard_after_forward
         # Weights that come from model.path afterwards need not be initialised: build on meta.
         self.meta_init = cfg.model.path is not None
@@ -53,10 +55,10 @@ class FSDPStrategy(TorchOptimizerStrategy):
                 full = build_model()  # on CPU: only one tensor at a time goes to the device
         else:
             model = build_model().to(self.device)
-        if self.train_cfg.precision == Precision.fp32:
-            mp = MixedPrecisionPolicy()
-        else:
-            mp = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+        # Gradients are reduce-scattered in fp32 under every precision (stated, not left to FSDP2's default of
+        # the parameters' dtype): bf16 reductions would round the sum of N ranks' gradients.
+        mp = MixedPrecisionPolicy(param_dtype=None if self.precision == Precision.fp32 else self.compute_dtype,
+                                  reduce_dtype=torch.float32)
         kwargs = {"mesh": self.mesh, "mp_policy": mp}
         for layer in decoder_layers(model):
             fully_shard(layer, reshard_after_forward=self.reshard_after_forward, **kwargs)
@@ -122,31 +124,3 @@ class FSDPStrategy(TorchOptimizerStrategy):
         for d in shape[1:]:
             row_numel *= d
         return local.view(-1), shape, row * row_numel
-
-
-@torch.no_grad()
-def fill_from_rank0(model: torch.nn.Module, full: torch.nn.Module | None, *, local_range, device) -> None:
-    """Copy rank 0's full model `full` into every rank's shards of `model` (collective).
-
-    One broadcast per parameter and buffer, in `model`'s order (both were built from the same
-    config, so names match); rank 0 frees each full tensor once it is sent, so its peak is the full
-    model, as before, and the other ranks' is their shards plus one tensor. The generator state
-    after rank 0's build is given to every rank, as if each had built the model itself.
-    """
-    rank0 = dist.get_rank() == 0
-    sources = {**dict(full.named_parameters()), **dict(full.named_buffers())} if rank0 else {}
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if rank0:
-            source = sources.pop(name)
-            value = source.detach().to(device)
-            source.data = torch.empty(0, dtype=source.dtype)  # free rank 0's full copy as we go
-        else:
-            value = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
-        broadcast_tensor(value, src=0)
-        local, _, start = local_range(tensor)
-        local.copy_(value.view(-1)[start:start + local.numel()])
-    if rank0 and sources:
-        raise RuntimeError(f"rank 0's model has tensors the sharded model lacks: {sorted(sources)[:5]}")
-    state = torch.get_rng_state()  # a CPU tensor: under NCCL it must travel through the GPU
-    broadcast_tensor(state, src=0)
-    torch.set_rng_state(state)

@@ -13,7 +13,7 @@ from fft_dist.config import BatchPlan, ConfigError, FFTConfig, ParallelismConfig
 
 # Read only by the DeepSpeed strategies (zero2 / zero3).
 DEEPSPEED_ONLY = (
-    "offload_optimizer", "offload_params", "overlap_comm", "contiguous_gradients", "reduce_bucket_size",
+    "offload_optimizer", "offload_params", "overlap_comm", "bf16_weights", "contiguous_gradients", "reduce_bucket_size",
     "allgather_bucket_size", "prefetch_bucket_size", "param_persistence_threshold", "deepspeed_overrides",
 )
 # Read only by ZeRO-3 (offload_params has its own message, see deepspeed_config.check_deepspeed).
@@ -25,8 +25,12 @@ _DEFAULTS = ParallelismConfig()
 
 
 def _changed(parallelism: ParallelismConfig, fields: tuple[str, ...]) -> list[str]:
-    """The `fields` whose value differs from the ParallelismConfig default."""
-    return [f for f in fields if getattr(parallelism, f) != getattr(_DEFAULTS, f)]
+    """The `fields` whose value differs from the ParallelismConfig default (true/True/"true" alike)."""
+    return [f for f in fields if _norm(getattr(parallelism, f)) != _norm(getattr(_DEFAULTS, f))]
+
+
+def _norm(value):
+    return str(value).lower() if isinstance(value, (bool, str)) else value
 
 
 def refuse_changed(parallelism: ParallelismConfig, fields: tuple[str, ...], why: str) -> None:

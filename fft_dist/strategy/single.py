@@ -6,6 +6,7 @@ import contextlib
 import torch
 
 from fft_dist.config import BatchPlan, FFTConfig, Precision
+from fft_dist.device_defaults import DeviceDefaults
 from fft_dist.dist import DistContext
 from fft_dist.strategy.options import check_single
 from fft_dist.strategy.torch_common import TorchOptimizerStrategy
@@ -14,15 +15,15 @@ from fft_dist.strategy.torch_common import TorchOptimizerStrategy
 class SingleProcessStrategy(TorchOptimizerStrategy):
     name = "none"
 
-    def __init__(self, cfg: FFTConfig, plan: BatchPlan, ctx: DistContext):
+    def __init__(self, cfg: FFTConfig, plan: BatchPlan, ctx: DistContext, defaults: DeviceDefaults):
         check_single(cfg, plan)
-        super().__init__(cfg, ctx)
+        super().__init__(cfg, ctx, defaults)
 
     def setup(self, *, build_model, make_optimizer, lr_at) -> None:
         self.model = build_model().to(self.device)
         self._finish_setup(make_optimizer, lr_at)
 
     def _autocast(self):
-        if self.train_cfg.precision == Precision.fp32:
+        if self.precision == Precision.fp32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fft_dist.config import FFTConfig, Precision
+from fft_dist.device_defaults import DeviceDefaults
 from fft_dist.dist import DistContext
 from fft_dist.model import compile_layers
 from fft_dist.optim import set_lr
@@ -23,11 +24,12 @@ class TorchOptimizerStrategy(Strategy):
 
     name = "torch"
 
-    def __init__(self, cfg: FFTConfig, ctx: DistContext):
+    def __init__(self, cfg: FFTConfig, ctx: DistContext, defaults: DeviceDefaults):
         self.train_cfg = cfg.train
         self.device = ctx.device
         self.world_size = ctx.world_size
-        self.compute_dtype = COMPUTE_DTYPES[cfg.train.precision]
+        self.precision = defaults.precision  # decided on this rank: never auto
+        self.compute_dtype = COMPUTE_DTYPES[self.precision]
         self.model: nn.Module
         self.optimizer: torch.optim.Optimizer
         self.lr_at: LrSchedule
@@ -54,7 +56,7 @@ class TorchOptimizerStrategy(Strategy):
         if self.train_cfg.compile:  # after sharding: FSDP2's hooks wrap the compiled forward
             compile_layers(self.model)
         self.optimizer = make_optimizer(self.model)
-        if self.train_cfg.precision == Precision.fp16:
+        if self.precision == Precision.fp16:
             self.scaler = self._make_scaler()
 
     def _make_scaler(self):
