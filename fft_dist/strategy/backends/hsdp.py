@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 
-from fft_dist.config import BatchPlan, ConfigError, FFTConfig, ParallelismConfig
+from fft_dist.config import (
+    BatchPlan, ConfigError, FFTConfig, OptimizerImplementation, OptimizerName, ParallelismConfig,
+)
 from fft_dist.strategy.backend import Backend, register
 from fft_dist.strategy.backends.fsdp import sharded_state
 from fft_dist.strategy.options import check_fsdp_family
@@ -39,7 +41,12 @@ def local_world_size(cfg: FFTConfig) -> int:
 
 
 def check_hsdp(cfg: FFTConfig, plan: BatchPlan) -> None:
+    """fsdp's refusals, fused SGD (as fsdp: fft_dist.device_defaults.check), and a shard group that fits."""
     check_fsdp_family(cfg)
+    if (OptimizerImplementation(cfg.optimizer.implementation) == OptimizerImplementation.fused
+            and OptimizerName(cfg.optimizer.name) == OptimizerName.sgd):
+        raise ConfigError("optimizer.implementation=fused with optimizer=sgd does not run under parallelism=hsdp "
+                          "(torch has no sharded fused SGD); use optimizer.implementation=foreach or auto")
     shard_size(cfg.parallelism, world_size=plan.world_size, local_world_size=local_world_size(cfg))
 
 
