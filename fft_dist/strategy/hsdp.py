@@ -11,7 +11,6 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from fft_dist.config import BatchPlan, FFTConfig
-from fft_dist.device_defaults import DeviceDefaults
 from fft_dist.dist import DistContext
 from fft_dist.strategy.backends.hsdp import check_hsdp, local_world_size, shard_size
 from fft_dist.strategy.fsdp import FSDPStrategy
