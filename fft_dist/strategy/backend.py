@@ -7,6 +7,12 @@ volume, its strategy class) plus its yaml in ``conf/parallelism/``. The built-in
 :mod:`fft_dist.strategy.backends` (registered when the package is imported); a module of your own
 registers the same way (tests/toy_backend.py does).
 
+Adding a backend: a module that defines its Strategy class (or names an existing one) and calls
+``register(Backend(...))``, and ``conf/parallelism/<name>.yaml`` with ``name: <name>``. A built-in one is
+imported from ``backends/__init__.py`` and its name is also listed in :class:`fft_dist.config.Parallelism`,
+because the ranks type their config before they import this package; one of your own is added to that
+enum by :func:`register` (import your module before fft-dist composes, and pass ``--config-dir`` for the yaml).
+
 Pure: imports only the config module, so the launcher, ``estimate`` and ``plan`` never import
 torch.distributed, transformers or DeepSpeed through it.
 """
