@@ -29,10 +29,34 @@ class Precision(str, Enum):
 
 
 class Parallelism(str, Enum):
+    """The backend names Hydra accepts: the built-in ones, plus any that :func:`add_parallelism_name` adds
+    (fft_dist.strategy.backend.register does, so a backend defined outside the package is typed the same)."""
+
     none = "none"
     fsdp = "fsdp"
+    hsdp = "hsdp"
     zero2 = "zero2"
     zero3 = "zero3"
+
+
+def add_parallelism_name(name: str) -> Parallelism:
+    """Make `name` a member of :class:`Parallelism` (idempotent).
+
+    Why: Hydra types ``parallelism.name`` as this enum, so a stray name is refused while composing, and the
+    code reads ``.value`` from it; a backend registered at run time must pass the same gate. Enums cannot
+    grow by design, so the member is added to the enum's own tables (what ``aenum.extend_enum`` does).
+    """
+    if name in Parallelism._value2member_map_:
+        return Parallelism(name)
+    if not name.isidentifier():
+        raise ValueError(f"a backend name must be an identifier, not {name!r}")
+    member = str.__new__(Parallelism, name)
+    member._name_, member._value_ = name, name
+    Parallelism._member_map_[name] = member
+    Parallelism._value2member_map_[name] = member
+    Parallelism._member_names_.append(name)
+    type.__setattr__(Parallelism, name, member)
+    return member
 
 
 class OptimizerName(str, Enum):
@@ -235,7 +259,10 @@ class EvalConfig:
 class ParallelismConfig:
     name: Parallelism = Parallelism.fsdp
     reshard_after_forward: bool = True
-    """FSDP2: free gathered parameters after forward (ZeRO-3 style) instead of keeping them for backward."""
+    """FSDP2 / HSDP: free gathered parameters after forward (ZeRO-3 style) instead of keeping them for backward."""
+    shard_size: int = -1
+    """HSDP: ranks per shard group (parameters sharded within a group, replicated across groups); it must divide
+    the world size. -1 (auto): the ranks of one node (LOCAL_WORLD_SIZE on the rank, launcher.nproc_per_node)."""
     offload_optimizer: bool = False
     """DeepSpeed: keep optimizer states (and the step) on CPU."""
     offload_params: bool = False

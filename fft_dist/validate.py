@@ -114,7 +114,7 @@ def validate(cfg: FFTConfig, world_size: int) -> BatchPlan:
     if cfg.parallelism.name == Parallelism.none and world_size != 1:
         raise ConfigError(
             f"parallelism=none runs a single process, but the world size is {world_size}. "
-            "Use launcher.nproc_per_node=1, or pick parallelism=fsdp|zero2|zero3."
+            f"Use launcher.nproc_per_node=1, or pick parallelism={'|'.join(p.value for p in Parallelism if p != Parallelism.none)}."
         )
     if cfg.train.max_steps:
         warmup_steps_for(cfg.train, cfg.train.max_steps)
