@@ -290,17 +290,21 @@ class Trainer:
         self._say(line)
         return True
 
-    def _save(self, step: int) -> Path:
+    def _save(self, step: int) -> None:
+        """Save `step`; the run's Checkpointer keeps which checkpoint is the last and which the best."""
         from dataclasses import asdict
 
         s = self.state
-        if s.best_step == step:  # this checkpoint holds the best-evaluated weights so far
-            s.best_checkpoint = self.checkpoints.name(step)
-        trainer_state = {k: v for k, v in asdict(s).items() if k != "step"}
-        return self.checkpoints.save(
-            self.strategy, step, best_checkpoint=s.best_checkpoint,
-            train_state={"trainer": trainer_state, "sampler": self.sampler.position(step),
-                         "schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps}},
+
+        def train_state(best_checkpoint: str | None) -> dict:
+            s.best_checkpoint = best_checkpoint  # the checkpointer's: this save may be the best one
+            trainer_state = {k: v for k, v in asdict(s).items() if k != "step"}
+            return {"trainer": trainer_state, "sampler": self.sampler.position(step),
+                    "schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps}}
+
+        self.checkpoints.save(
+            self.strategy, step, best=s.best_step == step,  # this checkpoint holds the best-evaluated weights so far
+            train_state=train_state,
             meta={"config_yaml": self.config_yaml, "model_config": self.hf_config.to_dict(),
                   "backend": self.cfg.parallelism.name.value, "model_path": self.cfg.model.path,
                   "optimizer": self.cfg.optimizer.name.value, "task": self.task,
@@ -315,8 +319,6 @@ class Trainer:
         stop_now = False  # a stop signal (agreed by all ranks) during a step or an evaluation
         if s.step == 0 and self.eval_set and cfg.eval.every_steps:  # 0: evaluate only at the end
             stop_now = not self._eval_and_track(0)
-        last_ckpt: Path | None = None
-        last_saved_step: int | None = None
         from tqdm.auto import tqdm
 
         self._bar = tqdm(total=self.total_steps, initial=s.step, disable=not self.ctx.is_main, desc="train",
@@ -334,7 +336,7 @@ class Trainer:
             if not stop_now and cfg.eval.every_steps and s.step % cfg.eval.every_steps == 0 and s.step < self.total_steps:
                 stop_now = not self._eval_and_track(s.step)
             if not stop_now and cfg.checkpoint.every_steps and s.step % cfg.checkpoint.every_steps == 0:
-                last_ckpt, last_saved_step = self._save(s.step), s.step
+                self._save(s.step)
         self._bar.close()
         self._bar = None
         stopped, stop_signal = ("early_stopped" if s.stopped_early else "completed"), None
@@ -343,15 +345,17 @@ class Trainer:
         if stop_now:  # exit 75 promises a checkpoint of the last step
             received = self.stop_signal.received
             stopped, stop_signal = "preempted", signal_name(received) if received else "a signal to another rank"
-        if (stop_now or cfg.checkpoint.save_final) and last_saved_step != s.step:
-            last_ckpt = self._save(s.step)
+        if (stop_now or cfg.checkpoint.save_final) and self.checkpoints.saved_step != s.step:
+            self._save(s.step)
+        self.checkpoints.close()  # the end of training waits for a save in flight
+        last_ckpt = self.checkpoints.last
         self.metrics.close()
         summary = Summary(steps=s.step, seconds=time.perf_counter() - start_time, first_eval_loss=s.first_eval_loss,
                           final_eval_loss=s.last_eval_loss, best_eval_loss=s.best_eval_loss, best_step=s.best_step,
                           run_dir=str(self.run_dir), checkpoint=str(last_ckpt) if last_ckpt else None,
                           stopped=stopped, signal=stop_signal, tokenizer_dir=self.tokenizer_files)
         if stopped != "preempted" and cfg.checkpoint.export_final and last_ckpt is not None:
-            summary.export_source = self.checkpoints.export_source(last_ckpt, s.best_checkpoint)
+            summary.export_source = self.checkpoints.export_source()
             summary.export = self.run_dir / "hf"
             summary.run_id = self.checkpoints.run_id
         return summary
