@@ -182,6 +182,19 @@ class OptimizerConfig:
 
 
 @dataclass
+class LossConfig:
+    """The loss: the data format's cross-entropy (logged as `loss`) plus these named terms."""
+
+    terms: dict[str, dict[str, Any]] = field(default_factory=lambda: {"router_aux": {}})
+    """Terms added to the cross-entropy: name -> its options. router_aux: the MoE router's load-balancing
+    loss, active when the model's config asks for it (output_router_logits, router_aux_loss_coef). Add one
+    with +loss.terms.<name>={...}; drop one with ~loss.terms.<name>."""
+    plugins: list[str] = field(default_factory=list)
+    """Importable module names (a.b.c, never paths) that register terms with fft_dist.loss.register_term;
+    imported by the launcher's checks and on every rank."""
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 0
     """Optimizer steps to run. 0: derive from `epochs`."""
@@ -311,6 +324,7 @@ class FFTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
