@@ -80,15 +80,15 @@ def test_router_aux_is_off_for_a_dense_model_and_takes_no_options():
         make_router_aux({"weight": 1.0}, ctx)
 
 
-@pytest.mark.parametrize("cfg,message", [
-    (LossConfig(terms={"kl_ref": {}}), "loss.terms: unknown term(s) ['kl_ref']"),
-    (LossConfig(plugins=["/tmp/evil.py"]), "loss.plugins: '/tmp/evil.py' is not an importable module name"),
-    (LossConfig(plugins=["os; rm -rf"]), "is not an importable module name"),
-    (LossConfig(plugins=["no_such_pkg_for_fft_dist.terms"]), "loss.plugins: cannot import 'no_such_pkg_for_fft_dist.terms'"),
+@pytest.mark.parametrize("options,message", [
+    ({"terms": {"kl_ref": {}}}, "loss.terms: unknown term(s) ['kl_ref']"),
+    ({"plugins": ["/tmp/evil.py"]}, "loss.plugins: '/tmp/evil.py' is not an importable module name"),
+    ({"plugins": ["os; rm -rf"]}, "is not an importable module name"),
+    ({"plugins": ["no_such_pkg_for_fft_dist.terms"]}, "loss.plugins: cannot import 'no_such_pkg_for_fft_dist.terms'"),
 ])
-def test_unknown_terms_and_plugins_are_config_errors(cfg, message):
+def test_unknown_terms_and_plugins_are_config_errors(options, message):
     with pytest.raises(ConfigError) as e:
-        check(cfg, fmt=DataFormat.text)
+        check(LossConfig(**options), fmt=DataFormat.text)
     assert message in str(e.value)
 
 
@@ -116,6 +116,12 @@ def test_a_users_term_from_a_plugin_module_runs_on_two_ranks_and_is_logged(tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(steps) == 2 and all(r["loss/z_loss"] > 0 for r in steps), steps
+
+
+def test_a_plugin_path_is_refused_before_anything_runs(tmp_path):
+    proc = fft_dist("train", "--cfg", "job", f"run.dir={tmp_path / 'run'}", "loss.plugins=[/tmp/evil.py]", timeout=120)
+    assert proc.returncode == 2 and "loss.plugins: '/tmp/evil.py' is not an importable module name" in proc.stderr, \
+        proc.stderr[-2000:]
 
 
 def test_an_unknown_term_on_the_command_line_exits_2_naming_the_option(tmp_path):

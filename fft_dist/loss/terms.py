@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
+from fft_dist.config import LOSS_PLUGIN
 from fft_dist.errors import ConfigError
 
 PROVIDED = frozenset({"batch", "output", "model_config"})
@@ -28,8 +29,6 @@ FUTURE = frozenset({"reference_logits", "reference_params"})
 UNITS = ("tokens", "examples", "inputs")
 """What a term's contribution is normalised by: the objective's loss tokens or examples, or the
 non-pad input tokens of the global batch."""
-PLUGIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-"""loss.plugins entries are importable module names, never paths or code."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ def registered() -> list[str]:
 def load_plugins(plugins: list[str]) -> None:
     """Import each ``loss.plugins`` module (which registers its terms); a ConfigError otherwise."""
     for name in plugins:
-        if not isinstance(name, str) or not PLUGIN_NAME.fullmatch(name):
+        if not isinstance(name, str) or not LOSS_PLUGIN.fullmatch(name):
             raise ConfigError(f"loss.plugins: {name!r} is not an importable module name (a.b.c); "
                               "file paths and code are not accepted")
         try:
