@@ -177,7 +177,7 @@ class LossConfig:
     with +loss.terms.<name>={...}; drop one with ~loss.terms.<name>."""
     plugins: list[str] = field(default_factory=list)
     """Importable module names (a.b.c, never paths) that register terms with fft_dist.loss.register_term;
-    imported by the launcher's checks and on every rank."""
+    imported on every rank before training (a malformed name is refused when the config is typed)."""
 
     def __post_init__(self) -> None:  # typed once on the launcher: a path or code never reaches a rank
         for name in self.plugins:

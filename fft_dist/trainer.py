@@ -21,7 +21,7 @@ from fft_dist.data.training import load_training_data
 from fft_dist.dist import DistContext, all_reduce_sum, print0, seed_everything
 from fft_dist.errors import NonFiniteError
 from fft_dist.evaluation import EvalSets, evaluate, track
-from fft_dist.loss import build_loss
+from fft_dist.loss import MAIN, build_loss
 from fft_dist.metrics import MetricsWriter, flops_per_token, peak_flops, peak_memory_mb
 from fft_dist.model import (
     apply_freeze,
@@ -230,20 +230,20 @@ class Trainer:
         batches = self._micro_batches(step)
         device = self.ctx.device
         counts = all_reduce_sum(self.loss.local_counts(batches), device)  # global units: stay on the device
-        sums = self.loss.new_sums(device)  # one slot per loss part
+        n = len(self.loss.names)
+        sums = self.loss.new_sums(device, spare=1)  # one slot per loss part, then the stop flag
         for batch in batches:
             out = self.strategy.forward(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
             self.strategy.backward(self.loss.micro_batch(batch, out, counts, sums))
-        stop = torch.tensor([float(self.stop_signal.received is not None)], dtype=torch.float64, device=device)
+        sums[n] = float(self.stop_signal.received is not None)
         norm = self.strategy.grad_norm()  # on the device; None: the backend computes it in its update
-        reduced = [all_reduce_sum(torch.cat([sums, stop]), device), counts]
+        reduced = [all_reduce_sum(sums, device), counts]
         if norm is not None:
             reduced.append(norm.detach().reshape(1).to(device, torch.float64))
         values = torch.cat(reduced).tolist()  # the step's one device-to-host copy
-        n = len(self.loss.names)
         any_stop, (global_tokens, global_inputs) = values[n], values[n + 1:n + 3]
         parts = self.loss.parts(values[:n], [global_tokens, global_inputs])
-        loss_value = parts["ce"]
+        loss_value = parts[MAIN]
         skip = self.cfg.train.on_nonfinite == OnNonFinite.skip
         if not math.isfinite(loss_value) and not skip:
             raise NonFiniteError(

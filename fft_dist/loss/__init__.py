@@ -12,9 +12,10 @@ Adding a term without forking: in your own module ::
     register_term("my_term", lambda options, context: MyTerm(**options))
 
 then run with ``loss.plugins=[my_pkg.my_terms] +loss.terms.my_term={weight:0.1}``. The module is
-imported by name (never a path) on the launcher, for the checks, and on every rank; an unknown term
-or a module that does not import is a config error (exit 2). Each term's value is logged per step
-under its ``metric`` (``loss/<name>`` unless the term says otherwise).
+imported by name (never a path: a malformed name is refused when the config is typed) on every rank
+before training; an unknown term or a module that does not import is a config error (exit 2).
+:func:`check` runs the same import and term checks without a model, for a launcher's preflight.
+Each term's value is logged per step under its ``metric`` (``loss/<name>`` unless it says otherwise).
 """
 from __future__ import annotations
 
@@ -64,8 +65,6 @@ def build_loss(cfg: LossConfig, *, fmt: DataFormat, model_config: Any) -> StepLo
 
 
 def check(cfg: LossConfig, *, fmt: DataFormat, model_config: Any = None) -> None:
-    """The launcher's check before any rank starts: plugins import, every term is known and buildable.
-
-    Without the model's config (not read yet) the terms are built against an empty one, which is
-    enough to catch unknown names and bad options."""
-    build_loss(cfg, fmt=fmt, model_config=model_config if model_config is not None else object())
+    """A check for before any rank starts: the plugins import, every term is known and its options are
+    valid. The model's config may be None there (not read yet); factories are built against it."""
+    build_loss(cfg, fmt=fmt, model_config=model_config)

@@ -36,7 +36,7 @@ class TermContext:
     """What a factory may look at when it builds its term (once per run, on every rank)."""
 
     model_config: Any
-    """The transformers config of the model being trained."""
+    """The transformers config of the model being trained; None in a check before launch (not read yet)."""
     objective_unit: str
     """'tokens' or 'examples': the unit of the format's main term."""
 

@@ -40,8 +40,9 @@ class StepLoss:
         return [sum(self.objective.count(b) for b in batches),
                 sum(int(b["attention_mask"].sum()) for b in batches)]
 
-    def new_sums(self, device) -> torch.Tensor:
-        return torch.zeros(len(self.names), dtype=torch.float64, device=device)
+    def new_sums(self, device, spare: int = 0) -> torch.Tensor:
+        """One float64 slot per part, then `spare` slots for the caller (reduced in the same collective)."""
+        return torch.zeros(len(self.names) + spare, dtype=torch.float64, device=device)
 
     def micro_batch(self, batch: dict, output, counts: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
         """The micro batch's share of the step's loss (backward this); its parts are added to ``sums``."""
