@@ -72,15 +72,7 @@ def _check_ranges(cfg: FFTConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    for i, beta in enumerate(cfg.optimizer.betas):
-        if not (_finite(beta) and 0.0 <= beta < 1.0):
-            raise ConfigError(f"optimizer.betas[{i}]={beta} must be in [0, 1)")
-    if len(cfg.optimizer.betas) != 2:
-        raise ConfigError(f"optimizer.betas needs 2 values, got {list(cfg.optimizer.betas)}")
-    if not (_finite(cfg.optimizer.eps) and cfg.optimizer.eps > 0):
-        raise ConfigError(f"optimizer.eps must be a finite number > 0, got {cfg.optimizer.eps}")
-    if not (_finite(cfg.optimizer.weight_decay) and cfg.optimizer.weight_decay >= 0):
-        raise ConfigError(f"optimizer.weight_decay must be a finite number >= 0, got {cfg.optimizer.weight_decay}")
+    cfg.optimizer.check()  # each optimizer's own options (fft_dist.config_optimizer)
 
 
 def _check_paths(cfg: FFTConfig) -> None:
