@@ -5,7 +5,6 @@ as AutoModelForSequenceClassification with the trained model's numbers."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,8 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, TINY_MODEL, assert_close_rel, child_env, read_metrics, train, train_losses
+from doc_pages import block_after
+from helpers import TINY_MODEL, assert_close_rel, child_env, read_metrics, train, train_losses
 from transformers import AutoTokenizer
 
 from fft_dist import resume_checks
@@ -127,9 +127,8 @@ def test_resume_refuses_a_checkpoint_of_the_other_task():
 
 
 def readme_example() -> str:
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("**Classification**"):]
-    return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    """The classification example of docs/data.md (README.md and docs/*.md are searched)."""
+    return block_after("**Classification**")
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from doc_pages import all_text, block_after
 from helpers import REPO, assert_close_rel, child_env, fft_dist, step_records, train_losses
 
 BASE_IMAGE = "localhost/debian-py:bookworm"
@@ -136,10 +137,8 @@ def test_the_dockerfile_parser_catches_each_rule(old, new, message):
 # ---------------------------------------------------------------- README: Kubernetes-style torchrun (fast)
 
 def readme_block_after(marker: str) -> str:
-    """The shell lines (continuations joined) of the README code block that follows `marker`."""
-    text = (REPO / "README.md").read_text()
-    block = text[text.index(marker):].split("```bash\n", 1)[1].split("```", 1)[0]
-    return block.replace("\\\n", " ")
+    """The shell lines (continuations joined) of the code block that follows `marker` (README.md, docs/*.md)."""
+    return block_after(marker).replace("\\\n", " ")
 
 
 def test_readme_kubernetes_env_only_torchrun_dry_run(tmp_path):
@@ -285,8 +284,8 @@ def podman(tmp_path_factory):
 
 
 def readme_commands(prefix: str) -> list[str]:
-    """The README's shell lines (continuations joined) that start with `prefix`."""
-    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    """The shell lines of README.md and docs/*.md (continuations joined) that start with `prefix`."""
+    text = all_text().replace("\\\n", " ")
     return [re.sub(r"\s+", " ", line.strip()) for line in text.splitlines() if line.strip().startswith(prefix)]
 
 

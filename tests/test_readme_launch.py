@@ -1,30 +1,24 @@
-"""README commands as pasted. The "Running at scale" `fft-dist launch` lines each compose, pass
-every pre-launch check and prints what it would run (with launcher.dry_run=true added, nothing runs)."""
+"""The commands of README.md and docs/*.md as pasted. Every `fft-dist launch` line composes, passes every
+pre-launch check and prints what it would run (with launcher.dry_run=true added, nothing runs); every
+other `fft-dist train|estimate|plan|data` line that needs no files of the user's runs as printed."""
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 
 import pytest
 
+from doc_pages import all_text, block_after, command_lines, page_texts
 from helpers import REPO, child_env
 
+# Lines that name the user's own files or environment are placeholders, not run here: $VARS (the
+# Kubernetes block, run with its variables set by test_container), <run> paths, `...`, ./ files.
+PLACEHOLDER = re.compile(r"\$|<\w+>|\.\.\.|(^|[\s=])\./")
 
-def readme_block(heading: str) -> str:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text[text.index(heading):]
-    return section[section.index("```bash\n") + 8:section.index("```\n", section.index("```bash\n") + 8)]
-
-
-def launch_commands(block: str) -> list[str]:
-    joined = re.sub(r"\\\n\s*", " ", block)
-    lines = [line.split("  #")[0].strip() for line in joined.splitlines()]
-    return [line for line in lines if line.startswith("fft-dist launch ")]
-
-
-COMMANDS = launch_commands(readme_block("### Running at scale"))
+COMMANDS = [c for c in command_lines("fft-dist launch ") if not PLACEHOLDER.search(c)]
 
 
 def test_the_block_has_the_launch_examples():
@@ -48,7 +42,7 @@ def test_readme_launch_command_dry_runs_as_pasted(command, tmp_path):
 
 
 def test_readme_sweep_line_dry_runs_two_points(tmp_path):
-    line = next(c for c in (ln.split("  #")[0].strip() for ln in readme_block("## Running").splitlines())
+    line = next(c for c in (ln.split("  #")[0].strip() for ln in block_after("## Running").splitlines())
                 if c.startswith("fft-dist train -m "))
     proc = subprocess.run([sys.executable, "-m", "fft_dist.cli", *line.split()[1:], "launcher.dry_run=true"],
                           cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
@@ -75,8 +69,7 @@ VERBATIM = [
 
 @pytest.mark.parametrize("line,expect", VERBATIM, ids=range(len(VERBATIM)))
 def test_readme_line_runs_as_printed(line, expect, tmp_path):
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    assert re.search(rf"^{re.escape(line)}(\s|$)", text, re.M), f"not in the README as printed: {line}"
+    assert re.search(rf"^{re.escape(line)}(\s|$)", all_text(), re.M), f"not in README.md or docs/ as printed: {line}"
     words = line.split()[1:]
     dry = expect == "launcher.dry_run"
     if dry:
@@ -88,3 +81,47 @@ def test_readme_line_runs_as_printed(line, expect, tmp_path):
         assert "fft_dist.train" in proc.stdout, proc.stdout[-2000:]
     else:
         assert expect in proc.stdout, proc.stdout[-2000:]
+
+
+# Every other `fft-dist train|estimate|plan|data` line of README.md and docs/*.md, so that a command moved
+# between pages stays tested: run as printed, training lines with launcher.dry_run=true. Lines that name
+# the user's files (/models, /data, ./chatml.jinja, ./myconf) are placeholders; the sweep has its own test.
+USER_FILES = re.compile(r"(^|[\s='\[,])/(models|data)/|\.jinja\b")
+OTHER_LINES = [c for prefix in ("fft-dist train", "fft-dist estimate", "fft-dist plan", "fft-dist data")
+               for c in command_lines(prefix)
+               if not PLACEHOLDER.search(c) and not USER_FILES.search(c) and " -m " not in c
+               and c not in {line for line, _ in VERBATIM}]
+
+
+@pytest.mark.parametrize("line", OTHER_LINES, ids=range(len(OTHER_LINES)))
+def test_every_other_page_line_runs_as_printed(line, tmp_path):
+    words = shlex.split(line)[1:]
+    dry = words[0] == "train"
+    if dry:
+        words.append("launcher.dry_run=true")
+    proc = subprocess.run([sys.executable, "-m", "fft_dist.cli", *words], cwd=tmp_path, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{line}\n{proc.stderr[-3000:]}"
+    if dry:
+        assert "fft_dist.train" in proc.stdout, proc.stdout[-2000:]
+    assert not (tmp_path / "runs").exists(), "a dry run must write nothing"
+
+
+def test_the_config_menu_names_every_group_file():
+    """The README's menu table lists every conf/<group>/<option>.yaml (it went stale twice)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("### The config menu"):]
+    table = table[:table.index("\n\n", table.index("| group |"))]
+    rows = {line.split("|")[1].strip().strip("`"): line for line in table.splitlines() if line.startswith("| `")}
+    missing = [f"{group.name}={option.stem}" for group in sorted((REPO / "conf").iterdir()) if group.is_dir()
+               for option in sorted(group.glob("*.yaml")) if f"`{option.stem}`" not in rows.get(group.name, "")]
+    assert not missing, f"not in the README's config menu: {missing}"
+
+
+def test_links_between_pages_resolve():
+    broken = []
+    for page, text in page_texts():
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if not target.startswith("http") and not (page.parent / target).exists():
+                broken.append(f"{page.name}: {target}")
+    assert not broken, broken
