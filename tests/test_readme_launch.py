@@ -125,3 +125,13 @@ def test_links_between_pages_resolve():
             if not target.startswith("http") and not (page.parent / target).exists():
                 broken.append(f"{page.name}: {target}")
     assert not broken, broken
+
+
+def test_architecture_lists_the_enforced_layers():
+    """docs/ARCHITECTURE.md's layer table is fft_dist.LAYERS, row by row (tests/test_layers.py enforces those)."""
+    import fft_dist
+
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    rows = [line.split("|") for line in text.splitlines() if re.match(r"\| \d+ \|", line)]
+    documented = [re.findall(r"`(\w+)`", cells[2]) for cells in rows]
+    assert documented == fft_dist.LAYERS, documented
