@@ -184,7 +184,7 @@ class DataConfig:
     """`fft-dist data`: show how each of these domain terms splits into tokens."""
     mixture: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Several weighted sources instead of `path`: name -> {path, weight, optional eval_path and other
-    data.* settings for that source}. Metrics add eval_<name>_loss per source. See README "Mixtures"."""
+    data.* settings for that source}. Metrics add eval_<name>_loss per source. See docs/data.md (mixtures)."""
 
 
 LOSS_PLUGIN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")

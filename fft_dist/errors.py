@@ -1,4 +1,4 @@
-"""The errors a user can fix, and the exit code each one ends a run with (the README's table).
+"""The errors a user can fix, and the exit code each one ends a run with (the table in the README and docs/reliability.md).
 
 They live at the bottom of the import graph so that any layer can raise them; anything else that
 escapes is a bug in fft-dist and keeps its traceback (exit 1).

@@ -1,4 +1,4 @@
-"""Process exit codes, documented in the README (scripts and SLURM requeue logic rely on them)."""
+"""Process exit codes, documented in the README and docs/reliability.md (scripts and SLURM requeue logic rely on them)."""
 
 OK = 0
 BUG = 1

@@ -3,7 +3,7 @@
 The model is built on the meta device, so the parameter count, the largest decoder layer and
 the largest single module are real without allocating anything. The model-state bytes come from each
 backend's descriptor (:mod:`fft_dist.strategy.backends`); activations and the table are assembled here.
-The byte rules per backend are the README's "Memory planning" section; the fp32 layouts are the ones
+The byte rules per backend are docs/memory.md; the fp32 layouts are the ones
 measured per rank in tests/test_memory.py (and tests/test_deepspeed.py). Vocabulary:
 :mod:`fft_dist.strategy.sizing`.
 
@@ -73,7 +73,7 @@ def assumptions(cfg: FFTConfig) -> str:
 
 def activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, checkpointing: bool,
                      precision: Precision, eager_attention: bool = False) -> int:
-    """Bytes saved for backward during one micro batch (the README states the formula).
+    """Bytes saved for backward during one micro batch (docs/memory.md states the formula).
 
     Per token and decoder layer the saved tensors are: the two norms' inputs and outputs (4h),
     q and k after RoPE (h + h_kv), v (h_kv), the attention output (h), and the MLP's gate, up,
