@@ -1,4 +1,7 @@
-"""Hydra composition: CLI overrides -> one resolved, typed config.
+"""The one compose -> type -> validate path: CLI overrides (or a written config.yaml) -> one resolved,
+typed, validated config. ``train``, ``launch``, ``--cfg job``, ``data``, ``estimate``, ``plan`` and the
+ranks all go through it, so they cannot disagree; the world size is the launcher's (nodes x ranks
+per node), or a rank's real one.
 
 The launcher composes once, resolves every interpolation (``${now:}``, ``${asset:}``) once, and
 writes the result; every rank reads that. What the user typed last wins over a group default:
@@ -19,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fft_dist import config_launcher
 from fft_dist.config import ASSETS_DIR, BatchPlan, ConfigError, FFTConfig, conf_dir
+from fft_dist.launchers import check_launcher
 from fft_dist.validate import validate
 
 
@@ -142,8 +146,13 @@ def to_yaml(cfg: FFTConfig | DictConfig) -> str:
 
 def load_yaml(path: str | os.PathLike) -> FFTConfig:
     """Load a resolved config.yaml written by the launcher (every rank reads the same file)."""
+    return load_text(Path(path).read_text(encoding="utf-8"))
+
+
+def load_text(text: str) -> FFTConfig:
+    """Type a resolved config's YAML (config.yaml, or rank 0's resolution sent to every rank)."""
     _register_resolvers()
-    return to_typed(OmegaConf.load(path))
+    return to_typed(OmegaConf.create(text))
 
 
 def describe_error(e: BaseException) -> str:
@@ -169,14 +178,28 @@ class Prepared:
     plan: BatchPlan
 
 
-def prepare(overrides: list[str], *, world_size: int | None, config_dirs: list[str] | None = None) -> Prepared:
-    """Compose, resolve once, type and validate; raises ConfigError (or Hydra's own errors).
-
-    ``world_size=None``: the ranks the launcher will start (launcher.nproc_per_node).
-    """
+def typed(overrides: list[str], *, config_dirs: list[str] | None = None) -> tuple[FFTConfig, str]:
+    """Compose, resolve once and type: (config, its YAML). `estimate` and `plan` stop here (they size
+    many world sizes); everything that runs goes on to :func:`checked`."""
     node = resolve(compose(overrides, config_dirs=config_dirs))
-    cfg = to_typed(node)
-    return Prepared(cfg, to_yaml(node), validate(cfg, world_size or cfg.launcher.nproc_per_node))
+    return to_typed(node), to_yaml(node)
+
+
+def checked(cfg: FFTConfig, yaml: str, *, world_size: int | None = None) -> Prepared:
+    """Validate against the world size that will run.
+
+    ``world_size=None``: a command (train, launch, --cfg job, data) checks the launcher's options and
+    takes the whole job's ranks from it (nodes x ranks per node). A rank passes its real WORLD_SIZE.
+    """
+    if world_size is None:
+        world_size = check_launcher(cfg.launcher, cfg.parallelism.name).world_size()
+    return Prepared(cfg, yaml, validate(cfg, world_size))
+
+
+def prepare(overrides: list[str], *, world_size: int | None = None, config_dirs: list[str] | None = None) -> Prepared:
+    """:func:`typed` then :func:`checked`; raises ConfigError (or Hydra's own errors)."""
+    cfg, yaml = typed(overrides, config_dirs=config_dirs)
+    return checked(cfg, yaml, world_size=world_size)
 
 
 def report(kind: str, error: BaseException) -> None:

@@ -11,6 +11,9 @@ NO_GPUS = "none"
 
 
 class LauncherName(str, Enum):
+    """The built-in launchers (fft_dist.launchers registers one class each; a registered one of your own
+    is as valid: launcher.name is a plain string)."""
+
     local = "local"
     torchrun = "torchrun"
     deepspeed = "deepspeed"
@@ -22,7 +25,7 @@ class LauncherName(str, Enum):
 class LauncherConfig:
     """How `fft-dist launch` starts the ranks. Options the chosen launcher does not use are refused."""
 
-    name: LauncherName = LauncherName.local
+    name: str = LauncherName.local.value
     """local (`fft-dist train`), torchrun, deepspeed, slurm or container; pick with launcher=<name>."""
     nproc_per_node: int = 2
     """Ranks per node (per machine), for every launcher."""
@@ -90,6 +93,9 @@ class LauncherConfig:
     """container: --ipc=host (shared memory of the host, what NCCL and data loaders want)."""
     shm_size: str = ""
     """container: --shm-size, e.g. 16g (used when ipc_host=false)."""
+
+    def __post_init__(self) -> None:
+        self.name = getattr(self.name, "value", self.name)  # LauncherName.slurm -> "slurm"
 
 
 def host_gpus() -> int:

@@ -16,8 +16,12 @@ from pathlib import Path
 import pytest
 
 from fft_dist.config import ConfigError, LauncherConfig, LauncherName, Parallelism
-from fft_dist.launch_plan import check_launcher, container_argv, deepspeed_argv, shell_line, torchrun_args
-from fft_dist.launch_slurm import SAFE, sbatch_lines, sbatch_script
+from fft_dist.launchers import check_launcher
+from fft_dist.launchers.container import container_argv
+from fft_dist.launchers.deepspeed import deepspeed_argv
+from fft_dist.launchers.sbatch import SAFE, sbatch_lines, sbatch_script
+from fft_dist.launchers.shell import shell_line
+from fft_dist.launchers.torchrun import TorchrunLauncher
 from test_launchers import bash_syntax_ok, dry, dry_ok
 
 SEED = 20250615
@@ -193,7 +197,7 @@ def test_values_starting_with_a_dash_stay_values_for_torchrun_and_deepspeed():
     from torch.distributed.run import get_args_parser
 
     lch = LauncherConfig(name=LauncherName.torchrun, nnodes=2, rdzv_endpoint="-h:1", rdzv_id="-x", local_addr="-a")
-    args = get_args_parser().parse_args([*torchrun_args(lch), "-m", "fft_dist.train"])
+    args = get_args_parser().parse_args([*TorchrunLauncher(lch).agent_args(), "-m", "fft_dist.train"])
     assert (args.rdzv_endpoint, args.rdzv_id, args.local_addr, args.nnodes) == ("-h:1", "-x", "-a", "2")
     assert args.training_script == "fft_dist.train" and args.module
     ds = dataclasses.replace(lch, name=LauncherName.deepspeed, include="-n1:0", exclude="--evil", nnodes=1,

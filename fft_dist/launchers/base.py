@@ -1,0 +1,129 @@
+"""The launcher seam: one class per launcher (its options, checks, world size, dry-run text and run),
+found by name in one registry. A new launcher is one module that registers its class plus one
+``conf/launcher/<name>.yaml``; nothing else names launchers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar
+
+from fft_dist.config import ConfigError, LauncherConfig, Parallelism
+from fft_dist.preemption import SignalForwarder
+
+CONFIG_ENV = "FFT_DIST_CONFIG"
+"""Set by the launcher: the resolved config.yaml every rank reads (no overrides allowed then)."""
+STOPPED_ENV = "FFT_DIST_STOPPED"
+"""Set by the launcher after a stop signal: a rank torchrun restarts after that stops at once."""
+COMMON = frozenset({"name", "nproc_per_node", "dry_run", "env"})
+"""launcher.* options every launcher uses; the others belong to the launchers that list them."""
+
+
+@dataclass
+class Job:
+    """What a launcher starts: its options from the resolved config, the run dir holding config.yaml,
+    and what the launch command needs from the layers above (they pass it down; nothing reaches up)."""
+
+    options: LauncherConfig
+    run_dir: Path
+    command: list[str]
+    """The fft-dist command line that made the job (recorded in a generated script)."""
+    forwarder: SignalForwarder | None = None
+    rank_here: Callable[[], int] = lambda: 0
+    """Be the job's only rank in this process (launcher=local with one rank)."""
+    release_locks: Callable[[], None] = lambda: None
+    """Hand the run's locks over to a job that starts after this process exits (sbatch)."""
+
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / "config.yaml"
+
+    def env(self) -> dict[str, str]:
+        """What every rank gets in its environment: the config file, then launcher.env."""
+        return {CONFIG_ENV: str(self.config_path), **self.options.env}
+
+
+class Launcher:
+    """One way of starting the ranks. Subclasses set `name` and `options` and override what differs."""
+
+    name: ClassVar[str]
+    options: ClassVar[frozenset[str]] = frozenset()
+    """Its own launcher.* options beyond :data:`COMMON`; any other one set is refused."""
+    supervises: ClassVar[bool] = True
+    """This process supervises the ranks (stop signals go to them); a container's own agent does instead."""
+    own_packages: ClassVar[bool] = True
+    """The ranks import this install's packages (a container's image brings its own)."""
+
+    def __init__(self, options: LauncherConfig):
+        self.cfg = options
+
+    def nodes(self) -> int:
+        """Machines the job runs on; the job's world size is nodes x launcher.nproc_per_node."""
+        return 1
+
+    def world_size(self) -> int:
+        """Ranks in the whole job (what batch sizes must divide by): the one world-size rule."""
+        return self.nodes() * self.cfg.nproc_per_node
+
+    def ranks_here(self) -> bool:
+        """Whether the ranks run on this machine with its torch and devices (checked before launch)."""
+        return True
+
+    def check(self, parallelism: Parallelism) -> None:
+        """Refuse values of its own options that cannot work (called after the common checks)."""
+
+    def describe(self, job: Job) -> str:
+        """Exactly what `run` would do, as shell text (the dry run's stdout)."""
+        raise NotImplementedError
+
+    def run(self, job: Job) -> int:
+        """Start (or submit) the ranks; the job's exit code."""
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Launcher]] = {}
+
+
+def register(cls: type[Launcher]) -> type[Launcher]:
+    """Class decorator: make `launcher=<cls.name>` start the ranks with `cls` (the one registration point)."""
+    unknown = set(cls.options) - {f.name for f in dataclasses.fields(LauncherConfig)}
+    if unknown:
+        raise TypeError(f"launcher {cls.name}: {sorted(unknown)} are not launcher.* options")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def launcher_for(options: LauncherConfig) -> Launcher:
+    """The registered launcher for launcher.name, holding `options`."""
+    name = getattr(options.name, "value", options.name)
+    if name not in REGISTRY:
+        raise ConfigError(f"launcher.name={name!r}: no such launcher (known: {', '.join(sorted(REGISTRY))})")
+    return REGISTRY[name](options)
+
+
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def check_launcher(options: LauncherConfig, parallelism: Parallelism) -> Launcher:
+    """Refuse options the chosen launcher would ignore, and values it could not use; the launcher."""
+    launcher = launcher_for(options)
+    used = COMMON | launcher.options
+    stray = [f"launcher.{f.name}={getattr(options, f.name)!r}" for f in dataclasses.fields(options)
+             if f.name not in used and getattr(options, f.name) != _default(f)]
+    if stray:
+        owners = {f"launcher.{o}": "/".join(n for n, cls in REGISTRY.items() if o in cls.options)
+                  for o in (s.split("=")[0][len("launcher."):] for s in stray)}
+        raise ConfigError(f"launcher={launcher.name} does not use {', '.join(stray)} (options of: "
+                          f"{', '.join(f'{k}: {v}' for k, v in owners.items())}); drop them or pick that launcher")
+    rules = [
+        (options.nproc_per_node >= 1, "launcher.nproc_per_node must be >= 1 (ranks per node)"),
+        (0 <= options.master_port < 65536, "launcher.master_port must be 0..65535"),
+        (all(k.isidentifier() for k in options.env), f"launcher.env keys must be variable names: {list(options.env)}"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(message)
+    launcher.check(parallelism)
+    return launcher
