@@ -5,6 +5,8 @@ found by name in one registry. A new launcher is one module that registers its c
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -16,6 +18,9 @@ CONFIG_ENV = "FFT_DIST_CONFIG"
 """Set by the launcher: the resolved config.yaml every rank reads (no overrides allowed then)."""
 STOPPED_ENV = "FFT_DIST_STOPPED"
 """Set by the launcher after a stop signal: a rank torchrun restarts after that stops at once."""
+PLUGINS_ENV = "FFT_DIST_PLUGINS"
+"""Comma-separated modules of your own (e.g. a launcher class that calls :func:`register`), imported
+when launcher.name is not a registered launcher: a new launcher needs no fork of fft-dist."""
 COMMON = frozenset({"name", "nproc_per_node", "dry_run", "env"})
 """launcher.* options every launcher uses; the others belong to the launchers that list them."""
 
@@ -98,7 +103,14 @@ def launcher_for(options: LauncherConfig) -> Launcher:
     """The registered launcher for launcher.name, holding `options`."""
     name = getattr(options.name, "value", options.name)
     if name not in REGISTRY:
-        raise ConfigError(f"launcher.name={name!r}: no such launcher (known: {', '.join(sorted(REGISTRY))})")
+        for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise ConfigError(f"{PLUGINS_ENV}: cannot import {module!r}: {e}") from None
+    if name not in REGISTRY:
+        raise ConfigError(f"launcher.name={name!r}: no such launcher (known: {', '.join(sorted(REGISTRY))}; a module "
+                          f"of your own that registers one is imported when named in {PLUGINS_ENV})")
     return REGISTRY[name](options)
 
 
