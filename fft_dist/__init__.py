@@ -21,7 +21,7 @@ LAYERS: list[list[str]] = [
     ["trainer", "run_checkpoints", "train_state", "rundir", "locks", "evaluation"],  # the loop, a run's
     #                                                  checkpoints, its saved state's spec, the run directory and
     #                                                  its locks (flock or a lease), eval losses
-    ["worker"],                                      # one rank's life
+    ["rank"],                                        # one rank's life (python -m fft_dist.train runs it)
     ["launch", "sweep"],                             # the train/launch/node commands: check, start or submit
     ["cli", "train"],                                # entry points
 ]

@@ -7,7 +7,7 @@ hands the job to the chosen launcher's class (:mod:`fft_dist.launchers`): torchr
 process (local, torchrun), the deepspeed launcher, ``sbatch`` or a container engine.
 Every rank reads that file (:data:`CONFIG_ENV`). Under a user's own torchrun or deepspeed
 launcher, each rank composes the overrides and rank 0's resolution is broadcast, so ``${now:}``
-and the like cannot differ between ranks. ``python -m fft_dist.train`` is the worker entry point.
+and the like cannot differ between ranks. ``python -m fft_dist.train`` is the entry point of every rank (:mod:`fft_dist.rank`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from fft_dist.launchers import CONFIG_ENV, Job, launcher_for
 from fft_dist.launchers.agent import (DEEPSPEED_RUNNER, StopForwarder, run_deepspeed, start_agent,
                                       threads_per_rank)
 from fft_dist.preemption import SignalForwarder, StartupInterrupted, StopSignal, become_supervisor
-from fft_dist.worker import run_worker
+from fft_dist.rank import run_worker
 
 
 def launched_by_launcher() -> bool:

@@ -3,7 +3,7 @@
 SLURM's ``--signal=USR1@<lead>`` (and ``scancel --signal=USR1``) reaches the job step's tasks, the
 per-node ``fft-dist node`` agents, which pass it to their ranks: they finish the step, checkpoint
 and exit 75. The script then requeues the job; the requeued ranks see ``SLURM_RESTART_COUNT`` > 0
-and resume from the newest complete checkpoint. ``launch/slurm.sbatch`` is a commented copy.
+and resume from the newest complete checkpoint. ``scripts/slurm.sbatch`` is a commented copy.
 """
 from __future__ import annotations
 
