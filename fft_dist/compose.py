@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fft_dist import config_launcher
 from fft_dist.config import ASSETS_DIR, BatchPlan, ConfigError, FFTConfig, conf_dir
-from fft_dist.launchers import check_launcher
+from fft_dist.launchers import REGISTRY, check_launcher, foreign_options_error, import_plugins, schema_for
 from fft_dist.validate import validate
 
 
@@ -36,9 +36,13 @@ def _register_resolvers() -> None:
 
 
 def _store_schema() -> None:
+    """The whole schema, and each launcher's options as ``launcher_schema/<name>`` (its yaml names it)."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="fft_dist_schema", node=FFTConfig)
+    store = ConfigStore.instance()
+    store.store(name="fft_dist_schema", node=FFTConfig)
+    for name, launcher in REGISTRY.items():
+        store.store(group="launcher_schema", name=name, node=launcher.schema)
 
 
 def override_keys(overrides: list[str]) -> set[str]:
@@ -66,6 +70,7 @@ def compose(overrides: list[str], *, config_dirs: list[str] | None = None) -> Di
     from hydra.core.global_hydra import GlobalHydra
 
     _register_resolvers()
+    import_plugins()
     _store_schema()
     hydra_overrides = list(overrides)
     if config_dirs:
@@ -73,9 +78,33 @@ def compose(overrides: list[str], *, config_dirs: list[str] | None = None) -> Di
         hydra_overrides.append(f"hydra.searchpath=[{paths}]")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=hydra_overrides)
+        try:
+            cfg = hydra_compose(config_name="config", overrides=hydra_overrides)
+        except Exception:
+            _refuse_foreign_launcher_options(overrides)
+            raise
     apply_user_intent(cfg, override_keys(overrides))
     return cfg
+
+
+def _refuse_foreign_launcher_options(overrides: list[str]) -> None:
+    """When composing failed: say which launcher.* overrides belong to another launcher than the chosen
+    one (its schema has no such key), as one ConfigError naming them all and their launchers."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # noqa: BLE001 - Hydra reports a malformed override itself
+        return
+    chosen = next((o.value() for o in reversed(parsed) if o.key_or_group == "launcher"), "local")
+    own = {f.name for f in dataclasses.fields(schema_for(chosen))}
+    stray = [(o.key_or_group.split(".", 1)[1], o.value()) for o in parsed
+             if o.key_or_group.startswith("launcher.") and o.key_or_group.count(".") == 1
+             and o.key_or_group.split(".", 1)[1] not in own and not o.is_delete()]
+    stray = [(key, value) for key, value in stray if any(key in {f.name for f in dataclasses.fields(cls.schema)}
+                                                         for cls in REGISTRY.values())]
+    if stray:
+        raise foreign_options_error(str(chosen), stray) from None
 
 
 def apply_user_intent(cfg: DictConfig, keys: set[str]) -> None:
@@ -117,7 +146,7 @@ def _unknown_keys(node, schema: type, prefix: str = "") -> list[str]:
         if key not in fields:
             unknown.append(f"{prefix}{key}")
             continue
-        sub = hints.get(key)
+        sub = _launcher_schema(node[key]) if (schema, key) == (FFTConfig, "launcher") else hints.get(key)
         if dataclasses.is_dataclass(sub) and isinstance(node[key], DictConfig):
             unknown += _unknown_keys(node[key], sub, f"{prefix}{key}.")
     return unknown
@@ -130,11 +159,19 @@ def resolve(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def _launcher_schema(node) -> type:
+    """The options dataclass of the launcher that `node` (the launcher section) names."""
+    name = node.get("name", "local") if isinstance(node, DictConfig) else "local"
+    return schema_for(name)
+
+
 def to_typed(cfg: DictConfig) -> FFTConfig:
     unknown = _unknown_keys(cfg, FFTConfig)
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown}; `fft-dist train --help` lists the options")
     schema = OmegaConf.structured(FFTConfig)
+    if "launcher" in cfg:  # the chosen launcher's own schema (a written config.yaml holds plain values)
+        schema.launcher = OmegaConf.structured(_launcher_schema(cfg.launcher))
     merged = OmegaConf.merge(schema, cfg)
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 

@@ -148,13 +148,13 @@ def _launch(overrides: list[str], config_dirs: list[str] | None, forwarder: Sign
         prepared = _resolve(overrides, config_dirs, only_local=only_local)
         cfg, launcher = prepared.cfg, prepared.cfg.launcher
         preflight(cfg, prepared.plan)
-        secondary = launcher.node_rank > 0  # a later node of a multi-node torchrun job
+        starter = launcher_for(launcher)
+        secondary = not starter.first_node()  # a later node of a multi-node job reads node 0's config.yaml
         if secondary and "run.dir" not in override_keys(overrides):
             raise ConfigError("launcher.node_rank > 0 reads node 0's run.dir/config.yaml: pass the same explicit "
                               "run.dir=<shared folder> on every node")
         job = Job(launcher, Path(cfg.run.dir).resolve(), ["fft-dist", "launch", *overrides], forwarder=forwarder,
                   rank_here=lambda: run_in_process(launcher), release_locks=release_locks)
-        starter = launcher_for(launcher)
         text = starter.describe(job)  # checks what only rendering finds (e.g. an #SBATCH value that needs quoting)
         if not (launcher.dry_run or secondary):
             prepare_run_dir(cfg, prepared.yaml)

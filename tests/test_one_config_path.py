@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import signal
+
+from omegaconf import OmegaConf
 
 from fft_dist.preemption import STOP_SIGNALS
 
@@ -52,3 +55,25 @@ def test_cfg_job_refuses_an_option_the_launcher_does_not_use_as_launch_does(tmp_
     job = cli("train", *wrong, "--cfg", "job")
     launch = cli("launch", *wrong, "launcher.dry_run=true")
     assert job[0] == launch[0] == 2 and job[2] == launch[2] and "does not use launcher.nnodes=2" in job[2], (job, launch)
+
+
+def test_each_launcher_types_its_own_options_and_the_ranks_read_them_back(tmp_path):
+    """launcher=<name> selects that launcher's dataclass: config.yaml holds its options only, and a rank
+    types the file back to the same object."""
+    from fft_dist.compose import load_text, prepare
+    from fft_dist.launchers import REGISTRY
+
+    extra = {"slurm": ["launcher.gpus_per_node=0", "launcher.nproc_per_node=2"],
+             "container": ["launcher.image=fft-dist:cpu", "launcher.gpus=none"], "deepspeed": ["parallelism=zero2"]}
+    for name in ("local", "torchrun", "deepspeed", "slurm", "container"):
+        prepared = prepare([f"launcher={name}", f"run.dir={tmp_path}", *extra.get(name, [])])
+        assert type(prepared.cfg.launcher) is REGISTRY[name].schema, name
+        assert load_text(prepared.yaml).launcher == prepared.cfg.launcher, name
+        written = set(OmegaConf.create(prepared.yaml).launcher)
+        assert written == {f.name for f in dataclasses.fields(REGISTRY[name].schema)}, (name, written)
+
+
+def test_an_option_of_another_launcher_is_refused_even_at_its_default(tmp_path):
+    """The schema has no such key (before, only a changed value was refused)."""
+    code, _, err = cli("train", "launcher.nnodes=1", f"run.dir={tmp_path}", "--cfg", "job")
+    assert code == 2 and "launcher=local does not use launcher.nnodes=1 (options of: launcher.nnodes: torchrun)" in err

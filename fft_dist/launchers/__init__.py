@@ -4,8 +4,8 @@ Importing the package registers the built-in launchers; :func:`register` is the 
 point, for them and for a launcher of one's own (plus its ``conf/launcher/<name>.yaml``).
 """
 from fft_dist.launchers.base import (COMMON, CONFIG_ENV, REGISTRY, STOPPED_ENV, Job, Launcher, check_launcher,
-                                     launcher_for, register)
+                                     foreign_options_error, import_plugins, launcher_for, register, schema_for)
 from fft_dist.launchers import container, deepspeed, local, slurm, torchrun  # noqa: F401 - they register
 
-__all__ = ["COMMON", "CONFIG_ENV", "REGISTRY", "STOPPED_ENV", "Job", "Launcher", "check_launcher", "launcher_for",
-           "register"]
+__all__ = ["COMMON", "CONFIG_ENV", "REGISTRY", "STOPPED_ENV", "Job", "Launcher", "check_launcher",
+           "foreign_options_error", "import_plugins", "launcher_for", "register", "schema_for"]

@@ -21,8 +21,8 @@ STOPPED_ENV = "FFT_DIST_STOPPED"
 PLUGINS_ENV = "FFT_DIST_PLUGINS"
 """Comma-separated modules of your own (e.g. a launcher class that calls :func:`register`), imported
 when launcher.name is not a registered launcher: a new launcher needs no fork of fft-dist."""
-COMMON = frozenset({"name", "nproc_per_node", "dry_run", "env"})
-"""launcher.* options every launcher uses; the others belong to the launchers that list them."""
+COMMON = frozenset(f.name for f in dataclasses.fields(LauncherConfig))
+"""launcher.* options every launcher has (LauncherConfig's); the others are in one launcher's schema."""
 
 
 @dataclass
@@ -50,11 +50,12 @@ class Job:
 
 
 class Launcher:
-    """One way of starting the ranks. Subclasses set `name` and `options` and override what differs."""
+    """One way of starting the ranks. Subclasses set `name` and `schema` and override what differs."""
 
     name: ClassVar[str]
-    options: ClassVar[frozenset[str]] = frozenset()
-    """Its own launcher.* options beyond :data:`COMMON`; any other one set is refused."""
+    schema: ClassVar[type[LauncherConfig]] = LauncherConfig
+    """Its options: a subclass of LauncherConfig adding its own fields (``launcher=<name>`` selects it, so
+    Hydra refuses another launcher's option by itself); LauncherConfig for a launcher with none."""
     supervises: ClassVar[bool] = True
     """This process supervises the ranks (stop signals go to them); a container's own agent does instead."""
     own_packages: ClassVar[bool] = True
@@ -62,6 +63,15 @@ class Launcher:
 
     def __init__(self, options: LauncherConfig):
         self.cfg = options
+
+    @classmethod
+    def own_options(cls) -> frozenset[str]:
+        """The launcher.* options only this launcher's schema has."""
+        return frozenset(f.name for f in dataclasses.fields(cls.schema)) - COMMON
+
+    def first_node(self) -> bool:
+        """This machine hosts the job's first node (it writes run.dir/config.yaml)."""
+        return True
 
     def nodes(self) -> int:
         """Machines the job runs on; the job's world size is nodes x launcher.nproc_per_node."""
@@ -91,44 +101,59 @@ REGISTRY: dict[str, type[Launcher]] = {}
 
 
 def register(cls: type[Launcher]) -> type[Launcher]:
-    """Class decorator: make `launcher=<cls.name>` start the ranks with `cls` (the one registration point)."""
-    unknown = set(cls.options) - {f.name for f in dataclasses.fields(LauncherConfig)}
-    if unknown:
-        raise TypeError(f"launcher {cls.name}: {sorted(unknown)} are not launcher.* options")
+    """Class decorator: make `launcher=<cls.name>` start the ranks with `cls` (the one registration point).
+
+    Composing stores its schema for Hydra as ``launcher_schema/<name>``; ``conf/launcher/<name>.yaml``
+    names it in its defaults list (``- /launcher_schema/<name>@_here_``) when it has options of its own.
+    """
+    if not (isinstance(cls.schema, type) and issubclass(cls.schema, LauncherConfig)):
+        raise TypeError(f"launcher {cls.name}: schema must be a dataclass subclassing LauncherConfig")
     REGISTRY[cls.name] = cls
     return cls
+
+
+def import_plugins() -> None:
+    """Import the modules named in :data:`PLUGINS_ENV` (each registers what it adds)."""
+    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f"{PLUGINS_ENV}: cannot import {module!r}: {e}") from None
+
+
+def schema_for(name: str) -> type[LauncherConfig]:
+    """The options dataclass of launcher `name` (LauncherConfig for a name no module registered)."""
+    cls = REGISTRY.get(getattr(name, "value", name))
+    return cls.schema if cls else LauncherConfig
+
+
+def owners(option: str) -> list[str]:
+    """The registered launchers that have launcher.<option>."""
+    return [n for n, cls in REGISTRY.items() if option in cls.own_options()]
 
 
 def launcher_for(options: LauncherConfig) -> Launcher:
     """The registered launcher for launcher.name, holding `options`."""
     name = getattr(options.name, "value", options.name)
     if name not in REGISTRY:
-        for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
-            try:
-                importlib.import_module(module)
-            except ImportError as e:
-                raise ConfigError(f"{PLUGINS_ENV}: cannot import {module!r}: {e}") from None
+        import_plugins()
     if name not in REGISTRY:
         raise ConfigError(f"launcher.name={name!r}: no such launcher (known: {', '.join(sorted(REGISTRY))}; a module "
                           f"of your own that registers one is imported when named in {PLUGINS_ENV})")
     return REGISTRY[name](options)
 
 
-def _default(f: dataclasses.Field):
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+def foreign_options_error(name: str, stray: list[tuple[str, object]]) -> ConfigError:
+    """launcher=<name> was given options (option, value) that only other launchers have."""
+    listed = ", ".join(f"launcher.{o}={v!r}" for o, v in stray)
+    where = ", ".join(f"launcher.{o}: {'/'.join(owners(o))}" for o, _ in stray)
+    return ConfigError(f"launcher={name} does not use {listed} (options of: {where}); drop them or pick that launcher")
 
 
 def check_launcher(options: LauncherConfig, parallelism: Parallelism) -> Launcher:
-    """Refuse options the chosen launcher would ignore, and values it could not use; the launcher."""
+    """Refuse values the chosen launcher could not use (its schema already refuses other launchers'
+    options); the launcher."""
     launcher = launcher_for(options)
-    used = COMMON | launcher.options
-    stray = [f"launcher.{f.name}={getattr(options, f.name)!r}" for f in dataclasses.fields(options)
-             if f.name not in used and getattr(options, f.name) != _default(f)]
-    if stray:
-        owners = {f"launcher.{o}": "/".join(n for n, cls in REGISTRY.items() if o in cls.options)
-                  for o in (s.split("=")[0][len("launcher."):] for s in stray)}
-        raise ConfigError(f"launcher={launcher.name} does not use {', '.join(stray)} (options of: "
-                          f"{', '.join(f'{k}: {v}' for k, v in owners.items())}); drop them or pick that launcher")
     rules = [
         (options.nproc_per_node >= 1, "launcher.nproc_per_node must be >= 1 (ranks per node)"),
         (0 <= options.master_port < 65536, "launcher.master_port must be 0..65535"),

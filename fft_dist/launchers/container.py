@@ -6,6 +6,7 @@ import re
 import subprocess
 
 from fft_dist import config_launcher
+from fft_dist.config_launcher import ContainerOptions
 from fft_dist.config import ASSETS_DIR, ConfigError, LauncherConfig
 from fft_dist.launchers.base import CONFIG_ENV, Job, Launcher, register
 from fft_dist.launchers.shell import one_line, one_word, shell_line
@@ -63,7 +64,7 @@ def container_argv(options: LauncherConfig, *, run_dir: str, config_path: str) -
 @register
 class ContainerLauncher(Launcher):
     name = "container"
-    options = frozenset({"master_port", "image", "engine", "mounts", "gpus", "ipc_host", "shm_size"})
+    schema = ContainerOptions
     supervises = False  # in a container, its own node agent supervises the ranks
     own_packages = False
 

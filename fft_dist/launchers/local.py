@@ -13,7 +13,6 @@ from fft_dist.launchers.torchrun import AgentLauncher
 @register
 class LocalLauncher(AgentLauncher):
     name = "local"
-    options = frozenset({"master_port"})
 
     def in_process(self) -> bool:
         """One rank and no launcher.env: the rank runs in this process.

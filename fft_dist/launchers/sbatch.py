@@ -66,7 +66,7 @@ def cpu_request(launcher: LauncherConfig) -> tuple[list[str], str]:
 def srun_command(launcher: LauncherConfig, *, python: str) -> str:
     """What srun starts once per node (`fft-dist node`) (rendezvous address filled in by the script at run time)."""
     if launcher.use_deepspeed_launcher:
-        return deepspeed_node_command(launcher, python=python)
+        return deepspeed_srun_command(launcher, python=python)
     if launcher.nodes > 1:
         port = launcher.master_port or SLURM_PORT
         rdzv = (f'--nnodes={launcher.nodes} --rdzv_backend=c10d --rdzv_endpoint="$head:{port}" '
@@ -79,7 +79,7 @@ def srun_command(launcher: LauncherConfig, *, python: str) -> str:
             f"--max_restarts=0 {' '.join(AGENT_FLAGS)}")
 
 
-def deepspeed_node_command(launcher: LauncherConfig, *, python: str) -> str:
+def deepspeed_srun_command(launcher: LauncherConfig, *, python: str) -> str:
     """DeepSpeed's runner once per node without ssh (``--no_ssh --node_rank``), under fft-dist's node
     agent, which passes stop signals to the ranks only. ``bash -c`` so that each task reads its own
     ``SLURM_NODEID``."""

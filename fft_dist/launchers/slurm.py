@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from fft_dist import exit_codes
+from fft_dist.config_launcher import SlurmOptions
 from fft_dist.config import ConfigError, Parallelism
 from fft_dist.launchers.base import Job, Launcher, register
 from fft_dist.launchers.sbatch import sbatch_script
@@ -14,9 +15,7 @@ from fft_dist.launchers.shell import one_line
 @register
 class SlurmLauncher(Launcher):
     name = "slurm"
-    options = frozenset({"master_port", "nodes", "gpus_per_node", "cpus_per_task", "partition", "account", "qos",
-                         "time", "job_name", "signal_lead_s", "requeue", "sbatch_lines", "setup",
-                         "use_deepspeed_launcher"})
+    schema = SlurmOptions
 
     def nodes(self) -> int:
         return self.cfg.nodes

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
+from fft_dist.config_launcher import TorchrunOptions
 from fft_dist.config import ConfigError, LauncherConfig
 from fft_dist.launchers.agent import AGENT_FLAGS, RANK_MODULE, start_agent
 from fft_dist.launchers.base import Job, Launcher, register
@@ -52,11 +53,13 @@ class AgentLauncher(Launcher):
 @register
 class TorchrunLauncher(AgentLauncher):
     name = "torchrun"
-    options = frozenset({"master_port", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "local_addr",
-                         "max_restarts"})
+    schema = TorchrunOptions
 
     def nodes(self) -> int:
         return self.cfg.nnodes
+
+    def first_node(self) -> bool:
+        return self.cfg.node_rank == 0
 
     def agent_args(self) -> list[str]:
         return torchrun_args(self.cfg, nodes=self.cfg.nnodes, max_restarts=self.cfg.max_restarts)
