@@ -46,7 +46,8 @@ MODELS = {
     "mini": ["model=tiny_llama", "model.name=mini", "model.arch.hidden_size=8", "model.arch.intermediate_size=16",
              "model.arch.num_hidden_layers=1", "model.arch.num_attention_heads=2", "model.arch.num_key_value_heads=1"],
 }
-JOB = ["data.max_length=128", "data.eval_fraction=0", "eval.every_steps=0", "train.micro_batch_size=4",
+# fp32 named, not left to `auto`: the ranks decide fp32 on CPU, but the estimate plans a GPU's bf16
+JOB = ["train.precision=fp32", "data.max_length=128", "data.eval_fraction=0", "eval.every_steps=0", "train.micro_batch_size=4",
        "train.lr=1e-3", "train.warmup_steps=1", "checkpoint.save_final=false"]
 CPU_BUCKETS = ["parallelism.reduce_bucket_size=2000000", "parallelism.allgather_bucket_size=2000000"]
 ZERO3_BUCKETS = ["parallelism.prefetch_bucket_size=2000000", "parallelism.param_persistence_threshold=0"]

@@ -6,6 +6,7 @@ config. Validation runs once, in the launcher or worker, before any process grou
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -13,6 +14,16 @@ from typing import Any
 
 from fft_dist.errors import ConfigError  # noqa: F401 - re-exported: the schema's own error
 from fft_dist.config_launcher import LauncherConfig, LauncherName  # noqa: F401 - part of the schema
+from fft_dist.config_optimizer import (  # noqa: F401 - part of the schema
+    AdamConfig,
+    AdamWConfig,
+    OPTIMIZERS,
+    OptimizerConfig,
+    OptimizerImplementation,
+    OptimizerName,
+    SGDConfig,
+    typed_optimizer,
+)
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -29,23 +40,34 @@ class Precision(str, Enum):
 
 
 class Parallelism(str, Enum):
+    """The backend names Hydra accepts: the built-in ones, plus any that :func:`add_parallelism_name` adds
+    (fft_dist.strategy.backend.register does, so a backend defined outside the package is typed the same)."""
+
     none = "none"
     fsdp = "fsdp"
+    hsdp = "hsdp"
     zero2 = "zero2"
     zero3 = "zero3"
 
 
-class OptimizerName(str, Enum):
-    adamw = "adamw"
-    adam = "adam"
-    sgd = "sgd"
+def add_parallelism_name(name: str) -> Parallelism:
+    """Make `name` a member of :class:`Parallelism` (idempotent).
 
-
-class OptimizerImplementation(str, Enum):
-    auto = "auto"
-    single_tensor = "single_tensor"
-    foreach = "foreach"
-    fused = "fused"
+    Why: Hydra types ``parallelism.name`` as this enum, so a stray name is refused while composing, and the
+    code reads ``.value`` from it; a backend registered at run time must pass the same gate. Enums cannot
+    grow by design, so the member is added to the enum's own tables (what ``aenum.extend_enum`` does).
+    """
+    if name in Parallelism._value2member_map_:
+        return Parallelism(name)
+    if not name.isidentifier():
+        raise ValueError(f"a backend name must be an identifier, not {name!r}")
+    member = str.__new__(Parallelism, name)
+    member._name_, member._value_ = name, name
+    Parallelism._member_map_[name] = member
+    Parallelism._value2member_map_[name] = member
+    Parallelism._member_names_.append(name)
+    type.__setattr__(Parallelism, name, member)
+    return member
 
 
 class OnNonFinite(str, Enum):
@@ -165,20 +187,27 @@ class DataConfig:
     data.* settings for that source}. Metrics add eval_<name>_loss per source. See README "Mixtures"."""
 
 
+LOSS_PLUGIN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+"""loss.plugins entries are importable module names (a.b.c), never file paths or code."""
+
+
 @dataclass
-class OptimizerConfig:
-    name: OptimizerName = OptimizerName.adamw
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    """Decoupled (adamw) or L2 (adam, sgd) decay; not applied to biases, norms or embeddings listed below."""
-    no_decay: list[str] = field(default_factory=lambda: ["*bias", "*norm*.weight", "*ln_*.weight"])
-    """fnmatch patterns of parameters without weight decay."""
-    momentum: float = 0.9
-    """SGD only."""
-    implementation: OptimizerImplementation = OptimizerImplementation.auto
-    """torch's kernel for the update: single_tensor (a loop over parameters), foreach (batched) or fused (one
-    kernel). auto: fused (Adam/AdamW) or foreach (SGD) on CUDA, single_tensor on CPU; decided on the rank."""
+class LossConfig:
+    """The loss: the data format's cross-entropy (logged as `loss`) plus these named terms."""
+
+    terms: dict[str, dict[str, Any]] = field(default_factory=lambda: {"router_aux": {}})
+    """Terms added to the cross-entropy: name -> its options. router_aux: the MoE router's load-balancing
+    loss, active when the model's config asks for it (output_router_logits, router_aux_loss_coef). Add one
+    with +loss.terms.<name>={...}; drop one with ~loss.terms.<name>."""
+    plugins: list[str] = field(default_factory=list)
+    """Importable module names (a.b.c, never paths) that register terms with fft_dist.loss.register_term;
+    imported on every rank before training (a malformed name is refused when the config is typed)."""
+
+    def __post_init__(self) -> None:  # typed once on the launcher: a path or code never reaches a rank
+        for name in self.plugins:
+            if not isinstance(name, str) or not LOSS_PLUGIN.fullmatch(name):
+                raise ConfigError(f"loss.plugins: {name!r} is not an importable module name (a.b.c); "
+                                  "file paths and code are not accepted")
 
 
 @dataclass
@@ -235,7 +264,10 @@ class EvalConfig:
 class ParallelismConfig:
     name: Parallelism = Parallelism.fsdp
     reshard_after_forward: bool = True
-    """FSDP2: free gathered parameters after forward (ZeRO-3 style) instead of keeping them for backward."""
+    """FSDP2 / HSDP: free gathered parameters after forward (ZeRO-3 style) instead of keeping them for backward."""
+    shard_size: int = -1
+    """HSDP: ranks per shard group (parameters sharded within a group, replicated across groups); it must divide
+    the world size. -1 (auto): the ranks of one node (LOCAL_WORLD_SIZE on the rank, launcher.nproc_per_node)."""
     offload_optimizer: bool = False
     """DeepSpeed: keep optimizer states (and the step) on CPU."""
     offload_params: bool = False
@@ -310,7 +342,10 @@ class FFTConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    optimizer: Any = field(default_factory=dict, metadata={"variants": OPTIMIZERS})
+    """An OptimizerConfig subclass picked by optimizer.name (Any here so that each option keeps its own
+    fields; __post_init__ types it)."""
+    loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
@@ -319,6 +354,9 @@ class FFTConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     resume: str = "none"
     """none | auto (newest complete checkpoint in checkpoint.dir, else fresh) | a checkpoint path."""
+
+    def __post_init__(self) -> None:
+        self.optimizer = typed_optimizer(self.optimizer)
 
 
 def conf_dir() -> Path:

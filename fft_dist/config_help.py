@@ -12,7 +12,7 @@ from enum import Enum
 from pathlib import Path
 
 from fft_dist import config as schema
-from fft_dist import config_launcher
+from fft_dist import config_launcher, config_optimizer
 from fft_dist.config import FFTConfig, conf_dir
 
 USAGE = """usage: fft-dist train [--config-dir DIR ...] [--cfg job] [--info] [--help] [key=value ...]
@@ -26,9 +26,9 @@ USAGE = """usage: fft-dist train [--config-dir DIR ...] [--cfg job] [--info] [--
 
 def _field_docs() -> dict[tuple[str, str], str]:
     """(dataclass name, field name) -> the docstring written under the field in config.py (and in
-    config_launcher.py, the launcher's part of the schema)."""
+    config_launcher.py and config_optimizer.py, their parts of the schema)."""
     docs: dict[tuple[str, str], str] = {}
-    for module in (schema, config_launcher):
+    for module in (schema, config_launcher, config_optimizer):
         docs.update(_docs_of(Path(module.__file__)))
     return docs
 
@@ -90,12 +90,28 @@ def options() -> list[tuple[str, str, object, str]]:
                 tp = hints[f.name]
                 if dataclasses.is_dataclass(tp):
                     walk(tp, f"{prefix}{f.name}.")
+                elif "variants" in f.metadata:  # one schema per group option (optimizer=adamw|adam|sgd)
+                    _variants(f.metadata["variants"], f"{prefix}{f.name}", docs, out)
                 else:
                     out.append((f"{prefix}{f.name}", _type_name(tp), _default(f),
                                 docs.get((variant.__name__, f.name), "")))
 
     walk(FFTConfig, "")
     return out
+
+
+def _variants(schemas: dict, key: str, docs: dict, out: list) -> None:
+    """Each option of a group whose options have their own fields, once, with the options that have it."""
+    rows: dict[str, list] = {}
+    for choice, cls in schemas.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            row = rows.setdefault(f.name, [_type_name(hints[f.name]), _default(f), [], ""])
+            row[2].append(getattr(choice, "value", choice))
+            row[3] = row[3] or next((docs[(c.__name__, f.name)] for c in cls.__mro__ if (c.__name__, f.name) in docs), "")
+    for name, (tp, default, owners, doc) in rows.items():
+        only = "" if len(owners) == len(schemas) else f"[{key}={'|'.join(owners)}] "
+        out.append((f"{key}.{name}", tp, default, (only + doc).strip()))
 
 
 def groups() -> dict[str, list[str]]:

@@ -1,13 +1,11 @@
 """Per-GPU memory of a training set-up, estimated from the typed config (pure: no processes).
 
 The model is built on the meta device, so the parameter count, the largest decoder layer and
-the largest single module are real without allocating anything. The byte rules per backend are
-the README's "Memory planning" section; the fp32 layouts are the ones measured per rank in
-tests/test_memory.py (and tests/test_deepspeed.py).
-
-Vocabulary: Ψ parameters (T of them trainable), N GPUs, w bytes per working weight (4: fft-dist
-keeps fp32 weights under every precision; 2 under DeepSpeed's native fp16 / bf16 modes), k optimizer
-bytes per trainable parameter (Adam/AdamW 8, SGD with momentum 4, plain SGD 0).
+the largest single module are real without allocating anything. The model-state bytes come from each
+backend's descriptor (:mod:`fft_dist.strategy.backends`); activations and the table are assembled here.
+The byte rules per backend are the README's "Memory planning" section; the fp32 layouts are the ones
+measured per rank in tests/test_memory.py (and tests/test_deepspeed.py). Vocabulary:
+:mod:`fft_dist.strategy.sizing`.
 
 `auto` settings are estimated as a rank on a GPU with bf16 decides them (fft_dist.device_defaults:
 precision bf16, DeepSpeed's bf16 weights): `estimate` and `plan` run on login nodes without GPUs.
@@ -15,53 +13,17 @@ precision bf16, DeepSpeed's bf16 weights): `estimate` and `plan` run on login no
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
-from fft_dist.config import ConfigError, FFTConfig, OptimizerName, Parallelism, ParallelismConfig, Precision
-from fft_dist.device_defaults import PLANNING_GPU, DeviceDefaults, decide
-from fft_dist.strategy.deepspeed_config import bucket_sizes
+from fft_dist.config import FFTConfig, Precision
+from fft_dist.strategy import backend as registry
+from fft_dist.strategy.sizing import (  # noqa: F401 - re-exported: memory's public vocabulary
+    ModelShape, Setup, native_16bit, optimizer_bytes_per_param, planned,
+)
 
-BACKENDS = ("none", "fsdp", "zero2", "zero3", "zero2_offload", "zero3_offload")
+BACKENDS = tuple(registry.listed_rows(gpus=1))
+"""The rows of every estimate table (none, fsdp, zero2, zero3, zero2_offload, zero3_offload)."""
 GIB = 1024**3
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the estimate needs to know about the model (from a meta-device build)."""
-
-    params: int
-    trainable: int
-    hidden: int
-    layers: int
-    intermediate: int
-    kv_hidden: int
-    heads: int
-    vocab: int
-    gated_mlp: bool
-    largest_layer: int
-    """Parameters of the largest decoder layer (one FSDP2 unit)."""
-    largest_module: int
-    """Parameters held directly by the largest single module (ZeRO-3 gathers module by module)."""
-    root_params: int
-    """Parameters outside the decoder layers (embeddings, final norm, lm_head): FSDP2's root unit."""
-    param_sizes: tuple[int, ...]
-    """Element count of every parameter (for ZeRO-3's persistence threshold)."""
-    attention: str = "sdpa"
-    """The attention kernel the model runs (eager keeps the s x s scores)."""
-
-
-@dataclass(frozen=True)
-class Setup:
-    """One row's knobs."""
-
-    parallelism: str
-    gpus: int
-    micro_batch: int
-    seq_len: int
-    checkpointing: bool
-    eval_micro_batch: int = 0
-    """eval.micro_batch_size when the run evaluates (0: no eval set, no eval forward)."""
 
 
 def model_shape(cfg: FFTConfig) -> ModelShape:
@@ -96,24 +58,6 @@ def model_shape(cfg: FFTConfig) -> ModelShape:
         param_sizes=tuple(p.numel() for p in params),
         attention=config._attn_implementation,  # noqa: SLF001 - resolved by hf_config (auto -> the family's)
     )
-
-
-def optimizer_bytes_per_param(cfg: FFTConfig) -> int:
-    name = OptimizerName(cfg.optimizer.name)
-    if name in (OptimizerName.adamw, OptimizerName.adam):
-        return 8  # exp_avg + exp_avg_sq in fp32
-    return 4 if cfg.optimizer.momentum else 0  # SGD: the momentum buffer
-
-
-def planned(cfg: FFTConfig, backend: str) -> DeviceDefaults:
-    """The settings a rank on a GPU with bf16 would decide for `backend` (every `auto` resolved)."""
-    return decide(cfg, PLANNING_GPU, parallelism=backend.split("_")[0])
-
-
-def native_16bit(cfg: FFTConfig, backend: str | None = None) -> bool:
-    """DeepSpeed's own 16-bit mode (fp16, or parallelism.bf16_weights): 16-bit working weights and gradients."""
-    decided = planned(cfg, backend or Parallelism(cfg.parallelism.name).value)
-    return decided.precision == Precision.fp16 or (decided.precision == Precision.bf16 and decided.bf16_weights)
 
 
 def assumptions(cfg: FFTConfig) -> str:
@@ -182,56 +126,25 @@ def setup_for(cfg: FFTConfig, backend: str, gpus: int, *, micro_batch: int | Non
     """A row's knobs: the config's own, unless given."""
     return Setup(backend, gpus, cfg.train.micro_batch_size if micro_batch is None else micro_batch,
                  cfg.data.max_length, cfg.model.activation_checkpointing if checkpointing is None else checkpointing,
-                 (cfg.eval.micro_batch_size if runs_eval(cfg) else 0) if eval_micro_batch is None else eval_micro_batch)
+                 (cfg.eval.micro_batch_size if runs_eval(cfg) else 0) if eval_micro_batch is None else eval_micro_batch,
+                 shard_size=configured_shard_size(cfg, backend, gpus) or 0)
+
+
+def configured_shard_size(cfg: FFTConfig, backend: str, gpus: int) -> int | None:
+    """The row's shard group at `gpus` GPUs as configured, from its descriptor (HSDP); None for a backend
+    without groups, or where the configured group does not fit `gpus`."""
+    group_size = registry.row_backend(backend).group_size
+    return group_size(cfg, gpus) if group_size else None
 
 
 def estimate(shape: ModelShape, cfg: FFTConfig, setup: Setup) -> dict[str, Any]:
     """One row: per-GPU bytes by category, CPU bytes per GPU for offload, and what the buckets are."""
     backend, n = setup.parallelism, setup.gpus
     psi, t = shape.params, shape.trainable
-    k = optimizer_bytes_per_param(cfg)
     precision = planned(cfg, backend).precision
-    deepspeed = backend.startswith("zero")
-    w = 2 if deepspeed and native_16bit(cfg, backend) else 4
-    detail: dict[str, int] = {}
-    cpu = 0
-    if backend == "none":
-        params, grads, master, optim = 4 * psi, 4 * t, 0, k * t
-    elif backend == "fsdp":
-        params, grads, master, optim = 4 * psi // n, 4 * t // n, 0, k * t // n
-        gathered = 2 if precision != Precision.fp32 else 4  # MixedPrecisionPolicy(param_dtype=bf16/fp16)
-        # the root stays gathered between forward and backward; a layer and the prefetched next one are
-        # gathered at a time; one layer's unsharded fp32 gradients wait for their reduce-scatter
-        detail["gathered_layers"] = (shape.root_params + 2 * shape.largest_layer) * gathered
-        detail["unsharded_grads"] = shape.largest_layer * 4
-    else:
-        buckets = bucket_sizes(_deepspeed_par(cfg.parallelism, backend), hidden_size=shape.hidden, on_gpu=True)
-        detail["reduce_bucket"] = buckets["reduce_bucket_size"] * w
-        master = 4 * t // n
-        # 16-bit modes also make an fp32 copy of the gradient partition for the optimizer step
-        grads = w * t // n + (4 * t // n if w == 2 else 0)
-        optim = k * t // n
-        if backend.startswith("zero2"):
-            # ZeRO-2's gradient buffer on a rank runs to whole parameters at its partition's ends: measured
-            # at 4 ranks, half the largest parameter more on average (up to twice that on a middle rank)
-            straddle = max(shape.param_sizes, default=0) // 2
-            grads += w * (min(t, t // n + straddle) - t // n)
-            params = w * psi
-            # a limit on what is gathered at once (into the weights' own buffer), so never more than the model
-            detail["allgather_bucket"] = min(buckets["allgather_bucket_size"], psi) * w
-        else:
-            threshold = buckets["param_persistence_threshold"]
-            persistent = sum(s for s in shape.param_sizes if s <= threshold)  # DeepSpeed: ds_numel <= threshold
-            params = w * ((psi - persistent) // n + persistent)
-            detail["persistent_params"] = persistent
-            detail["prefetch_bucket"] = min(buckets["prefetch_bucket_size"], psi) * w  # in flight, at most the model
-            detail["gathered_layers"] = shape.largest_module * 2 * w  # its weights and their gradients
-        if backend.endswith("_offload"):  # reduced gradients go straight into an fp32 partition in CPU memory
-            cpu = master + 4 * t // n + optim
-            master = grads = optim = 0
-            if backend == "zero3_offload":
-                cpu += params - w * detail["persistent_params"]
-                params = w * detail["persistent_params"]
+    state = registry.row_backend(backend).memory(shape, cfg, setup)
+    params, grads, master, optim, detail, cpu = (state.params, state.grads, state.master, state.optim,
+                                                 state.detail, state.cpu)
     eager = shape.attention == "eager"
     acts = {on: activation_bytes(shape, micro_batch=setup.micro_batch, seq_len=setup.seq_len, checkpointing=on,
                                  precision=precision, eager_attention=eager)
@@ -249,7 +162,7 @@ def estimate(shape: ModelShape, cfg: FFTConfig, setup: Setup) -> dict[str, Any]:
             "per_gpu_bytes": per_gpu,
             "activations_by_checkpointing": {"off": acts[False], "on": acts[True]},
             "train_activations": acts[setup.checkpointing], "eval_activations": eval_acts,
-            "cpu_bytes_per_gpu": cpu, "detail": detail}
+            "cpu_bytes_per_gpu": cpu, "detail": detail, **({"shard_size": setup.shard_size} if setup.shard_size else {})}
 
 
 def model_state_bytes(row: dict[str, Any]) -> int:
@@ -258,16 +171,16 @@ def model_state_bytes(row: dict[str, Any]) -> int:
     return b["params"] + b["grads"] + b["master"] + b["optimizer"]
 
 
-def _deepspeed_par(par: ParallelismConfig, backend: str) -> ParallelismConfig:
-    """The configured bucket fields when the config is a DeepSpeed one, else auto."""
-    if Parallelism(par.name) in (Parallelism.zero2, Parallelism.zero3):
-        return par
-    return dataclasses.replace(ParallelismConfig(), name=Parallelism(backend.split("_")[0]))
-
-
-def backends_for(gpus: int) -> tuple[str, ...]:
-    """`none` is one process; every other backend runs on any number of GPUs."""
-    return BACKENDS if gpus == 1 else BACKENDS[1:]
+def backends_for(gpus: int, cfg: FFTConfig | None = None) -> tuple[str, ...]:
+    """The listed rows at `gpus` (`none` is one process: 1 GPU only), and the configured backend's own
+    row when it has no listed ones (hsdp), where it can run at `gpus`."""
+    rows = tuple(registry.listed_rows(gpus=gpus))
+    chosen = registry.get(cfg.parallelism.name) if cfg is not None else None
+    if chosen is None or chosen.rows or (chosen.single_process and gpus != 1):
+        return rows
+    if chosen.group_size and chosen.group_size(cfg, gpus) is None:
+        return rows
+    return rows + (chosen.name,)
 
 
 USABLE = 0.9
@@ -293,7 +206,7 @@ def estimate_table(cfg: FFTConfig, shape: ModelShape, gpus: list[int], *, gpu_me
     checkpointing; with ``gpu_mem`` each row says whether it fits (within :func:`limit`)."""
     rows = []
     for n in gpus:
-        for backend in backends_for(n):
+        for backend in backends_for(n, cfg):
             row = estimate(shape, cfg, setup_for(cfg, backend, n))
             if gpu_mem is not None:
                 row["fits"] = fits(row, gpu_mem, headroom=headroom)
@@ -317,7 +230,8 @@ def format_table(rows: list[dict[str, Any]], gpu_mem: int | None = None) -> str:
     for r in rows:
         b = r["per_gpu_bytes"]
         other = r["activations_by_checkpointing"]["off" if r["activation_checkpointing"] else "on"]
-        line = (f"{r['parallelism']:14s} {r['gpus']:4d} " + " ".join(f"{b[c] / GIB:7.2f}" for c in cols)
+        name = r["parallelism"] + (f" shard {r['shard_size']}" if r.get("shard_size") else "")
+        line = (f"{name:14s} {r['gpus']:4d} " + " ".join(f"{b[c] / GIB:7.2f}" for c in cols)
                 + "".join(f" {x / GIB:7.2f}" for x in (r["train_activations"], other, r["eval_activations"],
                                                         r["cpu_bytes_per_gpu"])))
         if gpu_mem is not None:

@@ -1,5 +1,8 @@
 """Optimizers with the usual decay / no-decay parameter groups, and step -> lr schedules.
 
+Each `optimizer=` option has its own config dataclass (fft_dist.config_optimizer), so every option
+it has reaches torch here and no other can be set.
+
 The schedule is a pure function of the step, so resuming needs nothing but the step
 count, and every backend applies exactly the same lr.
 """
@@ -12,7 +15,16 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fft_dist.config import ConfigError, OptimizerConfig, OptimizerImplementation, OptimizerName, Schedule, TrainConfig
+from fft_dist.config import (
+    AdamWConfig,
+    ConfigError,
+    OptimizerConfig,
+    OptimizerImplementation,
+    OptimizerName,
+    Schedule,
+    SGDConfig,
+    TrainConfig,
+)
 from fft_dist.validate import warmup_steps_for
 
 
@@ -53,14 +65,12 @@ def optimizer_factory(cfg: OptimizerConfig, lr: float,
         groups = param_groups(model, cfg)
         if not groups:
             raise ConfigError("no trainable parameters: model.freeze / model.freeze_layers froze everything")
-        betas = tuple(cfg.betas)
-        if cfg.name == OptimizerName.adamw:
-            return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.eps, **kernel)
-        if cfg.name == OptimizerName.adam:
-            return torch.optim.Adam(groups, lr=lr, betas=betas, eps=cfg.eps, **kernel)
-        if cfg.name == OptimizerName.sgd:
-            return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, **kernel)
-        raise ValueError(f"unknown optimizer {cfg.name}")
+        if isinstance(cfg, SGDConfig):
+            return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kernel)
+        if isinstance(cfg, AdamWConfig):  # AdamConfig has AdamW's options; the name says which update
+            kind = torch.optim.Adam if cfg.name == OptimizerName.adam else torch.optim.AdamW
+            return kind(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, **kernel)
+        raise ValueError(f"no optimizer for {type(cfg).__name__}")
 
     return make
 

@@ -4,9 +4,10 @@ Candidates keep the global batch: micro batch m on N GPUs with accumulation
 global / (m N). They are ranked by this key, cheapest first:
 1. no offload before offload (the optimizer step on the CPU and the PCIe copies cost most);
 2. no activation checkpointing before checkpointing (recomputing forward costs ~1/3 more compute);
-3. less communication per optimizer step, in units of Ψ elements: none 0; zero2 one
-   reduce-scatter per micro step plus one all-gather per step (accum + 1); fsdp and zero3 an
-   all-gather in forward, another in backward and a reduce-scatter per micro step (3 accum);
+3. less communication per optimizer step, in units of Ψ elements, from each backend's descriptor:
+   none 0; zero2 one reduce-scatter per micro step plus one all-gather per step (accum + 1); fsdp
+   and zero3 an all-gather in forward, another in backward and a reduce-scatter per micro step
+   (3 accum); hsdp, considered when the config chooses it, fsdp's plus one all-reduce (3 accum + 1);
 4. the larger micro batch (fewer, fuller kernels);
 5. the larger eval micro batch (eval.micro_batch_size halved until it fits: eval is a small share
    of the time, and its logits can be the activation peak at a 128k vocabulary).
@@ -20,7 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from fft_dist.config import FFTConfig
-from fft_dist.memory import GIB, HEADROOM, USABLE, ModelShape, Setup, budget, estimate, fits, limit, runs_eval
+from fft_dist.memory import (
+    GIB, HEADROOM, USABLE, ModelShape, Setup, budget, configured_shard_size, estimate, fits, limit, runs_eval,
+)
+from fft_dist.strategy import backend as registry
 
 
 class NoFit(Exception):
@@ -39,12 +43,8 @@ class Choice:
 
 
 def comm_volume(backend: str, grad_accum: int) -> int:
-    """Elements moved per optimizer step, in units of Ψ (the ranking key's third part)."""
-    if backend == "none":
-        return 0
-    if backend.startswith("zero2"):
-        return grad_accum + 1
-    return 3 * grad_accum
+    """Elements moved per optimizer step, in units of Ψ (the ranking key's third part): the descriptor's."""
+    return registry.row_backend(backend).comm_volume(grad_accum)
 
 
 def candidates(cfg: FFTConfig, gpus: int) -> list[tuple[tuple, Setup, int]]:
@@ -54,18 +54,30 @@ def candidates(cfg: FFTConfig, gpus: int) -> list[tuple[tuple, Setup, int]]:
     if not micros:
         raise NoFit(f"train.global_batch_size={global_batch} cannot be split over {gpus} GPUs (it must be a "
                     f"multiple of {gpus}); set train.global_batch_size to a multiple of {gpus}")
-    backends = ("none",) if gpus == 1 else ("zero2", "fsdp", "zero3")
     evals = eval_batches(cfg)
     out = []
-    for offload, names in ((False, backends), (True, ("zero2_offload", "zero3_offload"))):
+    for offload, names in ((False, plan_rows(cfg, gpus, offload=False)), (True, plan_rows(cfg, gpus, offload=True))):
         for checkpointing in (False, True):
             for backend in names:
+                shard = configured_shard_size(cfg, backend, gpus) or 0
                 for m in micros:
                     accum = global_batch // (m * gpus)
                     for e in evals:
                         key = (offload, checkpointing, comm_volume(backend, accum), -m, -e)
-                        out.append((key, Setup(backend, gpus, m, cfg.data.max_length, checkpointing, e), accum))
+                        out.append((key, Setup(backend, gpus, m, cfg.data.max_length, checkpointing, e, shard), accum))
     return sorted(out, key=lambda c: c[0])
+
+
+def plan_rows(cfg: FFTConfig, gpus: int, *, offload: bool) -> list[str]:
+    """The descriptors' listed rows (on the GPU, or offloaded), plus the configured backend when it lists
+    none of its own (hsdp) and can run on `gpus`."""
+    offloaded = {r.name for b in registry.backends() for r in b.rows if r.offload}
+    names = [n for n in registry.listed_rows(gpus=gpus, plan=True) if (n in offloaded) == offload]
+    chosen = registry.get(cfg.parallelism.name)
+    if (not offload and not chosen.rows and chosen.single_process == (gpus == 1)
+            and (chosen.group_size is None or chosen.group_size(cfg, gpus) is not None)):
+        names.append(chosen.name)
+    return names
 
 
 def eval_batches(cfg: FFTConfig) -> list[int]:
@@ -150,7 +162,8 @@ def _reasons(cfg: FFTConfig, shape: ModelShape, rows, chosen: dict[str, Any], ac
 
 
 def _overrides(cfg: FFTConfig, setup: Setup) -> list[str]:
-    out = [f"parallelism={setup.parallelism}", f"launcher.nproc_per_node={setup.gpus}",
+    extra = registry.row_backend(setup.parallelism).overrides
+    out = [f"parallelism={setup.parallelism}", *(extra(setup) if extra else []), f"launcher.nproc_per_node={setup.gpus}",
            f"train.micro_batch_size={setup.micro_batch}", f"train.global_batch_size={cfg.train.global_batch_size}",
            f"model.activation_checkpointing={'true' if setup.checkpointing else 'false'}"]
     if setup.eval_micro_batch and setup.eval_micro_batch != cfg.eval.micro_batch_size:

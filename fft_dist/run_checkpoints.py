@@ -3,8 +3,9 @@
 The trainer calls this, never the checkpoint functions directly, so the rules of a run's
 checkpoints live in one place: the run id that marks what this run may prune or replace (from
 run.dir, :mod:`fft_dist.rundir`), the checkpoint to resume from (verified on every rank, falling
-back past corrupt ones), newer damaged folders set aside so no save lands on them, and every save
-handed the run id, the keep_last / keep_best rules and the metadata the export needs.
+back past corrupt ones), newer damaged folders set aside so no save lands on them, and the run's
+:class:`~fft_dist.checkpoint.Checkpointer`, which makes every save with the run id, the keep_last /
+keep_best rules and the metadata the export needs, and knows the run's last and best checkpoints.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 from fft_dist import checkpoint as ckpt
 from fft_dist.checkpoint.collective import agree_or_raise
 from fft_dist.checkpoint import ownership
-from fft_dist.checkpoint.format import TRAIN_STATE_FILE, step_dir_name
+from fft_dist.checkpoint.format import TRAIN_STATE_FILE
 from fft_dist.checkpoint.layout import SHARED_FS_HELP, read_shared_probe, write_shared_probe
 from fft_dist.checkpoint.ownership import Reason
 from fft_dist.config import ExportChoice, FFTConfig
@@ -44,6 +45,9 @@ class RunCheckpoints:
         self.root = Path(cfg.checkpoint.dir)
         self.run_id: str = broadcast_small(run_identity(Path(cfg.run.dir)) if ctx.is_main else None)
         self.generation_config = read_generation_config(cfg.model.path)
+        self.saver = ckpt.Checkpointer(self.root, run_id=self.run_id, keep_last=cfg.checkpoint.keep_last,
+                                       keep_best=cfg.checkpoint.keep_best, timeout_s=ctx.timeout_s)
+        """The run's saves (its own process group, made here, by every rank at once)."""
 
     def check_writable(self) -> None:
         """A read-only or full checkpoint disk (or a folder named ``latest``) shows now, on every rank
@@ -101,6 +105,7 @@ class RunCheckpoints:
             except (OSError, ckpt.CheckpointError) as e:
                 problems = [f"cannot move a damaged checkpoint out of the way: {e}"]
         agree_or_raise(problems, f"cannot resume from {path}:")
+        self.saver.best = envelope["train_state"]["trainer"]["best_checkpoint"]  # kept out of pruning again
         return path, envelope
 
     def load(self, strategy, path: Path) -> dict:
@@ -108,21 +113,31 @@ class RunCheckpoints:
         return ckpt.load_checkpoint(strategy, path, verify=False,
                                     params_only=not self.cfg.checkpoint.load_optimizer)
 
-    def save(self, strategy, step: int, *, train_state: dict, meta: dict, best_checkpoint: str | None) -> Path:
-        """Save `step` as this run's; keep_best protects `best_checkpoint` from pruning. Collective."""
-        protect = [best_checkpoint] if self.cfg.checkpoint.keep_best and best_checkpoint else []
-        return ckpt.save_checkpoint(strategy, ckpt_root=self.root, step=step, train_state=train_state,
-                                    keep_last=self.cfg.checkpoint.keep_last, protect=protect, run_id=self.run_id,
-                                    meta={**meta, "generation_config": self.generation_config})
+    def save(self, strategy, step: int, *, train_state, meta: dict, best: bool) -> ckpt.SaveResult | None:
+        """Save `step` as this run's; `best`: it holds the best-evaluated weights so far (kept with keep_best,
+        exported with export=best). `train_state`: see :meth:`Checkpointer.save`. Collective."""
+        return self.saver.save(strategy, step, train_state, best=best,
+                               meta={**meta, "generation_config": self.generation_config})
 
-    def export_source(self, last: Path, best_checkpoint: str | None) -> Path:
+    @property
+    def last(self) -> Path | None:
+        """The newest checkpoint this run committed (None before its first save)."""
+        return self.saver.last
+
+    @property
+    def saved_step(self) -> int | None:
+        """The step of this run's newest save (committed, or in flight)."""
+        return self.saver.newest_step
+
+    def close(self) -> None:
+        """Wait for a save in flight; no save after this. Collective."""
+        self.saver.close()
+
+    def export_source(self) -> Path:
         """The checkpoint ``checkpoint.export_final`` writes: the last one, or the best-eval one."""
-        if self.cfg.checkpoint.export != ExportChoice.best or best_checkpoint is None:
+        best = self.saver.best
+        if self.cfg.checkpoint.export != ExportChoice.best or best is None:
             if self.cfg.checkpoint.export == ExportChoice.best:
                 print0("fft-dist: warning: no saved checkpoint was taken at an evaluation; exporting the last one")
-            return last
-        return self.root / best_checkpoint
-
-    @staticmethod
-    def name(step: int) -> str:
-        return step_dir_name(step)
+            return self.saver.last
+        return self.root / best

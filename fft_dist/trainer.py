@@ -1,8 +1,8 @@
 """The one training loop. It talks to the backend only through the Strategy protocol.
 
-Loss normalisation (fft_dist.loss): every micro-batch contributes its loss sum / N, where N counts
-the loss-bearing tokens (classification: examples) in the whole global batch (all accumulation
-steps, all ranks). The result is independent of how the global batch is split over ranks and micro batches.
+Loss normalisation (fft_dist.loss.total): every micro-batch contributes each loss term's sum / N, where
+N counts the term's unit (loss tokens, examples, input tokens) in the whole global batch (all
+accumulation steps, all ranks). The result is independent of how the global batch is split.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from fft_dist.data.training import load_training_data
 from fft_dist.dist import DistContext, all_reduce_sum, print0, seed_everything
 from fft_dist.errors import NonFiniteError
 from fft_dist.evaluation import EvalSets, evaluate, track
-from fft_dist.loss import objective_for, router_aux_loss
+from fft_dist.loss import MAIN, build_loss
 from fft_dist.metrics import MetricsWriter, flops_per_token, peak_flops, peak_memory_mb
 from fft_dist.model import (
     apply_freeze,
@@ -125,7 +125,8 @@ class Trainer:
         if data.sources:
             print0("fft-dist: data mixture: " + ", ".join(f"{s.name} {s.share:.1%} of each batch ({len(p)} rows)"
                                                          for s, p in zip(data.sources, data.train.parts)))
-        self.objective, self.task = objective_for(cfg.data.format), task_of(cfg.data.format)
+        self.loss = build_loss(cfg.loss, fmt=cfg.data.format, model_config=self.hf_config)
+        self.objective, self.task = self.loss.objective, task_of(cfg.data.format)
         for_task(self.hf_config, self.task, labels=stats.labels, pad_token_id=self.tokenizer.pad_token_id)
         self._resume_from = self._resume_sample_position()
         self.total_steps = cfg.train.max_steps or self.sampler.total_steps(cfg.train.epochs)
@@ -224,40 +225,31 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         """One optimizer step. The per-step numbers stay on the device until one copy to the host after
-        the last micro batch (loss, stop flag, router aux loss, gradient norm), whatever the accumulation:
+        the last micro batch (the loss parts, stop flag, counts, gradient norm), whatever the accumulation:
         a GPU is never made to wait mid-step."""
         batches = self._micro_batches(step)
-        local_tokens = sum(self.objective.count(b) for b in batches)
-        local_inputs = sum(int(b["attention_mask"].sum()) for b in batches)  # data on the host: no device sync
         device = self.ctx.device
-        counts = all_reduce_sum([local_tokens, local_inputs], device)  # global tokens, inputs: stay on the device
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, stop flag, router aux loss
-        coef = float(getattr(self.hf_config, "router_aux_loss_coef", 0.0) or 0.0)
+        counts = all_reduce_sum(self.loss.local_counts(batches), device)  # global units: stay on the device
+        n = len(self.loss.names)
+        sums = self.loss.new_sums(device, spare=1)  # one slot per loss part, then the stop flag
         for batch in batches:
             out = self.strategy.forward(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
-            loss = self.objective.loss_sum(out.logits, batch["labels"])
-            objective = loss / counts[0].to(loss.device, loss.dtype)
-            aux = router_aux_loss(out, self.hf_config)
-            if aux is not None:
-                weighted = aux * (int(batch["attention_mask"].sum()) / counts[1].to(aux.device, aux.dtype))
-                objective = objective + coef * weighted.to(objective.device)
-                sums[2] += weighted.detach().to(device, torch.float64)
-            self.strategy.backward(objective)
-            sums[0] += loss.detach().to(device, torch.float64)
-        sums[1] = float(self.stop_signal.received is not None)
+            self.strategy.backward(self.loss.micro_batch(batch, out, counts, sums))
+        sums[n] = float(self.stop_signal.received is not None)
         norm = self.strategy.grad_norm()  # on the device; None: the backend computes it in its update
         reduced = [all_reduce_sum(sums, device), counts]
         if norm is not None:
             reduced.append(norm.detach().reshape(1).to(device, torch.float64))
         values = torch.cat(reduced).tolist()  # the step's one device-to-host copy
-        total_loss, any_stop, aux_total, global_tokens, global_inputs = values[:5]
-        loss_value = total_loss / global_tokens
+        any_stop, (global_tokens, global_inputs) = values[n], values[n + 1:n + 3]
+        parts = self.loss.parts(values[:n], [global_tokens, global_inputs])
+        loss_value = parts[MAIN]
         skip = self.cfg.train.on_nonfinite == OnNonFinite.skip
         if not math.isfinite(loss_value) and not skip:
             raise NonFiniteError(
                 f"loss is {loss_value} at step {step + 1}; stopping without applying or saving this step "
                 f"(the last good checkpoint, if any, is in {self.ckpt_root}). Lower train.lr or check the data.")
-        grad_norm = self.strategy.apply_update(step, values[5] if norm is not None else None)
+        grad_norm = self.strategy.apply_update(step, values[n + 3] if norm is not None else None)
         # fp16's loss scaler skips overflowing steps by design: that is not divergence
         if not math.isfinite(grad_norm) and not skip and self.defaults.precision != Precision.fp16:
             raise NonFiniteError(
@@ -266,8 +258,7 @@ class Trainer:
                 "train.on_nonfinite=skip to drop such steps and go on.")
         return {"loss": loss_value, "grad_norm": grad_norm, "tokens": int(global_tokens),
                 "inputs": int(global_inputs), "stop": any_stop > 0, "skipped": not math.isfinite(grad_norm),
-                **({"router_aux_loss": aux_total} if coef and getattr(self.hf_config, "output_router_logits", False)
-                   else {})}
+                "parts": self.loss.metrics(parts)}
 
     def _say(self, message: str) -> None:
         """A rank-0 console line that does not break the progress bar."""
@@ -290,17 +281,21 @@ class Trainer:
         self._say(line)
         return True
 
-    def _save(self, step: int) -> Path:
+    def _save(self, step: int) -> None:
+        """Save `step`; the run's Checkpointer keeps which checkpoint is the last and which the best."""
         from dataclasses import asdict
 
         s = self.state
-        if s.best_step == step:  # this checkpoint holds the best-evaluated weights so far
-            s.best_checkpoint = self.checkpoints.name(step)
-        trainer_state = {k: v for k, v in asdict(s).items() if k != "step"}
-        return self.checkpoints.save(
-            self.strategy, step, best_checkpoint=s.best_checkpoint,
-            train_state={"trainer": trainer_state, "sampler": self.sampler.position(step),
-                         "schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps}},
+
+        def train_state(best_checkpoint: str | None) -> dict:
+            s.best_checkpoint = best_checkpoint  # the checkpointer's: this save may be the best one
+            trainer_state = {k: v for k, v in asdict(s).items() if k != "step"}
+            return {"trainer": trainer_state, "sampler": self.sampler.position(step),
+                    "schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps}}
+
+        self.checkpoints.save(
+            self.strategy, step, best=s.best_step == step,  # this checkpoint holds the best-evaluated weights so far
+            train_state=train_state,
             meta={"config_yaml": self.config_yaml, "model_config": self.hf_config.to_dict(),
                   "backend": self.cfg.parallelism.name.value, "model_path": self.cfg.model.path,
                   "optimizer": self.cfg.optimizer.name.value, "task": self.task,
@@ -315,8 +310,6 @@ class Trainer:
         stop_now = False  # a stop signal (agreed by all ranks) during a step or an evaluation
         if s.step == 0 and self.eval_set and cfg.eval.every_steps:  # 0: evaluate only at the end
             stop_now = not self._eval_and_track(0)
-        last_ckpt: Path | None = None
-        last_saved_step: int | None = None
         from tqdm.auto import tqdm
 
         self._bar = tqdm(total=self.total_steps, initial=s.step, disable=not self.ctx.is_main, desc="train",
@@ -334,7 +327,7 @@ class Trainer:
             if not stop_now and cfg.eval.every_steps and s.step % cfg.eval.every_steps == 0 and s.step < self.total_steps:
                 stop_now = not self._eval_and_track(s.step)
             if not stop_now and cfg.checkpoint.every_steps and s.step % cfg.checkpoint.every_steps == 0:
-                last_ckpt, last_saved_step = self._save(s.step), s.step
+                self._save(s.step)
         self._bar.close()
         self._bar = None
         stopped, stop_signal = ("early_stopped" if s.stopped_early else "completed"), None
@@ -343,15 +336,17 @@ class Trainer:
         if stop_now:  # exit 75 promises a checkpoint of the last step
             received = self.stop_signal.received
             stopped, stop_signal = "preempted", signal_name(received) if received else "a signal to another rank"
-        if (stop_now or cfg.checkpoint.save_final) and last_saved_step != s.step:
-            last_ckpt = self._save(s.step)
+        if (stop_now or cfg.checkpoint.save_final) and self.checkpoints.saved_step != s.step:
+            self._save(s.step)
+        self.checkpoints.close()  # the end of training waits for a save in flight
+        last_ckpt = self.checkpoints.last
         self.metrics.close()
         summary = Summary(steps=s.step, seconds=time.perf_counter() - start_time, first_eval_loss=s.first_eval_loss,
                           final_eval_loss=s.last_eval_loss, best_eval_loss=s.best_eval_loss, best_step=s.best_step,
                           run_dir=str(self.run_dir), checkpoint=str(last_ckpt) if last_ckpt else None,
                           stopped=stopped, signal=stop_signal, tokenizer_dir=self.tokenizer_files)
         if stopped != "preempted" and cfg.checkpoint.export_final and last_ckpt is not None:
-            summary.export_source = self.checkpoints.export_source(last_ckpt, s.best_checkpoint)
+            summary.export_source = self.checkpoints.export_source()
             summary.export = self.run_dir / "hf"
             summary.run_id = self.checkpoints.run_id
         return summary
@@ -365,8 +360,7 @@ class Trainer:
             self.metrics.write({"step": s.step, "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
                                 "tokens_per_s": tok_s, "mfu": mfu, **peak_memory_mb(self.ctx.device),
                                 "loss_tokens": out["tokens"], "tokens_seen": s.tokens_seen,
-                                "skipped_steps": s.skipped_steps,
-                                **({"router_aux_loss": out["router_aux_loss"]} if "router_aux_loss" in out else {})})
+                                "skipped_steps": s.skipped_steps, **out["parts"]})
         if out["skipped"]:
             self._say(f"fft-dist: warning: step {s.step}: gradient norm {out['grad_norm']}; update skipped "
                       f"({s.skipped_steps} so far)")

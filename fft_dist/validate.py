@@ -72,15 +72,7 @@ def _check_ranges(cfg: FFTConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    for i, beta in enumerate(cfg.optimizer.betas):
-        if not (_finite(beta) and 0.0 <= beta < 1.0):
-            raise ConfigError(f"optimizer.betas[{i}]={beta} must be in [0, 1)")
-    if len(cfg.optimizer.betas) != 2:
-        raise ConfigError(f"optimizer.betas needs 2 values, got {list(cfg.optimizer.betas)}")
-    if not (_finite(cfg.optimizer.eps) and cfg.optimizer.eps > 0):
-        raise ConfigError(f"optimizer.eps must be a finite number > 0, got {cfg.optimizer.eps}")
-    if not (_finite(cfg.optimizer.weight_decay) and cfg.optimizer.weight_decay >= 0):
-        raise ConfigError(f"optimizer.weight_decay must be a finite number >= 0, got {cfg.optimizer.weight_decay}")
+    cfg.optimizer.check()  # each optimizer's own options (fft_dist.config_optimizer)
 
 
 def _check_paths(cfg: FFTConfig) -> None:
@@ -114,7 +106,7 @@ def validate(cfg: FFTConfig, world_size: int) -> BatchPlan:
     if cfg.parallelism.name == Parallelism.none and world_size != 1:
         raise ConfigError(
             f"parallelism=none runs a single process, but the world size is {world_size}. "
-            "Use launcher.nproc_per_node=1, or pick parallelism=fsdp|zero2|zero3."
+            f"Use launcher.nproc_per_node=1, or pick parallelism={'|'.join(p.value for p in Parallelism if p != Parallelism.none)}."
         )
     if cfg.train.max_steps:
         warmup_steps_for(cfg.train, cfg.train.max_steps)

@@ -504,7 +504,7 @@ def test_hf_load_pretrained_shape_mismatch(tmp_path):
 
 # -- the writer refuses an inconsistent tiling ----------------------------------------------------------------
 def test_index_tiling_rules():
-    from fft_dist.checkpoint.writer import build_index
+    from fft_dist.checkpoint.commit import build_index
 
     r0 = [["a", "param", [4], "float32", 0, 2, "f0", "k0"], ["a", "step", [1], "float32", 0, 1, "f0", "s0"]]
     r1 = [["a", "param", [4], "float32", 2, 4, "f1", "k1"], ["a", "step", [1], "float32", 0, 1, "f1", "s1"]]

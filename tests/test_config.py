@@ -177,7 +177,7 @@ def test_model_path_names_and_records_the_model_actually_trained(tmp_path):
 def test_train_help_lists_groups_and_options_without_launching(tmp_path):
     proc = fft_dist("train", "--help", timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "parallelism  fsdp, none, zero2" in proc.stdout
+    assert "parallelism  fsdp, hsdp, none, zero2" in proc.stdout
     assert "train.lr : float" in proc.stdout and "Peak learning rate." in proc.stdout
     assert "checkpoint.keep_best : bool = False" in proc.stdout
 

@@ -13,7 +13,8 @@ import pytest
 from fft_dist.compose import compose, to_typed
 from fft_dist.config import BatchPlan, ConfigError, ParallelismConfig, Precision
 from fft_dist.strategy import check
-from fft_dist.strategy.options import DEEPSPEED_ONLY, FSDP_ONLY
+from fft_dist.strategy.backend import backends
+from fft_dist.strategy.options import DEEPSPEED_ONLY, FSDP_ONLY, HSDP_ONLY
 
 REPO = Path(__file__).resolve().parents[1]
 PLAN = BatchPlan(world_size=2, micro_batch_size=4, grad_accum=2, global_batch_size=16)
@@ -26,7 +27,7 @@ NON_DEFAULT = {
     "bf16_weights": True,
     "contiguous_gradients": False, "reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000,
     "prefetch_bucket_size": 500_000_000, "param_persistence_threshold": 100000,
-    "deepspeed_overrides": {"zero_optimization": {"sub_group_size": 1000}},
+    "deepspeed_overrides": {"zero_optimization": {"sub_group_size": 1000}}, "shard_size": 2,
 }
 
 
@@ -43,7 +44,8 @@ def with_option(group: str, option: str):
 def test_every_option_belongs_to_a_backend():
     """A new ParallelismConfig field must be listed in options.py (and so be checked) before it ships."""
     fields = {f.name for f in dataclasses.fields(ParallelismConfig)} - {"name"}
-    assert set(DEEPSPEED_ONLY) | set(FSDP_ONLY) == fields
+    assert set(DEEPSPEED_ONLY) | set(FSDP_ONLY) | set(HSDP_ONLY) == fields
+    assert {option for b in backends() for option in b.options} == fields  # each descriptor lists what it reads
     assert set(NON_DEFAULT) == fields
     for name, value in NON_DEFAULT.items():
         assert getattr(ParallelismConfig(), name) != value, name

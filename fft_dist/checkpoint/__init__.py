@@ -7,7 +7,10 @@ Wherever a checkpoint path is taken, it may be a ``step-N`` folder, a checkpoint
 root's ``latest`` file (:func:`resolve_checkpoint`).
 
 - :func:`check_writable`: create the checkpoint root and prove it is writable, before training.
-- :func:`save_checkpoint` (collective): each rank writes its own fragments; rank 0 writes
+- :class:`Checkpointer` (collective): a run's saves, as phases (stage, write, commit) on a process
+  group of its own, with ``save`` / ``wait`` / ``close``; it keeps the run's last and best
+  checkpoints and returns each save's timings (:class:`SaveResult`).
+- :func:`save_checkpoint` (collective): a one-off save. Each rank writes its own fragments; rank 0 writes
   index.json, train_state.json and MANIFEST.json (last, naming the run), renames
   ``step-N.<run id>.tmp`` to ``step-N``, replaces ``latest`` atomically and prunes this run's
   checkpoints to ``keep_last`` intact ones (``protect`` keeps named ones). Refuses NaN/inf and an
@@ -36,13 +39,14 @@ from fft_dist.checkpoint.integrity import checkpoint_info, is_complete, verify_c
 from fft_dist.checkpoint.layout import check_writable, resolve_checkpoint
 from fft_dist.checkpoint.reader import CheckpointReader, load_checkpoint, read_train_state
 from fft_dist.checkpoint.resume import choose_verified, clear_the_way, find_resume, newest_complete
-from fft_dist.checkpoint.writer import save_checkpoint
+from fft_dist.checkpoint.checkpointer import Checkpointer, SaveResult, SaveTimings, save_checkpoint
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "CheckpointError",
     "CheckpointReader",
+    "Checkpointer",
     "ExportTargetError",
     "HFFolderSource",
     "check_writable",
@@ -57,6 +61,8 @@ __all__ = [
     "newest_complete",
     "read_train_state",
     "resolve_checkpoint",
+    "SaveResult",
+    "SaveTimings",
     "save_checkpoint",
     "verify_checkpoint",
 ]

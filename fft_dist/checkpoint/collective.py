@@ -13,10 +13,11 @@ from fft_dist.dist import all_gather_small
 MAX_SHOWN = 40
 
 
-def agree(problems: list[str]) -> list[str]:
-    """Union of every rank's problems (deduplicated, in rank order). Collective."""
+def agree(problems: list[str], group=None) -> list[str]:
+    """Union of every rank's problems (deduplicated, in rank order). Collective on `group` (None: the
+    default group; a save passes its own, see :mod:`fft_dist.checkpoint.checkpointer`)."""
     out: list[str] = []
-    for ps in all_gather_small(list(problems)):
+    for ps in all_gather_small(list(problems), group=group):
         for p in ps:
             if p not in out:
                 out.append(p)
@@ -30,6 +31,6 @@ def raise_problems(problems: list[str], head: str) -> None:
         raise CheckpointError(head + "\n  " + "\n  ".join(problems[:MAX_SHOWN]) + more)
 
 
-def agree_or_raise(problems: list[str], head: str) -> None:
+def agree_or_raise(problems: list[str], head: str, group=None) -> None:
     """:func:`agree`, then :func:`raise_problems`: every rank raises the same error, or none does."""
-    raise_problems(agree(problems), head)
+    raise_problems(agree(problems, group), head)

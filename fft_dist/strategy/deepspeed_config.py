@@ -29,7 +29,7 @@ from fft_dist.config import (
 )
 from fft_dist.device_defaults import CPU, PLANNING_GPU, DeviceDefaults, decide
 from fft_dist.errors import CheckpointError
-from fft_dist.strategy.options import FSDP_ONLY, ZERO3_ONLY, refuse_changed
+from fft_dist.strategy.options import FSDP_ONLY, HSDP_ONLY, ZERO3_ONLY, refuse_changed
 
 INSTALL_HINT = "pip install --no-build-isolation 'fft-dist[deepspeed]'"
 
@@ -293,6 +293,7 @@ def check_deepspeed(cfg: FFTConfig, plan: BatchPlan, defaults: DeviceDefaults | 
     if stage != 3:
         refuse_changed(par, ZERO3_ONLY, "read by ZeRO-3 only; use parallelism=zero3")
     refuse_changed(par, FSDP_ONLY, "read by FSDP2 only; ZeRO-3 always re-partitions after forward")
+    refuse_changed(par, HSDP_ONLY, "read by HSDP only; use parallelism=hsdp")
     if stage == 3 and cfg.train.on_nonfinite == OnNonFinite.skip and Precision(cfg.train.precision) != Precision.fp16:
         # DeepSpeed 0.19 ZeRO-3 checks for overflow only in fp16, so it applies a NaN/inf update
         # before we see the norm; skipping afterwards would keep the damaged weights.

@@ -26,12 +26,20 @@ class FSDPStrategy(TorchOptimizerStrategy):
     name = "fsdp"
 
     def __init__(self, cfg: FFTConfig, plan: BatchPlan, ctx: DistContext, defaults: DeviceDefaults):
-        check_fsdp(cfg, plan)
+        self._check(cfg, plan)
         super().__init__(cfg, ctx, defaults)
         self.reshard_after_forward = cfg.parallelism.reshard_after_forward
         # Weights that come from model.path afterwards need not be initialised: build on meta.
         self.meta_init = cfg.model.path is not None
-        self.mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+        self.mesh = self._make_mesh(cfg, ctx)
+
+    def _check(self, cfg: FFTConfig, plan: BatchPlan) -> None:
+        check_fsdp(cfg, plan)
+
+    def _make_mesh(self, cfg: FFTConfig, ctx: DistContext):
+        """Every rank in one shard group (HSDP overrides this with a 2-D mesh)."""
+        del cfg
+        return init_device_mesh(ctx.device.type, (ctx.world_size,))
 
     def setup(self, *, build_model, make_optimizer, lr_at) -> None:
         """Shard per decoder layer (parallelism.reshard_after_forward), then the root.

@@ -18,8 +18,10 @@ DEEPSPEED_ONLY = (
 )
 # Read only by ZeRO-3 (offload_params has its own message, see deepspeed_config.check_deepspeed).
 ZERO3_ONLY = ("prefetch_bucket_size", "param_persistence_threshold")
-# Read only by FSDP2.
+# Read only by FSDP2 (fsdp, hsdp).
 FSDP_ONLY = ("reshard_after_forward",)
+# Read only by HSDP.
+HSDP_ONLY = ("shard_size",)
 
 _DEFAULTS = ParallelismConfig()
 
@@ -56,11 +58,18 @@ def check_single(cfg: FFTConfig, plan: BatchPlan) -> None:
     del plan  # same signature as every check
     refuse_changed(cfg.parallelism, DEEPSPEED_ONLY, "read by DeepSpeed only")
     refuse_changed(cfg.parallelism, FSDP_ONLY, "read by FSDP2 only")
+    refuse_changed(cfg.parallelism, HSDP_ONLY, "read by HSDP only; use parallelism=hsdp")
 
 
 def check_fsdp(cfg: FFTConfig, plan: BatchPlan) -> None:
-    """parallelism=fsdp: FSDP2 has no separate optimizer / parameter offload (refused, see below)."""
+    """parallelism=fsdp: shards over every rank, so a shard group size would be ignored."""
+    check_fsdp_family(cfg)
     del plan
+    refuse_changed(cfg.parallelism, HSDP_ONLY, "read by HSDP only; use parallelism=hsdp")
+
+
+def check_fsdp_family(cfg: FFTConfig) -> None:
+    """fsdp and hsdp: FSDP2 has no separate optimizer / parameter offload (refused, see below)."""
     # FSDP2's CPUOffloadPolicy moves parameters, gradients and the optimizer step to the CPU all at
     # once; it maps onto neither flag alone, and on a CPU-only machine it would change nothing that
     # a test could see. Refuse rather than silently ignore; the DeepSpeed groups do offload.

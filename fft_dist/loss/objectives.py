@@ -1,9 +1,8 @@
-"""The training objective of each data format, and what its loss is normalised by.
+"""The main term of each data format: its cross-entropy sum and the units it is normalised by.
 
-Every micro batch contributes ``loss_sum / N``, where N counts the loss-bearing units of the whole
-global batch (all accumulation steps, all ranks): tokens for the causal-LM formats, examples for
-classification. So the loss and its gradient do not depend on how the batch is split over ranks
-and micro batches. The trainer asks :func:`objective_for` once and never branches on the format.
+Tokens for the causal-LM formats, examples for classification; :mod:`fft_dist.loss.total` divides
+the sum by the global count of those units, so the loss does not depend on how the global batch is
+split over ranks and micro batches.
 """
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fft_dist.config import DataFormat
 from fft_dist.data.encode import IGNORE_INDEX
 
 
@@ -71,28 +69,6 @@ class Objective:
         return {"eval_ppl": math.exp(min(loss, 50.0))}
 
 
-def router_aux_loss(output, config) -> torch.Tensor | None:
-    """A Mixture-of-Experts router's load-balancing loss of one micro batch, as transformers computes it
-    when the model's config asks for it (``output_router_logits``); None otherwise.
-
-    transformers adds ``router_aux_loss_coef x aux`` to each forward's mean loss. Our loss is a token
-    sum over the whole global batch, so the trainer weights each micro batch's aux loss by its share of
-    the global batch's input (non-pad) tokens: the term is ``coef x sum_b(aux_b x n_b) / N``, the
-    token-weighted mean of the micro batches' aux losses. It equals transformers' term when the global
-    batch is one micro batch, and it is the same on every backend that splits the batch into the same
-    micro batches (the sampler's split is contiguous and rank-ordered, so fsdp, zero2, zero3 and a
-    single process with accumulation see the same ones).
-    """
-    aux = getattr(output, "aux_loss", None)
-    if aux is None or not getattr(config, "output_router_logits", False):
-        return None
-    return aux.float()
-
-
 TOKENS = Objective("tokens", token_loss_sum, count_loss_tokens)
 CLASSES = Objective("examples", class_loss_sum, count_examples, count_correct)
 
-
-def objective_for(fmt: DataFormat) -> Objective:
-    """The one place the format picks the loss (read at call time, so tools can wrap it)."""
-    return CLASSES if fmt == DataFormat.classification else TOKENS

@@ -1,0 +1,146 @@
+"""The optimizer's part of the schema: one dataclass per `optimizer=` option, so an option the chosen
+optimizer does not have is refused instead of silently ignored.
+
+`optimizer.name` picks the dataclass (the group files set it), and :func:`typed_optimizer` builds it
+from whatever the config holds, naming any key it lacks. Hydra refuses an override of a key that the
+chosen group file does not list (the files list every option), and this refuses what slips past
+it: `+optimizer.x=...`, a user's own group file, a hand-edited config.yaml read by the ranks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from fft_dist.errors import ConfigError
+
+
+class OptimizerName(str, Enum):
+    adamw = "adamw"
+    adam = "adam"
+    sgd = "sgd"
+
+
+class OptimizerImplementation(str, Enum):
+    auto = "auto"
+    single_tensor = "single_tensor"
+    foreach = "foreach"
+    fused = "fused"
+
+
+def _finite(x: float, low: float) -> bool:
+    # used as float32 inside torch: 1e39 is finite in Python but inf there
+    return isinstance(x, (int, float)) and math.isfinite(x) and abs(x) < 3.4e38 and x >= low
+
+
+@dataclass
+class OptimizerConfig:
+    """What every optimizer has."""
+
+    name: OptimizerName = OptimizerName.adamw
+    """adamw, adam or sgd: picks the options below (`optimizer=<name>` picks the group file)."""
+    weight_decay: float = 0.1
+    """Decoupled (adamw) or L2 (adam, sgd) decay; not applied to biases, norms or embeddings listed below."""
+    no_decay: list[str] = field(default_factory=lambda: ["*bias", "*norm*.weight", "*ln_*.weight"])
+    """fnmatch patterns of parameters without weight decay."""
+    implementation: OptimizerImplementation = OptimizerImplementation.auto
+    """torch's kernel for the update: single_tensor (a loop over parameters), foreach (batched) or fused (one
+    kernel). auto: fused (Adam/AdamW) or foreach (SGD) on CUDA, single_tensor on CPU; decided on the rank."""
+
+    def check(self) -> None:
+        """Values that cannot run: a ConfigError naming the option."""
+        if not _finite(self.weight_decay, 0.0):
+            raise ConfigError(f"optimizer.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class AdamWConfig(OptimizerConfig):
+    """optimizer=adamw: torch.optim.AdamW."""
+
+    name: OptimizerName = OptimizerName.adamw
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Decay rates of the first and second moment estimates, each in [0, 1)."""
+    eps: float = 1e-8
+    """Added to the second moment's square root (numerical stability)."""
+
+    def check(self) -> None:
+        for i, beta in enumerate(self.betas):
+            if not (_finite(beta, 0.0) and beta < 1.0):
+                raise ConfigError(f"optimizer.betas[{i}]={beta} must be in [0, 1)")
+        if len(self.betas) != 2:
+            raise ConfigError(f"optimizer.betas needs 2 values, got {list(self.betas)}")
+        if not (_finite(self.eps, 0.0) and self.eps > 0):
+            raise ConfigError(f"optimizer.eps must be a finite number > 0, got {self.eps}")
+        super().check()
+
+
+@dataclass
+class AdamConfig(AdamWConfig):
+    """optimizer=adam: torch.optim.Adam (L2 weight decay, added to the gradient)."""
+
+    name: OptimizerName = OptimizerName.adam
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+    """optimizer=sgd: torch.optim.SGD."""
+
+    name: OptimizerName = OptimizerName.sgd
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    """Momentum factor (0: plain SGD, no momentum buffer)."""
+    nesterov: bool = False
+    """Nesterov momentum (needs momentum > 0)."""
+
+    def check(self) -> None:
+        if not _finite(self.momentum, 0.0):
+            raise ConfigError(f"optimizer.momentum must be a finite number >= 0, got {self.momentum}")
+        if self.nesterov and not self.momentum:
+            raise ConfigError("optimizer.nesterov=true needs optimizer.momentum > 0")
+        super().check()
+
+
+OPTIMIZERS: dict[OptimizerName, type[OptimizerConfig]] = {
+    OptimizerName.adamw: AdamWConfig, OptimizerName.adam: AdamConfig, OptimizerName.sgd: SGDConfig}
+"""The schema of each `optimizer=` option."""
+
+
+def _options(schema: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(schema)]
+
+
+def typed_optimizer(value: Any) -> OptimizerConfig:
+    """The dataclass of `value`'s optimizer.name, built from `value` (a mapping, or a dataclass that the
+    config was typed into); a key that optimizer does not have is a ConfigError naming it."""
+    if isinstance(value, OptimizerConfig):
+        schema = OPTIMIZERS.get(OptimizerName(value.name))
+        extra = sorted(set(vars(value)) - set(_options(type(value))))  # set after __init__ (a `+key`)
+        if type(value) is schema and not extra:
+            return value
+        value = {**{k: getattr(value, k) for k in _options(type(value))}, **{k: vars(value)[k] for k in extra}}
+    if not isinstance(value, dict):
+        from omegaconf import OmegaConf
+
+        value = OmegaConf.to_container(OmegaConf.create(value))  # a DictConfig or mapping
+    raw = value.get("name", OptimizerName.adamw)
+    try:
+        name = OptimizerName(getattr(raw, "value", raw))
+    except ValueError:
+        raise ConfigError(f"optimizer.name={raw!r}: choose one of {[n.value for n in OptimizerName]}") from None
+    schema = OPTIMIZERS[name]
+    unknown = sorted(set(value) - set(_options(schema)))
+    if unknown:
+        raise ConfigError(f"optimizer.{unknown[0]} is not an option of optimizer={name.value} "
+                          f"(it has {', '.join(_options(schema))}); it would be ignored, so it is refused")
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(schema), value)
+    except OmegaConfBaseException as e:  # a value of the wrong type: name the option
+        raise ConfigError(f"optimizer.{getattr(e, 'key', None) or '?'}: {str(e).splitlines()[0]}") from None
+    return OmegaConf.to_object(node)  # type: ignore[return-value]

@@ -1,0 +1,75 @@
+"""The step's loss: the format's main term plus the configured terms, normalised in this one place.
+
+Every micro batch contributes ``sum / N`` for each term, where N counts the term's unit over the
+whole global batch (all accumulation steps, all ranks): loss tokens (classification: examples) for
+the main term, or the non-pad input tokens. So neither the loss nor its gradient depends on how the
+global batch is split over ranks and micro batches. The trainer counts the units of its micro
+batches, all-reduces the counts once, and hands them back here; it never branches on a term.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fft_dist.loss.objectives import Objective
+from fft_dist.loss.terms import Contribution, LossInputs, Term
+
+MAIN = "ce"
+"""The main term's name among the parts (logged as ``loss``, the name every tool reads)."""
+
+
+class StepLoss:
+    """Counts, normalises and sums the terms of one optimizer step's micro batches.
+
+    ``sums`` (float64, on the device) holds per part what is logged: the main term's raw sum (divided
+    on the host by N, as it always was) and each extra term's normalised, unweighted value.
+    """
+
+    def __init__(self, objective: Objective, terms: list[Term], model_config: Any):
+        self.objective, self.terms, self.model_config = objective, list(terms), model_config
+        self.count_slot = {objective.unit: 0, "inputs": 1}
+        """Where each unit's global count sits in the counts tensor."""
+
+    @property
+    def names(self) -> list[str]:
+        return [MAIN] + [t.name for t in self.terms]
+
+    def local_counts(self, batches: list[dict]) -> list[int]:
+        """[the main term's units, the non-pad input tokens] of this rank's micro batches (host data)."""
+        return [sum(self.objective.count(b) for b in batches),
+                sum(int(b["attention_mask"].sum()) for b in batches)]
+
+    def new_sums(self, device, spare: int = 0) -> torch.Tensor:
+        """One float64 slot per part, then `spare` slots for the caller (reduced in the same collective)."""
+        return torch.zeros(len(self.names) + spare, dtype=torch.float64, device=device)
+
+    def micro_batch(self, batch: dict, output, counts: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+        """The micro batch's share of the step's loss (backward this); its parts are added to ``sums``."""
+        loss = self.objective.loss_sum(output.logits, batch["labels"])
+        total = loss / counts[0].to(loss.device, loss.dtype)
+        sums[0] += loss.detach().to(sums.device, torch.float64)
+        inputs = LossInputs(batch=batch, output=output, model_config=self.model_config)
+        for i, term in enumerate(self.terms, start=1):
+            part = term(inputs)
+            if part is None:
+                continue
+            share = _normalised(part, counts[self.count_slot[term.unit]])
+            total = total + term.weight * share.to(total.device)
+            sums[i] += share.detach().to(sums.device, torch.float64)
+        return total
+
+    def parts(self, sums: list[float], counts: list[float]) -> dict[str, float]:
+        """The step's logged value of each part, from the all-reduced sums and counts (host floats)."""
+        return {MAIN: sums[0] / counts[0], **{t.name: v for t, v in zip(self.terms, sums[1:])}}
+
+    def metrics(self, parts: dict[str, float]) -> dict[str, float]:
+        """The extra terms' entries of a step record (the main term is the record's ``loss``)."""
+        return {t.metric: parts[t.name] for t in self.terms}
+
+
+def _normalised(part: Contribution, count: torch.Tensor) -> torch.Tensor:
+    value = part.value
+    if part.mean_over is None:
+        return value / count.to(value.device, value.dtype)
+    return value * (part.mean_over / count.to(value.device, value.dtype))
