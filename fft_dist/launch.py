@@ -57,12 +57,14 @@ def preflight(cfg: FFTConfig, plan: BatchPlan) -> None:
     from fft_dist.checkpoint.layout import check_latest_slot
     from fft_dist.data import check_data_files
     from fft_dist.dist import check_backend
+    from fft_dist.loss import check as check_loss
     from fft_dist.metrics import check_logging
     from fft_dist.model import check_model
     from fft_dist.models.conversions import check_pretrained_layout
     from fft_dist.strategy import check as check_strategy
 
     check_strategy(cfg, plan)
+    check_loss(cfg.loss, fmt=cfg.data.format)  # plugins import, every term known, before any rank
     check_logging(cfg)
     check_data_files(cfg.data)
     launcher = launcher_for(cfg.launcher)
