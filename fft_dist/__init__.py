@@ -8,10 +8,10 @@ __version__ = "0.1.0"
 
 LAYERS: list[list[str]] = [
     ["exit_codes", "errors"],                        # what can go wrong, and its exit code
-    ["config_launcher", "config_optimizer", "config"],  # the typed schema
+    ["config_launcher", "config_optimizer", "config_resume", "config"],  # the typed schema
     ["processes"],                                   # which process is which (pid + start time)
     ["device_defaults"],                             # what each `auto` becomes on a rank's device
-    ["validate", "config_help", "resume_checks", "preemption", "dist"],  # pure rules, processes
+    ["validate", "config_help", "preemption", "dist"],  # pure rules, processes
     ["launchers"],                                   # one class per launcher: options, checks, world size, run
     ["compose"],                                     # the one compose -> type -> validate path
     ["models", "model_checks", "model", "optim", "metrics", "data", "loss"],  # components built from typed config; model families

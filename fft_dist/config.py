@@ -1,7 +1,7 @@
 """Typed configuration: the dataclass schema Hydra composes into, plus cross-field validation.
 
 Components receive these dataclasses (built by :mod:`fft_dist.compose`), never the raw Hydra
-config. Validation runs once, in the launcher or worker, before any process group exists.
+config. Validation runs once, in the launcher or rank, before any process group exists.
 """
 from __future__ import annotations
 
@@ -14,16 +14,10 @@ from typing import Any
 
 from fft_dist.errors import ConfigError  # noqa: F401 - re-exported: the schema's own error
 from fft_dist.config_launcher import LauncherConfig, LauncherName  # noqa: F401 - part of the schema
+from fft_dist.config_resume import ResumeKind, ResumeRequest  # noqa: F401 - part of the schema
 from fft_dist.config_optimizer import (  # noqa: F401 - part of the schema
-    AdamConfig,
-    AdamWConfig,
-    OPTIMIZERS,
-    OptimizerConfig,
-    OptimizerImplementation,
-    OptimizerName,
-    SGDConfig,
-    typed_optimizer,
-)
+    OPTIMIZERS, AdamConfig, AdamWConfig, OptimizerConfig, OptimizerImplementation, OptimizerName, SGDConfig,
+    typed_optimizer)
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -357,6 +351,12 @@ class FFTConfig:
 
     def __post_init__(self) -> None:
         self.optimizer = typed_optimizer(self.optimizer)
+
+    @property
+    def resume_request(self) -> ResumeRequest:
+        """`resume` typed: code asks ``.kind``, never compares the string (one parse, one rule)."""
+        return ResumeRequest.parse(self.resume)
+
 
 
 def conf_dir() -> Path:

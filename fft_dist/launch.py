@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fft_dist import exit_codes
 from fft_dist.compose import Prepared, checked, override_keys, report_known, typed
-from fft_dist.config import BatchPlan, ConfigError, FFTConfig, LauncherConfig
+from fft_dist.config import BatchPlan, ConfigError, FFTConfig, LauncherConfig, ResumeKind
 from fft_dist.launchers import CONFIG_ENV, Job, launcher_for
 from fft_dist.launchers.agent import (DEEPSPEED_RUNNER, StopForwarder, run_deepspeed, start_agent,
                                       threads_per_rank)
@@ -74,7 +74,7 @@ def preflight(cfg: FFTConfig, plan: BatchPlan) -> None:
     check_model(cfg, ranks_here=here, our_packages=launcher.own_packages)
     check_pretrained_layout(cfg)
     check_latest_slot(Path(cfg.checkpoint.dir))
-    if cfg.resume not in ("none", "auto"):
+    if cfg.resume_request.kind is ResumeKind.path:  # auto may find nothing; a named checkpoint must be there
         find_resume(cfg.resume, Path(cfg.checkpoint.dir))
 
 

@@ -39,8 +39,10 @@ def load_worker_config(argv: list[str]) -> tuple[Prepared, bool]:
             raise ConfigError(f"{CONFIG_ENV}={path} is set, so command-line overrides {argv} would be ignored")
         text = Path(path).read_text(encoding="utf-8")
         cfg = load_text(text)
-        if restarted() and cfg.resume == "none":
-            cfg.resume = "auto"  # our own checkpoints: the first start already claimed checkpoint.dir
+        if restarted():
+            from fft_dist.checkpoint.resume import after_restart
+
+            cfg.resume = after_restart(cfg.resume)
         return checked(cfg, text, world_size=world), True
     return prepare(argv, world_size=world), False
 

@@ -90,7 +90,7 @@ class RunCheckpoints:
         intact one); newer damaged folders of this run are then set aside so that no save lands on
         them, and anything else newer stops the run here, before training.
         """
-        if self.cfg.resume == "none":
+        if self.cfg.resume_request.fresh:
             return None
         path, corrupt = ckpt.choose_verified(self.cfg.resume, self.root)
         if path is None:

@@ -148,7 +148,7 @@ def claim(cfg: FFTConfig, run_dir: Path) -> str:
     ``latest``, config.yaml, metrics.jsonl, tb/ event files, an hf/ export with its marker),
     and nothing it cannot vouch for (then it refuses, naming it).
     """
-    if cfg.resume != "none":
+    if not cfg.resume_request.fresh:
         return run_identity(run_dir)
     deletable, unprovable = _earlier_run(cfg, run_dir)
     if unprovable:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from fft_dist import device_defaults, resume_checks
+from fft_dist import device_defaults
+from fft_dist.checkpoint import resume_rules
 from fft_dist.config import BatchPlan, FFTConfig, OnNonFinite, Precision
 from fft_dist.validate import warmup_steps_for
 from fft_dist.data import collate
@@ -192,14 +193,14 @@ class Trainer:
         if self._resume_from is None:
             return
         path, envelope = self._resume_from
-        problems = resume_checks.incompatibilities(
+        problems = resume_rules.incompatibilities(
             envelope, model_config=self.hf_config.to_dict(), optimizer=self.cfg.optimizer.name.value,
             load_optimizer=self.cfg.checkpoint.load_optimizer, task=self.task)
         if problems:
             raise ckpt.CheckpointError(f"{path} cannot continue this run (nothing was loaded):\n  " + "\n  ".join(problems))
         saved = self.checkpoints.load(self.strategy, path)
         self.state = TrainState(step=envelope["step"], **saved["trainer"])  # the spec guarantees these fields
-        notes = resume_checks.changes({**saved["sampler"], **saved["schedule"]}, self._plan_facts())
+        notes = resume_rules.changes({**saved["sampler"], **saved["schedule"]}, self._plan_facts())
         print0(f"fft-dist: resumed from {path} at step {self.state.step}")
         for note in notes:
             print0(f"fft-dist: warning: since the checkpoint, {note}; the lr schedule and data order follow "

@@ -17,7 +17,7 @@ from doc_pages import block_after
 from helpers import TINY_MODEL, assert_close_rel, child_env, read_metrics, train, train_losses
 from transformers import AutoTokenizer
 
-from fft_dist import resume_checks
+from fft_dist.checkpoint import resume_rules
 from fft_dist.config import DataConfig, DataFormat
 from fft_dist.data import DataError, check_data_files, collate, load_datasets
 from fft_dist.errors import ConfigError
@@ -116,13 +116,13 @@ def test_loss_is_per_example_over_the_global_batch():
 
 def test_resume_refuses_a_checkpoint_of_the_other_task():
     envelope = {"meta": {"task": "causal_lm"}, "model_config": {"model_type": "llama"}}
-    problems = resume_checks.incompatibilities(envelope, model_config={"model_type": "llama", "num_labels": 5},
+    problems = resume_rules.incompatibilities(envelope, model_config={"model_type": "llama", "num_labels": 5},
                                                optimizer="adamw", load_optimizer=True, task="sequence_classification")
     assert len(problems) == 1 and "holds a causal_lm model" in problems[0] and "data.format=classification" in problems[0]
     old = {"meta": {}, "model_config": {"model_type": "llama"}}  # written before tasks were recorded: a causal LM
-    assert resume_checks.incompatibilities(old, model_config={"model_type": "llama"}, optimizer="adamw",
+    assert resume_rules.incompatibilities(old, model_config={"model_type": "llama"}, optimizer="adamw",
                                            load_optimizer=True) == []
-    assert resume_checks.incompatibilities(old, model_config={"model_type": "llama"}, optimizer="adamw",
+    assert resume_rules.incompatibilities(old, model_config={"model_type": "llama"}, optimizer="adamw",
                                            load_optimizer=True, task="sequence_classification")
 
 

@@ -19,6 +19,7 @@ from fft_dist.checkpoint.format import CheckpointError
 from fft_dist.checkpoint.integrity import check_files, quick_problems
 from fft_dist.checkpoint.layout import is_root, read_latest, resolve_checkpoint
 from fft_dist.checkpoint.schema import read_manifest
+from fft_dist.config import ResumeKind, ResumeRequest
 from fft_dist.dist import rank_world, warn0
 
 NONE_INTACT_HINT = ("inspect them with `fft-dist ckpt verify`; to start again from step 0, move them away (or set "
@@ -82,9 +83,10 @@ def resume_candidates(resume: str | None, ckpt_root: Path, *, warn: bool = True)
     - a checkpoint root: as ``auto`` on that root, but having nothing to resume is an error.
     - ``<root>/latest`` or a ``step-N`` folder: exactly that one; CheckpointError if damaged.
     """
-    if resume in (None, "", "none"):
+    request = ResumeRequest.parse(resume)
+    if request.kind is ResumeKind.none:
         return []
-    if resume == "auto":
+    if request.kind is ResumeKind.auto:
         root = Path(ckpt_root)
         return _from_root(root, "resume=auto", warn=warn) if root.is_dir() else []
     path = Path(resume)
@@ -127,7 +129,8 @@ def choose_verified(resume: str | None, ckpt_root: Path) -> tuple[Path | None, l
     Every rank sees the same files and the same agreed problems, so all choose the same folder.
     """
     candidates = resume_candidates(resume, ckpt_root, warn=rank_world()[0] == 0)
-    explicit = resume not in (None, "", "none", "auto") and not is_root(Path(str(resume)))
+    request = ResumeRequest.parse(resume)
+    explicit = request.kind is ResumeKind.path and not is_root(request.path)
     corrupt: list[Path] = []
     for path in candidates:
         problems = _checksum_problems(path)
@@ -173,3 +176,10 @@ def clear_the_way(ckpt_root: Path, *, resume_step: int, run_id: str, corrupt: li
                         f"never saves over it: move it away, set checkpoint.dir to another folder, or resume=auto "
                         f"to continue from the newest intact checkpoint")
     return problems
+
+
+def after_restart(resume: str) -> str:
+    """The restart rule: a rank restarted by torchrun (--max-restarts) or a SLURM requeue continues its
+    own run, so ``none`` becomes ``auto`` (the first start already claimed checkpoint.dir, and its
+    checkpoints are this run's); ``auto`` and a path stay as they are."""
+    return ResumeKind.auto.value if ResumeRequest.parse(resume).fresh else resume
