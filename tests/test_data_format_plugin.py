@@ -43,6 +43,9 @@ def test_the_built_in_formats_are_registered_through_the_same_point():
     assert get_format(DataFormat.text) is get_format("text")  # the enum names the same formats
     with pytest.raises(ConfigError, match=r"data.format='nope' is not a data format; registered: .*toy_qa.*loss.plugins"):
         check_data_files(DataConfig(format="nope"))
+    mixture = {"a": {"path": "x.jsonl", "weight": 1.0, "format": "nope"}}
+    with pytest.raises(ConfigError, match=r"data.mixture.a.format='nope' is not a data format"):
+        check_data_files(DataConfig(path=None, mixture=mixture))
     with pytest.raises(ValueError, match="registered twice"):
         register_format(Format("toy_qa", lambda *a: None))
     with pytest.raises(ValueError, match="not data.\\* options"):

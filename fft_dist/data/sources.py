@@ -132,8 +132,8 @@ def check_data_files(cfg: DataConfig) -> None:
     from fft_dist.data.mixture import source_configs
 
     for where, source_cfg in source_configs(cfg):
+        fmt = get_format(source_cfg.format, where)
         check_options(source_cfg)
-        fmt = get_format(source_cfg.format)
         if fmt.check is not None:
             fmt.check(source_cfg, where)
         for key, value in ((f"{where}.path", source_cfg.path), (f"{where}.eval_path", source_cfg.eval_path)):

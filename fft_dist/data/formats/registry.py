@@ -76,11 +76,12 @@ def registered_formats() -> list[str]:
     return sorted(_FORMATS)
 
 
-def get_format(name: str) -> Format:
-    """The format data.format names; an unknown name is a ConfigError listing the registered ones."""
+def get_format(name: str, where: str = "data") -> Format:
+    """The format data.format names; an unknown name is a ConfigError naming `where`.format (a mixture's
+    entry: data.mixture.<name>) and the registered formats."""
     fmt = _FORMATS.get(name)  # DataFormat members hash and compare as their names
     if fmt is None:
-        raise ConfigError(f"data.format={getattr(name, 'value', name)!r} is not a data format; registered: {', '.join(registered_formats())} "
+        raise ConfigError(f"{where}.format={getattr(name, 'value', name)!r} is not a data format; registered: {', '.join(registered_formats())} "
                           "(a format of your own: register_format in a module named in loss.plugins)")
     return fmt
 
