@@ -49,7 +49,7 @@ def rank_worker(argv: list[str]) -> None:
 
     from fft_dist.dist import exit_rank
     from fft_dist.preemption import StopSignal
-    from fft_dist.worker import run_worker
+    from fft_dist.rank import run_worker
 
     code = run_worker(argv, stop=StopSignal())
     record_rss()  # before exit_rank, which skips interpreter finalisation (and atexit)

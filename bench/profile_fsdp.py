@@ -73,7 +73,7 @@ def fft_rank(argv: list[str]) -> None:
     out = os.environ["PROFILE_OUT"]
     from fft_dist.dist import exit_rank
     from fft_dist.preemption import StopSignal
-    from fft_dist.worker import run_worker
+    from fft_dist.rank import run_worker
 
     code = run_worker(argv, stop=StopSignal())
     if os.environ.get("RANK", "0") == "0":

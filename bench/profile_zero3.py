@@ -60,7 +60,7 @@ def fft_rank(argv: list[str]) -> None:
     tr.Trainer.train_step = train_step
     from fft_dist.dist import exit_rank
     from fft_dist.preemption import StopSignal
-    from fft_dist.worker import run_worker
+    from fft_dist.rank import run_worker
 
     code = run_worker(argv, stop=StopSignal())
     write_phases()

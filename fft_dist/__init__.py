@@ -11,7 +11,9 @@ LAYERS: list[list[str]] = [
     ["config_launcher", "config_optimizer", "config"],  # the typed schema
     ["processes"],                                   # which process is which (pid + start time)
     ["device_defaults"],                             # what each `auto` becomes on a rank's device
-    ["validate", "compose", "config_help", "resume_checks", "preemption", "dist"],  # pure rules, processes
+    ["validate", "config_help", "resume_checks", "preemption", "dist"],  # pure rules, processes
+    ["launchers"],                                   # one class per launcher: options, checks, world size, run
+    ["compose"],                                     # the one compose -> type -> validate path
     ["models", "model_checks", "model", "optim", "metrics", "data", "loss"],  # components built from typed config; model families
     ["strategy"],                                    # FSDP2 / DeepSpeed / single process behind one protocol
     ["memory", "planner"],                           # will it fit: per-GPU bytes, the cheapest set-up that fits
@@ -19,7 +21,7 @@ LAYERS: list[list[str]] = [
     ["trainer", "run_checkpoints", "train_state", "rundir", "locks", "evaluation"],  # the loop, a run's
     #                                                  checkpoints, its saved state's spec, the run directory and
     #                                                  its locks (flock or a lease), eval losses
-    ["worker"],                                      # one rank's life
-    ["launch_plan", "launch_slurm", "launch", "sweep"],      # resolve once, check, start or submit the ranks
+    ["rank"],                                        # one rank's life (python -m fft_dist.train runs it)
+    ["launch", "sweep"],                             # the train/launch/node commands: check, start or submit
     ["cli", "train"],                                # entry points
 ]

@@ -80,7 +80,7 @@ def print_config(overrides: list[str], config_dirs: list[str], what: str) -> int
         print(f"fft-dist: --cfg {what!r}: use --cfg job", file=sys.stderr)
         return 2
     try:
-        prepared = prepare(overrides, world_size=None, config_dirs=config_dirs)
+        prepared = prepare(overrides, config_dirs=config_dirs)
     except Exception as e:  # noqa: BLE001 - a known error gets its message and code; a bug re-raises
         return report_known(e)
     print(prepared.yaml, end="")
@@ -95,7 +95,7 @@ def data(argv: list[str]) -> int:
     from fft_dist.compose import prepare, report_known
 
     try:
-        cfg = prepare([a for a in argv if a != "--"], world_size=None).cfg
+        cfg = prepare([a for a in argv if a != "--"]).cfg
         from fft_dist.data import check_data_files
         from fft_dist.data.report import data_report
         from fft_dist.model import load_tokenizer
@@ -251,12 +251,12 @@ def _sizing_args(prog: str, argv: list[str], *, plan: bool):
 
 def _load_for_sizing(overrides: list[str], config_dirs: list[str]):
     """The composed training config and the model's shape, or (None, exit code) after reporting."""
-    from fft_dist.compose import compose, report_known, resolve, to_typed
+    from fft_dist.compose import report_known, typed
     from fft_dist.device_defaults import check
     from fft_dist.memory import model_shape
 
     try:
-        cfg = to_typed(resolve(compose(overrides, config_dirs=config_dirs)))
+        cfg = typed(overrides, config_dirs=config_dirs)[0]  # the one path, before validation: sizes many worlds
         check(cfg)  # a bad true/false/auto value: exit 2 here too
         return cfg, model_shape(cfg)
     except Exception as e:  # noqa: BLE001 - a known error gets its message and code; a bug re-raises

@@ -1,4 +1,7 @@
-"""Hydra composition: CLI overrides -> one resolved, typed config.
+"""The one compose -> type -> validate path: CLI overrides (or a written config.yaml) -> one resolved,
+typed, validated config. ``train``, ``launch``, ``--cfg job``, ``data``, ``estimate``, ``plan`` and the
+ranks all go through it, so they cannot disagree; the world size is the launcher's (nodes x ranks
+per node), or a rank's real one.
 
 The launcher composes once, resolves every interpolation (``${now:}``, ``${asset:}``) once, and
 writes the result; every rank reads that. What the user typed last wins over a group default:
@@ -19,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fft_dist import config_launcher
 from fft_dist.config import ASSETS_DIR, BatchPlan, ConfigError, FFTConfig, conf_dir
+from fft_dist.launchers import REGISTRY, check_launcher, foreign_options_error, import_plugins, schema_for
 from fft_dist.validate import validate
 
 
@@ -32,9 +36,13 @@ def _register_resolvers() -> None:
 
 
 def _store_schema() -> None:
+    """The whole schema, and each launcher's options as ``launcher_schema/<name>`` (its yaml names it)."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="fft_dist_schema", node=FFTConfig)
+    store = ConfigStore.instance()
+    store.store(name="fft_dist_schema", node=FFTConfig)
+    for name, launcher in REGISTRY.items():
+        store.store(group="launcher_schema", name=name, node=launcher.schema)
 
 
 def override_keys(overrides: list[str]) -> set[str]:
@@ -62,6 +70,7 @@ def compose(overrides: list[str], *, config_dirs: list[str] | None = None) -> Di
     from hydra.core.global_hydra import GlobalHydra
 
     _register_resolvers()
+    import_plugins()
     _store_schema()
     hydra_overrides = list(overrides)
     if config_dirs:
@@ -69,9 +78,33 @@ def compose(overrides: list[str], *, config_dirs: list[str] | None = None) -> Di
         hydra_overrides.append(f"hydra.searchpath=[{paths}]")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=hydra_overrides)
+        try:
+            cfg = hydra_compose(config_name="config", overrides=hydra_overrides)
+        except Exception:
+            _refuse_foreign_launcher_options(overrides)
+            raise
     apply_user_intent(cfg, override_keys(overrides))
     return cfg
+
+
+def _refuse_foreign_launcher_options(overrides: list[str]) -> None:
+    """When composing failed: say which launcher.* overrides belong to another launcher than the chosen
+    one (its schema has no such key), as one ConfigError naming them all and their launchers."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # noqa: BLE001 - Hydra reports a malformed override itself
+        return
+    chosen = next((o.value() for o in reversed(parsed) if o.key_or_group == "launcher"), "local")
+    own = {f.name for f in dataclasses.fields(schema_for(chosen))}
+    stray = [(o.key_or_group.split(".", 1)[1], o.value()) for o in parsed
+             if o.key_or_group.startswith("launcher.") and o.key_or_group.count(".") == 1
+             and o.key_or_group.split(".", 1)[1] not in own and not o.is_delete()]
+    stray = [(key, value) for key, value in stray if any(key in {f.name for f in dataclasses.fields(cls.schema)}
+                                                         for cls in REGISTRY.values())]
+    if stray:
+        raise foreign_options_error(str(chosen), stray) from None
 
 
 def apply_user_intent(cfg: DictConfig, keys: set[str]) -> None:
@@ -113,7 +146,7 @@ def _unknown_keys(node, schema: type, prefix: str = "") -> list[str]:
         if key not in fields:
             unknown.append(f"{prefix}{key}")
             continue
-        sub = hints.get(key)
+        sub = _launcher_schema(node[key]) if (schema, key) == (FFTConfig, "launcher") else hints.get(key)
         if dataclasses.is_dataclass(sub) and isinstance(node[key], DictConfig):
             unknown += _unknown_keys(node[key], sub, f"{prefix}{key}.")
     return unknown
@@ -126,11 +159,19 @@ def resolve(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def _launcher_schema(node) -> type:
+    """The options dataclass of the launcher that `node` (the launcher section) names."""
+    name = node.get("name", "local") if isinstance(node, DictConfig) else "local"
+    return schema_for(name)
+
+
 def to_typed(cfg: DictConfig) -> FFTConfig:
     unknown = _unknown_keys(cfg, FFTConfig)
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown}; `fft-dist train --help` lists the options")
     schema = OmegaConf.structured(FFTConfig)
+    if "launcher" in cfg:  # the chosen launcher's own schema (a written config.yaml holds plain values)
+        schema.launcher = OmegaConf.structured(_launcher_schema(cfg.launcher))
     merged = OmegaConf.merge(schema, cfg)
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
@@ -142,8 +183,13 @@ def to_yaml(cfg: FFTConfig | DictConfig) -> str:
 
 def load_yaml(path: str | os.PathLike) -> FFTConfig:
     """Load a resolved config.yaml written by the launcher (every rank reads the same file)."""
+    return load_text(Path(path).read_text(encoding="utf-8"))
+
+
+def load_text(text: str) -> FFTConfig:
+    """Type a resolved config's YAML (config.yaml, or rank 0's resolution sent to every rank)."""
     _register_resolvers()
-    return to_typed(OmegaConf.load(path))
+    return to_typed(OmegaConf.create(text))
 
 
 def describe_error(e: BaseException) -> str:
@@ -169,14 +215,28 @@ class Prepared:
     plan: BatchPlan
 
 
-def prepare(overrides: list[str], *, world_size: int | None, config_dirs: list[str] | None = None) -> Prepared:
-    """Compose, resolve once, type and validate; raises ConfigError (or Hydra's own errors).
-
-    ``world_size=None``: the ranks the launcher will start (launcher.nproc_per_node).
-    """
+def typed(overrides: list[str], *, config_dirs: list[str] | None = None) -> tuple[FFTConfig, str]:
+    """Compose, resolve once and type: (config, its YAML). `estimate` and `plan` stop here (they size
+    many world sizes); everything that runs goes on to :func:`checked`."""
     node = resolve(compose(overrides, config_dirs=config_dirs))
-    cfg = to_typed(node)
-    return Prepared(cfg, to_yaml(node), validate(cfg, world_size or cfg.launcher.nproc_per_node))
+    return to_typed(node), to_yaml(node)
+
+
+def checked(cfg: FFTConfig, yaml: str, *, world_size: int | None = None) -> Prepared:
+    """Validate against the world size that will run.
+
+    ``world_size=None``: a command (train, launch, --cfg job, data) checks the launcher's options and
+    takes the whole job's ranks from it (nodes x ranks per node). A rank passes its real WORLD_SIZE.
+    """
+    if world_size is None:
+        world_size = check_launcher(cfg.launcher, cfg.parallelism.name).world_size()
+    return Prepared(cfg, yaml, validate(cfg, world_size))
+
+
+def prepare(overrides: list[str], *, world_size: int | None = None, config_dirs: list[str] | None = None) -> Prepared:
+    """:func:`typed` then :func:`checked`; raises ConfigError (or Hydra's own errors)."""
+    cfg, yaml = typed(overrides, config_dirs=config_dirs)
+    return checked(cfg, yaml, world_size=world_size)
 
 
 def report(kind: str, error: BaseException) -> None:

@@ -65,21 +65,36 @@ def _default(f: dataclasses.Field):
     return value.value if isinstance(value, Enum) else value
 
 
+def _subclasses(cls: type) -> list[type]:
+    """Dataclasses extending `cls` (a variant's schema: one per launcher), in the order they were defined."""
+    found = []
+    for sub in cls.__subclasses__():
+        if dataclasses.is_dataclass(sub):
+            found += [sub, *_subclasses(sub)]
+    return found
+
+
 def options() -> list[tuple[str, str, object, str]]:
     """(dotted key, type, schema default, docstring) for every leaf option."""
     docs = _field_docs()
     out = []
 
     def walk(cls, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            tp = hints[f.name]
-            if dataclasses.is_dataclass(tp):
-                walk(tp, f"{prefix}{f.name}.")
-            elif "variants" in f.metadata:  # one schema per group option (optimizer=adamw|adam|sgd)
-                _variants(f.metadata["variants"], f"{prefix}{f.name}", docs, out)
-            else:
-                out.append((f"{prefix}{f.name}", _type_name(tp), _default(f), docs.get((cls.__name__, f.name), "")))
+        listed: set[str] = set()
+        for variant in [cls, *_subclasses(cls)]:  # e.g. each launcher's own options after the common ones
+            hints = typing.get_type_hints(variant)
+            for f in dataclasses.fields(variant):
+                if f.name in listed:
+                    continue
+                listed.add(f.name)
+                tp = hints[f.name]
+                if dataclasses.is_dataclass(tp):
+                    walk(tp, f"{prefix}{f.name}.")
+                elif "variants" in f.metadata:  # one schema per group option (optimizer=adamw|adam|sgd)
+                    _variants(f.metadata["variants"], f"{prefix}{f.name}", docs, out)
+                else:
+                    out.append((f"{prefix}{f.name}", _type_name(tp), _default(f),
+                                docs.get((variant.__name__, f.name), "")))
 
     walk(FFTConfig, "")
     return out

@@ -11,6 +11,9 @@ NO_GPUS = "none"
 
 
 class LauncherName(str, Enum):
+    """The built-in launchers (fft_dist.launchers registers one class each; a registered one of your own
+    is as valid: launcher.name is a plain string)."""
+
     local = "local"
     torchrun = "torchrun"
     deepspeed = "deepspeed"
@@ -20,9 +23,10 @@ class LauncherName(str, Enum):
 
 @dataclass
 class LauncherConfig:
-    """How `fft-dist launch` starts the ranks. Options the chosen launcher does not use are refused."""
+    """The options of every launcher. Each launcher's own options are in its subclass below, which
+    `launcher=<name>` selects (conf/launcher/<name>.yaml): an option of another launcher is refused."""
 
-    name: LauncherName = LauncherName.local
+    name: str = LauncherName.local.value
     """local (`fft-dist train`), torchrun, deepspeed, slurm or container; pick with launcher=<name>."""
     nproc_per_node: int = 2
     """Ranks per node (per machine), for every launcher."""
@@ -32,6 +36,15 @@ class LauncherConfig:
     """Print exactly what would run (a command, or the whole sbatch script) and run nothing."""
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment variables for every rank (e.g. {NCCL_SOCKET_IFNAME: eth0})."""
+
+    def __post_init__(self) -> None:
+        self.name = getattr(self.name, "value", self.name)  # LauncherName.slurm -> "slurm"
+
+
+@dataclass
+class TorchrunOptions(LauncherConfig):
+    """launcher=torchrun: torchrun's agent on one machine or on each of several (c10d rendezvous)."""
+
     nnodes: int = 1
     """torchrun: machines in the job; each runs `fft-dist launch` with its own launcher.node_rank."""
     node_rank: int = 0
@@ -44,12 +57,24 @@ class LauncherConfig:
     """torchrun: this node's address as the other nodes reach it (needed when the hostname resolves elsewhere)."""
     max_restarts: int = 0
     """torchrun: restarts of the whole group after a rank fails; restarted ranks resume from the newest complete checkpoint."""
+
+
+@dataclass
+class DeepspeedOptions(LauncherConfig):
+    """launcher=deepspeed: DeepSpeed's runner, on this machine or on hosts over ssh."""
+
     hosts: list[str] = field(default_factory=list)
     """deepspeed: host names, written to run.dir/hostfile with nproc_per_node slots each (empty: this machine only)."""
     include: str = ""
     """deepspeed: --include filter, e.g. 'node1:0,1@node2'."""
     exclude: str = ""
     """deepspeed: --exclude filter, e.g. 'node1:3'."""
+
+
+@dataclass
+class SlurmOptions(LauncherConfig):
+    """launcher=slurm: an sbatch script with one node agent per node."""
+
     nodes: int = 1
     """slurm: nodes (#SBATCH --nodes); one torchrun per node, c10d rendezvous on the first."""
     gpus_per_node: int = 0
@@ -77,6 +102,12 @@ class LauncherConfig:
     """slurm: shell lines run before the ranks start (module load ..., source venv/bin/activate)."""
     use_deepspeed_launcher: bool = False
     """slurm, ZeRO backends: start DeepSpeed's launcher on each node (hostfile from the allocation) instead of torchrun."""
+
+
+@dataclass
+class ContainerOptions(LauncherConfig):
+    """launcher=container: docker or podman run of an fft-dist image."""
+
     image: str = ""
     """container: the image to run (its entry point must be fft-dist, as docker/Dockerfile* build)."""
     engine: str = "docker"

@@ -41,7 +41,7 @@ def run_sweep(command: str, overrides: list[str], *, config_dirs: list[str] | No
     try:
         grid = points(overrides)
         own_dirs = "run.dir" in override_keys([o for o in overrides if "," in o or "(" in o])
-        base = None if own_dirs else prepare(grid[0], world_size=None, config_dirs=config_dirs).cfg.run.dir
+        base = None if own_dirs else prepare(grid[0], config_dirs=config_dirs).cfg.run.dir
     except Exception as e:  # noqa: BLE001 - known errors get their exit code, bugs their traceback
         return report_known(e)
     flags = [f"--config-dir={d}" for d in config_dirs or []]

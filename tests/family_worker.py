@@ -47,7 +47,7 @@ def _losses(run_dir: Path) -> dict[str, float]:
 
 
 def _train(overrides: list[str], ctx, buffers_to: Path | None = None):
-    """One fft-dist job in this process group, as fft_dist.worker runs it after launch."""
+    """One fft-dist job in this process group, as fft_dist.rank runs it after launch."""
     from fft_dist.compose import prepare
     from fft_dist.config import ConfigError
     from fft_dist.dist import barrier, broadcast_small

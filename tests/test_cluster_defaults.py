@@ -73,18 +73,18 @@ def test_rank_threads_follow_the_cpu_affinity_not_the_machine(monkeypatch):
     """A SLURM task (or container) may run on 4 of a node's 64 CPUs: 2 ranks get 2 threads each, not 32."""
     import torch.distributed.run as trun
 
-    from fft_dist import launch
+    from fft_dist.launchers import agent
 
     seen = {}
     monkeypatch.setattr(trun, "run", lambda args: seen.setdefault("omp", __import__("os").environ["OMP_NUM_THREADS"]))
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setattr("os.cpu_count", lambda: 64)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert launch.start_agent(["--nproc_per_node=2", "--standalone"], None) == 0
+    assert agent.start_agent(["--nproc_per_node=2", "--standalone"], None) == 0
     assert seen["omp"] == "2"
     monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the user's own setting wins
     seen.clear()
-    launch.start_agent(["--nproc_per_node=2", "--standalone"], None)
+    agent.start_agent(["--nproc_per_node=2", "--standalone"], None)
     assert seen["omp"] == "7"
 
 

@@ -6,7 +6,6 @@ line, and the printed container line reads back (shlex) as exactly the argv, wit
 option's place. All before launch: pure functions and in-process dry runs, nothing starts."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import shlex
@@ -15,9 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from fft_dist.config import ConfigError, LauncherConfig, LauncherName, Parallelism
-from fft_dist.launch_plan import check_launcher, container_argv, deepspeed_argv, shell_line, torchrun_args
-from fft_dist.launch_slurm import SAFE, sbatch_lines, sbatch_script
+from fft_dist.config import ConfigError, LauncherName, Parallelism
+from fft_dist.config_launcher import ContainerOptions, DeepspeedOptions, SlurmOptions, TorchrunOptions
+from fft_dist.launchers import check_launcher
+from fft_dist.launchers.container import container_argv
+from fft_dist.launchers.deepspeed import deepspeed_argv
+from fft_dist.launchers.sbatch import SAFE, sbatch_lines, sbatch_script
+from fft_dist.launchers.shell import shell_line
+from fft_dist.launchers.torchrun import TorchrunLauncher
 from test_launchers import bash_syntax_ok, dry, dry_ok
 
 SEED = 20250615
@@ -82,7 +86,7 @@ def test_random_values_in_the_sbatch_script_run_nothing_and_reach_the_ranks_unch
         template, v1, v2, job_name, extra = (random_value(rng, mark) for _ in range(5))
         command = ["fft-dist", "launch", "launcher=slurm", "data.format=chat", f"data.chat_template={template}",
                    f"+launcher.env.V1={v1}", extra]
-        lch = LauncherConfig(name=LauncherName.slurm, env={"V1": v1, "V2": v2},
+        lch = SlurmOptions(name=LauncherName.slurm, env={"V1": v1, "V2": v2},
                              job_name=job_name if case % 3 == 0 else "fft-dist",
                              sbatch_lines=[f"#SBATCH --comment={v2}"] if case % 4 == 0 else [])
         try:
@@ -158,7 +162,7 @@ def test_random_values_in_the_container_command_read_back_exactly_and_stay_value
     rng = random.Random(SEED + 1)
     mark = tmp_path / "MARK"
     for case in range(CASES):
-        lch = LauncherConfig(name=LauncherName.container, image="localhost/fft-dist:cpu",
+        lch = ContainerOptions(name=LauncherName.container, image="localhost/fft-dist:cpu",
                              env={"V1": random_value(rng, mark), "V2": random_value(rng, mark)},
                              mounts=[random_value(rng, mark)], gpus=random_value(rng, mark),
                              ipc_host=bool(case % 2), shm_size="" if case % 2 else random_value(rng, mark))
@@ -192,12 +196,11 @@ def test_values_starting_with_a_dash_stay_values_for_torchrun_and_deepspeed():
     from deepspeed.launcher.runner import parse_args
     from torch.distributed.run import get_args_parser
 
-    lch = LauncherConfig(name=LauncherName.torchrun, nnodes=2, rdzv_endpoint="-h:1", rdzv_id="-x", local_addr="-a")
-    args = get_args_parser().parse_args([*torchrun_args(lch), "-m", "fft_dist.train"])
+    lch = TorchrunOptions(name=LauncherName.torchrun, nnodes=2, rdzv_endpoint="-h:1", rdzv_id="-x", local_addr="-a")
+    args = get_args_parser().parse_args([*TorchrunLauncher(lch).agent_args(), "-m", "fft_dist.train"])
     assert (args.rdzv_endpoint, args.rdzv_id, args.local_addr, args.nnodes) == ("-h:1", "-x", "-a", "2")
     assert args.training_script == "fft_dist.train" and args.module
-    ds = dataclasses.replace(lch, name=LauncherName.deepspeed, include="-n1:0", exclude="--evil", nnodes=1,
-                             rdzv_endpoint="", rdzv_id="fft-dist", local_addr="")
+    ds = DeepspeedOptions(name=LauncherName.deepspeed, include="-n1:0", exclude="--evil")
     argv = deepspeed_argv(ds, hostfile="-hostfile", master_port=29500)
     args = parse_args(argv[3:])
     assert (args.include, args.exclude, args.hostfile, args.user_script) == ("-n1:0", "--evil", "-hostfile",

@@ -124,6 +124,8 @@ def test_a_plugin_path_is_refused_before_anything_runs(tmp_path):
         proc.stderr[-2000:]
 
 
-def test_an_unknown_term_on_the_command_line_exits_2_naming_the_option(tmp_path):
+def test_an_unknown_term_on_the_command_line_exits_2_naming_the_option_before_any_rank(tmp_path):
     proc = fft_dist("train", f"run.dir={tmp_path / 'run'}", "+loss.terms.nope={}", *TINY_JOB, timeout=300)
     assert proc.returncode == 2 and "loss.terms: unknown term(s) ['nope']" in proc.stderr, proc.stderr[-2000:]
+    assert "starting" not in proc.stdout and "Traceback" not in proc.stderr, "refused by the launcher's preflight"
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -22,7 +22,7 @@ PROBES = {
                         ("start_agent", "launcher: torchrun agent starts", "enter"),
                         ("run_in_process", "launcher: rank runs in this process", "enter")],
     "fft_dist.rundir": [("prepare_run_dir", "launcher: run dir + config.yaml", "exit")],
-    "fft_dist.worker": [("run_worker", "rank: imports done", "enter"),
+    "fft_dist.rank": [("run_worker", "rank: imports done", "enter"),
                         ("load_worker_config", "rank: config loaded", "exit")],
     "fft_dist.dist": [("init_distributed", "rank: process group", "exit"),
                       ("exit_rank", "rank: exit", "enter")],

@@ -12,16 +12,12 @@ import shutil
 from pathlib import Path
 
 from fft_dist import exit_codes
-from fft_dist.compose import Prepared, load_yaml, prepare, report, report_known, to_typed
+from fft_dist.compose import Prepared, checked, load_text, prepare, report, report_known
 from fft_dist.config import ConfigError
 from fft_dist.errors import CheckpointError
-from fft_dist.validate import validate
+from fft_dist.launchers import CONFIG_ENV, STOPPED_ENV
 from fft_dist.preemption import StopSignal, die_with_parent
 
-CONFIG_ENV = "FFT_DIST_CONFIG"
-"""Set by the self-launcher: the resolved config.yaml every rank reads (no overrides allowed then)."""
-STOPPED_ENV = "FFT_DIST_STOPPED"
-"""Set by the launcher after a stop signal: a rank torchrun restarts after that stops at once."""
 RESTART_ENVS = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
 """Set > 0 by torchrun (group restart) and SLURM (requeue): this run already ran and may have checkpoints."""
 
@@ -41,24 +37,22 @@ def load_worker_config(argv: list[str]) -> tuple[Prepared, bool]:
     if path:
         if argv:
             raise ConfigError(f"{CONFIG_ENV}={path} is set, so command-line overrides {argv} would be ignored")
-        cfg = load_yaml(path)
+        text = Path(path).read_text(encoding="utf-8")
+        cfg = load_text(text)
         if restarted() and cfg.resume == "none":
             cfg.resume = "auto"  # our own checkpoints: the first start already claimed checkpoint.dir
-        return Prepared(cfg, Path(path).read_text(encoding="utf-8"), validate(cfg, world)), True
+        return checked(cfg, text, world_size=world), True
     return prepare(argv, world_size=world), False
 
 
 def agree_on_config(prepared: Prepared) -> Prepared:
     """Rank 0's resolution wins (collective): ``${now:}`` cannot differ between ranks."""
-    from omegaconf import OmegaConf
-
     from fft_dist.dist import broadcast_small
 
     text = broadcast_small(prepared.yaml)
     if text == prepared.yaml:
         return prepared
-    cfg = to_typed(OmegaConf.create(text))
-    return Prepared(cfg, text, validate(cfg, env_world_size()))
+    return checked(load_text(text), text, world_size=env_world_size())
 
 
 def run_worker(argv: list[str], *, stop: StopSignal | None = None) -> int:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run fft-dist under torchrun yourself (single node or multi-node with a c10d rendezvous).
-#   NPROC=8 launch/torchrun.sh model=llama3_8b model.path=/models/llama3-8b train.precision=bf16
-#   NNODES=2 NODE_RANK=0 RDZV_ENDPOINT=node0:29500 NPROC=8 launch/torchrun.sh ...   (on every node)
+#   NPROC=8 scripts/torchrun.sh model=llama3_8b model.path=/models/llama3-8b train.precision=bf16
+#   NNODES=2 NODE_RANK=0 RDZV_ENDPOINT=node0:29500 NPROC=8 scripts/torchrun.sh ...   (on every node)
 # Every rank composes the same overrides; rank 0's resolved config is broadcast and written
 # to run.dir/config.yaml, so pass an explicit run.dir=... for multi-node jobs.
 set -euo pipefail

@@ -1,9 +1,9 @@
-"""The sbatch script for launcher=slurm: one torchrun per node through srun, requeue after pre-emption.
+"""The sbatch script for launcher=slurm (pure text, so dry runs and tests see all of it): one torchrun per node through srun, requeue after pre-emption.
 
 SLURM's ``--signal=USR1@<lead>`` (and ``scancel --signal=USR1``) reaches the job step's tasks, the
 per-node ``fft-dist node`` agents, which pass it to their ranks: they finish the step, checkpoint
 and exit 75. The script then requeues the job; the requeued ranks see ``SLURM_RESTART_COUNT`` > 0
-and resume from the newest complete checkpoint. ``launch/slurm.sbatch`` is a commented copy.
+and resume from the newest complete checkpoint. ``scripts/slurm.sbatch`` is a commented copy.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import sys
 
 from fft_dist.config import ConfigError, LauncherConfig
 from fft_dist.exit_codes import PREEMPTED
-from fft_dist.launch_plan import AGENT_FLAGS, CONFIG_ENV, SLURM_PORT, comment_words
-
-
+from fft_dist.launchers.agent import AGENT_FLAGS, RANK_MODULE, SLURM_PORT
+from fft_dist.launchers.base import CONFIG_ENV
+from fft_dist.launchers.shell import comment_words
 
 SAFE = re.compile(r"[\w@%+=:,./-]+")
 
@@ -63,10 +63,10 @@ def cpu_request(launcher: LauncherConfig) -> tuple[list[str], str]:
     return [f"#SBATCH --cpus-per-task={value}"], f"--cpus-per-task={value}"
 
 
-def node_command(launcher: LauncherConfig, *, python: str) -> str:
-    """What srun starts once per node (rendezvous address filled in by the script at run time)."""
+def srun_command(launcher: LauncherConfig, *, python: str) -> str:
+    """What srun starts once per node (`fft-dist node`) (rendezvous address filled in by the script at run time)."""
     if launcher.use_deepspeed_launcher:
-        return deepspeed_node_command(launcher, python=python)
+        return deepspeed_srun_command(launcher, python=python)
     if launcher.nodes > 1:
         port = launcher.master_port or SLURM_PORT
         rdzv = (f'--nnodes={launcher.nodes} --rdzv_backend=c10d --rdzv_endpoint="$head:{port}" '
@@ -79,7 +79,7 @@ def node_command(launcher: LauncherConfig, *, python: str) -> str:
             f"--max_restarts=0 {' '.join(AGENT_FLAGS)}")
 
 
-def deepspeed_node_command(launcher: LauncherConfig, *, python: str) -> str:
+def deepspeed_srun_command(launcher: LauncherConfig, *, python: str) -> str:
     """DeepSpeed's runner once per node without ssh (``--no_ssh --node_rank``), under fft-dist's node
     agent, which passes stop signals to the ranks only. ``bash -c`` so that each task reads its own
     ``SLURM_NODEID``."""
@@ -87,7 +87,7 @@ def deepspeed_node_command(launcher: LauncherConfig, *, python: str) -> str:
     addr = '$head' if launcher.nodes > 1 else "127.0.0.1"
     inner = (f"exec {q(python, 'the Python running fft-dist')} -m fft_dist.cli node --deepspeed "
              f"--hostfile=$log_dir/hostfile --no_ssh --node_rank=\\$SLURM_NODEID --master_addr={addr} "
-             f"--master_port={port} --module fft_dist.train")
+             f"--master_port={port} --module {RANK_MODULE}")
     return f'bash -c "{inner}"'
 
 
@@ -123,7 +123,7 @@ def sbatch_script(launcher: LauncherConfig, *, run_dir: str, config_path: str, c
         + hostfile
         + 'echo "fft-dist: job $SLURM_JOB_ID attempt $attempt on ${nodes[*]}; logs in $log_dir"\n'
         f'srun --ntasks-per-node=1 {srun_cpus}--kill-on-bad-exit=1 --output="$log_dir/attempt-$attempt-node-%t.log" \\\n'
-        f"  {node_command(launcher, python=python)}\n"
+        f"  {srun_command(launcher, python=python)}\n"
         "code=$?\n"
         'echo "fft-dist: job step exited with $code"\n'
         + requeue
