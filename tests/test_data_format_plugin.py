@@ -9,7 +9,7 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
-from helpers import REPO, TINY_JOB, child_env, train_losses
+from helpers import REPO, TINY_JOB, child_env, fft_dist, train_losses
 from fft_dist.config import DataConfig, DataFormat
 from fft_dist.data import DataError, check_data_files, load_datasets
 from fft_dist.data.examples import IGNORE_INDEX
@@ -74,15 +74,6 @@ def test_the_toy_formats_columns_are_checked_before_launch(tmp_path):
         check_data_files(DataConfig(path=write(tmp_path / "ok.jsonl", ROWS), format="toy_qa", stride=8))
 
 
-LAUNCHER = """
-import sys
-sys.path.insert(0, {plugins!r})
-import toy_format  # the launcher's own checks read the format too (the ranks import it from loss.plugins)
-from fft_dist.cli import main
-main(sys.argv[1:])
-"""
-
-
 def plugin_env() -> dict[str, str]:
     env = child_env()
     env["PYTHONPATH"] = os.pathsep.join([str(PLUGINS), env["PYTHONPATH"]])
@@ -91,15 +82,11 @@ def plugin_env() -> dict[str, str]:
 
 def test_a_format_from_a_plugin_module_trains_on_two_ranks(tmp_path):
     """tests/plugins/toy_format.py registers toy_qa; its yaml comes through --config-dir; loss.plugins
-    imports it on each rank before the data is built; two fsdp ranks train a few steps."""
-    import subprocess
-
+    imports it in the launcher's checks and on each rank before the data is built; two fsdp ranks train."""
     run, data = tmp_path / "run", write(tmp_path / "qa.jsonl", ROWS)
-    proc = subprocess.run([sys.executable, "-c", LAUNCHER.format(plugins=str(PLUGINS)), "train",
-                           "--config-dir", str(TOY_CONF), "data=toy", f"data.path={data}", f"run.dir={run}",
-                           "parallelism=fsdp", "launcher.nproc_per_node=2", *TINY_JOB, "train.max_steps=3",
-                           "loss.plugins=[toy_format]"],
-                          cwd=REPO, env=plugin_env(), capture_output=True, text=True, timeout=300)
+    proc = fft_dist("train", "--config-dir", str(TOY_CONF), "data=toy", f"data.path={data}", f"run.dir={run}",
+                    "parallelism=fsdp", "launcher.nproc_per_node=2", *TINY_JOB, "train.max_steps=3",
+                    "loss.plugins=[toy_format]", env=plugin_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     losses = train_losses(run)
     assert len(losses) == 3 and all(0 < x < 20 for x in losses), losses
@@ -108,8 +95,6 @@ def test_a_format_from_a_plugin_module_trains_on_two_ranks(tmp_path):
 
 def test_a_format_nobody_registered_is_refused_before_launch(tmp_path):
     """Without the plugin module, data.format=toy_qa is no format: exit 2 naming the registered ones."""
-    from helpers import fft_dist
-
     proc = fft_dist("train", "--config-dir", str(TOY_CONF), "data=toy", f"data.path={write(tmp_path / 'qa.jsonl', ROWS)}",
                     f"run.dir={tmp_path / 'run'}", *TINY_JOB, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
