@@ -81,10 +81,21 @@ def print_config(overrides: list[str], config_dirs: list[str], what: str) -> int
         return 2
     try:
         prepared = prepare(overrides, config_dirs=config_dirs)
+        check_registered_names(prepared.cfg)
     except Exception as e:  # noqa: BLE001 - a known error gets its message and code; a bug re-raises
         return report_known(e)
     print(prepared.yaml, end="")
     return 0
+
+
+def check_registered_names(cfg) -> None:
+    """What composing cannot know, since plugins may register it: the loss terms and the data format
+    (the launcher's preflight checks the same, so `--cfg job` refuses what `launch` refuses)."""
+    from fft_dist.data.formats import get_format
+    from fft_dist.loss import check as check_loss
+
+    check_loss(cfg.loss, fmt=cfg.data.format)  # imports loss.plugins first
+    get_format(cfg.data.format)
 
 
 def data(argv: list[str]) -> int:
@@ -96,6 +107,7 @@ def data(argv: list[str]) -> int:
 
     try:
         cfg = prepare([a for a in argv if a != "--"]).cfg
+        check_registered_names(cfg)  # and a plugin's data format is registered before the data is read
         from fft_dist.data import check_data_files
         from fft_dist.data.report import data_report
         from fft_dist.model import load_tokenizer

@@ -81,6 +81,7 @@ class ExportChoice(str, Enum):
 
 
 class DataFormat(str, Enum):
+    """The built-in names; data.format is a string checked by fft_dist.data.formats (plugins add names)."""
     text = "text"
     prompt_completion = "prompt_completion"
     chat = "chat"
@@ -140,10 +141,11 @@ class DataConfig:
     """Eval data in the same forms as `path`. None: hold out `eval_fraction` of the training rows."""
     eval_fraction: float = 0.05
     """Held-out share of the training rows (fixed seed, independent of train.seed) when eval_path is None."""
-    format: DataFormat = DataFormat.prompt_completion
+    format: str = DataFormat.prompt_completion.value
     """text: loss on every token. prompt_completion: loss on the completion only. chat: `messages`
     rendered with the chat template, loss on assistant turns only. tokenized: `input_ids` (+ optional
-    `labels` or `loss_mask`) used as they are. classification: `text_key` -> `label_key`, a new task head."""
+    `labels` or `loss_mask`) used as they are. classification: `text_key` -> `label_key`, a new task head.
+    Or a format a loss.plugins module registers (fft_dist.data.formats.register_format)."""
     text_key: str = "text"
     label_key: str = "label"
     """classification: the column holding each row's label (a name from `labels`)."""
@@ -179,6 +181,9 @@ class DataConfig:
     mixture: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Several weighted sources instead of `path`: name -> {path, weight, optional eval_path and other
     data.* settings for that source}. Metrics add eval_<name>_loss per source. See docs/data.md (mixtures)."""
+
+    def __post_init__(self) -> None:  # DataFormat.text and "text" are one name; messages print the plain name
+        self.format = self.format.value if isinstance(self.format, Enum) else self.format
 
 
 LOSS_PLUGIN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")

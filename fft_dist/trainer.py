@@ -22,7 +22,7 @@ from fft_dist.data.training import load_training_data
 from fft_dist.dist import DistContext, all_reduce_sum, print0, seed_everything
 from fft_dist.errors import NonFiniteError
 from fft_dist.evaluation import EvalSets, evaluate, track
-from fft_dist.loss import MAIN, build_loss
+from fft_dist.loss import MAIN, build_loss, load_plugins
 from fft_dist.metrics import MetricsWriter, flops_per_token, peak_flops, peak_memory_mb
 from fft_dist.model import (
     apply_freeze,
@@ -120,6 +120,7 @@ class Trainer:
         self.hf_config = hf_config(cfg.model)
         self.old_vocab = grow_vocab(self.hf_config, self.tokenizer, cfg.model)  # model.add_tokens ...
         self.tokenizer_files = save_run_tokenizer(self.tokenizer) if self.ctx.is_main else None
+        load_plugins(list(cfg.loss.plugins))  # a plugin may register a data format: import it before the data
         data = load_training_data(cfg.data, self.tokenizer, cache_dir=cfg.data.cache_dir or self.run_dir / "data_cache")
         self.train_set, self.eval_set, stats = data.train, EvalSets(data.evals), data.stats
         self.sampler = data.sampler(self.plan.global_batch_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle)

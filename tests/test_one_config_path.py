@@ -77,3 +77,14 @@ def test_an_option_of_another_launcher_is_refused_even_at_its_default(tmp_path):
     """The schema has no such key (before, only a changed value was refused)."""
     code, _, err = cli("train", "launcher.nnodes=1", f"run.dir={tmp_path}", "--cfg", "job")
     assert code == 2 and "launcher=local does not use launcher.nnodes=1 (options of: launcher.nnodes: torchrun)" in err
+
+
+def test_cfg_job_and_launch_agree_on_names_only_plugins_could_register(tmp_path):
+    """A data format or loss term nobody registered: composing cannot know it (a plugin may add it),
+    so `--cfg job` runs the launcher's registry checks too, and both refuse with the same message."""
+    for override, message in (("data.format=nope", "data.format='nope' is not a data format"),
+                              ("+loss.terms.nope={}", "loss.terms: unknown term(s) ['nope']")):
+        job = cli("train", override, f"run.dir={tmp_path}", "--cfg", "job")
+        launch = cli("launch", override, f"run.dir={tmp_path}", "launcher.dry_run=true")
+        assert job[0] == launch[0] == 2, (override, job, launch)
+        assert message in job[2] and message in launch[2], (override, job[2], launch[2])

@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from fft_dist.config import DataConfig, DataFormat
-from fft_dist.data.encode import Encoder, resolve_chat_template, resolve_labels
+from fft_dist.config import DataConfig
+from fft_dist.data.encode import Encoder
 from fft_dist.data.examples import DataStats, TokenizedSplit
+from fft_dist.data.formats import get_format
 from fft_dist.data.packing import pack
 from fft_dist.data.sources import Source, check_options, load_sources, resolve_sources
 from fft_dist.dist import all_gather_small, rank_world
@@ -51,7 +52,7 @@ def fingerprint(cfg: DataConfig, tok, chat_template: str | None, *, where: str =
     settings = {k: v for k, v in asdict(cfg).items()
                 if k not in ("name", "path", "eval_path", "shuffle", "cache_dir", "num_proc", "inspect_terms",
                              "mixture", "group_by_length")}
-    settings["format"] = cfg.format.value
+    settings["format"] = cfg.format
     settings["chat_template"] = chat_template
     parts = {"version": PIPELINE_VERSION, "settings": settings, "tokenizer": tokenizer_identity(tok),
              "train": [_source_stamp(s) for s in resolve_sources(cfg.path, key=f"{where}.path")],
@@ -84,11 +85,18 @@ def held_out_split(n: int, fraction: float) -> tuple[list[int], list[int]]:
     return [i for i in range(n) if i not in held], sorted(held)
 
 
+def _template(cfg: DataConfig, tok) -> str | None:
+    """The format's rendering template (chat), which the fingerprint covers; None for most formats."""
+    fmt = get_format(cfg.format)
+    return fmt.template(cfg, tok) if fmt.template is not None else None
+
+
 def _encode_split(loaded, index: list[int], cfg: DataConfig, tok, template, work: Path, name: str, fp: str,
                   labels: list[str]):
     import datasets
 
-    encoder = Encoder(cfg, tok, RowNamer(loaded.files, loaded.starts, index), template, tuple(labels))
+    encoder = Encoder(cfg, tok, RowNamer(loaded.files, loaded.starts, index), template, tuple(labels),
+                      get_format(cfg.format))
     ds = loaded.dataset.select(index) if len(index) != len(loaded.dataset) else loaded.dataset
     datasets.enable_progress_bars()  # the one bar worth seeing: tokenising
     try:
@@ -136,7 +144,7 @@ def build_cache(cfg: DataConfig, tok, target: Path, fp: str, *, where: str = "da
     import datasets
 
     datasets.disable_progress_bars()
-    template = resolve_chat_template(cfg, tok) if cfg.format == DataFormat.chat else None
+    template = _template(cfg, tok)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".build-{target.name}-", dir=target.parent))
     try:
@@ -150,7 +158,8 @@ def build_cache(cfg: DataConfig, tok, target: Path, fp: str, *, where: str = "da
             train_idx, eval_idx = held_out_split(len(loaded.dataset), cfg.eval_fraction)
         if cfg.max_examples:
             train_idx = train_idx[: cfg.max_examples]
-        labels = resolve_labels(cfg, loaded.dataset, train_idx) if cfg.format == DataFormat.classification else []
+        label_set = get_format(cfg.format).label_set
+        labels = label_set(cfg, loaded.dataset, train_idx) if label_set is not None else []
         stats = {}
         for name, src, index in (("train", loaded, train_idx), ("eval", eval_loaded, eval_idx)):
             if not index:
@@ -251,7 +260,7 @@ def load_datasets(cfg: DataConfig, tok, *, cache_dir: str | Path | None = None, 
     import datasets
 
     check_options(cfg)
-    template = resolve_chat_template(cfg, tok) if cfg.format == DataFormat.chat else None
+    template = _template(cfg, tok)
     root = Path(cache_dir or cfg.cache_dir or _temp_cache_root())
     fp = fingerprint(cfg, tok, template, where=where)
     target = root / fp

@@ -99,7 +99,7 @@ def _source_report(cfg: DataConfig, tok, *, cache_dir, where: str = "data", term
     eval_stats = DataStats(**json.loads((Path(stats.cache) / "stats.json").read_text())["eval"])
     share = stats.loss_tokens / stats.tokens if stats.tokens else 0.0
     lines = [
-        f"data: {cfg.name} (format {cfg.format.value}, max_length {cfg.max_length}) from {cfg.path}",
+        f"data: {cfg.name} (format {cfg.format}, max_length {cfg.max_length}) from {cfg.path}",
         f"cache: {stats.cache} ({'reused' if stats.reused else 'built now'})",
         f"train: {len(train)} examples from {stats.rows} rows",
         f"eval:  {len(evals)} examples from {eval_stats.rows} rows "

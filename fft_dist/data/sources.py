@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fft_dist.config import DataConfig, DataFormat
+from fft_dist.config import DataConfig
+from fft_dist.data.formats import all_formats, get_format
 from fft_dist.errors import ConfigError, DataError
 
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
@@ -90,31 +91,21 @@ def _folder_source(path: Path, key: str) -> Source:
 
 
 # -- the cheap pre-launch check ------------------------------------------------------------------------
-COLUMN_OPTIONS: dict[DataFormat, dict[str, type]] = {
-    DataFormat.text: {"text_key": str},
-    DataFormat.prompt_completion: {"prompt_key": str, "completion_key": str},
-    DataFormat.chat: {"messages_key": list},
-    DataFormat.classification: {"text_key": str, "label_key": object},  # a label is a name or a number
-    DataFormat.tokenized: {},
-}
-"""The data.*_key options each format reads, with the Python type a JSON row must hold in that column."""
-
-
 def expected_columns(cfg: DataConfig) -> dict[str, type]:
-    """The columns each format reads, with the Python type a JSON row must hold there."""
-    if cfg.format == DataFormat.tokenized:
-        return {"input_ids": list}
-    return {getattr(cfg, option): kind for option, kind in COLUMN_OPTIONS[cfg.format].items()}
+    """The columns the format reads, with the Python type a JSON row must hold there."""
+    return get_format(cfg.format).column_names(cfg)
 
 
 def check_options(cfg: DataConfig) -> None:
     """Options that only make sense for some formats are refused elsewhere, not silently ignored."""
+    fmt = get_format(cfg.format)
     if not 0 <= cfg.stride <= cfg.max_length:
         raise ConfigError(f"data.stride={cfg.stride} must be in [0, data.max_length={cfg.max_length}] (0: truncate)")
-    if cfg.stride and cfg.format != DataFormat.text:
-        raise ConfigError(f"data.stride applies to data.format=text only (the format is {cfg.format.value})")
-    if cfg.chat_template is not None and cfg.format != DataFormat.chat:
-        raise ConfigError(f"data.chat_template applies to data.format=chat only (the format is {cfg.format.value})")
+    defaults = DataConfig()
+    for option in dict.fromkeys(o for f in all_formats() for o in f.options):
+        if option not in fmt.options and getattr(cfg, option) != getattr(defaults, option):
+            owners = "/".join(f.name for f in all_formats() if option in f.options)
+            raise ConfigError(f"data.{option} applies to data.format={owners} only (the format is {cfg.format})")
     if cfg.num_proc < 1:
         raise ConfigError("data.num_proc must be >= 1")
     if cfg.group_by_length < 0:
@@ -122,18 +113,14 @@ def check_options(cfg: DataConfig) -> None:
     if cfg.group_by_length and cfg.packing:
         raise ConfigError("data.group_by_length applies to unpacked rows only (packed rows are all close to "
                           "data.max_length); set one of data.packing / data.group_by_length")
-    if cfg.format == DataFormat.classification and cfg.packing:
-        raise ConfigError("data.packing does not apply to data.format=classification: the classifier reads one "
-                          "pooled token per row (the last non-pad one), so a packed row would give one prediction "
-                          "for several examples; set data.packing=false")
-    defaults = DataConfig()
-    unused = [f"data.{option}={getattr(cfg, option)!r}" for option in sorted({o for f in COLUMN_OPTIONS.values() for o in f})
-              if option not in COLUMN_OPTIONS[cfg.format] and getattr(cfg, option) != getattr(defaults, option)]
+    if fmt.packing and cfg.packing:
+        raise ConfigError(f"data.packing does not apply to data.format={cfg.format}: {fmt.packing}; set data.packing=false")
+    column_options = sorted({o for f in all_formats() for o in f.columns})
+    unused = [f"data.{option}={getattr(cfg, option)!r}" for option in column_options
+              if option not in fmt.columns and getattr(cfg, option) != getattr(defaults, option)]
     if unused:
-        raise ConfigError(f"{', '.join(unused)}: data.format={cfg.format.value} does not read this column (it reads "
-                          f"{', '.join('data.' + o for o in COLUMN_OPTIONS[cfg.format]) or 'input_ids'})")
-    if cfg.labels and cfg.format != DataFormat.classification:
-        raise ConfigError(f"data.labels applies to data.format=classification only (the format is {cfg.format.value})")
+        reads = ", ".join("data." + o for o in fmt.columns) or ", ".join(fmt.fixed_columns)
+        raise ConfigError(f"{', '.join(unused)}: data.format={cfg.format} does not read this column (it reads {reads})")
 
 
 def check_data_files(cfg: DataConfig) -> None:
@@ -144,11 +131,11 @@ def check_data_files(cfg: DataConfig) -> None:
     """
     from fft_dist.data.mixture import source_configs
 
-    from fft_dist.data.encode import check_chat_template
-
     for where, source_cfg in source_configs(cfg):
+        fmt = get_format(source_cfg.format, where)
         check_options(source_cfg)
-        check_chat_template(source_cfg, where)
+        if fmt.check is not None:
+            fmt.check(source_cfg, where)
         for key, value in ((f"{where}.path", source_cfg.path), (f"{where}.eval_path", source_cfg.eval_path)):
             if value is None:
                 continue
@@ -170,7 +157,7 @@ def check_source(source: Source, cfg: DataConfig) -> int:
     for column, kind in want.items():
         found = schema.field(column).type
         if not _holds(found, kind):
-            raise DataError(f"{source.path}: column {column!r} is {found}, but data.format={cfg.format.value} reads "
+            raise DataError(f"{source.path}: column {column!r} is {found}, but data.format={cfg.format} reads "
                             f"it as {KIND_NAMES[kind]}; convert the column (or point data.*_key at another one)")
     return rows
 
@@ -241,8 +228,7 @@ def iter_json_rows(path: str | Path, want: dict[str, type], cfg: DataConfig | No
     reported where it is instead of as a decoder traceback. A .json file holding one array is
     checked as a whole (its rows are numbered from 1).
     """
-    from fft_dist.data.encode import chat_row_problem, label_problem
-
+    row_problem = get_format(cfg.format).row_problem if cfg is not None else None
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file is {'a directory' if path.is_dir() else 'missing'}")
@@ -255,14 +241,9 @@ def iter_json_rows(path: str | Path, want: dict[str, type], cfg: DataConfig | No
         bad = [k for k, t in want.items() if not isinstance(row[k], t)]
         if bad:
             raise DataError(f"{path}:{lineno}: column(s) {bad} must be {want[bad[0]].__name__}s")
-        if cfg is not None and cfg.format == DataFormat.chat:
-            problem = chat_row_problem(row[cfg.messages_key])
-            if problem:
-                raise DataError(f"{path}:{lineno}: {problem}")
-        if cfg is not None and cfg.format == DataFormat.classification and cfg.labels:
-            problem = label_problem(row[cfg.label_key], [str(v) for v in cfg.labels])
-            if problem:
-                raise DataError(f"{path}:{lineno}: column {cfg.label_key!r}: {problem}")
+        problem = row_problem(row, cfg) if row_problem is not None else None
+        if problem:
+            raise DataError(f"{path}:{lineno}: {problem}")
         yield lineno, row
 
 
@@ -354,6 +335,4 @@ def load_sources(value: Any, cfg: DataConfig, *, key: str, work_dir: Path) -> Lo
 
 
 def _optional_columns(cfg: DataConfig, names: list[str]) -> list[str]:
-    if cfg.format != DataFormat.tokenized:
-        return []
-    return [c for c in ("labels", "loss_mask") if c in names]
+    return [c for c in get_format(cfg.format).optional_columns if c in names]

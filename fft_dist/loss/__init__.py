@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fft_dist.config import DataFormat
+from fft_dist.data.formats import get_format
 from fft_dist.loss import router_aux as _router_aux  # noqa: F401 - registers the built-in term
 from fft_dist.loss.objectives import (  # noqa: F401 - the package's API
     CLASSES,
@@ -50,13 +50,13 @@ if TYPE_CHECKING:
     from fft_dist.config import LossConfig
 
 
-def objective_for(fmt: DataFormat) -> Objective:
-    """The one place the format picks the main term (read at call time from this package, so tools
-    such as bench/profile_*.py can wrap ``fft_dist.loss.TOKENS``)."""
-    return CLASSES if fmt == DataFormat.classification else TOKENS
+def objective_for(fmt: str) -> Objective:
+    """The objective the data format names (its ``objective``: tokens or examples). Read at call time
+    from this package, so tools such as bench/profile_*.py can wrap ``fft_dist.loss.TOKENS``."""
+    return CLASSES if get_format(fmt).objective == CLASSES.unit else TOKENS
 
 
-def build_loss(cfg: LossConfig, *, fmt: DataFormat, model_config: Any) -> StepLoss:
+def build_loss(cfg: LossConfig, *, fmt: str, model_config: Any) -> StepLoss:
     """The run's loss: imports ``loss.plugins``, then builds the active ``loss.terms``."""
     load_plugins(list(cfg.plugins))
     objective = objective_for(fmt)
@@ -64,7 +64,7 @@ def build_loss(cfg: LossConfig, *, fmt: DataFormat, model_config: Any) -> StepLo
     return StepLoss(objective, terms, model_config)
 
 
-def check(cfg: LossConfig, *, fmt: DataFormat, model_config: Any = None) -> None:
+def check(cfg: LossConfig, *, fmt: str, model_config: Any = None) -> None:
     """A check for before any rank starts: the plugins import, every term is known and its options are
     valid. The model's config may be None there (not read yet); factories are built against it."""
     build_loss(cfg, fmt=fmt, model_config=model_config)
