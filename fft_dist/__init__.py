@@ -7,7 +7,7 @@ enforces both. The data flows up: typed config -> components -> the loop -> one 
 __version__ = "0.1.0"
 
 LAYERS: list[list[str]] = [
-    ["exit_codes", "errors"],                        # what can go wrong, and its exit code
+    ["exit_codes", "errors", "plugins"],             # what can go wrong; modules of your own, one import rule
     ["config_launcher", "config_optimizer", "config_resume", "config"],  # the typed schema
     ["processes"],                                   # which process is which (pid + start time)
     ["device_defaults"],                             # what each `auto` becomes on a rank's device

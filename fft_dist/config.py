@@ -6,13 +6,13 @@ config. Validation runs once, in the launcher or rank, before any process group 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from fft_dist.errors import ConfigError  # noqa: F401 - re-exported: the schema's own error
+from fft_dist.plugins import check_names as check_plugin_names
 from fft_dist.config_launcher import LauncherConfig, LauncherName  # noqa: F401 - part of the schema
 from fft_dist.config_resume import ResumeKind, ResumeRequest  # noqa: F401 - part of the schema
 from fft_dist.config_optimizer import (  # noqa: F401 - part of the schema
@@ -186,10 +186,6 @@ class DataConfig:
         self.format = self.format.value if isinstance(self.format, Enum) else self.format
 
 
-LOSS_PLUGIN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-"""loss.plugins entries are importable module names (a.b.c), never file paths or code."""
-
-
 @dataclass
 class LossConfig:
     """The loss: the data format's cross-entropy (logged as `loss`) plus these named terms."""
@@ -203,10 +199,7 @@ class LossConfig:
     imported on every rank before training (a malformed name is refused when the config is typed)."""
 
     def __post_init__(self) -> None:  # typed once on the launcher: a path or code never reaches a rank
-        for name in self.plugins:
-            if not isinstance(name, str) or not LOSS_PLUGIN.fullmatch(name):
-                raise ConfigError(f"loss.plugins: {name!r} is not an importable module name (a.b.c); "
-                                  "file paths and code are not accepted")
+        check_plugin_names(self.plugins, "loss.plugins")
 
 
 @dataclass

@@ -37,6 +37,14 @@ def test_the_real_console_script_imports_a_launcher_named_in_fft_dist_plugins(tm
     assert proc.returncode == 2 and "launcher.name='toy': no such launcher" in proc.stderr, proc.stderr[-3000:]
 
 
+def test_fft_dist_plugins_takes_module_names_by_the_rule_loss_plugins_follows(tmp_path, monkeypatch):
+    """One import rule for both sources (fft_dist.plugins): a path or code is refused, never imported."""
+    for value in ("/tmp/evil.py", "os; rm -rf /"):
+        monkeypatch.setenv("FFT_DIST_PLUGINS", value)
+        code, _, err = cli("train", f"run.dir={tmp_path}", "--cfg", "job")
+        assert code == 2 and f"FFT_DIST_PLUGINS: {value!r} is not an importable module name" in err, err
+
+
 def test_an_option_the_toy_launcher_does_not_own_is_refused(tmp_path):
     code, _, err = cli("launch", *TOY, f"run.dir={tmp_path}", "launcher.nnodes=2", "launcher.dry_run=true")
     assert code == 2 and "launcher=toy does not use launcher.nnodes=2" in err, err

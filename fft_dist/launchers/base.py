@@ -5,22 +5,22 @@ found by name in one registry. A new launcher is one module that registers its c
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
 
+from fft_dist import plugins
 from fft_dist.config import ConfigError, LauncherConfig, Parallelism
+from fft_dist.plugins import import_env_modules
 from fft_dist.preemption import SignalForwarder
 
 CONFIG_ENV = "FFT_DIST_CONFIG"
 """Set by the launcher: the resolved config.yaml every rank reads (no overrides allowed then)."""
 STOPPED_ENV = "FFT_DIST_STOPPED"
 """Set by the launcher after a stop signal: a rank torchrun restarts after that stops at once."""
-PLUGINS_ENV = "FFT_DIST_PLUGINS"
+PLUGINS_ENV = plugins.ENV
 """Comma-separated modules of your own (e.g. a launcher class that calls :func:`register`), imported
-when launcher.name is not a registered launcher: a new launcher needs no fork of fft-dist."""
+before composing: a new launcher needs no fork of fft-dist (:mod:`fft_dist.plugins`)."""
 COMMON = frozenset(f.name for f in dataclasses.fields(LauncherConfig))
 """launcher.* options every launcher has (LauncherConfig's); the others are in one launcher's schema."""
 
@@ -114,11 +114,7 @@ def register(cls: type[Launcher]) -> type[Launcher]:
 
 def import_plugins() -> None:
     """Import the modules named in :data:`PLUGINS_ENV` (each registers what it adds)."""
-    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise ConfigError(f"{PLUGINS_ENV}: cannot import {module!r}: {e}") from None
+    import_env_modules()
 
 
 def schema_for(name: str) -> type[LauncherConfig]:

@@ -12,14 +12,13 @@ until the strategy hosts such a model, instead of failing mid-run.
 """
 from __future__ import annotations
 
-import importlib
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
-from fft_dist.config import LOSS_PLUGIN
+from fft_dist.plugins import import_modules
 from fft_dist.errors import ConfigError
 
 PROVIDED = frozenset({"batch", "output", "model_config"})
@@ -95,16 +94,8 @@ def registered() -> list[str]:
 
 
 def load_plugins(plugins: list[str]) -> None:
-    """Import each ``loss.plugins`` module (which registers its terms); a ConfigError otherwise."""
-    for name in plugins:
-        if not isinstance(name, str) or not LOSS_PLUGIN.fullmatch(name):
-            raise ConfigError(f"loss.plugins: {name!r} is not an importable module name (a.b.c); "
-                              "file paths and code are not accepted")
-        try:
-            importlib.import_module(name)
-        except Exception as e:  # noqa: BLE001 - any failure of the user's module is a config error
-            raise ConfigError(f"loss.plugins: cannot import {name!r}: {type(e).__name__}: {e} "
-                              "(is its folder on PYTHONPATH on every node?)") from e
+    """Import each ``loss.plugins`` module (it registers its terms or formats) by :mod:`fft_dist.plugins`' rule."""
+    import_modules(list(plugins), "loss.plugins")
 
 
 def build_terms(terms: Mapping[str, Mapping[str, Any]], context: TermContext) -> list[Term]:
