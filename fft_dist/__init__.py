@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 LAYERS: list[list[str]] = [
     ["exit_codes", "errors", "plugins"],             # what can go wrong; modules of your own, one import rule
-    ["config_launcher", "config_optimizer", "config_resume", "config"],  # the typed schema
+    ["config"],                                      # the typed schema, one module per section
     ["processes"],                                   # which process is which (pid + start time)
     ["device_defaults"],                             # what each `auto` becomes on a rank's device
     ["validate", "config_help", "preemption", "dist"],  # pure rules, processes

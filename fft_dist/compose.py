@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fft_dist import config_launcher
+from fft_dist.config import launcher as config_launcher
 from fft_dist.config import ASSETS_DIR, BatchPlan, ConfigError, FFTConfig, conf_dir
 from fft_dist.launchers import REGISTRY, check_launcher, foreign_options_error, import_plugins, schema_for
 from fft_dist.validate import validate

@@ -12,7 +12,6 @@ from enum import Enum
 from pathlib import Path
 
 from fft_dist import config as schema
-from fft_dist import config_launcher, config_optimizer
 from fft_dist.config import FFTConfig, conf_dir
 
 USAGE = """usage: fft-dist train [--config-dir DIR ...] [--cfg job] [--info] [--help] [key=value ...]
@@ -25,11 +24,11 @@ USAGE = """usage: fft-dist train [--config-dir DIR ...] [--cfg job] [--info] [--
 
 
 def _field_docs() -> dict[tuple[str, str], str]:
-    """(dataclass name, field name) -> the docstring written under the field in config.py (and in
-    config_launcher.py and config_optimizer.py, their parts of the schema)."""
+    """(dataclass name, field name) -> the docstring written under the field, in every module of the
+    config package (one per section)."""
     docs: dict[tuple[str, str], str] = {}
-    for module in (schema, config_launcher, config_optimizer):
-        docs.update(_docs_of(Path(module.__file__)))
+    for path in sorted(Path(schema.__file__).parent.glob("*.py")):
+        docs.update(_docs_of(path))
     return docs
 
 

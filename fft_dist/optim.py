@@ -1,6 +1,6 @@
 """Optimizers with the usual decay / no-decay parameter groups, and step -> lr schedules.
 
-Each `optimizer=` option has its own config dataclass (fft_dist.config_optimizer), so every option
+Each `optimizer=` option has its own config dataclass (fft_dist.config.optimizer), so every option
 it has reaches torch here and no other can be set.
 
 The schedule is a pure function of the step, so resuming needs nothing but the step

@@ -72,7 +72,7 @@ def _check_ranges(cfg: FFTConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    cfg.optimizer.check()  # each optimizer's own options (fft_dist.config_optimizer)
+    cfg.optimizer.check()  # each optimizer's own options (fft_dist.config.optimizer)
 
 
 def _check_paths(cfg: FFTConfig) -> None:

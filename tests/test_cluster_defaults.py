@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fft_dist import config_launcher, dist as fdist
+from fft_dist import dist as fdist
+from fft_dist.config import launcher as config_launcher
 from fft_dist.config import ConfigError
 from test_launchers import dry, dry_ok, flag, last_line_words, slurm_script
 

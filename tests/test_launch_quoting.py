@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fft_dist.config import ConfigError, LauncherName, Parallelism
-from fft_dist.config_launcher import ContainerOptions, DeepspeedOptions, SlurmOptions, TorchrunOptions
+from fft_dist.config.launcher import ContainerOptions, DeepspeedOptions, SlurmOptions, TorchrunOptions
 from fft_dist.launchers import check_launcher
 from fft_dist.launchers.container import container_argv
 from fft_dist.launchers.deepspeed import deepspeed_argv

@@ -1,5 +1,5 @@
 """Every optimizer option does something or is refused: each `optimizer=` option has its own schema
-(fft_dist.config_optimizer), so a key it lacks is an error naming the key, never silently ignored."""
+(fft_dist.config.optimizer), so a key it lacks is an error naming the key, never silently ignored."""
 from __future__ import annotations
 
 import pytest

@@ -5,8 +5,8 @@ import os
 import re
 import subprocess
 
-from fft_dist import config_launcher
-from fft_dist.config_launcher import ContainerOptions
+from fft_dist.config import launcher as config_launcher
+from fft_dist.config.launcher import ContainerOptions
 from fft_dist.config import ASSETS_DIR, ConfigError, LauncherConfig
 from fft_dist.launchers.base import CONFIG_ENV, Job, Launcher, register
 from fft_dist.launchers.shell import one_line, one_word, shell_line

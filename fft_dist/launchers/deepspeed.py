@@ -5,7 +5,7 @@ import os
 import re
 from functools import cached_property
 
-from fft_dist.config_launcher import DeepspeedOptions
+from fft_dist.config.launcher import DeepspeedOptions
 from fft_dist.config import ConfigError, LauncherConfig
 from fft_dist.launchers.agent import DEEPSPEED_RUNNER, RANK_MODULE, SLURM_PORT, run_deepspeed, threads_per_rank
 from fft_dist.launchers.base import Job, Launcher, register

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from fft_dist import exit_codes
-from fft_dist.config_launcher import SlurmOptions
+from fft_dist.config.launcher import SlurmOptions
 from fft_dist.config import ConfigError, Parallelism
 from fft_dist.launchers.base import Job, Launcher, register
 from fft_dist.launchers.sbatch import sbatch_script

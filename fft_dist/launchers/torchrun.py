@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from fft_dist.config_launcher import TorchrunOptions
+from fft_dist.config.launcher import TorchrunOptions
 from fft_dist.config import ConfigError, LauncherConfig
 from fft_dist.launchers.agent import AGENT_FLAGS, RANK_MODULE, start_agent
 from fft_dist.launchers.base import Job, Launcher, register
