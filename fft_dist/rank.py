@@ -81,7 +81,7 @@ def run_worker(argv: list[str], *, stop: StopSignal | None = None) -> int:
         print(f"fft-dist: {describe_timeout(cfg.dist.timeout_s, ctx)}", flush=True)
     try:
         if not from_file:
-            prepared = _claim_run_dir(prepared, ctx)
+            prepared = claim_run_dir(prepared, ctx)
         from fft_dist.trainer import Trainer
 
         summary = Trainer(prepared.cfg, ctx=ctx, plan=prepared.plan, config_yaml=prepared.yaml, stop=stop).run()
@@ -106,7 +106,7 @@ def run_worker(argv: list[str], *, stop: StopSignal | None = None) -> int:
     return summary.exit_code
 
 
-def _claim_run_dir(prepared, ctx):
+def claim_run_dir(prepared, ctx):
     """Under a user's own launcher: agree on rank 0's config, and rank 0 prepares run.dir."""
     from fft_dist.dist import broadcast_small
     from fft_dist.rundir import prepare_run_dir

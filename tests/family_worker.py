@@ -49,21 +49,11 @@ def _losses(run_dir: Path) -> dict[str, float]:
 def _train(overrides: list[str], ctx, buffers_to: Path | None = None):
     """One fft-dist job in this process group, as fft_dist.rank runs it after launch."""
     from fft_dist.compose import prepare
-    from fft_dist.config import ConfigError
-    from fft_dist.dist import barrier, broadcast_small
-    from fft_dist.rundir import prepare_run_dir
+    from fft_dist.dist import barrier
+    from fft_dist.rank import claim_run_dir
     from fft_dist.trainer import Trainer
 
-    prepared = prepare(overrides, world_size=ctx.world_size)
-    error = None
-    if ctx.is_main:
-        try:
-            prepare_run_dir(prepared.cfg, prepared.yaml)
-        except ConfigError as e:
-            error = str(e)
-    error = broadcast_small(error)
-    if error:
-        raise ConfigError(error)
+    prepared = claim_run_dir(prepare(overrides, world_size=ctx.world_size), ctx)
     trainer = Trainer(prepared.cfg, ctx=ctx, plan=prepared.plan, config_yaml=prepared.yaml)
     try:
         summary = trainer.run()

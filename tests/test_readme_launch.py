@@ -70,17 +70,20 @@ VERBATIM = [
 @pytest.mark.parametrize("line,expect", VERBATIM, ids=range(len(VERBATIM)))
 def test_readme_line_runs_as_printed(line, expect, tmp_path):
     assert re.search(rf"^{re.escape(line)}(\s|$)", all_text(), re.M), f"not in README.md or docs/ as printed: {line}"
-    words = line.split()[1:]
     dry = expect == "launcher.dry_run"
-    if dry:
-        words.append("launcher.dry_run=true")
-    proc = subprocess.run([sys.executable, "-m", "fft_dist.cli", *words], cwd=tmp_path, env=child_env(),
-                          capture_output=True, text=True, timeout=300)
+    out = run_as_printed(line, line.split()[1:], dry, tmp_path)
+    if not dry:
+        assert expect in out, out[-2000:]
+
+
+def run_as_printed(line: str, words: list[str], dry: bool, cwd) -> str:
+    """The command's stdout, after checking it exits 0 (a training line as a dry run that names the ranks)."""
+    proc = subprocess.run([sys.executable, "-m", "fft_dist.cli", *words, *(["launcher.dry_run=true"] if dry else [])],
+                          cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{line}\n{proc.stderr[-3000:]}"
     if dry:
         assert "fft_dist.train" in proc.stdout, proc.stdout[-2000:]
-    else:
-        assert expect in proc.stdout, proc.stdout[-2000:]
+    return proc.stdout
 
 
 # Every other `fft-dist train|estimate|plan|data` line of README.md and docs/*.md, so that a command moved
@@ -96,14 +99,7 @@ OTHER_LINES = [c for prefix in ("fft-dist train", "fft-dist estimate", "fft-dist
 @pytest.mark.parametrize("line", OTHER_LINES, ids=range(len(OTHER_LINES)))
 def test_every_other_page_line_runs_as_printed(line, tmp_path):
     words = shlex.split(line)[1:]
-    dry = words[0] == "train"
-    if dry:
-        words.append("launcher.dry_run=true")
-    proc = subprocess.run([sys.executable, "-m", "fft_dist.cli", *words], cwd=tmp_path, env=child_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{line}\n{proc.stderr[-3000:]}"
-    if dry:
-        assert "fft_dist.train" in proc.stdout, proc.stdout[-2000:]
+    run_as_printed(line, words, words[0] == "train", tmp_path)
     assert not (tmp_path / "runs").exists(), "a dry run must write nothing"
 
 
