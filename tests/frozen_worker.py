@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from deepspeed_worker import SEED, make_cfg, micro_batches, tiny_config, train_steps
 from fft_dist import checkpoint as ckpt
-from fft_dist.config import batch_plan
+from fft_dist.config import Precision, batch_plan
 from fft_dist.dist import init_distributed, seed_everything
 from fft_dist.model import build_model
 from fft_dist.optim import lr_schedule, optimizer_factory
@@ -53,6 +53,7 @@ def logits(fn, batch) -> torch.Tensor:
 def check_backend(backend: str, args, ctx) -> dict:
     model_cfg = tiny_config(vocab=args.vocab)
     cfg = make_cfg(backend, micro=1, global_batch=ctx.world_size, steps=4)
+    cfg.train.precision = Precision(args.precision)
     if backend == "hsdp":
         cfg.parallelism.shard_size = 2
     seed_everything(SEED, True)
@@ -121,6 +122,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--backends", nargs="+", required=True)
     ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="train.precision")
     ap.add_argument("--dtype", choices=["none", "bf16"], default="bf16", help="also host a bf16 frozen copy")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
