@@ -238,7 +238,8 @@ class Trainer:
             out = self.strategy.forward(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
             self.strategy.backward(self.loss.micro_batch(batch, out, counts, sums))
         sums[n] = float(self.stop_signal.received is not None)
-        norm = self.strategy.grad_norm()  # on the device; None: the backend computes it in its update
+        # on the device; none where the backend computes it inside its update (its declared capabilities)
+        norm = None if self.strategy.capabilities.norm_in_update else self.strategy.grad_norm()
         reduced = [all_reduce_sum(sums, device), counts]
         if norm is not None:
             reduced.append(norm.detach().reshape(1).to(device, torch.float64))

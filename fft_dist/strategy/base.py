@@ -49,6 +49,38 @@ class FragmentSource(Protocol):
     def has(self, name: str, kind: str) -> bool: ...
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, declared once, so the loop asks the declaration and never the backend's name."""
+
+    norm_in_update: bool
+    """The global gradient norm is computed inside :meth:`Strategy.apply_update` (DeepSpeed): :meth:`Strategy.grad_norm`
+    returns None and the loop passes no norm in."""
+    frozen_model: bool = True
+    """:meth:`Strategy.host_frozen` can host a second, frozen model sharded like the trainable one."""
+    update_in_backward: bool = False
+    """The optimizer update can run inside backward, per parameter as its gradient is ready (no backend yet)."""
+
+
+class FrozenModel(Protocol):
+    """A second model the strategy hosts for a loss term (a reference to distil from): no gradients, no
+    optimizer, never checkpointed, eval mode, sharded like the trainable model (see :meth:`Strategy.host_frozen`)."""
+
+    module: nn.Module
+    """The model as the backend holds it (FSDP2 module, ZeRO-3 engine, plain module): for inspection only."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None):
+        """The model's output (``.logits``) for a micro batch, under ``torch.no_grad`` and the run's precision."""
+
+    def local_numel(self) -> int:
+        """Parameter elements this rank holds between forwards (its shards or partitions, plus any parameter
+        the backend keeps whole): about total / N under fsdp (N = shard group), zero2 and zero3."""
+
+    def load_fragments(self, source: FragmentSource) -> None:
+        """Fill this rank's parameter ranges (kind ``param``) from a checkpoint or a pretrained folder."""
+
+
 class Strategy(Protocol):
     """One parallelism backend. Implementations: none, fsdp (FSDP2), zero2/zero3 (DeepSpeed).
 
@@ -57,6 +89,7 @@ class Strategy(Protocol):
     """
 
     name: str
+    capabilities: Capabilities
     model: nn.Module
     """The wrapped, trainable model (call through :meth:`forward`)."""
 
@@ -81,8 +114,9 @@ class Strategy(Protocol):
     def grad_norm(self) -> torch.Tensor | None:
         """The pre-clip global gradient norm of this step's gradients, as a tensor on the device (no host
         sync), computed on every rank; None where the backend computes it inside its own update
-        (DeepSpeed). The first half of the optimizer step: the caller reads it together with its other
-        per-step numbers in one device-to-host copy, then calls :meth:`apply_update`."""
+        (``capabilities.norm_in_update``: DeepSpeed; the loop then does not call this). The first half of the
+        optimizer step: the caller reads it together with its other per-step numbers in one device-to-host
+        copy, then calls :meth:`apply_update`."""
 
     def apply_update(self, step: int, norm: float | None) -> float:
         """The second half: clip to train.max_grad_norm with `norm` (the value :meth:`grad_norm` gave),
@@ -92,8 +126,16 @@ class Strategy(Protocol):
 
     def step(self, step: int) -> float:
         """Both halves at once (:meth:`grad_norm`, then :meth:`apply_update`); returns the norm."""
-        norm = self.grad_norm()
+        norm = None if self.capabilities.norm_in_update else self.grad_norm()
         return self.apply_update(step, None if norm is None else float(norm))
+
+    def host_frozen(self, build_model: Callable[[], nn.Module], dtype: torch.dtype | None = None) -> FrozenModel:
+        """Build a second model that is never trained, sharded like this backend (none: a plain copy; fsdp,
+        hsdp: FSDP2 on the same mesh; zero2, zero3: a ZeRO-3 inference engine, since ZeRO-2 does not
+        partition parameters), with the same initial-weight rules as :meth:`setup` (under ``model.path``
+        it is built on meta: fill it with :meth:`FrozenModel.load_fragments`). `dtype`: the dtype its
+        parameters are stored and run in (None: as the trainable model's). Its parameters never appear in
+        :meth:`fragments`. Collective: every rank calls it, after :meth:`setup`."""
 
     def fragments(self) -> Iterator[Fragment]:
         """Every parameter and optimizer-state range this rank owns (each range owned by one rank)."""

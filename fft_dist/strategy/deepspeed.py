@@ -51,7 +51,15 @@ from fft_dist.config import BatchPlan, FFTConfig
 from fft_dist.device_defaults import DeviceDefaults
 from fft_dist.dist import DistContext
 from fft_dist.model import compile_layers
-from fft_dist.strategy.base import Fragment, FragmentSource, LrSchedule, OptimizerFactory, Strategy, model_inputs
+from fft_dist.strategy.base import (
+    Capabilities,
+    Fragment,
+    FragmentSource,
+    LrSchedule,
+    OptimizerFactory,
+    Strategy,
+    model_inputs,
+)
 from fft_dist.strategy.deepspeed_compat import (
     ScopedZero3Linear,
     full_shapes,
@@ -59,12 +67,21 @@ from fft_dist.strategy.deepspeed_compat import (
     import_deepspeed,
     keep_arange_dtype,
 )
-from fft_dist.strategy.deepspeed_config import check_deepspeed, zero_stage
+from fft_dist.strategy.deepspeed_config import (
+    bucket_sizes,
+    check_deepspeed,
+    hidden_size_of,
+    zero3_inference_config,
+    zero_stage,
+)
+from fft_dist.strategy.frozen_zero import ZeroFrozenModel, build_zero3_frozen
 from fft_dist.strategy.initial import build_replicated
 
 
 class DeepSpeedStrategy(Strategy):
     """ZeRO-2 / ZeRO-3 via a DeepSpeed engine; see the module docstring."""
+
+    capabilities = Capabilities(norm_in_update=True)  # engine.step() computes the norm, clips and steps
 
     def __init__(self, cfg: FFTConfig, plan: BatchPlan, ctx: DistContext, defaults: DeviceDefaults):
         self.ds_config = check_deepspeed(cfg, plan, defaults)  # the launcher's check again, with this rank's decisions
@@ -72,6 +89,7 @@ class DeepSpeedStrategy(Strategy):
         self.plan = plan
         self.ctx = ctx
         self.stage = zero_stage(cfg.parallelism)
+        self._cfg = cfg  # host_frozen reads the bucket options and the model's hidden size
         self.compile = cfg.train.compile
         self.name = f"zero{self.stage}"
         self._ds = import_deepspeed()
@@ -120,6 +138,16 @@ class DeepSpeedStrategy(Strategy):
         with keep_arange_dtype(), hf_init_on_gathered_params(ds), \
                 ds.zero.Init(config_dict_or_path=copy.deepcopy(self.ds_config)):
             return build_model()
+
+    def host_frozen(self, build_model: Callable[[], nn.Module], dtype: torch.dtype | None = None) -> ZeroFrozenModel:
+        """A ZeRO-3 inference engine under zero2 and zero3 alike (:mod:`.frozen_zero`). Its weights are built
+        under zero.Init with HF's init on gathered parameters (as ZeRO-3 builds the trainable model), so the
+        same seed gives the same weights; under model.path, fill them with ``load_fragments``."""
+        # ZeRO-3 whatever the stage: its prefetch and persistence sizes, as a zero3 run of this model would have
+        buckets = bucket_sizes(self._cfg.parallelism, hidden_size=hidden_size_of(self._cfg.model),
+                               on_gpu=self.ctx.device.type == "cuda")
+        config = zero3_inference_config(self.ds_config, buckets, dtype)
+        return build_zero3_frozen(self._ds, config, build_model, device=self.ctx.device, rank=self.ctx.rank)
 
     # -- forward / backward / step -----------------------------------------------------------
     def _set_boundary(self, micro_index: int) -> None:

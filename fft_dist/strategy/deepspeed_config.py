@@ -305,3 +305,24 @@ def check_deepspeed(cfg: FFTConfig, plan: BatchPlan, defaults: DeviceDefaults | 
         raise ConfigError("train.precision=fp16 with DeepSpeed needs a CUDA device; use bf16 or fp32 on CPU")
     # raises on overrides that fight our options; auto buckets follow the model's hidden size and the device
     return build_deepspeed_config(par, cfg.train, plan, hidden_size=hidden_size_of(cfg.model), defaults=defaults)
+
+
+def zero3_inference_config(config: dict[str, Any], buckets: dict[str, int],
+                           dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """The DeepSpeed config of a frozen model (ZeRO-3 inference: partitioned parameters, no optimizer) beside
+    a ZeRO-2 or ZeRO-3 run whose config is `config`; `buckets` from :func:`bucket_sizes` (its prefetch and
+    persistence sizes). `dtype` (None: as the trainable model's weights) picks DeepSpeed's weight mode,
+    which zero.Init builds in: bf16 or fp16 weights, or fp32 ones (with the run's autocast, if any)."""
+    out = copy.deepcopy(config)
+    zero = out["zero_optimization"]
+    zero.pop("reduce_scatter", None)
+    zero.pop("offload_optimizer", None)  # there is no optimizer
+    zero.update({"stage": 3, "stage3_prefetch_bucket_size": buckets["prefetch_bucket_size"],
+                 "stage3_param_persistence_threshold": buckets["param_persistence_threshold"]})
+    if dtype is not None:
+        out["bf16"] = {"enabled": dtype == torch.bfloat16}
+        out["fp16"] = {"enabled": dtype == torch.float16}
+        if dtype != torch.float32:
+            out.pop("torch_autocast", None)  # the weights' dtype is the compute dtype
+            out.pop("communication_data_type", None)
+    return out

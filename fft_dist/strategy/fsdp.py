@@ -17,6 +17,7 @@ from fft_dist.device_defaults import DeviceDefaults
 from fft_dist.dist import DistContext
 from fft_dist.model import decoder_layers
 from fft_dist.models.family import rebuild_buffers
+from fft_dist.strategy.frozen import freeze
 from fft_dist.strategy.initial import fill_from_rank0
 from fft_dist.strategy.options import check_fsdp
 from fft_dist.strategy.torch_common import TorchOptimizerStrategy
@@ -54,6 +55,11 @@ class FSDPStrategy(TorchOptimizerStrategy):
         other ranks build on meta and allocate only their shards (:func:`fill_from_rank0`). Every
         rank building the full fp32 model cost N full copies of host memory per node.
         """
+        self.model = self._build_sharded(build_model, reshard_after_forward=self.reshard_after_forward)
+        self._finish_setup(make_optimizer, lr_at)
+
+    def _build_sharded(self, build_model, *, reshard_after_forward: bool, prepare=None):
+        """The model built (see :meth:`setup`), `prepare`d (the frozen model: :func:`freeze`), then sharded."""
         rank0_init = not self.meta_init and self.world_size > 1
         full = None
         if self.meta_init or rank0_init:
@@ -63,22 +69,31 @@ class FSDPStrategy(TorchOptimizerStrategy):
                 full = build_model()  # on CPU: only one tensor at a time goes to the device
         else:
             model = build_model().to(self.device)
+        if prepare is not None:
+            model = prepare(model)
+            full = None if full is None else prepare(full)
         # Gradients are reduce-scattered in fp32 under every precision (stated, not left to FSDP2's default of
         # the parameters' dtype): bf16 reductions would round the sum of N ranks' gradients.
         mp = MixedPrecisionPolicy(param_dtype=None if self.precision == Precision.fp32 else self.compute_dtype,
                                   reduce_dtype=torch.float32)
         kwargs = {"mesh": self.mesh, "mp_policy": mp}
         for layer in decoder_layers(model):
-            fully_shard(layer, reshard_after_forward=self.reshard_after_forward, **kwargs)
+            fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
         fully_shard(model, **kwargs)
         if self.meta_init or rank0_init:
             model.to_empty(device=self.device)
         if self.meta_init:
             rebuild_buffers(model)  # rotary frequencies, Gemma's embed_scale: transformers' own init
-        self.model = model
         if rank0_init:
             fill_from_rank0(model, full, local_range=self._local_range, device=self.device)
-        self._finish_setup(make_optimizer, lr_at)
+        return model
+
+    def _build_frozen(self, build_model, dtype):
+        """FSDP2 on the same mesh, every layer resharded after forward (no backward will)."""
+        return self._build_sharded(build_model, reshard_after_forward=True, prepare=lambda m: freeze(m, dtype))
+
+    def _frozen_after_forward(self, module) -> None:
+        _reshard(module)  # the root stays gathered after forward otherwise (FSDP2's root default)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None):
@@ -94,9 +109,7 @@ class FSDPStrategy(TorchOptimizerStrategy):
         until backward; after a no-grad forward nothing else would reshard them, and the fragments
         must be the shards.
         """
-        for module in self.model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
+        _reshard(self.model)
 
     def fragments(self):
         self._reshard()
@@ -132,3 +145,9 @@ class FSDPStrategy(TorchOptimizerStrategy):
         for d in shape[1:]:
             row_numel *= d
         return local.view(-1), shape, row * row_numel
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

@@ -8,6 +8,7 @@ import torch
 from fft_dist.config import BatchPlan, FFTConfig, Precision
 from fft_dist.device_defaults import DeviceDefaults
 from fft_dist.dist import DistContext
+from fft_dist.strategy.frozen import freeze
 from fft_dist.strategy.options import check_single
 from fft_dist.strategy.torch_common import TorchOptimizerStrategy
 
@@ -22,6 +23,9 @@ class SingleProcessStrategy(TorchOptimizerStrategy):
     def setup(self, *, build_model, make_optimizer, lr_at) -> None:
         self.model = build_model().to(self.device)
         self._finish_setup(make_optimizer, lr_at)
+
+    def _build_frozen(self, build_model, dtype):
+        return freeze(build_model(), dtype).to(self.device)
 
     def _autocast(self):
         if self.precision == Precision.fp32:

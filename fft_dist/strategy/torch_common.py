@@ -13,7 +13,8 @@ from fft_dist.device_defaults import DeviceDefaults
 from fft_dist.dist import DistContext
 from fft_dist.model import compile_layers
 from fft_dist.optim import set_lr
-from fft_dist.strategy.base import Fragment, FragmentSource, LrSchedule, Strategy, model_inputs
+from fft_dist.strategy.base import Capabilities, Fragment, FragmentSource, LrSchedule, Strategy, model_inputs
+from fft_dist.strategy.frozen import TorchFrozenModel
 
 OPTIMIZER_STATE_KINDS = ("step", "exp_avg", "exp_avg_sq", "momentum_buffer")
 COMPUTE_DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
@@ -23,6 +24,7 @@ class TorchOptimizerStrategy(Strategy):
     """Common step / clip / loss-scaling / optimizer-state logic; subclasses shard (or not) the model."""
 
     name = "torch"
+    capabilities = Capabilities(norm_in_update=False)
 
     def __init__(self, cfg: FFTConfig, ctx: DistContext, defaults: DeviceDefaults):
         self.train_cfg = cfg.train
@@ -50,6 +52,13 @@ class TorchOptimizerStrategy(Strategy):
     def _owns_replicated(self) -> bool:
         return True
 
+    def _build_frozen(self, build_model, dtype: torch.dtype | None) -> nn.Module:
+        """The frozen model, built and sharded (or not) like the trainable one (see :meth:`host_frozen`)."""
+        raise NotImplementedError
+
+    def _frozen_after_forward(self, module: nn.Module) -> None:
+        """What a no-grad forward of the frozen model leaves to undo (FSDP2: gathered parameters)."""
+
     # -- Strategy protocol ---------------------------------------------------------------
     def _finish_setup(self, make_optimizer, lr_at: LrSchedule) -> None:
         self.lr_at = lr_at
@@ -61,6 +70,11 @@ class TorchOptimizerStrategy(Strategy):
 
     def _make_scaler(self):
         return torch.amp.GradScaler(self.device.type)
+
+    def host_frozen(self, build_model, dtype: torch.dtype | None = None) -> TorchFrozenModel:
+        module = self._build_frozen(build_model, dtype)
+        return TorchFrozenModel(module, device=self.device, local_range=self._local_range, autocast=self._autocast,
+                                after_forward=lambda: self._frozen_after_forward(module))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None):
