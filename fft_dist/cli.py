@@ -13,7 +13,8 @@ commands:
                                  (fft-dist train --help lists every option; --cfg job prints the config;
                                  -m a=1,2 b=x,y runs every combination, each in run.dir/<n>)
   launch [hydra overrides]       run or submit the job with launcher=local|torchrun|deepspeed|slurm|container
-                                 (launcher.dry_run=true prints the command or sbatch script, runs nothing)
+                                 (launcher.dry_run=true prints the command or sbatch script, runs nothing;
+                                 launcher.dry_run=write also writes config.yaml and the script, to run by hand)
   node [torchrun args]           one node's agent for a written config (FFT_DIST_CONFIG); sbatch scripts use it
   export <checkpoint> <out_dir>  write a Hugging Face folder from a checkpoint (--force replaces a
                                  non-empty out_dir; <checkpoint>: step-N, the checkpoint root or latest)
