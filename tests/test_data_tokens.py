@@ -100,6 +100,7 @@ def test_every_stride_window_starts_with_bos_and_each_token_is_trained_once():
         assert len(got) <= 6 and got[0] == ID[BOS] and got.count(ID[BOS]) == 1 and labels[0] == IGNORE_INDEX
         trained += [t for t in labels[1:] if t != IGNORE_INDEX]
     assert trained == ids(doc) + [ID[EOS]]
+    assert encode(llama3_style(), "text", {"text": [f"{BOS} {doc}"]}, max_length=6, stride=3) == rows  # BOS written
 
 
 def test_packed_rows_keep_one_bos_per_example_and_the_report_shows_it(tmp_path):

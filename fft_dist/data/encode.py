@@ -75,13 +75,15 @@ class Encoder:
     def emit_plain(self, out: dict, pairs: list, *, windows: bool) -> None:
         """(context ids, target ids) pairs: BOS first (data.add_bos), loss on the target and the EOS after it
         (data.add_eos); with `windows` a longer sequence becomes data.stride windows, each with the BOS first."""
-        eos = self.specials[1]
+        bos, eos = self.specials
         for prompt, target in pairs:
-            body = list(prompt) + list(target)
+            body, context = list(prompt) + list(target), len(prompt)
+            if bos and body[: len(bos)] == bos:  # the text wrote its own BOS: it is the one every example gets
+                body, context = body[len(bos):], max(context - len(bos), 0)
             if eos and body[len(body) - len(eos):] != eos:
                 body += eos
-            ids, labels = self.with_bos(body, [IGNORE_INDEX] * len(prompt) + body[len(prompt):])
-            head = len(ids) - len(body)
+            ids, labels = bos + body, [IGNORE_INDEX] * (len(bos) + context) + body[context:]
+            head = len(bos)
             if windows and len(ids) > self.cfg.max_length:
                 length = max(self.cfg.max_length - head, 1)
                 for w_ids, w_labels in sliding_windows(body, length, min(self.cfg.stride, length)):
@@ -115,7 +117,10 @@ def own_special_tokens(tok) -> tuple[list[int], list[int]]:
     for i in range(len(full) - len(plain) + 1):
         if full[i : i + len(plain)] == plain:
             return full[:i], full[i + len(plain):]
-    return [], []  # a tokenizer that tokenises differently with special tokens: add none of its own
+    # the text tokenises differently next to special tokens: what it adds to an empty text, EOS last
+    empty = list(tok("")["input_ids"])
+    eos = getattr(tok, "eos_token_id", None)
+    return [t for t in empty if t != eos], [t for t in empty if t == eos]
 
 
 def _token_id(tok, which: str, setting: str) -> int | None:
