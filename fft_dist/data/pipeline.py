@@ -103,7 +103,7 @@ def _encode_split(loaded, index: list[int], cfg: DataConfig, tok, template, work
     if sys.stderr.isatty():
         datasets.enable_progress_bars()  # the one bar worth seeing: tokenising
     else:  # a log file: one line, not a bar redrawn with carriage returns
-        print(f"fft-dist: tokenising {cfg.name} {name} ({len(ds)} rows)", file=sys.stderr, flush=True)
+        print(f"fft-dist: tokenising {cfg.name} {name} ({len(ds)} rows)", flush=True)  # with the other banner lines
     try:
         return _map(ds, encoder, cfg, work, name, fp)
     finally:
