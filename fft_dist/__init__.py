@@ -14,7 +14,7 @@ LAYERS: list[list[str]] = [
     ["validate", "config_help", "preemption", "dist"],  # pure rules, processes
     ["launchers"],                                   # one class per launcher: options, checks, world size, run
     ["compose"],                                     # the one compose -> type -> validate path
-    ["models", "model_checks", "model", "optim", "metrics", "data", "loss"],  # components built from typed config; model families
+    ["models", "model_checks", "model", "optim", "metrics", "progress", "data", "loss"],  # components built from typed config; model families
     ["strategy"],                                    # FSDP2 / DeepSpeed / single process behind one protocol
     ["memory", "planner"],                           # will it fit: per-GPU bytes, the cheapest set-up that fits
     ["checkpoint"],                                  # one format over every strategy's fragments

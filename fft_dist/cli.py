@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -12,7 +13,8 @@ commands:
                                  (fft-dist train --help lists every option; --cfg job prints the config;
                                  -m a=1,2 b=x,y runs every combination, each in run.dir/<n>)
   launch [hydra overrides]       run or submit the job with launcher=local|torchrun|deepspeed|slurm|container
-                                 (launcher.dry_run=true prints the command or sbatch script, runs nothing)
+                                 (launcher.dry_run=true prints the command or sbatch script, runs nothing;
+                                 launcher.dry_run=write also writes config.yaml and the script, to run by hand)
   node [torchrun args]           one node's agent for a written config (FFT_DIST_CONFIG); sbatch scripts use it
   export <checkpoint> <out_dir>  write a Hugging Face folder from a checkpoint (--force replaces a
                                  non-empty out_dir; <checkpoint>: step-N, the checkpoint root or latest)
@@ -121,29 +123,35 @@ def data(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    """The console script. Output to a pipe whose reader has gone (`fft-dist ckpt info x | head -1`) ends
+    quietly with exit 0: the reader has what it wanted, and a traceback would only hide that."""
+    try:
+        try:
+            code = _dispatch(sys.argv[1:] if argv is None else argv)
+        finally:
+            sys.stdout.flush()  # here, not at interpreter exit, where a closed pipe is an unhandled error
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # later writes (at exit) go nowhere
+        code = 0
+    sys.exit(code)
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
-        sys.exit(0 if argv else 2)
+        return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command in ("train", "launch"):
-        sys.exit(train(rest, command=command))
+        return train(rest, command=command)
     if command == "node":
         from fft_dist.launch import node_command
 
-        sys.exit(node_command(rest))
-    if command == "data":
-        sys.exit(data(rest))
-    if command == "export":
-        sys.exit(export(rest))
-    if command == "ckpt":
-        sys.exit(ckpt(rest))
-    if command == "estimate":
-        sys.exit(estimate(rest))
-    if command == "plan":
-        sys.exit(plan(rest))
+        return node_command(rest)
+    commands = {"data": data, "export": export, "ckpt": ckpt, "estimate": estimate, "plan": plan}
+    if command in commands:
+        return commands[command](rest)
     print(f"fft-dist: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-    sys.exit(2)
+    return 2
 
 
 def _shard_size(text: str) -> int:

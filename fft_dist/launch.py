@@ -18,6 +18,7 @@ from pathlib import Path
 from fft_dist import exit_codes
 from fft_dist.compose import Prepared, checked, override_keys, report_known, typed
 from fft_dist.config import BatchPlan, ConfigError, FFTConfig, LauncherConfig, ResumeKind
+from fft_dist.config.launcher import DRY_RUN_WRITE
 from fft_dist.launchers import CONFIG_ENV, Job, launcher_for
 from fft_dist.launchers.agent import (DEEPSPEED_RUNNER, StopForwarder, run_deepspeed, start_agent,
                                       threads_per_rank)
@@ -158,7 +159,9 @@ def _launch(overrides: list[str], config_dirs: list[str] | None, forwarder: Sign
         job = Job(launcher, Path(cfg.run.dir).resolve(), ["fft-dist", "launch", *overrides], forwarder=forwarder,
                   rank_here=lambda: run_in_process(launcher), release_locks=release_locks)
         text = starter.describe(job)  # checks what only rendering finds (e.g. an #SBATCH value that needs quoting)
-        if not (launcher.dry_run or secondary):
+        if launcher.dry_run == DRY_RUN_WRITE and not secondary:
+            text += _write_without_running(cfg, prepared.yaml, starter, job)
+        elif not (launcher.dry_run or secondary):
             prepare_run_dir(cfg, prepared.yaml)
     except Exception as e:  # noqa: BLE001 - known errors get their exit code, bugs their traceback
         return report_known(e)
@@ -171,6 +174,28 @@ def _launch(overrides: list[str], config_dirs: list[str] | None, forwarder: Sign
     if starter.supervises:
         become_supervisor()
     return starter.run(job)
+
+
+def _write_without_running(cfg: FFTConfig, yaml: str, starter, job: Job) -> str:
+    """launcher.dry_run=write: claim run.dir and write config.yaml as a launch would (with dry_run=false, so
+    the file is what that launch writes) and the launcher's script; the locks go, as for a submitted job."""
+    from omegaconf import OmegaConf
+
+    from fft_dist.rundir import prepare_run_dir, release_locks
+
+    node = OmegaConf.create(yaml)
+    node.launcher.dry_run = False
+    try:
+        prepare_run_dir(cfg, OmegaConf.to_yaml(node))
+        written = [job.config_path, *starter.write(job)]
+    except OSError as e:
+        raise ConfigError(f"run.dir={job.run_dir} is not writable: {e.strerror or e}") from None
+    finally:
+        release_locks()
+    by_hand = (f"{starter.submit_with} {written[-1]}" if starter.submit_with and len(written) > 1
+               else "the command above")
+    return (f"\n# launcher.dry_run=write wrote {', '.join(str(p) for p in written)}; "
+            f"nothing was started. Run it by hand: {by_hand}")
 
 
 def run_in_process(launcher: LauncherConfig) -> int:

@@ -144,13 +144,21 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
+def _eval_line(summary) -> str:
+    if not summary.eval_split:
+        return "  eval loss: no eval split (set data.eval_path, or a data.eval_fraction that holds out rows)"
+    if summary.first_eval_loss is None:
+        return "  eval loss: none (stopped before the first evaluation)"
+    return (f"  eval loss: first {_fmt(summary.first_eval_loss)} -> final {_fmt(summary.final_eval_loss)} "
+            f"(best {_fmt(summary.best_eval_loss)} at step {summary.best_step})")
+
+
 def print_summary(summary) -> None:
     print(
         "\n".join([
             "",
             f"fft-dist: {summary.stopped} after {summary.steps} steps in {summary.seconds:.1f} s",
-            f"  eval loss: first {_fmt(summary.first_eval_loss)} -> final {_fmt(summary.final_eval_loss)} "
-            f"(best {_fmt(summary.best_eval_loss)} at step {summary.best_step})",
+            _eval_line(summary),
             f"  run dir:    {summary.run_dir}  (config.yaml, metrics.jsonl, tb/)",
             f"  checkpoint: {summary.checkpoint or 'none'}",
             *([f"  HF export:  {summary.export} (from {summary.export_source})"] if summary.export_source else []),

@@ -87,6 +87,8 @@ class Summary:
     signal: str | None = None
     run_id: str | None = None
     """The run the export belongs to (its marker; a resumed run may replace only its own export)."""
+    eval_split: bool = True
+    """Whether there was an eval split at all (a small data set may hold out no row)."""
 
     @property
     def exit_code(self) -> int:
@@ -313,10 +315,9 @@ class Trainer:
         stop_now = False  # a stop signal (agreed by all ranks) during a step or an evaluation
         if s.step == 0 and self.eval_set and cfg.eval.every_steps:  # 0: evaluate only at the end
             stop_now = not self._eval_and_track(0)
-        from tqdm.auto import tqdm
+        from fft_dist.progress import progress_bar
 
-        self._bar = tqdm(total=self.total_steps, initial=s.step, disable=not self.ctx.is_main, desc="train",
-                         dynamic_ncols=True, mininterval=1.0)
+        self._bar = progress_bar(total=self.total_steps, initial=s.step, enabled=self.ctx.is_main, desc="train")
         self.strategy.train(True)
         while not stop_now and s.step < self.total_steps and not s.stopped_early:
             t0 = time.perf_counter()
@@ -347,7 +348,8 @@ class Trainer:
         summary = Summary(steps=s.step, seconds=time.perf_counter() - start_time, first_eval_loss=s.first_eval_loss,
                           final_eval_loss=s.last_eval_loss, best_eval_loss=s.best_eval_loss, best_step=s.best_step,
                           run_dir=str(self.run_dir), checkpoint=str(last_ckpt) if last_ckpt else None,
-                          stopped=stopped, signal=stop_signal, tokenizer_dir=self.tokenizer_files)
+                          stopped=stopped, signal=stop_signal, tokenizer_dir=self.tokenizer_files,
+                          eval_split=bool(self.eval_set))
         if stopped != "preempted" and cfg.checkpoint.export_final and last_ckpt is not None:
             summary.export_source = self.checkpoints.export_source()
             summary.export = self.run_dir / "hf"
@@ -367,5 +369,5 @@ class Trainer:
         if out["skipped"]:
             self._say(f"fft-dist: warning: step {s.step}: gradient norm {out['grad_norm']}; update skipped "
                       f"({s.skipped_steps} so far)")
-        self._bar.update(1)
         self._bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", refresh=False)
+        self._bar.update(1)

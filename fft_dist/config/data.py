@@ -2,8 +2,10 @@
 rules live in :mod:`fft_dist.data.formats`)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import PurePath
 from typing import Any
 
 
@@ -18,10 +20,12 @@ class DataFormat(str, Enum):
 
 @dataclass
 class DataConfig:
-    name: str = "stdlib_docstrings"
+    name: str | None = None
+    """What logs and `fft-dist data` call this data. None: the stem of the first data file (my_set for
+    data/my_set.jsonl), the folder's name for a glob or a save_to_disk folder, `mixture` for a mixture."""
     path: Any = "${asset:stdlib_docstrings.jsonl}"
     """Training data: a file, a glob, a list of files/globs, or a `save_to_disk` folder. Local only.
-    The loader follows the extension: .jsonl/.json, .parquet, .csv, .txt (one row per line), .arrow."""
+    The loader follows the extension: .jsonl/.json, .parquet, .csv, .txt (rows per `sample_by`), .arrow."""
     eval_path: Any = None
     """Eval data in the same forms as `path`. None: hold out `eval_fraction` of the training rows."""
     eval_fraction: float = 0.05
@@ -66,6 +70,34 @@ class DataConfig:
     mixture: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Several weighted sources instead of `path`: name -> {path, weight, optional eval_path and other
     data.* settings for that source}. Metrics add eval_<name>_loss per source. See docs/data.md (mixtures)."""
+    # tokens and documents (issue 19)
+    add_bos: str = "auto"
+    """text, prompt_completion: put the BOS token before each example. auto: what the tokenizer itself adds
+    (its add_bos_token / post-processor: Llama 3 and Gemma yes, GPT-2 and Qwen none); true; false.
+    Never twice: text that already starts with BOS gets no second one."""
+    add_eos: str = "auto"
+    """text, prompt_completion: end each example with the EOS token, which carries loss (the model learns to
+    stop). auto: the tokenizer's own end tokens if it adds any, else its EOS token; true; false."""
+    sample_by: str = "line"
+    """text format, .txt sources: one row per line, per paragraph (blank-line separated) or per document
+    (a whole file); the names of `datasets`' text loader. A long document is cut by `stride` or truncated."""
 
     def __post_init__(self) -> None:  # DataFormat.text and "text" are one name; messages print the plain name
         self.format = self.format.value if isinstance(self.format, Enum) else self.format
+        # `data.add_bos=true` arrives as a bool, typed here as "True": one spelling for every check
+        self.add_bos, self.add_eos = (str(v).lower() for v in (self.add_bos, self.add_eos))
+        if self.name is None and "${" not in str(self.path):  # a schema's default, before resolution: later
+            self.name = default_data_name(self.path, self.mixture)
+
+
+def default_data_name(path: Any, mixture: Any = None) -> str:
+    """data.name when unset: the first source's file stem (its folder for a glob or a dataset folder)."""
+    first = path[0] if isinstance(path, (list, tuple)) or type(path).__name__ == "ListConfig" else path
+    if first is None or (isinstance(first, str) and not first):
+        return "mixture" if mixture else "data"
+    text = str(first).rstrip("/")
+    if any(ch in text for ch in "*?["):
+        text = re.split(r"[*?\[]", text, maxsplit=1)[0].rstrip("/")  # the folder above the pattern
+        return PurePath(text).name or "data"
+    pure = PurePath(text)
+    return (pure.stem if pure.suffix else pure.name) or "data"

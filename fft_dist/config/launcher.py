@@ -5,6 +5,9 @@ import glob
 import re
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
+
+from fft_dist.errors import ConfigError
 
 NO_GPUS = "none"
 """launcher.gpus=none: a container without GPUs, on purpose (CPU ranks over gloo)."""
@@ -32,13 +35,28 @@ class LauncherConfig:
     """Ranks per node (per machine), for every launcher."""
     master_port: int = 0
     """Rendezvous port on this machine (local, torchrun with nnodes=1, deepspeed, container), or on the first node (slurm). 0: a free one (29500 for slurm and multi-host deepspeed)."""
-    dry_run: bool = False
-    """Print exactly what would run (a command, or the whole sbatch script) and run nothing."""
+    dry_run: Any = False
+    """true: print exactly what would run (a command, or the whole sbatch script) and run nothing. write: also
+    write run.dir/config.yaml (and the sbatch script), so the printed command runs by hand. false: run."""
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment variables for every rank (e.g. {NCCL_SOCKET_IFNAME: eth0})."""
 
     def __post_init__(self) -> None:
         self.name = getattr(self.name, "value", self.name)  # LauncherName.slurm -> "slurm"
+        self.dry_run = dry_run_mode(self.dry_run)
+
+
+DRY_RUN_WRITE = "write"
+
+
+def dry_run_mode(value: Any) -> bool | str:
+    """launcher.dry_run as False, True or "write" (a YAML or command-line true/false may arrive as text)."""
+    text = str(value).strip().lower()
+    if text in ("true", "false"):
+        return text == "true"
+    if text == DRY_RUN_WRITE:
+        return DRY_RUN_WRITE
+    raise ConfigError(f"launcher.dry_run={value!r} must be true, false or write")
 
 
 @dataclass

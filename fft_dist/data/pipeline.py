@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -23,11 +24,11 @@ from fft_dist.data.encode import Encoder
 from fft_dist.data.examples import DataStats, TokenizedSplit
 from fft_dist.data.formats import get_format
 from fft_dist.data.packing import pack
-from fft_dist.data.sources import Source, check_options, load_sources, resolve_sources
+from fft_dist.data.sources import Source, check_options, held_out_rows, load_sources, resolve_sources
 from fft_dist.dist import all_gather_small, rank_world
 from fft_dist.errors import ConfigError, DataError
 
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 """Bump when the encoding changes, so old caches are not reused."""
 HELD_OUT_SEED = 0
 """The held-out eval split must not move when train.seed changes."""
@@ -81,7 +82,7 @@ def held_out_split(n: int, fraction: float) -> tuple[list[int], list[int]]:
     """(train, eval) row indices, each in file order; the same split the JSONL loader always made."""
     order = list(range(n))
     random.Random(HELD_OUT_SEED).shuffle(order)
-    held = set(order[: int(round(n * fraction))])
+    held = set(order[: held_out_rows(n, fraction)])
     return [i for i in range(n) if i not in held], sorted(held)
 
 
@@ -97,8 +98,12 @@ def _encode_split(loaded, index: list[int], cfg: DataConfig, tok, template, work
 
     encoder = Encoder(cfg, tok, RowNamer(loaded.files, loaded.starts, index), template, tuple(labels),
                       get_format(cfg.format))
+    encoder.specials  # noqa: B018 - a bad data.add_bos / add_eos is raised here, not inside a map worker
     ds = loaded.dataset.select(index) if len(index) != len(loaded.dataset) else loaded.dataset
-    datasets.enable_progress_bars()  # the one bar worth seeing: tokenising
+    if sys.stderr.isatty():
+        datasets.enable_progress_bars()  # the one bar worth seeing: tokenising
+    else:  # a log file: one line, not a bar redrawn with carriage returns
+        print(f"fft-dist: tokenising {cfg.name} {name} ({len(ds)} rows)", flush=True)  # with the other banner lines
     try:
         return _map(ds, encoder, cfg, work, name, fp)
     finally:

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 from fft_dist.config import DataConfig, DataFormat
-from fft_dist.data.encode import IGNORE_INDEX
+from fft_dist.data.encode import IGNORE_INDEX, special_tokens
+from fft_dist.data.formats import get_format
 from fft_dist.data.examples import DataStats, Example
 from fft_dist.data.pipeline import load_datasets
 
@@ -48,6 +49,18 @@ def render_with_mask(example: Example, tok) -> str:
 def _piece(tok, ids: list[int], trained: bool) -> str:
     text = tok.decode(ids)
     return f"{LOSS_OPEN}{text}{LOSS_CLOSE}" if trained else text
+
+
+def special_line(cfg: DataConfig, tok) -> str:
+    """Which special tokens frame each example, and which setting chose them."""
+    before, after = special_tokens(tok, cfg)
+
+    def shown(ids: list[int]) -> str:
+        return " ".join(tok.convert_ids_to_tokens(ids)) if ids else "nothing"
+
+    windows = "; every stride window too" if before and cfg.stride else ""
+    return (f"special tokens: {shown(before)} before each example (data.add_bos={cfg.add_bos}{windows}), "
+            f"{shown(after)} after it (data.add_eos={cfg.add_eos})")
 
 
 def term_lines(terms: list[str], tok) -> tuple[list[str], list[str]]:
@@ -112,6 +125,8 @@ def _source_report(cfg: DataConfig, tok, *, cache_dir, where: str = "data", term
             f"\n  {reason}: {n} train" for reason, n in sorted(stats.dropped.items())),
         f"loss-bearing tokens: {stats.loss_tokens} of {stats.tokens} ({share:.1%})",
     ]
+    if "add_bos" in get_format(cfg.format).options:
+        lines.append(special_line(cfg, tok))
     if cfg.packing:
         slots = stats.packed_rows * cfg.max_length
         lines.append(f"packing: {stats.examples} examples in {stats.packed_rows} rows; {stats.tokens} real tokens "

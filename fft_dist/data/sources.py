@@ -11,15 +11,20 @@ import csv
 import glob
 import io
 import json
+import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fft_dist.config import DataConfig
+from fft_dist.data.encode import SPECIAL_CHOICES
 from fft_dist.data.formats import all_formats, get_format
 from fft_dist.errors import ConfigError, DataError
 
+SAMPLE_BY = ("line", "paragraph", "document")
+"""data.sample_by: how `datasets`' text loader cuts a .txt file into rows (its own option and names)."""
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
            ".arrow": "arrow"}
 """File extension -> `datasets` packaged loader."""
@@ -106,6 +111,9 @@ def check_options(cfg: DataConfig) -> None:
         if option not in fmt.options and getattr(cfg, option) != getattr(defaults, option):
             owners = "/".join(f.name for f in all_formats() if option in f.options)
             raise ConfigError(f"data.{option} applies to data.format={owners} only (the format is {cfg.format})")
+    for key, choices in (("add_bos", SPECIAL_CHOICES), ("add_eos", SPECIAL_CHOICES), ("sample_by", SAMPLE_BY)):
+        if getattr(cfg, key) not in choices:
+            raise ConfigError(f"data.{key}={getattr(cfg, key)!r} must be one of {', '.join(choices)}")
     if cfg.num_proc < 1:
         raise ConfigError("data.num_proc must be >= 1")
     if cfg.group_by_length < 0:
@@ -136,12 +144,34 @@ def check_data_files(cfg: DataConfig) -> None:
         check_options(source_cfg)
         if fmt.check is not None:
             fmt.check(source_cfg, where)
+        counts = {}
         for key, value in ((f"{where}.path", source_cfg.path), (f"{where}.eval_path", source_cfg.eval_path)):
             if value is None:
                 continue
-            rows = sum(check_source(s, source_cfg) for s in resolve_sources(value, key=key))
+            sources = resolve_sources(value, key=key)
+            if source_cfg.sample_by != "line" and not any(s.loader == "text" for s in sources):
+                raise ConfigError(f"{where}.sample_by={source_cfg.sample_by} reads .txt files, and {key}={value} "
+                                  "names none; drop the option")
+            rows = sum(check_source(s, source_cfg) for s in sources)
             if not rows:
                 raise DataError(f"{key}={value}: the data set is empty (no rows)")
+            counts[key] = None if any(s.loader == "arrow" for s in sources) else rows  # arrow: not counted here
+        _warn_no_eval(source_cfg, where, counts.get(f"{where}.path"))
+
+
+def _warn_no_eval(cfg: DataConfig, where: str, rows: int | None) -> None:
+    """A held-out share that rounds to no row: the run would have no eval loss and no best checkpoint."""
+    if cfg.eval_path is not None or not cfg.eval_fraction or rows is None or held_out_rows(rows, cfg.eval_fraction):
+        return
+    enough = f" or {where}.eval_fraction={math.ceil(100 / rows) / 100:g} or more" if rows > 1 else ""
+    print(f"fft-dist: warning: {where}.path has {rows} row(s) and {where}.eval_fraction={cfg.eval_fraction} holds "
+          f"out none, so there is no eval split (no eval loss, no best checkpoint); set {where}.eval_path=<file>"
+          f"{enough}", file=sys.stderr, flush=True)
+
+
+def held_out_rows(n: int, fraction: float) -> int:
+    """How many of n rows data.eval_fraction holds out (0 for a small set and a small fraction)."""
+    return int(round(n * fraction))
 
 
 def check_source(source: Source, cfg: DataConfig) -> int:
@@ -151,7 +181,7 @@ def check_source(source: Source, cfg: DataConfig) -> int:
         return sum(1 for _ in iter_json_rows(source.path, want, cfg, max_lines=PRECHECK_LINES))
     if source.loader == "text":
         _have(source.path, ["text"], want)
-        return sum(1 for _ in _lines(source.path, PRECHECK_LINES, "text"))
+        return text_rows(source.path, cfg.sample_by)
     schema, rows = _columnar_schema(source)
     _have(source.path, list(schema.names), want)
     for column, kind in want.items():
@@ -160,6 +190,20 @@ def check_source(source: Source, cfg: DataConfig) -> int:
             raise DataError(f"{source.path}: column {column!r} is {found}, but data.format={cfg.format} reads "
                             f"it as {KIND_NAMES[kind]}; convert the column (or point data.*_key at another one)")
     return rows
+
+
+def text_rows(path: Path, sample_by: str) -> int:
+    """Rows a .txt file gives under data.sample_by (within its first PRECHECK_LINES lines), as `datasets`
+    cuts it: every line; every block between blank lines; the whole file."""
+    if sample_by == "document":
+        return 1 if any(line.strip() for _, line in _lines(path, PRECHECK_LINES, "text")) else 0
+    if sample_by == "line":
+        return sum(1 for _ in _lines(path, PRECHECK_LINES, "text"))
+    paragraphs, blank = 0, True
+    for _, line in _lines(path, PRECHECK_LINES, "text"):
+        paragraphs += int(blank and bool(line.strip()))
+        blank = not line.strip()
+    return paragraphs
 
 
 KIND_NAMES = {str: "a string", list: "a list"}
@@ -313,6 +357,8 @@ def load_sources(value: Any, cfg: DataConfig, *, key: str, work_dir: Path) -> Lo
             for _ in _lines(source.path, None, source.loader):
                 pass  # every line decodes (the pre-launch check read the first PRECHECK_LINES)
         extra = {}
+        if source.loader == "text":  # by line, paragraph or document: the loader's own option
+            extra["sample_by"] = cfg.sample_by
         if source.loader == "csv":  # text, not numbers: a column of digits stays the strings it holds
             extra["features"] = datasets.Features({name: datasets.Value("string") for name in csv_header(source.path)})
         try:

@@ -96,6 +96,14 @@ class Launcher:
         """Start (or submit) the ranks; the job's exit code."""
         raise NotImplementedError
 
+    submit_with: ClassVar[str] = ""
+    """The program that takes the script `write` writes, by hand (slurm: sbatch); empty: run what `describe` printed."""
+
+    def write(self, job: Job) -> list[Path]:
+        """launcher.dry_run=write: write the files `run` would write besides config.yaml (a script), so what
+        `describe` printed runs by hand; the paths written (none by default)."""
+        return []
+
 
 REGISTRY: dict[str, type[Launcher]] = {}
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from fft_dist import exit_codes
 from fft_dist.config.launcher import SlurmOptions
@@ -16,6 +17,7 @@ from fft_dist.launchers.shell import one_line
 class SlurmLauncher(Launcher):
     name = "slurm"
     schema = SlurmOptions
+    submit_with = "sbatch"
 
     def nodes(self) -> int:
         return self.cfg.nodes
@@ -48,10 +50,14 @@ class SlurmLauncher(Launcher):
     def describe(self, job: Job) -> str:
         return self.script(job).rstrip("\n")
 
-    def run(self, job: Job) -> int:
+    def write(self, job: Job) -> list[Path]:
         script = job.run_dir / "slurm" / "job.sbatch"
         script.parent.mkdir(parents=True, exist_ok=True)
         script.write_text(self.script(job), encoding="utf-8")
+        return [script]
+
+    def run(self, job: Job) -> int:
+        script = self.write(job)[0]
         job.release_locks()  # the job's first node takes them: it may start before this process exits
         proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=False)
         if proc.returncode:

@@ -1,4 +1,5 @@
-"""data.format=prompt_completion: the prompt is context, the loss falls on the completion and its EOS."""
+"""data.format=prompt_completion: BOS (data.add_bos) and the prompt are context; the loss falls on the completion
+and its EOS (data.add_eos)."""
 from __future__ import annotations
 
 from fft_dist.data.formats.registry import Format, register_format
@@ -11,4 +12,5 @@ def encode(enc, batch: dict, indices: list[int], out: dict) -> None:
 
 
 PROMPT_COMPLETION = register_format(Format("prompt_completion", encode,
-                                           columns={"prompt_key": str, "completion_key": str}))
+                                           columns={"prompt_key": str, "completion_key": str},
+                                           options=("add_bos", "add_eos")))
