@@ -249,7 +249,9 @@ def checked(cfg: FFTConfig, yaml: str, *, world_size: int | None = None) -> Prep
     takes the whole job's ranks from it (nodes x ranks per node). A rank passes its real WORLD_SIZE.
     """
     if world_size is None:
-        world_size = check_launcher(cfg.launcher, cfg.parallelism.name).world_size()
+        from fft_dist.strategy import get as backend  # imported here: `--help` and typing need no torch
+
+        world_size = check_launcher(cfg.launcher, backend(cfg.parallelism.name)).world_size()
     return Prepared(cfg, yaml, validate(cfg, world_size))
 
 

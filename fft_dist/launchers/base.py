@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 from fft_dist import plugins
-from fft_dist.config import LAUNCHERS, ConfigError, LauncherConfig, Parallelism
+from fft_dist.config import LAUNCHERS, ConfigError, LauncherConfig
 from fft_dist.plugins import import_env_modules
 from fft_dist.preemption import SignalForwarder
 
@@ -78,8 +78,9 @@ class Launcher:
         """Whether the ranks run on this machine with its torch and devices (checked before launch)."""
         return True
 
-    def check(self, parallelism: Parallelism) -> None:
-        """Refuse values of its own options that cannot work (called after the common checks)."""
+    def check(self, backend) -> None:
+        """Refuse values of its own options that cannot work (called after the common checks). `backend`: the
+        chosen backend's descriptor (fft_dist.strategy.Backend: its name, what it needs, e.g. deepspeed_stage)."""
 
     def describe(self, job: Job) -> str:
         """Exactly what `run` would do, as shell text (the dry run's stdout)."""
@@ -121,9 +122,10 @@ def launcher_for(options: LauncherConfig) -> Launcher:
     return REGISTRY[name](options)
 
 
-def check_launcher(options: LauncherConfig, parallelism: Parallelism) -> Launcher:
+def check_launcher(options: LauncherConfig, backend) -> Launcher:
     """Refuse values the chosen launcher could not use (its schema already refuses other launchers'
-    options); the launcher."""
+    options); the launcher. `backend`: the chosen backend's descriptor (the caller, above the backend
+    registry's layer, looks it up)."""
     launcher = launcher_for(options)
     rules = [
         (options.nproc_per_node >= 1, "launcher.nproc_per_node must be >= 1 (ranks per node)"),
@@ -133,5 +135,5 @@ def check_launcher(options: LauncherConfig, parallelism: Parallelism) -> Launche
     for ok, message in rules:
         if not ok:
             raise ConfigError(message)
-    launcher.check(parallelism)
+    launcher.check(backend)
     return launcher
