@@ -13,9 +13,10 @@ LAYERS: list[list[str]] = [
     ["device_defaults"],                             # what each `auto` becomes on a rank's device
     ["validate", "config_help", "preemption", "dist"],  # pure rules, processes
     ["launchers"],                                   # one class per launcher: options, checks, world size, run
-    ["compose"],                                     # the one compose -> type -> validate path
     ["models", "model_checks", "model", "optim", "metrics", "progress", "data", "loss"],  # components built from typed config; model families
     ["strategy"],                                    # FSDP2 / DeepSpeed / single process behind one protocol
+    ["compose"],                                     # the one compose -> type -> validate path (the launcher's
+    #                                                  checks see the chosen backend's descriptor)
     ["memory", "planner"],                           # will it fit: per-GPU bytes, the cheapest set-up that fits
     ["checkpoint"],                                  # one format over every strategy's fragments
     ["trainer", "run_checkpoints", "train_state", "rundir", "locks", "evaluation"],  # the loop, a run's

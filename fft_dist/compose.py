@@ -21,8 +21,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fft_dist.config import launcher as config_launcher
-from fft_dist.config import ASSETS_DIR, BatchPlan, ConfigError, FFTConfig, conf_dir
-from fft_dist.launchers import REGISTRY, check_launcher, foreign_options_error, import_plugins, schema_for
+from fft_dist.config import ASSETS_DIR, BatchPlan, ConfigError, FFTConfig, conf_dir, variant_fields
+from fft_dist.launchers import check_launcher, import_plugins
 from fft_dist.validate import validate
 
 
@@ -36,13 +36,15 @@ def _register_resolvers() -> None:
 
 
 def _store_schema() -> None:
-    """The whole schema, and each launcher's options as ``launcher_schema/<name>`` (its yaml names it)."""
+    """The whole schema, and each option's own as ``<section>_schema/<name>`` (e.g. ``launcher_schema/slurm``,
+    ``optimizer_schema/sgd``): the option's yaml names it in its defaults list."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
     store.store(name="fft_dist_schema", node=FFTConfig)
-    for name, launcher in REGISTRY.items():
-        store.store(group="launcher_schema", name=name, node=launcher.schema)
+    for _, group in variant_fields(FFTConfig):
+        for name, schema in group.schemas.items():
+            store.store(group=group.store_group, name=name, node=schema)
 
 
 def override_keys(overrides: list[str]) -> set[str]:
@@ -80,31 +82,46 @@ def compose(overrides: list[str], *, config_dirs: list[str] | None = None) -> Di
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         try:
             cfg = hydra_compose(config_name="config", overrides=hydra_overrides)
-        except Exception:
-            _refuse_foreign_launcher_options(overrides)
+        except Exception as e:
+            named = _option_error(e, overrides)
+            if named is not None:
+                raise named from None
             raise
     apply_user_intent(cfg, override_keys(overrides))
     return cfg
 
 
-def _refuse_foreign_launcher_options(overrides: list[str]) -> None:
-    """When composing failed: say which launcher.* overrides belong to another launcher than the chosen
-    one (its schema has no such key), as one ConfigError naming them all and their launchers."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+def _option_error(error: BaseException, overrides: list[str]) -> ConfigError | None:
+    """When composing failed on a section typed by its option's schema (``launcher.nodes=2`` under
+    launcher=torchrun, ``optimizer.momentum=abc``): one ConfigError naming the key and the chosen option.
+    None for anything else (Hydra's own message stands)."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception:  # noqa: BLE001 - Hydra reports a malformed override itself
-        return
-    chosen = next((o.value() for o in reversed(parsed) if o.key_or_group == "launcher"), "local")
-    own = {f.name for f in dataclasses.fields(schema_for(chosen))}
-    stray = [(o.key_or_group.split(".", 1)[1], o.value()) for o in parsed
-             if o.key_or_group.startswith("launcher.") and o.key_or_group.count(".") == 1
-             and o.key_or_group.split(".", 1)[1] not in own and not o.is_delete()]
-    stray = [(key, value) for key, value in stray if any(key in {f.name for f in dataclasses.fields(cls.schema)}
-                                                         for cls in REGISTRY.values())]
-    if stray:
-        raise foreign_options_error(str(chosen), stray) from None
+    groups = dict(variant_fields(FFTConfig))
+    cur: BaseException | None = error
+    while cur is not None:
+        section, _, key = str(getattr(cur, "full_key", None) or "").partition(".")
+        if isinstance(cur, OmegaConfBaseException) and section in groups and key and isinstance(
+                getattr(cur, "object_type", None), type) and dataclasses.is_dataclass(cur.object_type):
+            group = groups[section]
+            if isinstance(cur, (ConfigAttributeError, ConfigKeyError)):
+                return group.not_an_option(key.split(".")[0], _chosen(group, cur.object_type, overrides))
+            return ConfigError(f"{section}.{key}: {str(cur).splitlines()[0]}")
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _chosen(group, schema: type | None, overrides: list[str]) -> str:
+    """The option of `group` that composing picked: the last ``<section>=<name>`` override (or the default),
+    unless that file names another option's schema (a group file of your own copying a bundled one)."""
+    chosen = group.default
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.lstrip("+") == group.section and value:
+            chosen = value
+    if (chosen in group.schemas and group.schema(chosen) is schema) or schema is group.base:
+        return chosen  # the base: a file of your own that names no option's schema
+    return next((name for name, s in group.schemas.items() if s is schema), chosen)
 
 
 def apply_user_intent(cfg: DictConfig, keys: set[str]) -> None:
@@ -138,17 +155,19 @@ def apply_user_intent(cfg: DictConfig, keys: set[str]) -> None:
 
 
 def _unknown_keys(node, schema: type, prefix: str = "") -> list[str]:
-    """Keys in `node` that the dataclass `schema` does not have (``+foo=bar`` slips past Hydra)."""
+    """Keys in `node` that the dataclass `schema` does not have (``+foo=bar`` slips past Hydra). A section
+    whose options have their own schema is checked against the chosen one's (:meth:`Variants.check_keys`)."""
     fields = {f.name: f for f in dataclasses.fields(schema)}
+    groups = dict(variant_fields(schema))
     hints = typing.get_type_hints(schema)
     unknown = []
     for key in node.keys():
         if key not in fields:
             unknown.append(f"{prefix}{key}")
-            continue
-        sub = _launcher_schema(node[key]) if (schema, key) == (FFTConfig, "launcher") else hints.get(key)
-        if dataclasses.is_dataclass(sub) and isinstance(node[key], DictConfig):
-            unknown += _unknown_keys(node[key], sub, f"{prefix}{key}.")
+        elif key in groups and isinstance(node[key], DictConfig):
+            groups[key].check_keys(node[key].keys(), groups[key].name_of(node[key]))
+        elif dataclasses.is_dataclass(hints.get(key)) and isinstance(node[key], DictConfig):
+            unknown += _unknown_keys(node[key], hints[key], f"{prefix}{key}.")
     return unknown
 
 
@@ -159,20 +178,21 @@ def resolve(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def _launcher_schema(node) -> type:
-    """The options dataclass of the launcher that `node` (the launcher section) names."""
-    name = node.get("name", "local") if isinstance(node, DictConfig) else "local"
-    return schema_for(name)
-
-
 def to_typed(cfg: DictConfig) -> FFTConfig:
     unknown = _unknown_keys(cfg, FFTConfig)
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown}; `fft-dist train --help` lists the options")
     schema = OmegaConf.structured(FFTConfig)
-    if "launcher" in cfg:  # the chosen launcher's own schema (a written config.yaml holds plain values)
-        schema.launcher = OmegaConf.structured(_launcher_schema(cfg.launcher))
-    merged = OmegaConf.merge(schema, cfg)
+    for key, group in variant_fields(FFTConfig):  # the chosen option's own schema (config.yaml holds plain values)
+        if isinstance(cfg.get(key), DictConfig):
+            schema[key] = OmegaConf.structured(group.schema(group.name_of(cfg[key])))
+    try:
+        merged = OmegaConf.merge(schema, cfg)
+    except Exception as e:
+        named = _option_error(e, [])
+        if named is not None:
+            raise named from None
+        raise
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
@@ -229,7 +249,9 @@ def checked(cfg: FFTConfig, yaml: str, *, world_size: int | None = None) -> Prep
     takes the whole job's ranks from it (nodes x ranks per node). A rank passes its real WORLD_SIZE.
     """
     if world_size is None:
-        world_size = check_launcher(cfg.launcher, cfg.parallelism.name).world_size()
+        from fft_dist.strategy import get as backend  # imported here: `--help` and typing need no torch
+
+        world_size = check_launcher(cfg.launcher, backend(cfg.parallelism.name)).world_size()
     return Prepared(cfg, yaml, validate(cfg, world_size))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import sys
 import typing
 from enum import Enum
 from pathlib import Path
@@ -64,52 +65,40 @@ def _default(f: dataclasses.Field):
     return value.value if isinstance(value, Enum) else value
 
 
-def _subclasses(cls: type) -> list[type]:
-    """Dataclasses extending `cls` (a variant's schema: one per launcher), in the order they were defined."""
-    found = []
-    for sub in cls.__subclasses__():
-        if dataclasses.is_dataclass(sub):
-            found += [sub, *_subclasses(sub)]
-    return found
-
-
 def options() -> list[tuple[str, str, object, str]]:
     """(dotted key, type, schema default, docstring) for every leaf option."""
     docs = _field_docs()
     out = []
 
     def walk(cls, prefix: str) -> None:
-        listed: set[str] = set()
-        for variant in [cls, *_subclasses(cls)]:  # e.g. each launcher's own options after the common ones
-            hints = typing.get_type_hints(variant)
-            for f in dataclasses.fields(variant):
-                if f.name in listed:
-                    continue
-                listed.add(f.name)
-                tp = hints[f.name]
-                if dataclasses.is_dataclass(tp):
-                    walk(tp, f"{prefix}{f.name}.")
-                elif "variants" in f.metadata:  # one schema per group option (optimizer=adamw|adam|sgd)
-                    _variants(f.metadata["variants"], f"{prefix}{f.name}", docs, out)
-                else:
-                    out.append((f"{prefix}{f.name}", _type_name(tp), _default(f),
-                                docs.get((variant.__name__, f.name), "")))
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if "variants" in f.metadata:  # one schema per group option (launcher=slurm, optimizer=sgd)
+                _variants(f.metadata["variants"], f"{prefix}{f.name}", docs, out)
+            elif dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+            else:
+                out.append((f"{prefix}{f.name}", _type_name(tp), _default(f), docs.get((cls.__name__, f.name), "")))
 
     walk(FFTConfig, "")
     return out
 
 
-def _variants(schemas: dict, key: str, docs: dict, out: list) -> None:
-    """Each option of a group whose options have their own fields, once, with the options that have it."""
+def _variants(group, key: str, docs: dict, out: list) -> None:
+    """Each option of a group whose options have their own fields, once: the fields every option has
+    first, then each option's own, tagged with the options that have it ([launcher=slurm])."""
     rows: dict[str, list] = {}
-    for choice, cls in schemas.items():
+    for cls in [group.base, *group.schemas.values()]:
+        if not cls.__module__.startswith(schema.__name__ + "."):  # a plugin's schema: its own module's docstrings
+            docs = {**_docs_of(Path(sys.modules[cls.__module__].__file__)), **docs}
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            row = rows.setdefault(f.name, [_type_name(hints[f.name]), _default(f), [], ""])
-            row[2].append(getattr(choice, "value", choice))
-            row[3] = row[3] or next((docs[(c.__name__, f.name)] for c in cls.__mro__ if (c.__name__, f.name) in docs), "")
-    for name, (tp, default, owners, doc) in rows.items():
-        only = "" if len(owners) == len(schemas) else f"[{key}={'|'.join(owners)}] "
+            row = rows.setdefault(f.name, [_type_name(hints[f.name]), _default(f), ""])
+            row[2] = row[2] or next((docs[(c.__name__, f.name)] for c in cls.__mro__ if (c.__name__, f.name) in docs), "")
+    for name, (tp, default, doc) in rows.items():
+        owners = group.owners(name)
+        only = "" if len(owners) == len(group.schemas) else f"[{key}={'|'.join(owners)}] "
         out.append((f"{key}.{name}", tp, default, (only + doc).strip()))
 
 

@@ -26,7 +26,6 @@ from fft_dist.config import (
 AUTO = "auto"
 TOGGLES = ("train.deterministic", "parallelism.overlap_comm", "parallelism.bf16_weights")
 """Options that take true, false or auto (Hydra gives a bool for true/false, a string for auto)."""
-_STAGES = {Parallelism.zero2: 2, Parallelism.zero3: 3}
 
 
 @dataclass(frozen=True)
@@ -136,13 +135,14 @@ class DeviceDefaults:
         return f"defaults on {self.device}: {', '.join(parts)}{auto}; {resume}"
 
 
-def decide(cfg: FFTConfig, device: DeviceInfo, parallelism: Parallelism | str | None = None) -> DeviceDefaults:
-    """Every `auto` for `device` (pure). `parallelism`: decide for another backend than cfg's (estimate rows).
+def decide(cfg: FFTConfig, device: DeviceInfo, *, deepspeed_stage: int | None) -> DeviceDefaults:
+    """Every `auto` for `device` (pure). `deepspeed_stage`: the backend's (its descriptor's
+    ``Backend.deepspeed_stage``, given by the caller: this layer sits below the backend registry), None when
+    torch runs it; estimate rows pass another backend's.
 
     An explicit value always wins. Assumes :func:`check` passed.
     """
-    backend = Parallelism(parallelism or cfg.parallelism.name)
-    stage = _STAGES.get(backend)
+    stage = deepspeed_stage
     cuda = device.type == "cuda"
     auto: list[str] = []
 
@@ -184,8 +184,9 @@ def apply(defaults: DeviceDefaults) -> None:
     torch.backends.cudnn.conv.fp32_precision = mode
 
 
-def resolve(cfg: FFTConfig, device) -> DeviceDefaults:
-    """On a rank: describe its device, decide and apply. The one entry point the trainer calls."""
-    defaults = decide(cfg, describe(device))
+def resolve(cfg: FFTConfig, device, *, deepspeed_stage: int | None) -> DeviceDefaults:
+    """On a rank: describe its device, decide and apply (``fft_dist.strategy.device_defaults`` passes the
+    backend's stage)."""
+    defaults = decide(cfg, describe(device), deepspeed_stage=deepspeed_stage)
     apply(defaults)
     return defaults

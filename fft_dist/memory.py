@@ -62,7 +62,8 @@ def model_shape(cfg: FFTConfig) -> ModelShape:
 
 def assumptions(cfg: FFTConfig) -> str:
     """What the table assumes for the `auto` settings (its header says so: the GPU is not here)."""
-    decided = planned(cfg, "zero2")
+    deepspeed = next((b.name for b in registry.backends() if b.deepspeed_stage), cfg.parallelism.name)
+    decided = planned(cfg, deepspeed)  # as a ZeRO row decides (bf16 weights are DeepSpeed's own mode)
     text = f"precision {decided.precision.value}" + (" (auto: as on a GPU with bf16)" if "train.precision" in decided.auto
                                                       else "")
     if decided.precision == Precision.bf16:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from fft_dist import device_defaults
 from fft_dist.checkpoint import resume_rules
 from fft_dist.config import BatchPlan, FFTConfig, OnNonFinite, Precision
 from fft_dist.validate import warmup_steps_for
@@ -44,7 +43,7 @@ from fft_dist.models.vocab import GrownVocabulary
 from fft_dist.optim import lr_schedule, optimizer_factory
 from fft_dist.preemption import StopSignal, signal_name
 from fft_dist.run_checkpoints import RunCheckpoints
-from fft_dist.strategy import make_strategy
+from fft_dist.strategy import device_defaults as decide_device_defaults, make_strategy
 
 
 
@@ -116,7 +115,7 @@ class Trainer:
         self.checkpoints = RunCheckpoints(cfg, self.ctx)
         if cfg.checkpoint.save_final or cfg.checkpoint.every_steps:
             self.checkpoints.check_writable()
-        self.defaults = device_defaults.resolve(cfg, self.ctx.device)  # every `auto`, for this rank's device
+        self.defaults = decide_device_defaults(cfg, self.ctx.device)  # every `auto`, for this rank's device
         seed_everything(cfg.train.seed, self.defaults.deterministic)
         self.tokenizer = load_tokenizer(cfg.model, chat_template=explicit_chat_template(cfg.data))
         self.hf_config = hf_config(cfg.model)

@@ -67,7 +67,7 @@ def test_slurm_cpus_per_task_must_be_auto_or_a_number():
     proc = dry("launcher=slurm", "launcher.cpus_per_task=many")
     assert proc.returncode == 2 and "launcher.cpus_per_task='many'" in proc.stderr, proc.stderr
     proc = dry("launcher=torchrun", "launcher.cpus_per_task=4")  # not a torchrun option
-    assert proc.returncode == 2 and "does not use launcher.cpus_per_task" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "launcher.cpus_per_task is not an option of launcher=torchrun" in proc.stderr, proc.stderr
 
 
 def test_rank_threads_follow_the_cpu_affinity_not_the_machine(monkeypatch):

@@ -17,11 +17,17 @@ from helpers import REPO, child_env, fft_dist
 from fft_dist import device_defaults as dd
 from fft_dist.compose import compose, resolve, to_typed
 from fft_dist.config import ConfigError, OptimizerImplementation as Impl, Precision
+from fft_dist.strategy import device_defaults, get
 from fft_dist.validate import validate
 
 H100 = dd.DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0), True)
 V100 = dd.DeviceInfo("cuda", "Tesla V100-SXM2-32GB", (7, 0), False)
 BACKENDS = ("none", "fsdp", "zero2", "zero3", "zero2_offload", "zero3_offload")
+
+
+def decide(cfg, device):
+    """dd.decide for cfg's backend, with the DeepSpeed stage its descriptor gives (as on the rank)."""
+    return dd.decide(cfg, device, deepspeed_stage=get(cfg.parallelism.name).deepspeed_stage)
 
 
 def typed(*overrides: str):
@@ -31,7 +37,7 @@ def typed(*overrides: str):
 @pytest.mark.parametrize("group", BACKENDS)
 def test_auto_on_cpu_is_todays_behaviour(group):
     """fp32, deterministic kernels, no TF32, the single-tensor optimizer, overlap off, fp32 weights."""
-    d = dd.decide(typed(f"parallelism={group}"), dd.CPU)
+    d = decide(typed(f"parallelism={group}"), dd.CPU)
     assert (d.precision, d.deterministic, d.tf32, d.optimizer_implementation) == (
         Precision.fp32, True, False, Impl.single_tensor)
     assert (d.overlap_comm, d.bf16_weights) == (False, False)
@@ -45,7 +51,7 @@ def test_auto_on_cpu_leaves_torch_and_the_optimizer_as_they_were(monkeypatch):
 
     matmul = types.SimpleNamespace(fp32_precision="untouched")
     monkeypatch.setattr(torch.backends.cuda, "matmul", matmul)
-    d = dd.resolve(typed(), torch.device("cpu"))
+    d = device_defaults(typed(), torch.device("cpu"))
     assert matmul.fp32_precision == "untouched"
     opt = optimizer_factory(typed().optimizer, 1e-3, d.optimizer_implementation)(torch.nn.Linear(2, 2))
     assert opt.defaults["foreach"] is False and not opt.defaults["fused"]  # the loop every parity test used
@@ -53,33 +59,33 @@ def test_auto_on_cpu_leaves_torch_and_the_optimizer_as_they_were(monkeypatch):
 
 def test_auto_on_a_gpu_is_the_fast_setting():
     for group, overlap in (("zero3", True), ("zero2", False), ("zero3_offload", True)):
-        d = dd.decide(typed(f"parallelism={group}"), H100)
+        d = decide(typed(f"parallelism={group}"), H100)
         assert (d.precision, d.deterministic, d.tf32, d.optimizer_implementation) == (
             Precision.bf16, False, True, Impl.fused)
         assert d.overlap_comm is overlap and d.bf16_weights is True  # DeepSpeed's stage default; its bf16 mode
         assert ("resume is exact up to GPU kernel non-determinism; train.deterministic=true makes it bitwise"
                 in d.banner())
         assert "sm_90" in d.banner() and d.record()["overlap_comm"] is overlap
-    fsdp = dd.decide(typed("parallelism=fsdp"), H100)
+    fsdp = decide(typed("parallelism=fsdp"), H100)
     assert "overlap_comm" not in fsdp.record() and fsdp.bf16_weights is False
-    assert dd.decide(typed("optimizer=sgd"), H100).optimizer_implementation == Impl.foreach  # no sharded fused SGD
-    old = dd.decide(typed("parallelism=zero3"), V100)  # no bf16: fp32, so no bf16 weights either
+    assert decide(typed("optimizer=sgd"), H100).optimizer_implementation == Impl.foreach  # no sharded fused SGD
+    old = decide(typed("parallelism=zero3"), V100)  # no bf16: fp32, so no bf16 weights either
     assert (old.precision, old.bf16_weights, old.tf32) == (Precision.fp32, False, True)
 
 
 def test_an_explicit_value_always_wins():
     explicit = ["train.precision=fp32", "train.deterministic=true", "parallelism.overlap_comm=false",
                 "parallelism.bf16_weights=false", "optimizer.implementation=single_tensor"]
-    d = dd.decide(typed("parallelism=zero3", *explicit), H100)
+    d = decide(typed("parallelism=zero3", *explicit), H100)
     assert (d.precision, d.deterministic, d.tf32, d.optimizer_implementation, d.overlap_comm, d.bf16_weights) == (
         Precision.fp32, True, False, Impl.single_tensor, False, False)
     assert d.auto == () and "resume is bitwise exact" in d.banner()
-    cpu = dd.decide(typed("parallelism=zero2", "train.deterministic=false", "parallelism.overlap_comm=true",
+    cpu = decide(typed("parallelism=zero2", "train.deterministic=false", "parallelism.overlap_comm=true",
                           "parallelism.bf16_weights=true", "optimizer.implementation=fused"), dd.CPU)
     assert (cpu.precision, cpu.deterministic, cpu.tf32, cpu.overlap_comm, cpu.bf16_weights) == (
         Precision.bf16, False, False, True, True)  # bf16 weights imply bf16; TF32 exists on CUDA only
     assert cpu.optimizer_implementation == Impl.fused
-    gpu = dd.decide(typed("train.precision=bf16", "parallelism=zero2", "train.deterministic=false"), H100)
+    gpu = decide(typed("train.precision=bf16", "parallelism=zero2", "train.deterministic=false"), H100)
     assert gpu.tf32 and gpu.bf16_weights and gpu.auto == ("optimizer.implementation", "parallelism.overlap_comm",
                                                           "parallelism.bf16_weights")
 
@@ -134,9 +140,9 @@ def test_tf32_follows_determinism_on_cuda(monkeypatch):
     matmul, conv = types.SimpleNamespace(fp32_precision="none"), types.SimpleNamespace(fp32_precision="none")
     monkeypatch.setattr(torch.backends.cuda, "matmul", matmul)
     monkeypatch.setattr(torch.backends.cudnn, "conv", conv)
-    dd.apply(dd.decide(typed(), H100))
+    dd.apply(decide(typed(), H100))
     assert matmul.fp32_precision == conv.fp32_precision == "tf32"
-    dd.apply(dd.decide(typed("train.deterministic=true"), H100))
+    dd.apply(decide(typed("train.deterministic=true"), H100))
     assert matmul.fp32_precision == conv.fp32_precision == "ieee"
 
 

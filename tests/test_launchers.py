@@ -175,9 +175,9 @@ def test_container_dry_run(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (["launcher=local", "launcher.max_restarts=1"], "launcher.max_restarts=1"),
-    (["launcher=torchrun", "launcher.image=x"], "launcher.image='x'"),
+    (["launcher=torchrun", "launcher.image=x"], "launcher.image is not an option of launcher=torchrun"),
     (["launcher=deepspeed", "parallelism=zero2", "launcher.nodes=2"], "launcher.nodes=2"),
-    (["launcher=slurm", "launcher.rdzv_endpoint=a:1"], "launcher.rdzv_endpoint='a:1'"),
+    (["launcher=slurm", "launcher.rdzv_endpoint=a:1"], "launcher.rdzv_endpoint is not an option of launcher=slurm"),
     (["launcher=container", "launcher.image=i", "launcher.shm_size=8g"], "launcher.shm_size"),
     (["launcher=container"], "launcher.image"),
     (["launcher=torchrun", "launcher.nnodes=2"], "launcher.rdzv_endpoint"),

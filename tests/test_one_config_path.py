@@ -54,7 +54,7 @@ def test_cfg_job_refuses_an_option_the_launcher_does_not_use_as_launch_does(tmp_
     wrong = ["launcher=local", "launcher.nnodes=2", f"run.dir={tmp_path}"]
     job = cli("train", *wrong, "--cfg", "job")
     launch = cli("launch", *wrong, "launcher.dry_run=true")
-    assert job[0] == launch[0] == 2 and job[2] == launch[2] and "does not use launcher.nnodes=2" in job[2], (job, launch)
+    assert job[0] == launch[0] == 2 and job[2] == launch[2] and "launcher.nnodes is not an option of launcher=local" in job[2], (job, launch)
 
 
 def test_each_launcher_types_its_own_options_and_the_ranks_read_them_back(tmp_path):
@@ -76,7 +76,7 @@ def test_each_launcher_types_its_own_options_and_the_ranks_read_them_back(tmp_pa
 def test_an_option_of_another_launcher_is_refused_even_at_its_default(tmp_path):
     """The schema has no such key (before, only a changed value was refused)."""
     code, _, err = cli("train", "launcher.nnodes=1", f"run.dir={tmp_path}", "--cfg", "job")
-    assert code == 2 and "launcher=local does not use launcher.nnodes=1 (options of: launcher.nnodes: torchrun)" in err
+    assert code == 2 and "launcher.nnodes is not an option of launcher=local (an option of launcher=torchrun" in err
 
 
 def test_cfg_job_and_launch_agree_on_names_only_plugins_could_register(tmp_path):

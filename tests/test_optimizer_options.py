@@ -81,6 +81,7 @@ def test_the_typed_config_is_the_options_own_dataclass_on_every_path(tmp_path):
 def test_a_users_own_optimizer_file_is_checked_against_its_schema(tmp_path):
     folder = tmp_path / "conf" / "optimizer"
     folder.mkdir(parents=True)
-    (folder / "my_sgd.yaml").write_text("name: sgd\nmomentum: 0.5\nbetas: [0.9, 0.9]\n")
+    (folder / "my_sgd.yaml").write_text("defaults: [/optimizer_schema/sgd@_here_, _self_]\n"  # as conf/optimizer/sgd.yaml
+                                        "name: sgd\nmomentum: 0.5\nbetas: [0.9, 0.9]\n")
     proc = fft_dist("train", "--config-dir", str(tmp_path / "conf"), "optimizer=my_sgd", "--cfg", "job", timeout=120)
     assert proc.returncode == 2 and "optimizer.betas is not an option of optimizer=sgd" in proc.stderr, proc.stderr

@@ -9,6 +9,8 @@ from typing import Any
 
 from fft_dist.errors import ConfigError
 
+from fft_dist.config.variants import Variants
+
 NO_GPUS = "none"
 """launcher.gpus=none: a container without GPUs, on purpose (CPU ranks over gloo)."""
 
@@ -27,7 +29,8 @@ class LauncherName(str, Enum):
 @dataclass
 class LauncherConfig:
     """The options of every launcher. Each launcher's own options are in its subclass below, which
-    `launcher=<name>` selects (conf/launcher/<name>.yaml): an option of another launcher is refused."""
+    `launcher=<name>` selects (conf/launcher/<name>.yaml, through :data:`LAUNCHERS`): an option of another
+    launcher is refused."""
 
     name: str = LauncherName.local.value
     """local (`fft-dist train`), torchrun, deepspeed, slurm or container; pick with launcher=<name>."""
@@ -64,81 +67,86 @@ class TorchrunOptions(LauncherConfig):
     """launcher=torchrun: torchrun's agent on one machine or on each of several (c10d rendezvous)."""
 
     nnodes: int = 1
-    """torchrun: machines in the job; each runs `fft-dist launch` with its own launcher.node_rank."""
+    """Machines in the job; each runs `fft-dist launch` with its own launcher.node_rank."""
     node_rank: int = 0
-    """torchrun: this machine's index, 0..nnodes-1. Node 0 writes run.dir/config.yaml and hosts the rendezvous."""
+    """This machine's index, 0..nnodes-1. Node 0 writes run.dir/config.yaml and hosts the rendezvous."""
     rdzv_endpoint: str = ""
-    """torchrun: host:port of the c10d rendezvous on node 0 (required when nnodes > 1)."""
+    """The host:port of the c10d rendezvous on node 0 (required when nnodes > 1)."""
     rdzv_id: str = "fft-dist"
-    """torchrun: job id shared by all nodes of one job (different jobs on one endpoint need different ids)."""
+    """Job id shared by all nodes of one job (different jobs on one endpoint need different ids)."""
     local_addr: str = ""
-    """torchrun: this node's address as the other nodes reach it (needed when the hostname resolves elsewhere)."""
+    """This node's address as the other nodes reach it (needed when the hostname resolves elsewhere)."""
     max_restarts: int = 0
-    """torchrun: restarts of the whole group after a rank fails; restarted ranks resume from the newest complete checkpoint."""
+    """Restarts of the whole group after a rank fails; restarted ranks resume from the newest complete checkpoint."""
 
 
 @dataclass
 class DeepspeedOptions(LauncherConfig):
-    """launcher=deepspeed: DeepSpeed's runner, on this machine or on hosts over ssh."""
+    """Launcher=deepspeed: DeepSpeed's runner, on this machine or on hosts over ssh."""
 
     hosts: list[str] = field(default_factory=list)
-    """deepspeed: host names, written to run.dir/hostfile with nproc_per_node slots each (empty: this machine only)."""
+    """Host names, written to run.dir/hostfile with nproc_per_node slots each (empty: this machine only)."""
     include: str = ""
-    """deepspeed: --include filter, e.g. 'node1:0,1@node2'."""
+    """--include filter, e.g. 'node1:0,1@node2'."""
     exclude: str = ""
-    """deepspeed: --exclude filter, e.g. 'node1:3'."""
+    """--exclude filter, e.g. 'node1:3'."""
 
 
 @dataclass
 class SlurmOptions(LauncherConfig):
-    """launcher=slurm: an sbatch script with one node agent per node."""
+    """Launcher=slurm: an sbatch script with one node agent per node."""
 
     nodes: int = 1
-    """slurm: nodes (#SBATCH --nodes); one torchrun per node, c10d rendezvous on the first."""
+    """Nodes (#SBATCH --nodes); one torchrun per node, c10d rendezvous on the first."""
     gpus_per_node: int = 0
-    """slurm: #SBATCH --gpus-per-node (0: no GPU request, e.g. CPU jobs)."""
+    """#SBATCH --gpus-per-node (0: no GPU request, e.g. CPU jobs)."""
     cpus_per_task: str = "auto"
-    """slurm: CPUs for the one task per node (its ranks), asked for by #SBATCH and again by srun. auto: whole
+    """CPUs for the one task per node (its ranks), asked for by #SBATCH and again by srun. auto: whole
     nodes (#SBATCH --exclusive) with GPUs, nproc_per_node CPUs without; N: --cpus-per-task=N; 0: no request."""
     partition: str = ""
-    """slurm: #SBATCH --partition (empty: the default partition)."""
+    """#SBATCH --partition (empty: the default partition)."""
     account: str = ""
-    """slurm: #SBATCH --account (empty: none)."""
+    """#SBATCH --account (empty: none)."""
     qos: str = ""
-    """slurm: #SBATCH --qos (empty: none)."""
+    """#SBATCH --qos (empty: none)."""
     time: str = ""
-    """slurm: #SBATCH --time limit, e.g. 04:00:00 (empty: the partition's default)."""
+    """#SBATCH --time limit, e.g. 04:00:00 (empty: the partition's default)."""
     job_name: str = "fft-dist"
-    """slurm: #SBATCH --job-name."""
+    """#SBATCH --job-name."""
     signal_lead_s: int = 120
-    """slurm: seconds before the time limit at which SLURM sends USR1 (checkpoint, exit 75); 0: no --signal line."""
+    """Seconds before the time limit at which SLURM sends USR1 (checkpoint, exit 75); 0: no --signal line."""
     requeue: bool = True
-    """slurm: requeue the job after a pre-emption checkpoint (exit 75); it resumes from that checkpoint."""
+    """Requeue the job after a pre-emption checkpoint (exit 75); it resumes from that checkpoint."""
     sbatch_lines: list[str] = field(default_factory=list)
-    """slurm: extra '#SBATCH ...' lines, verbatim (e.g. '#SBATCH --exclusive')."""
+    """Extra '#SBATCH ...' lines, verbatim (e.g. '#SBATCH --exclusive')."""
     setup: list[str] = field(default_factory=list)
-    """slurm: shell lines run before the ranks start (module load ..., source venv/bin/activate)."""
+    """Shell lines run before the ranks start (module load ..., source venv/bin/activate)."""
     use_deepspeed_launcher: bool = False
-    """slurm, ZeRO backends: start DeepSpeed's launcher on each node (hostfile from the allocation) instead of torchrun."""
+    """ZeRO backends: start DeepSpeed's launcher on each node (hostfile from the allocation) instead of torchrun."""
 
 
 @dataclass
 class ContainerOptions(LauncherConfig):
-    """launcher=container: docker or podman run of an fft-dist image."""
+    """Launcher=container: docker or podman run of an fft-dist image."""
 
     image: str = ""
-    """container: the image to run (its entry point must be fft-dist, as docker/Dockerfile* build)."""
+    """The image to run (its entry point must be fft-dist, as docker/Dockerfile* build)."""
     engine: str = "docker"
-    """container: docker or podman."""
+    """Docker or podman."""
     mounts: list[str] = field(default_factory=list)
-    """container: extra volumes 'host:container[:ro]'; run.dir is always mounted at the same path."""
+    """Extra volumes 'host:container[:ro]'; run.dir is always mounted at the same path."""
     gpus: str = ""
-    """container: the --gpus value: all, a count, or '"device=0,1"'; nproc_per_node follows it (one rank per GPU).
+    """The --gpus value: all, a count, or '"device=0,1"'; nproc_per_node follows it (one rank per GPU).
     none: no GPUs on purpose. Empty is refused with a CUDA image or on a host with NVIDIA GPUs (it would train on CPU)."""
     ipc_host: bool = True
-    """container: --ipc=host (shared memory of the host, what NCCL and data loaders want)."""
+    """--ipc=host (shared memory of the host, what NCCL and data loaders want)."""
     shm_size: str = ""
-    """container: --shm-size, e.g. 16g (used when ipc_host=false)."""
+    """--shm-size, e.g. 16g (used when ipc_host=false)."""
+
+
+LAUNCHERS = Variants("launcher", LauncherConfig)
+"""The schema of each `launcher=` option; :func:`fft_dist.launchers.register` adds a launcher's (its class's
+``schema``), so a launcher of your own adds its options the way the built-in ones do."""
 
 
 def host_gpus() -> int:

@@ -1,19 +1,13 @@
 """The optimizer's part of the schema: one dataclass per `optimizer=` option, so an option the chosen
-optimizer does not have is refused instead of silently ignored.
-
-`optimizer.name` picks the dataclass (the group files set it), and :func:`typed_optimizer` builds it
-from whatever the config holds, naming any key it lacks. Hydra refuses an override of a key that the
-chosen group file does not list (the files list every option), and this refuses what slips past
-it: `+optimizer.x=...`, a user's own group file, a hand-edited config.yaml read by the ranks.
+optimizer does not have is refused instead of silently ignored (the mechanism: :mod:`fft_dist.config.variants`).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
+from fft_dist.config.variants import Variants
 from fft_dist.errors import ConfigError
 
 
@@ -104,43 +98,8 @@ class SGDConfig(OptimizerConfig):
         super().check()
 
 
-OPTIMIZERS: dict[OptimizerName, type[OptimizerConfig]] = {
-    OptimizerName.adamw: AdamWConfig, OptimizerName.adam: AdamConfig, OptimizerName.sgd: SGDConfig}
-"""The schema of each `optimizer=` option."""
-
-
-def _options(schema: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(schema)]
-
-
-def typed_optimizer(value: Any) -> OptimizerConfig:
-    """The dataclass of `value`'s optimizer.name, built from `value` (a mapping, or a dataclass that the
-    config was typed into); a key that optimizer does not have is a ConfigError naming it."""
-    if isinstance(value, OptimizerConfig):
-        schema = OPTIMIZERS.get(OptimizerName(value.name))
-        extra = sorted(set(vars(value)) - set(_options(type(value))))  # set after __init__ (a `+key`)
-        if type(value) is schema and not extra:
-            return value
-        value = {**{k: getattr(value, k) for k in _options(type(value))}, **{k: vars(value)[k] for k in extra}}
-    if not isinstance(value, dict):
-        from omegaconf import OmegaConf
-
-        value = OmegaConf.to_container(OmegaConf.create(value))  # a DictConfig or mapping
-    raw = value.get("name", OptimizerName.adamw)
-    try:
-        name = OptimizerName(getattr(raw, "value", raw))
-    except ValueError:
-        raise ConfigError(f"optimizer.name={raw!r}: choose one of {[n.value for n in OptimizerName]}") from None
-    schema = OPTIMIZERS[name]
-    unknown = sorted(set(value) - set(_options(schema)))
-    if unknown:
-        raise ConfigError(f"optimizer.{unknown[0]} is not an option of optimizer={name.value} "
-                          f"(it has {', '.join(_options(schema))}); it would be ignored, so it is refused")
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        node = OmegaConf.merge(OmegaConf.structured(schema), value)
-    except OmegaConfBaseException as e:  # a value of the wrong type: name the option
-        raise ConfigError(f"optimizer.{getattr(e, 'key', None) or '?'}: {str(e).splitlines()[0]}") from None
-    return OmegaConf.to_object(node)  # type: ignore[return-value]
+OPTIMIZERS = Variants("optimizer", OptimizerConfig)
+"""The schema of each `optimizer=` option (conf/optimizer/<name>.yaml names it: ``- /optimizer_schema/<name>@_here_``)."""
+OPTIMIZERS.add(OptimizerName.adamw, AdamWConfig)
+OPTIMIZERS.add(OptimizerName.adam, AdamConfig)
+OPTIMIZERS.add(OptimizerName.sgd, SGDConfig)

@@ -4,13 +4,12 @@ found by name in one registry. A new launcher is one module that registers its c
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
 
 from fft_dist import plugins
-from fft_dist.config import ConfigError, LauncherConfig, Parallelism
+from fft_dist.config import LAUNCHERS, ConfigError, LauncherConfig
 from fft_dist.plugins import import_env_modules
 from fft_dist.preemption import SignalForwarder
 
@@ -21,8 +20,6 @@ STOPPED_ENV = "FFT_DIST_STOPPED"
 PLUGINS_ENV = plugins.ENV
 """Comma-separated modules of your own (e.g. a launcher class that calls :func:`register`), imported
 before composing: a new launcher needs no fork of fft-dist (:mod:`fft_dist.plugins`)."""
-COMMON = frozenset(f.name for f in dataclasses.fields(LauncherConfig))
-"""launcher.* options every launcher has (LauncherConfig's); the others are in one launcher's schema."""
 
 
 @dataclass
@@ -55,7 +52,8 @@ class Launcher:
     name: ClassVar[str]
     schema: ClassVar[type[LauncherConfig]] = LauncherConfig
     """Its options: a subclass of LauncherConfig adding its own fields (``launcher=<name>`` selects it, so
-    Hydra refuses another launcher's option by itself); LauncherConfig for a launcher with none."""
+    Hydra refuses another launcher's option by itself); LauncherConfig for a launcher with none.
+    :func:`register` adds it to :data:`fft_dist.config.LAUNCHERS`, the group's one registry of schemas."""
     supervises: ClassVar[bool] = True
     """This process supervises the ranks (stop signals go to them); a container's own agent does instead."""
     own_packages: ClassVar[bool] = True
@@ -63,11 +61,6 @@ class Launcher:
 
     def __init__(self, options: LauncherConfig):
         self.cfg = options
-
-    @classmethod
-    def own_options(cls) -> frozenset[str]:
-        """The launcher.* options only this launcher's schema has."""
-        return frozenset(f.name for f in dataclasses.fields(cls.schema)) - COMMON
 
     def first_node(self) -> bool:
         """This machine hosts the job's first node (it writes run.dir/config.yaml)."""
@@ -85,8 +78,9 @@ class Launcher:
         """Whether the ranks run on this machine with its torch and devices (checked before launch)."""
         return True
 
-    def check(self, parallelism: Parallelism) -> None:
-        """Refuse values of its own options that cannot work (called after the common checks)."""
+    def check(self, backend) -> None:
+        """Refuse values of its own options that cannot work (called after the common checks). `backend`: the
+        chosen backend's descriptor (fft_dist.strategy.Backend: its name, what it needs, e.g. deepspeed_stage)."""
 
     def describe(self, job: Job) -> str:
         """Exactly what `run` would do, as shell text (the dry run's stdout)."""
@@ -111,11 +105,11 @@ REGISTRY: dict[str, type[Launcher]] = {}
 def register(cls: type[Launcher]) -> type[Launcher]:
     """Class decorator: make `launcher=<cls.name>` start the ranks with `cls` (the one registration point).
 
-    Composing stores its schema for Hydra as ``launcher_schema/<name>``; ``conf/launcher/<name>.yaml``
-    names it in its defaults list (``- /launcher_schema/<name>@_here_``) when it has options of its own.
+    Its schema joins :data:`fft_dist.config.LAUNCHERS` (:mod:`fft_dist.config.variants`): composing stores it
+    for Hydra as ``launcher_schema/<name>``, and ``conf/launcher/<name>.yaml`` names it in its defaults list
+    (``- /launcher_schema/<name>@_here_``).
     """
-    if not (isinstance(cls.schema, type) and issubclass(cls.schema, LauncherConfig)):
-        raise TypeError(f"launcher {cls.name}: schema must be a dataclass subclassing LauncherConfig")
+    LAUNCHERS.add(cls.name, cls.schema)  # refuses a schema that is not a LauncherConfig dataclass
     REGISTRY[cls.name] = cls
     return cls
 
@@ -123,17 +117,6 @@ def register(cls: type[Launcher]) -> type[Launcher]:
 def import_plugins() -> None:
     """Import the modules named in :data:`PLUGINS_ENV` (each registers what it adds)."""
     import_env_modules()
-
-
-def schema_for(name: str) -> type[LauncherConfig]:
-    """The options dataclass of launcher `name` (LauncherConfig for a name no module registered)."""
-    cls = REGISTRY.get(getattr(name, "value", name))
-    return cls.schema if cls else LauncherConfig
-
-
-def owners(option: str) -> list[str]:
-    """The registered launchers that have launcher.<option>."""
-    return [n for n, cls in REGISTRY.items() if option in cls.own_options()]
 
 
 def launcher_for(options: LauncherConfig) -> Launcher:
@@ -147,16 +130,10 @@ def launcher_for(options: LauncherConfig) -> Launcher:
     return REGISTRY[name](options)
 
 
-def foreign_options_error(name: str, stray: list[tuple[str, object]]) -> ConfigError:
-    """launcher=<name> was given options (option, value) that only other launchers have."""
-    listed = ", ".join(f"launcher.{o}={v!r}" for o, v in stray)
-    where = ", ".join(f"launcher.{o}: {'/'.join(owners(o))}" for o, _ in stray)
-    return ConfigError(f"launcher={name} does not use {listed} (options of: {where}); drop them or pick that launcher")
-
-
-def check_launcher(options: LauncherConfig, parallelism: Parallelism) -> Launcher:
+def check_launcher(options: LauncherConfig, backend) -> Launcher:
     """Refuse values the chosen launcher could not use (its schema already refuses other launchers'
-    options); the launcher."""
+    options); the launcher. `backend`: the chosen backend's descriptor (the caller, above the backend
+    registry's layer, looks it up)."""
     launcher = launcher_for(options)
     rules = [
         (options.nproc_per_node >= 1, "launcher.nproc_per_node must be >= 1 (ranks per node)"),
@@ -166,5 +143,5 @@ def check_launcher(options: LauncherConfig, parallelism: Parallelism) -> Launche
     for ok, message in rules:
         if not ok:
             raise ConfigError(message)
-    launcher.check(parallelism)
+    launcher.check(backend)
     return launcher

@@ -71,7 +71,7 @@ class ContainerLauncher(Launcher):
     def ranks_here(self) -> bool:
         return False
 
-    def check(self, parallelism) -> None:
+    def check(self, backend) -> None:
         lch = self.cfg
         rules = [
             (lch.engine in ("docker", "podman"), f"launcher.engine={lch.engine!r}: use docker or podman"),

@@ -54,7 +54,7 @@ class DeepspeedLauncher(Launcher):
     def ranks_here(self) -> bool:
         return not self.cfg.hosts
 
-    def check(self, parallelism) -> None:
+    def check(self, backend) -> None:
         if not all(HOST_NAME.fullmatch(host) for host in self.cfg.hosts):
             raise ConfigError(f"launcher.hosts={self.cfg.hosts}: each entry must be a plain host name or address "
                               "(letters, digits, '.', ':', '-', '_'; no spaces, no leading '-')")

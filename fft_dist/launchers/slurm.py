@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fft_dist import exit_codes
 from fft_dist.config.launcher import SlurmOptions
-from fft_dist.config import ConfigError, Parallelism
+from fft_dist.config import ConfigError
 from fft_dist.launchers.base import Job, Launcher, register
 from fft_dist.launchers.sbatch import sbatch_script
 from fft_dist.launchers.shell import one_line
@@ -25,7 +25,7 @@ class SlurmLauncher(Launcher):
     def ranks_here(self) -> bool:
         return False
 
-    def check(self, parallelism) -> None:
+    def check(self, backend) -> None:
         lch = self.cfg
         rules = [
             (lch.nodes >= 1 and lch.gpus_per_node >= 0, "launcher.nodes must be >= 1, launcher.gpus_per_node >= 0"),
@@ -35,9 +35,9 @@ class SlurmLauncher(Launcher):
             (lch.signal_lead_s >= 0, "launcher.signal_lead_s must be >= 0 (0: no --signal line)"),
             (all(line.startswith("#SBATCH ") and one_line(line) for line in lch.sbatch_lines),
              f"launcher.sbatch_lines must each be one line starting with '#SBATCH ': {lch.sbatch_lines}"),
-            (not lch.use_deepspeed_launcher or parallelism in (Parallelism.zero2, Parallelism.zero3),
-             f"launcher.use_deepspeed_launcher=true starts DeepSpeed's launcher, for the ZeRO backends; with "
-             f"parallelism={getattr(parallelism, 'value', parallelism)} keep the default (torchrun's agent per node)"),
+            (not lch.use_deepspeed_launcher or backend.deepspeed_stage is not None,
+             f"launcher.use_deepspeed_launcher=true starts DeepSpeed's launcher, for the ZeRO backends (those "
+             f"DeepSpeed's engine runs); with parallelism={backend.name} keep the default (torchrun's agent per node)"),
         ]
         for ok, message in rules:
             if not ok:

@@ -64,7 +64,7 @@ class TorchrunLauncher(AgentLauncher):
     def agent_args(self) -> list[str]:
         return torchrun_args(self.cfg, nodes=self.cfg.nnodes, max_restarts=self.cfg.max_restarts)
 
-    def check(self, parallelism) -> None:
+    def check(self, backend) -> None:
         lch = self.cfg
         rules = [
             (lch.nnodes >= 1 and 0 <= lch.node_rank < lch.nnodes,

@@ -9,7 +9,8 @@ are pure (no torch.distributed, transformers or DeepSpeed import), so the launch
 from __future__ import annotations
 
 from fft_dist.config import BatchPlan, FFTConfig
-from fft_dist.device_defaults import DeviceDefaults, resolve
+from fft_dist import device_defaults as _device_defaults
+from fft_dist.device_defaults import DeviceDefaults
 from fft_dist.dist import DistContext
 from fft_dist.strategy import backends as _builtins  # noqa: F401 - registers none, fsdp, hsdp, zero2, zero3
 from fft_dist.strategy.backend import Backend, Row, get, register
@@ -21,11 +22,18 @@ def check(cfg: FFTConfig, plan: BatchPlan) -> None:
     get(cfg.parallelism.name).check(cfg, plan)
 
 
+def device_defaults(cfg: FFTConfig, device) -> DeviceDefaults:
+    """Every `auto` decided and applied for this rank's `device` (a torch.device), for cfg's backend: its
+    descriptor gives the DeepSpeed stage (fft_dist.device_defaults sits below this registry)."""
+    return _device_defaults.resolve(cfg, device, deepspeed_stage=get(cfg.parallelism.name).deepspeed_stage)
+
+
 def make_strategy(cfg: FFTConfig, plan: BatchPlan, ctx: DistContext, defaults: DeviceDefaults | None = None) -> Strategy:
     """The backend for `cfg` on this rank; `defaults` None: decide them here for ctx.device (scripts, tests)."""
-    defaults = defaults or resolve(cfg, ctx.device)
+    defaults = defaults or device_defaults(cfg, ctx.device)
     # The class is imported here, not at the top: the launcher imports this package for check() only.
     return get(cfg.parallelism.name).strategy_class()(cfg, plan, ctx, defaults)
 
 
-__all__ = ["Backend", "Fragment", "FragmentSource", "Row", "Strategy", "check", "get", "make_strategy", "register"]
+__all__ = ["Backend", "Fragment", "FragmentSource", "Row", "Strategy", "check", "device_defaults", "get", "make_strategy",
+           "register"]

@@ -62,6 +62,9 @@ class Backend:
     """One process only: sized at 1 GPU, and the only kind a plan considers there besides offload."""
     overrides: Callable[[Any], list[str]] | None = None
     """(Setup) -> the overrides besides ``parallelism=<row>`` that a plan prints for it."""
+    deepspeed_stage: int | None = None
+    """The ZeRO stage when DeepSpeed's engine runs this backend: the rank decides DeepSpeed's `auto` options for
+    it (fft_dist.device_defaults), and launcher.use_deepspeed_launcher may start its ranks. None: torch runs it."""
     group_size: Callable[[FFTConfig, int], int | None] | None = None
     """(config, GPUs) -> ranks per shard group as configured, None where that cannot run on so many GPUs;
     unset for backends without groups. Sizing passes it to the memory formula as Setup.shard_size."""

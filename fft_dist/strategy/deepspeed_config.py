@@ -29,6 +29,7 @@ from fft_dist.config import (
 )
 from fft_dist.device_defaults import CPU, PLANNING_GPU, DeviceDefaults, decide
 from fft_dist.errors import CheckpointError
+from fft_dist.strategy.backend import get
 from fft_dist.strategy.options import FSDP_ONLY, HSDP_ONLY, ZERO3_ONLY, refuse_changed
 
 INSTALL_HINT = "pip install --no-build-isolation 'fft-dist[deepspeed]'"
@@ -43,8 +44,6 @@ COMPILE_REFUSED = ("train.compile=true does not work under parallelism=zero3: De
                    "gather hooks run inside each compiled decoder layer, so torch.compile recompiles past its "
                    "limit and falls back to eager. Use parallelism=fsdp or zero2 with compile, or "
                    "train.compile=false")
-
-_STAGES = {Parallelism.zero2: 2, Parallelism.zero3: 3}
 
 # DeepSpeed keys that fft-dist sets from its own options: an override may repeat the value we set,
 # but a different value is an error that names the fft-dist option to change instead.
@@ -134,12 +133,15 @@ def bucket_sizes(parallelism: ParallelismConfig, *, hidden_size: int | None, on_
 
 def zero_stage(parallelism: ParallelismConfig) -> int:
     try:
-        return _STAGES[Parallelism(parallelism.name)]
-    except (KeyError, ValueError):
+        stage = get(parallelism.name).deepspeed_stage  # the backend descriptor's
+    except ConfigError:
+        stage = None
+    if stage is None:
         raise ConfigError(
             f"parallelism.name={getattr(parallelism.name, 'value', parallelism.name)!r} is not a DeepSpeed "
             "ZeRO stage; use parallelism=zero2, zero2_offload, zero3 or zero3_offload"
-        ) from None
+        )
+    return stage
 
 
 def build_deepspeed_config(parallelism: ParallelismConfig, train: TrainConfig, plan: BatchPlan, *,
@@ -161,7 +163,8 @@ def build_deepspeed_config(parallelism: ParallelismConfig, train: TrainConfig, p
         )
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     if defaults is None:
-        defaults = decide(FFTConfig(train=train, parallelism=parallelism), PLANNING_GPU if on_gpu else CPU)
+        defaults = decide(FFTConfig(train=train, parallelism=parallelism), PLANNING_GPU if on_gpu else CPU,
+                          deepspeed_stage=stage)
     precision = defaults.precision
     buckets = bucket_sizes(parallelism, hidden_size=hidden_size, on_gpu=on_gpu)
     zero: dict[str, Any] = {

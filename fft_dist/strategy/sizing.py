@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from fft_dist.config import FFTConfig, OptimizerName, Parallelism, Precision
 from fft_dist.device_defaults import PLANNING_GPU, DeviceDefaults, decide
+from fft_dist.strategy.backend import row_backend
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def optimizer_bytes_per_param(cfg: FFTConfig) -> int:
 def planned(cfg: FFTConfig, backend: str) -> DeviceDefaults:
     """The settings a rank on a GPU with bf16 would decide for `backend` (an estimate row such as
     zero2_offload, or a backend name; every `auto` resolved)."""
-    return decide(cfg, PLANNING_GPU, parallelism=backend.split("_")[0])
+    return decide(cfg, PLANNING_GPU, deepspeed_stage=row_backend(backend).deepspeed_stage)
 
 
 def native_16bit(cfg: FFTConfig, backend: str | None = None) -> bool:

@@ -60,13 +60,13 @@ def _deepspeed_par(par: ParallelismConfig, backend: str) -> ParallelismConfig:
 
 
 ZERO2 = register(Backend(
-    name="zero2", strategy=STRATEGY, check=check_deepspeed, memory=memory,
+    name="zero2", strategy=STRATEGY, check=check_deepspeed, memory=memory, deepspeed_stage=2,
     # one reduce-scatter per micro step plus one all-gather per step
     comm_volume=lambda grad_accum: grad_accum + 1,
     options=OPTIONS, rows=(Row("zero2"), Row("zero2_offload", offload=True)),
 ))
 ZERO3 = register(Backend(
-    name="zero3", strategy=STRATEGY, check=check_deepspeed, memory=memory,
+    name="zero3", strategy=STRATEGY, check=check_deepspeed, memory=memory, deepspeed_stage=3,
     # an all-gather in forward, another in backward and a reduce-scatter per micro step
     comm_volume=lambda grad_accum: 3 * grad_accum,
     options=OPTIONS + ("prefetch_bucket_size", "param_persistence_threshold"),
