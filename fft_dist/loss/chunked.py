@@ -67,35 +67,71 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         rules, chunk, dtype = ctx.rules, ctx.chunk, ctx.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n, vocab = hidden.shape[0], weight.shape[0]
+        # 16-bit compute over several chunks: the weight's gradient by vocabulary blocks (all tokens at once), so
+        # it is rounded once, as the full-logits matmul does, and no fp32 vocabulary x hidden sum is held
+        by_vocab = (need_w or need_b) and dtype != torch.float32 and n > chunk
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)
             grad_h = torch.empty_like(hidden) if need_h else None
-            # the weight's gradient is summed over chunks in fp32, cast once at the end
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-            rows = torch.arange(min(chunk, hidden.shape[0]), device=hidden.device)
-            for start in range(0, hidden.shape[0], chunk):
-                stop = min(start + chunk, hidden.shape[0])
+            grad_w = grad_b = None
+            for start in range(0, n, chunk):
+                stop = min(start + chunk, n)
                 h = hidden[start:stop].to(dtype)
-                y = _logits(h, w, b, rules)
-                factor = rules.grad_factor(y)  # soft-capping's derivative, before y becomes the softmax
-                g = y.sub_(lse[start:stop, None]).exp_()  # softmax, in place
-                g[rows[: stop - start], targets[start:stop]] -= 1.0  # d loss / d logits
-                g.mul_(grad_total * rules.grad_scale if rules.grad_scale != 1.0 else grad_total)
-                if factor is not None:
-                    g.mul_(factor)
-                del y, factor
+                g = _grad_logits(_logits(h, w, b, rules), lse[start:stop], targets[start:stop], 0, grad_total,
+                                 rules)
+                if need_b and not by_vocab:
+                    part = g.sum(0)
+                    grad_b = part if grad_b is None else grad_b.add_(part)
                 g = g.to(dtype)
                 if grad_h is not None:
                     grad_h[start:stop] = (g @ w).to(grad_h.dtype)
-                if grad_w is not None:
-                    grad_w.add_(g.t() @ h)
-                if grad_b is not None:
-                    grad_b.add_(g.sum(0))
+                if need_w and not by_vocab:  # fp32 (the sum is the gradient itself), or 16-bit in one chunk
+                    part = g.t() @ h
+                    grad_w = part if grad_w is None else grad_w.add_(part)
                 del g, h
+            if by_vocab:
+                grad_w, grad_b = _weight_grad_by_vocab(hidden.to(dtype), w, b, lse, targets, grad_total, rules,
+                                                       block=max(1, chunk * vocab // max(n, 1)), need_w=need_w,
+                                                       need_b=need_b)
+        if need_w and grad_w is None:  # no loss-bearing token
+            grad_w = torch.zeros_like(weight)
+        if need_b and grad_b is None:
+            grad_b = torch.zeros_like(bias)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+
+
+def _grad_logits(y: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, first: int, grad_total: torch.Tensor,
+                 rules: HeadRules) -> torch.Tensor:
+    """d loss / d projection for fp32 logits `y` (the rules applied) of vocabulary columns first.. (in place of y)."""
+    factor = rules.grad_factor(y)  # soft-capping's derivative, taken before y becomes the softmax
+    g = y.sub_(lse[:, None]).exp_()  # softmax
+    inside = (targets >= first) & (targets < first + g.shape[1])
+    g.scatter_add_(1, (targets - first).clamp_(0, g.shape[1] - 1)[:, None], -inside.to(g.dtype)[:, None])
+    g.mul_(grad_total * rules.grad_scale if rules.grad_scale != 1.0 else grad_total)
+    if factor is not None:
+        g.mul_(factor)
+    return g
+
+
+def _weight_grad_by_vocab(hidden, w, b, lse, targets, grad_total, rules: HeadRules, *, block: int, need_w: bool,
+                          need_b: bool):
+    """The weight's (and bias's) gradient, `block` vocabulary rows at a time over every token: [tokens, block]
+    logits recomputed per block, each row of the gradient one matmul."""
+    grad_w = torch.empty_like(w) if need_w else None
+    grad_b = torch.empty(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
+    for first in range(0, w.shape[0], block):
+        last = min(first + block, w.shape[0])
+        y = _logits(hidden, w[first:last], None if b is None else b[first:last], rules)
+        g = _grad_logits(y, lse, targets, first, grad_total, rules)
+        if grad_b is not None:
+            grad_b[first:last] = g.sum(0)
+        if grad_w is not None:
+            grad_w[first:last] = g.to(w.dtype).t() @ hidden
+        del g, y
+    return grad_w, grad_b
 
 
 def chunked_token_loss_sum(hidden: torch.Tensor, embedding: nn.Module, rules: HeadRules, labels: torch.Tensor,

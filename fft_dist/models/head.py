@@ -95,7 +95,8 @@ def output_embedding(model: nn.Module) -> nn.Module:
     """The module that projects the last hidden state onto the vocabulary (a tied one included)."""
     module = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(module, "weight", None)
-    if not isinstance(module, nn.Module) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+    shape = getattr(weight, "ds_shape", getattr(weight, "shape", ()))  # ZeRO-3 keeps the full shape in ds_shape
+    if not isinstance(module, nn.Module) or not isinstance(weight, torch.Tensor) or len(shape) != 2:
         raise ConfigError(f"loss.chunk_size: {type(model).__name__} has no linear output embedding to apply chunk by "
                           "chunk; set loss.chunk_size=0")
     return module
