@@ -96,13 +96,12 @@ def activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, check
 
 def logits_bytes(shape: ModelShape, tokens: int, e: int, chunk: int = 0) -> int:
     """The loss's vocabulary-sized memory. Full logits (chunk 0): the logits (e bytes), their fp32 copy under
-    16-bit compute, and the loss's fp32 log-softmax. Chunked (fft_dist.loss.chunked): one chunk's logits in
-    the compute dtype and two fp32 chunk buffers (its logits and the softmax), the loss-bearing rows and their
-    fp32 log-sum-exp kept for backward, and under 16-bit compute the fp32 sum of the head's weight gradient."""
+    16-bit compute, and the loss's fp32 log-softmax. Chunked (fft_dist.loss.chunked): one chunk's logits in the
+    compute dtype under 16-bit compute and two fp32 chunk-sized buffers (its logits and the softmax), plus the
+    loss-bearing rows and their fp32 log-sum-exp kept for backward (tokens x (h e + 4))."""
     if not chunk:
         return tokens * shape.vocab * (e + 4 + (0 if e == 4 else 4))
-    rows = min(tokens, chunk) * shape.vocab * ((0 if e == 4 else e) + 8)
-    return rows + tokens * (shape.hidden * e + 4) + (0 if e == 4 else shape.vocab * shape.hidden * 4)
+    return min(tokens, chunk) * shape.vocab * ((0 if e == 4 else e) + 8) + tokens * (shape.hidden * e + 4)
 
 
 def eval_activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, precision: Precision,
