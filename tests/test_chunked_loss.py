@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from families import BY_NAME
-from helpers import REPO, child_env
+from helpers import REPO, TINY_JOB, child_env, eval_losses, train, train_losses
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 WORKER = Path(__file__).with_name("chunked_worker.py")
@@ -155,6 +155,18 @@ def test_fsdp_and_zero3_give_the_unchunked_losses(tmp_path):
                 assert abs(a - c) <= 1e-6 * abs(a), (rank, key, full, chunked)
             assert chunked["logits_none"] and not full["logits_none"]
             assert full["losses"][-1] != full["losses"][0], "training moved nothing: the comparison proves little"
+
+
+@pytest.mark.slow  # two real runs
+def test_a_run_with_chunking_logs_the_same_losses(tmp_path):
+    """The trainer's and evaluation's call sites end to end (parallelism=none, fp32): steps and evals as without."""
+    job = [*TINY_JOB, "eval.every_steps=5"]
+    train(tmp_path / "full", *job, nproc=1, parallelism="none")
+    train(tmp_path / "chunked", *job, "loss.chunk_size=16", nproc=1, parallelism="none")
+    for got, want in ((train_losses(tmp_path / "chunked"), train_losses(tmp_path / "full")),
+                      ([v for _, v in eval_losses(tmp_path / "chunked")], [v for _, v in eval_losses(tmp_path / "full")])):
+        assert len(got) == len(want) > 1
+        assert all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(got, want)), (got, want)
 
 
 # -- memory -------------------------------------------------------------------------------------------------
