@@ -107,6 +107,35 @@ def test_16bit_compute_tracks_full_logits():
     assert abs(loss - ref_loss) / ref_loss < 1e-2 and float((grad - ref_grad).norm() / ref_grad.norm()) < 3e-2
 
 
+def test_moe_router_aux_loss_still_counts():
+    """A Mixture-of-Experts model's forward still computes its router loss (the term reads ``.aux_loss``)."""
+    from transformers import AutoModelForCausalLM
+
+    from fft_dist.config import LossConfig
+    from fft_dist.loss import build_loss
+    from fft_dist.models.head import deferred_head
+
+    config = BY_NAME["qwen2_moe"].config()
+    config.output_router_logits, config.router_aux_loss_coef, config._attn_implementation = True, 0.01, "eager"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    b = batch(config.vocab_size)
+    seen = {}
+    for chunk in (0, 8):
+        loss = build_loss(LossConfig(chunk_size=chunk), fmt="text", model_config=config)
+        assert [t.name for t in loss.terms] == ["router_aux"]
+        sums = loss.new_sums("cpu")
+        with deferred_head(model, loss.head(b)):
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        model.zero_grad()
+        loss.micro_batch(b, out, torch.tensor(loss.local_counts([b]), dtype=torch.float64), sums).backward()
+        seen[chunk] = sums, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    (full, full_grad), (chunked, chunked_grad) = seen[0], seen[8]
+    assert full[1] > 0 and abs(float(chunked[1] - full[1])) <= 1e-6 * float(full[1])  # the router term
+    assert abs(float(chunked[0] - full[0])) <= 1e-6 * float(full[0])
+    assert float((chunked_grad - full_grad).norm() / full_grad.norm()) <= 1e-6
+
+
 def test_an_unknown_head_rule_is_refused(monkeypatch):
     from fft_dist.errors import ConfigError
     from fft_dist.models import head as head_module
