@@ -75,7 +75,7 @@ def loss_and_grads(model, b: dict, chunk: int | None, rules=None):
         assert out.logits is None
         loss = out.loss
     loss.backward()
-    return float(loss), torch.cat([p.grad.flatten() for p in model.parameters()])
+    return float(loss.detach()), torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
 @pytest.mark.parametrize("family", list(RULES))

@@ -136,7 +136,7 @@ def check_rules(model: nn.Module, row: torch.Tensor, produced: Any, rules: HeadR
         return
     expected = rules.apply(row)
     ok = isinstance(produced, torch.Tensor) and produced.shape == expected.shape and torch.allclose(
-        produced.detach().float(), expected, rtol=1e-4, atol=1e-4)
+        produced.detach().float(), expected, rtol=8e-3, atol=1e-3)  # a 16-bit cast of the logits passes
     if not ok:
         raise ConfigError(
             f"loss.chunk_size: {type(model).__name__} changes its logits after the output projection in a way fft-dist's "
