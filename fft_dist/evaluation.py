@@ -18,7 +18,7 @@ from fft_dist.config import EvalConfig
 from fft_dist.data import collate
 from fft_dist.data.training import EvalSet
 from fft_dist.dist import DistContext, all_reduce_sum
-from fft_dist.loss import Objective
+from fft_dist.loss import Objective, StepLoss
 
 
 class EvalSets:
@@ -46,11 +46,13 @@ def stop_agreed(should_stop: Callable[[], bool] | None, ctx: DistContext) -> boo
 
 @torch.no_grad()
 def split_loss(strategy, split, *, ctx: DistContext, cfg: EvalConfig, pad_id: int, objective: Objective,
-               should_stop: Callable[[], bool] | None = None) -> tuple[float, dict[str, float]] | None:
+               should_stop: Callable[[], bool] | None = None,
+               step_loss: StepLoss | None = None) -> tuple[float, dict[str, float]] | None:
     """Mean loss over `split`'s loss-bearing units (tokens, or examples), and what the objective reports
     beside it (eval_ppl or eval_accuracy); every rank runs the same number of forwards. None when
     `should_stop` (a stop signal) says so on any rank before a batch: the ranks agree before every
-    batch, so a checkpoint is written within a batch's time, not the whole evaluation's."""
+    batch, so a checkpoint is written within a batch's time, not the whole evaluation's. `step_loss`: the run's
+    StepLoss, whose head (loss.chunk_size) computes the token loss without full logits."""
     mine = range(ctx.rank, len(split), ctx.world_size)
     size = cfg.micro_batch_size
     # Every rank must run the same number of forwards (FSDP/ZeRO-3 gather collectively).
@@ -63,11 +65,13 @@ def split_loss(strategy, split, *, ctx: DistContext, cfg: EvalConfig, pad_id: in
             return None
         rows = split.rows(mine[i * size : (i + 1) * size] or [0])
         batch = collate(rows, pad_id)
-        logits = strategy.forward(batch["input_ids"], batch["attention_mask"]).logits
+        head = step_loss.head(batch) if step_loss is not None else None
+        out = strategy.forward(batch["input_ids"], batch["attention_mask"], head=head)
         if mine[i * size : (i + 1) * size]:
-            total_loss += float(objective.loss_sum(logits, batch["labels"]))
+            total_loss += float(step_loss.main_sum(batch, out) if head is not None
+                                else objective.loss_sum(out.logits, batch["labels"]))
             units += objective.count(batch)
-            correct += objective.correct(logits, batch) if objective.correct else 0
+            correct += objective.correct(out.logits, batch) if objective.correct else 0
     total, count, correct = all_reduce_sum([total_loss, units, correct], ctx.device).tolist()
     loss = total / count if count else float("nan")
     return loss, objective.eval_metrics(loss, correct, count)

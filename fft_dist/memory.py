@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fft_dist.config import FFTConfig, Precision
+from fft_dist.config import DataFormat, FFTConfig, Precision
 from fft_dist.strategy import backend as registry
 from fft_dist.strategy.sizing import (  # noqa: F401 - re-exported: memory's public vocabulary
     ModelShape, Setup, native_16bit, optimizer_bytes_per_param, planned,
@@ -73,7 +73,7 @@ def assumptions(cfg: FFTConfig) -> str:
 
 
 def activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, checkpointing: bool,
-                     precision: Precision, eager_attention: bool = False) -> int:
+                     precision: Precision, eager_attention: bool = False, chunk: int = 0) -> int:
     """Bytes saved for backward during one micro batch (docs/memory.md states the formula).
 
     Per token and decoder layer the saved tensors are: the two norms' inputs and outputs (4h),
@@ -81,7 +81,7 @@ def activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, check
     act(gate) and their product (4i; 2i for a plain MLP). sdpa keeps no s x s scores; eager adds
     them. Checkpointing keeps each layer's input and recomputes one layer at a time. The logits
     add b s V (e + 4): the logits and the fp32 log-softmax the loss saves (+4 for the fp32 copy
-    of 16-bit logits).
+    of 16-bit logits); with loss.chunk_size (`chunk`) they are one chunk's (:func:`logits_bytes`).
     """
     e = 4 if Precision(precision) == Precision.fp32 else 2
     tokens = micro_batch * seq_len
@@ -89,19 +89,24 @@ def activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, check
     per_layer = tokens * (6 * shape.hidden + 2 * shape.kv_hidden + mlp) * e
     if eager_attention:
         per_layer += micro_batch * shape.heads * seq_len * seq_len * e
-    logits = logits_bytes(shape, tokens, e)
+    logits = logits_bytes(shape, tokens, e, chunk)
     if checkpointing:
         return shape.layers * tokens * shape.hidden * 4 + per_layer + logits
     return shape.layers * per_layer + logits
 
 
-def logits_bytes(shape: ModelShape, tokens: int, e: int) -> int:
-    """The logits (e bytes), their fp32 copy under 16-bit compute, and the loss's fp32 log-softmax."""
-    return tokens * shape.vocab * (e + 4 + (0 if e == 4 else 4))
+def logits_bytes(shape: ModelShape, tokens: int, e: int, chunk: int = 0) -> int:
+    """The loss's vocabulary-sized memory. Full logits (chunk 0): the logits (e bytes), their fp32 copy under
+    16-bit compute, and the loss's fp32 log-softmax. Chunked (fft_dist.loss.chunked): one chunk's logits in the
+    compute dtype under 16-bit compute and two fp32 chunk-sized buffers (its logits and the softmax), plus the
+    loss-bearing rows and their fp32 log-sum-exp kept for backward (tokens x (h e + 4))."""
+    if not chunk:
+        return tokens * shape.vocab * (e + 4 + (0 if e == 4 else 4))
+    return min(tokens, chunk) * shape.vocab * ((0 if e == 4 else e) + 8) + tokens * (shape.hidden * e + 4)
 
 
 def eval_activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, precision: Precision,
-                          eager_attention: bool = False) -> int:
+                          eager_attention: bool = False, chunk: int = 0) -> int:
     """The peak of one eval forward (no_grad, eval.micro_batch_size rows): nothing is saved for
     backward, so it is the larger of one layer's intermediates and the logits with the loss's fp32
     copies, plus the hidden states carried between layers. Eval's micro batch (default 8) is larger
@@ -114,7 +119,7 @@ def eval_activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, 
     layer = activation_bytes(dataclasses.replace(shape, layers=1, vocab=0), micro_batch=micro_batch,
                              seq_len=seq_len, checkpointing=False, precision=precision,
                              eager_attention=eager_attention)
-    return max(layer, logits_bytes(shape, tokens, e)) + tokens * shape.hidden * e
+    return max(layer, logits_bytes(shape, tokens, e, chunk)) + tokens * shape.hidden * e
 
 
 def runs_eval(cfg: FFTConfig) -> bool:
@@ -147,11 +152,12 @@ def estimate(shape: ModelShape, cfg: FFTConfig, setup: Setup) -> dict[str, Any]:
     params, grads, master, optim, detail, cpu = (state.params, state.grads, state.master, state.optim,
                                                  state.detail, state.cpu)
     eager = shape.attention == "eager"
+    chunk = 0 if cfg.data.format == DataFormat.classification.value else cfg.loss.chunk_size  # a class head: never
     acts = {on: activation_bytes(shape, micro_batch=setup.micro_batch, seq_len=setup.seq_len, checkpointing=on,
-                                 precision=precision, eager_attention=eager)
+                                 precision=precision, eager_attention=eager, chunk=chunk)
             for on in (False, True)}
     eval_acts = eval_activation_bytes(shape, micro_batch=setup.eval_micro_batch, seq_len=setup.seq_len,
-                                      precision=precision, eager_attention=eager)
+                                      precision=precision, eager_attention=eager, chunk=chunk)
     buffers = sum(v for key, v in detail.items() if key != "persistent_params")
     # training's saved activations and eval's forward never coexist: the larger one is the peak
     per_gpu = {"params": params, "grads": grads, "master": master, "optimizer": optim,

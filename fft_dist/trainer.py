@@ -236,7 +236,8 @@ class Trainer:
         n = len(self.loss.names)
         sums = self.loss.new_sums(device, spare=1)  # one slot per loss part, then the stop flag
         for batch in batches:
-            out = self.strategy.forward(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
+            out = self.strategy.forward(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"),
+                                        head=self.loss.head(batch))  # loss.chunk_size: no full logits
             self.strategy.backward(self.loss.micro_batch(batch, out, counts, sums))
         sums[n] = float(self.stop_signal.received is not None)
         # on the device; none where the backend computes it inside its update (its declared capabilities)
@@ -276,7 +277,7 @@ class Trainer:
     def _eval_and_track(self, step: int) -> bool:
         """Evaluate and record; False when a stop signal cut the evaluation short (nothing recorded)."""
         losses = evaluate(self.strategy, self.eval_set, ctx=self.ctx, cfg=self.cfg.eval,
-                          pad_id=self.tokenizer.pad_token_id, objective=self.objective,
+                          pad_id=self.tokenizer.pad_token_id, objective=self.objective, step_loss=self.loss,
                           should_stop=lambda: self.stop_signal.received is not None)
         if losses is None:
             return False

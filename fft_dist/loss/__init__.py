@@ -4,6 +4,7 @@
 - :mod:`.terms`: what a term is, the registry, and loading ``loss.plugins``.
 - :mod:`.router_aux`: the MoE router's load-balancing loss, the built-in term.
 - :mod:`.total`: the step's loss; the one place every part is normalised by its global count.
+- :mod:`.chunked`: the token cross-entropy computed chunk by chunk with the output head (``loss.chunk_size``).
 
 Adding a term without forking: in your own module ::
 
@@ -33,6 +34,7 @@ from fft_dist.loss.objectives import (  # noqa: F401 - the package's API
     count_loss_tokens,
     token_loss_sum,
 )
+from fft_dist.loss.chunked import ChunkedHead, chunked_token_loss_sum  # noqa: F401
 from fft_dist.loss.router_aux import router_aux_loss  # noqa: F401
 from fft_dist.loss.terms import (  # noqa: F401
     Contribution,
@@ -61,7 +63,7 @@ def build_loss(cfg: LossConfig, *, fmt: str, model_config: Any) -> StepLoss:
     load_plugins(list(cfg.plugins))
     objective = objective_for(fmt)
     terms = build_terms(cfg.terms, TermContext(model_config=model_config, objective_unit=objective.unit))
-    return StepLoss(objective, terms, model_config)
+    return StepLoss(objective, terms, model_config, chunk_size=cfg.chunk_size)
 
 
 def check(cfg: LossConfig, *, fmt: str, model_config: Any = None) -> None:

@@ -46,7 +46,8 @@ class LossInputs:
 
     batch: dict
     output: Any
-    """The model's forward output (``.logits``, and ``.aux_loss`` for MoE models)."""
+    """The model's forward output (``.logits``, and ``.aux_loss`` for MoE models). Under loss.chunk_size no full
+    logits exist: reading ``.logits`` is then a config error naming the term."""
     model_config: Any
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Future inputs by name (see FUTURE); empty today."""

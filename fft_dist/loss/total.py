@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from fft_dist.errors import ConfigError
+from fft_dist.loss.chunked import ChunkedHead
 from fft_dist.loss.objectives import Objective
 from fft_dist.loss.terms import Contribution, LossInputs, Term
 
@@ -26,8 +28,10 @@ class StepLoss:
     on the host by N, as it always was) and each extra term's normalised, unweighted value.
     """
 
-    def __init__(self, objective: Objective, terms: list[Term], model_config: Any):
+    def __init__(self, objective: Objective, terms: list[Term], model_config: Any, chunk_size: int = 0):
         self.objective, self.terms, self.model_config = objective, list(terms), model_config
+        self.chunk_size = chunk_size if objective.unit == "tokens" else 0
+        """loss.chunk_size where the objective is the token cross-entropy (a classification head is small)."""
         self.count_slot = {objective.unit: 0, "inputs": 1}
         """Where each unit's global count sits in the counts tensor."""
 
@@ -44,14 +48,29 @@ class StepLoss:
         """One float64 slot per part, then `spare` slots for the caller (reduced in the same collective)."""
         return torch.zeros(len(self.names) + spare, dtype=torch.float64, device=device)
 
+    def head(self, batch: dict) -> ChunkedHead | None:
+        """What to pass as ``Strategy.forward(..., head=)`` for `batch`: the chunked head and loss
+        (loss.chunk_size), or None (the model's own logits)."""
+        return ChunkedHead(batch["labels"], self.chunk_size) if self.chunk_size else None
+
+    def main_sum(self, batch: dict, output) -> torch.Tensor:
+        """The main term's sum on `batch`: with loss.chunk_size, what the chunked head put in ``output.loss``
+        (the forward was given :meth:`head`; see fft_dist.models.head), else the objective's on the full logits."""
+        if self.chunk_size:
+            if getattr(output, "loss", None) is None:
+                raise RuntimeError("loss.chunk_size is on but the forward was not given StepLoss.head(batch)")
+            return output.loss
+        return self.objective.loss_sum(output.logits, batch["labels"])
+
     def micro_batch(self, batch: dict, output, counts: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
-        """The micro batch's share of the step's loss (backward this); its parts are added to ``sums``."""
-        loss = self.objective.loss_sum(output.logits, batch["labels"])
+        """The micro batch's share of the step's loss (backward this); its parts are added to ``sums``.
+        `output`: the strategy's forward of `batch` with ``head=self.head(batch)``."""
+        loss = self.main_sum(batch, output)
         total = loss / counts[0].to(loss.device, loss.dtype)
         sums[0] += loss.detach().to(sums.device, torch.float64)
-        inputs = LossInputs(batch=batch, output=output, model_config=self.model_config)
         for i, term in enumerate(self.terms, start=1):
-            part = term(inputs)
+            seen = _WithoutLogits(output, term.name) if self.chunk_size else output
+            part = term(LossInputs(batch=batch, output=seen, model_config=self.model_config))
             if part is None:
                 continue
             share = _normalised(part, counts[self.count_slot[term.unit]])
@@ -66,6 +85,23 @@ class StepLoss:
     def metrics(self, parts: dict[str, float]) -> dict[str, float]:
         """The extra terms' entries of a step record (the main term is the record's ``loss``)."""
         return {t.metric: parts[t.name] for t in self.terms}
+
+
+class _WithoutLogits:
+    """The model's output as a term sees it under loss.chunk_size: everything but the full logits, which do not
+    exist; reading them is a config error naming the term (not an error deep inside it)."""
+
+    def __init__(self, output, term: str):
+        self._output, self._term = output, term
+
+    def __getattr__(self, name: str):
+        if name == "logits":
+            raise ConfigError(f"loss.terms.{self._term} reads the model's full logits, which loss.chunk_size does not "
+                              "compute; set loss.chunk_size=0 to use this term")
+        return getattr(self._output, name)
+
+    def __getitem__(self, key):
+        return self.__getattr__(key) if key == "logits" else self._output[key]
 
 
 def _normalised(part: Contribution, count: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ from typing import Callable, Iterator, Protocol
 import torch
 from torch import nn
 
+from fft_dist.models.head import Head
+
 # (model) -> optimizer over model's trainable parameters, with our param groups.
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 # step index (0-based, the step about to be taken) -> learning rate.
@@ -99,10 +101,13 @@ class Strategy(Protocol):
         """Build (or partition-build) the model, shard it, and create the optimizer."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None):
+                position_ids: torch.Tensor | None = None, head: Head | None = None):
         """The model's output for a micro batch (``.logits``, and what else the model computes, e.g. a
         Mixture-of-Experts router's ``.aux_loss``), under the configured precision (position_ids:
-        packed rows, see model_inputs)."""
+        packed rows, see model_inputs). With `head` (the chunked loss, ``loss.chunk_size``) no logits are
+        made: ``.loss`` is ``head(last hidden state, output embedding, the family's head rules)``, run inside
+        the model's call with the output embedding's weight gathered as this backend gathers it
+        (fft_dist.models.head.deferred_head), and ``.logits`` is None."""
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of a micro-batch loss that is already normalised by the global-batch token count.

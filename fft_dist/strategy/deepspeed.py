@@ -51,6 +51,7 @@ from fft_dist.config import BatchPlan, FFTConfig
 from fft_dist.device_defaults import DeviceDefaults
 from fft_dist.dist import DistContext
 from fft_dist.model import compile_layers
+from fft_dist.models.head import Head, deferred_head
 from fft_dist.strategy.base import (
     Capabilities,
     Fragment,
@@ -155,10 +156,11 @@ class DeepSpeedStrategy(Strategy):
         self.engine.set_gradient_accumulation_boundary(micro_index >= self.plan.grad_accum)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None):
+                position_ids: torch.Tensor | None = None, head: Head | None = None):
         if self.engine.training:
             self._set_boundary(self._micro + 1)
-        with self._linear.scope():
+        # ZeRO-3: the head runs in the output embedding's own call, whose hooks gather its weight (and again in backward)
+        with self._linear.scope(), deferred_head(self.module, head):
             return self.engine(**model_inputs(input_ids, attention_mask, position_ids, self.ctx.device))
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -96,8 +96,8 @@ class FSDPStrategy(TorchOptimizerStrategy):
         _reshard(module)  # the root stays gathered after forward otherwise (FSDP2's root default)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None):
-        out = super().forward(input_ids, attention_mask, position_ids)
+                position_ids: torch.Tensor | None = None, head=None):
+        out = super().forward(input_ids, attention_mask, position_ids, head)
         if not torch.is_grad_enabled():  # evaluation: no backward will reshard the root
             self._reshard()
         return out

@@ -12,6 +12,7 @@ from fft_dist.config import FFTConfig, Precision
 from fft_dist.device_defaults import DeviceDefaults
 from fft_dist.dist import DistContext
 from fft_dist.model import compile_layers
+from fft_dist.models.head import Head, deferred_head
 from fft_dist.optim import set_lr
 from fft_dist.strategy.base import Capabilities, Fragment, FragmentSource, LrSchedule, Strategy, model_inputs
 from fft_dist.strategy.frozen import TorchFrozenModel
@@ -77,8 +78,8 @@ class TorchOptimizerStrategy(Strategy):
                                 after_forward=lambda: self._frozen_after_forward(module))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None):
-        with self._autocast():
+                position_ids: torch.Tensor | None = None, head: Head | None = None):
+        with self._autocast(), deferred_head(self.model, head):  # FSDP2: inside the root's call, weights gathered
             return self.model(**model_inputs(input_ids, attention_mask, position_ids, self.device))
 
     def backward(self, loss: torch.Tensor) -> None:
