@@ -104,7 +104,8 @@ def test_deepspeed_options_refused_outside_deepspeed(group, option):
 @pytest.mark.parametrize("option", ["offload_optimizer", "offload_params"])
 def test_fsdp_offload_is_refused_with_the_deepspeed_alternative(option):
     with pytest.raises(ConfigError, match=rf"parallelism\.{option}=True has no effect under parallelism=fsdp "
-                                          r"\(read by zero[23].* only; FSDP2 CPU offload is not implemented; parallelism=zero2_offload"):
+                                          r"\(read by zero[23].* only; FSDP2 CPU offload is not implemented; "
+                                          r"parallelism=zero2_offload"):
         check(with_option("fsdp", option), PLAN)
 
 
@@ -122,7 +123,8 @@ def test_refusal_names_every_set_option_and_its_default():
 def test_reshard_after_forward_is_fsdp_only(group):
     if group != "none" and not HAS_DEEPSPEED:
         pytest.skip("DeepSpeed is not installed")
-    want = rf"parallelism\.reshard_after_forward=False has no effect under parallelism={group} \(read by fsdp, hsdp only; "
+    want = (rf"parallelism\.reshard_after_forward=False has no effect under parallelism={group} "
+            r"\(read by fsdp, hsdp only; ")
     with pytest.raises(ConfigError, match=want):
         check(with_option(group, "reshard_after_forward"), PLAN)
 
@@ -130,7 +132,8 @@ def test_reshard_after_forward_is_fsdp_only(group):
 @needs_deepspeed
 @pytest.mark.parametrize("option", ["prefetch_bucket_size", "param_persistence_threshold"])
 def test_zero3_options_refused_under_zero2(option):
-    want = rf"parallelism\.{option}=\d+ has no effect under parallelism=zero2 \(read by zero3 only; use parallelism=zero3\)"
+    want = (rf"parallelism\.{option}=\d+ has no effect under parallelism=zero2 "
+            r"\(read by zero3 only; use parallelism=zero3\)")
     with pytest.raises(ConfigError, match=want):
         check(with_option("zero2", option), PLAN)
     check(with_option("zero3", option), PLAN)  # read by ZeRO-3
@@ -138,8 +141,9 @@ def test_zero3_options_refused_under_zero2(option):
 
 @needs_deepspeed
 def test_offload_params_needs_zero3():
-    with pytest.raises(ConfigError, match=r"offload_params=True has no effect under parallelism=zero2 \(read by zero3 "
-                                          r"only; ZeRO-2 keeps whole weights on every GPU; use parallelism=zero3_offload\)"):
+    with pytest.raises(ConfigError, match=r"offload_params=True has no effect under parallelism=zero2 \(read by "
+                                          r"zero3 only; ZeRO-2 keeps whole weights on every GPU; "
+                                          r"use parallelism=zero3_offload\)"):
         check(with_option("zero2", "offload_params"), PLAN)
 
 
