@@ -62,7 +62,7 @@ def test_shard_size_auto_is_one_node():
 def test_shard_size_is_refused_outside_hsdp(group):
     cfg = typed(f"parallelism={group}", "parallelism.shard_size=2")
     with pytest.raises(ConfigError, match=rf"parallelism\.shard_size=2 has no effect under parallelism={group} "
-                                          r"\(read by HSDP only; use parallelism=hsdp\)"):
+                                          r"\(read by hsdp only; use parallelism=hsdp\)"):
         check(cfg, BatchPlan(1 if group == "none" else 2, 1, 1, 2))
 
 

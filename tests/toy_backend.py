@@ -9,7 +9,6 @@ import sys
 
 from fft_dist.strategy import Backend, register
 from fft_dist.strategy.backends.none import memory
-from fft_dist.strategy.options import check_single
 from fft_dist.strategy.single import SingleProcessStrategy
 
 MARK = "toy backend: set up"
@@ -26,7 +25,6 @@ class ToyStrategy(SingleProcessStrategy):
 BACKEND = register(Backend(
     name="toy",
     strategy=f"{__name__}:ToyStrategy",
-    check=check_single,
     memory=memory,
     comm_volume=lambda grad_accum: 0,
     single_process=True,

@@ -19,10 +19,11 @@ torch.distributed, transformers or DeepSpeed through it.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
-from fft_dist.config import BatchPlan, ConfigError, FFTConfig, add_parallelism_name
+from fft_dist.config import BatchPlan, ConfigError, FFTConfig, ParallelismConfig, add_parallelism_name
+from fft_dist.strategy.options import FIELDS, refuse_unread
 
 Check = Callable[[FFTConfig, BatchPlan], None]
 """Raise ConfigError, naming the option to change, if the backend cannot run the config (pre-launch, pure)."""
@@ -49,13 +50,18 @@ class Backend:
     """``parallelism.name`` (the yaml's ``name:``)."""
     strategy: str
     """``module:Class`` of its :class:`~fft_dist.strategy.base.Strategy`, imported on the rank only."""
-    check: Check
     memory: Memory
     comm_volume: Callable[[int], int]
     """Elements moved per optimizer step in units of the parameter count, given the accumulation steps
     (the planner's third ranking key)."""
     options: tuple[str, ...] = ()
-    """The ``parallelism.*`` fields it reads besides ``name`` (documentation; the check refuses the rest)."""
+    """The ``parallelism.*`` fields it reads besides ``name``: the one record of who reads what. :func:`check`
+    refuses every other field that is set, naming the backends whose ``options`` list it."""
+    notes: Mapping[str, str] = field(default_factory=dict)
+    """Option it does not read -> why, where "read by <backends> only; use parallelism=<one>" says too little
+    (fsdp: FSDP2 has no offload of its own, the DeepSpeed groups do)."""
+    check: Check | None = None
+    """Its own rules beyond the options it reads (run after the refusal of the options it does not read)."""
     rows: tuple[Row, ...] = ()
     """Its rows in every estimate table and plan; () lists it only when the config chooses it."""
     single_process: bool = False
@@ -82,7 +88,11 @@ _REGISTRY: dict[str, Backend] = {}
 
 def register(backend: Backend) -> Backend:
     """Add a backend (the one registration point, for the built-ins and your own); re-registering a name
-    replaces it. Its name becomes a valid ``parallelism.name``."""
+    replaces it. Its name becomes a valid ``parallelism.name``. ValueError if it names an option that does
+    not exist (a typo would otherwise refuse the real option under it)."""
+    unknown = [o for o in (*backend.options, *backend.notes) if o not in FIELDS]
+    if unknown:
+        raise ValueError(f"backend {backend.name!r} names {unknown}, which are not parallelism.* options")
     add_parallelism_name(backend.name)
     _REGISTRY[backend.name] = backend
     return backend
@@ -99,6 +109,21 @@ def get(name: Any) -> Backend:
     if key not in _REGISTRY:
         raise ConfigError(f"parallelism={key} is not a known backend; choose one of {', '.join(_REGISTRY)}")
     return _REGISTRY[key]
+
+
+def check(cfg: FFTConfig, plan: BatchPlan) -> None:
+    """Raise ConfigError, naming the option to change, if the chosen backend cannot run `cfg`: first every set
+    ``parallelism.*`` option it does not read (for every backend, from the descriptors), then its own check."""
+    backend = get(cfg.parallelism.name)
+    check_options(cfg.parallelism)
+    if backend.check is not None:
+        backend.check(cfg, plan)
+
+
+def check_options(parallelism: ParallelismConfig) -> None:
+    """Refuse every set ``parallelism.*`` option the chosen backend does not list in its ``options``."""
+    backend = get(parallelism.name)
+    refuse_unread(parallelism, {b.name: b.options for b in backends()}, backend.notes)
 
 
 def row_backend(row: str) -> Backend:

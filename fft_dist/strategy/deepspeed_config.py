@@ -1,9 +1,10 @@
 """The DeepSpeed config dict and every DeepSpeed rule, checked before any rank starts.
 
 :func:`build_deepspeed_config` turns our typed config into DeepSpeed's JSON, so a user never
-writes DeepSpeed JSON; :func:`check_deepspeed` holds all the rules (DeepSpeed installed, options
-that only another backend reads, offload, fp16, overrides that fight our options) and returns the
-dict it checked. The launcher runs it through :func:`fft_dist.strategy.check`, and
+writes DeepSpeed JSON; :func:`check_deepspeed` holds all the rules (DeepSpeed installed, fp16, ZeRO-3's
+limits, overrides that fight our options) and returns the dict it checked. The launcher runs it through
+:func:`fft_dist.strategy.check`, after the refusal of the options zero2/zero3 do not read (one check for
+every backend, from the descriptors in :mod:`fft_dist.strategy.backends.zero`), and
 :class:`~fft_dist.strategy.deepspeed.DeepSpeedStrategy` runs the same function again on every rank.
 
 Pure: no processes and no ``import deepspeed`` (slow, and the launcher may not have it).
@@ -30,7 +31,6 @@ from fft_dist.config import (
 from fft_dist.device_defaults import CPU, PLANNING_GPU, DeviceDefaults, decide
 from fft_dist.errors import CheckpointError
 from fft_dist.strategy.backend import get
-from fft_dist.strategy.options import FSDP_ONLY, HSDP_ONLY, ZERO3_ONLY, refuse_changed
 
 INSTALL_HINT = "pip install --no-build-isolation 'fft-dist[deepspeed]'"
 
@@ -291,12 +291,6 @@ def check_deepspeed(cfg: FFTConfig, plan: BatchPlan, defaults: DeviceDefaults | 
             f"parallelism={Parallelism(par.name).value} needs DeepSpeed, which is not installed. "
             f"Install it after torch with: {INSTALL_HINT}"
         )
-    if par.offload_params and stage != 3:
-        raise ConfigError("parallelism.offload_params needs ZeRO-3 (parallelism=zero3_offload)")
-    if stage != 3:
-        refuse_changed(par, ZERO3_ONLY, "read by ZeRO-3 only; use parallelism=zero3")
-    refuse_changed(par, FSDP_ONLY, "read by FSDP2 only; ZeRO-3 always re-partitions after forward")
-    refuse_changed(par, HSDP_ONLY, "read by HSDP only; use parallelism=hsdp")
     if stage == 3 and cfg.train.on_nonfinite == OnNonFinite.skip and Precision(cfg.train.precision) != Precision.fp16:
         # DeepSpeed 0.19 ZeRO-3 checks for overflow only in fp16, so it applies a NaN/inf update
         # before we see the norm; skipping afterwards would keep the damaged weights.

@@ -1,81 +1,69 @@
-"""Which ``parallelism.*`` option each backend reads, and the pre-launch checks of none and fsdp.
+"""Every ``parallelism.*`` option does something under the chosen backend or is refused: one check for all.
 
-Every option either does something under the chosen backend or is refused here, before any
-rank starts. "Set" means: different from the dataclass default in
-:class:`fft_dist.config.ParallelismConfig` (the shipped yaml groups only repeat those defaults).
+Each backend's descriptor lists the options it reads (:attr:`fft_dist.strategy.backend.Backend.options`);
+that list is the only record of who reads what. :func:`refuse_unread` refuses, before any rank starts,
+every option that is set but not read by the chosen backend, and names the registered backends that do
+read it. "Set" means: different from the dataclass default in :class:`fft_dist.config.ParallelismConfig`
+(the shipped yaml groups only repeat those defaults).
 
 Pure: imports only the config module, so the launcher can run it without torch.distributed,
 transformers or DeepSpeed.
 """
 from __future__ import annotations
 
-from fft_dist.config import BatchPlan, ConfigError, FFTConfig, ParallelismConfig
+import dataclasses
+from typing import Mapping
 
-# Read only by the DeepSpeed strategies (zero2 / zero3).
-DEEPSPEED_ONLY = (
-    "offload_optimizer", "offload_params", "overlap_comm", "bf16_weights", "contiguous_gradients", "reduce_bucket_size",
-    "allgather_bucket_size", "prefetch_bucket_size", "param_persistence_threshold", "deepspeed_overrides",
-)
-# Read only by ZeRO-3 (offload_params has its own message, see deepspeed_config.check_deepspeed).
-ZERO3_ONLY = ("prefetch_bucket_size", "param_persistence_threshold")
-# Read only by FSDP2 (fsdp, hsdp).
-FSDP_ONLY = ("reshard_after_forward",)
-# Read only by HSDP.
-HSDP_ONLY = ("shard_size",)
+from fft_dist.config import ConfigError, ParallelismConfig
 
 _DEFAULTS = ParallelismConfig()
+FIELDS = tuple(f.name for f in dataclasses.fields(ParallelismConfig) if f.name != "name")
+"""Every parallelism.* option a backend may read."""
 
 
-def _changed(parallelism: ParallelismConfig, fields: tuple[str, ...]) -> list[str]:
-    """The `fields` whose value differs from the ParallelismConfig default (true/True/"true" alike)."""
-    return [f for f in fields if _norm(getattr(parallelism, f)) != _norm(getattr(_DEFAULTS, f))]
+def changed(parallelism: ParallelismConfig) -> list[str]:
+    """The options whose value differs from the ParallelismConfig default (true/True/"true" alike)."""
+    return [f for f in FIELDS if _norm(getattr(parallelism, f)) != _norm(getattr(_DEFAULTS, f))]
 
 
 def _norm(value):
     return str(value).lower() if isinstance(value, (bool, str)) else value
 
 
-def refuse_changed(parallelism: ParallelismConfig, fields: tuple[str, ...], why: str) -> None:
-    """ConfigError naming every option in `fields` that is set, with its default to go back to."""
-    bad = _changed(parallelism, fields)
-    if bad:
-        name = getattr(parallelism.name, "value", parallelism.name)
-        settings = ", ".join(f"parallelism.{f}={getattr(parallelism, f)!r}" for f in bad)
-        defaults = " ".join(f"parallelism.{f}={_yaml(getattr(_DEFAULTS, f))}" for f in bad)
-        verb = "has" if len(bad) == 1 else "have"
-        raise ConfigError(f"{settings} {verb} no effect under parallelism={name} ({why}). "
-                          f"Remove {'it' if len(bad) == 1 else 'them'} (default: {defaults}).")
+def refuse_unread(parallelism: ParallelismConfig, reads: Mapping[str, tuple[str, ...]],
+                  notes: Mapping[str, str] | None = None) -> None:
+    """ConfigError naming every set option that the chosen backend (``parallelism.name``) does not read.
+
+    `reads`: each registered backend's name -> the options it reads (the chosen one among them).
+    `notes`: the chosen backend's own word on an option it refuses, said after who reads it (why it
+    cannot, what to use instead); without one, the message suggests the backend that reads it.
+    """
+    name = getattr(parallelism.name, "value", parallelism.name)
+    bad = [f for f in changed(parallelism) if f not in reads.get(name, ())]
+    if not bad:
+        return
+    notes = notes or {}
+    by_reason: dict[str, list[str]] = {}
+    for option in bad:
+        by_reason.setdefault(_reason(option, reads, notes.get(option)), []).append(option)
+    clauses = []
+    for reason, options in by_reason.items():
+        settings = ", ".join(f"parallelism.{f}={getattr(parallelism, f)!r}" for f in options)
+        verb = "has" if len(options) == 1 else "have"
+        clauses.append(f"{settings} {verb} no effect under parallelism={name} ({reason})")
+    defaults = " ".join(f"parallelism.{f}={_yaml(getattr(_DEFAULTS, f))}" for f in bad)
+    raise ConfigError(f"{'; '.join(clauses)}. Remove {'it' if len(bad) == 1 else 'them'} (default: {defaults}).")
+
+
+def _reason(option: str, reads: Mapping[str, tuple[str, ...]], note: str | None) -> str:
+    owners = [backend for backend, options in reads.items() if option in options]
+    if not owners:  # register() refuses a descriptor naming a field that does not exist, not an unread field
+        return f"no registered backend reads it; {note}" if note else "no registered backend reads it"
+    said = f"read by {', '.join(owners)} only"
+    return f"{said}; {note or 'use parallelism=' + ' or '.join(owners)}"
 
 
 def _yaml(value) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     return "{}" if value == {} else str(value)
-
-
-def check_single(cfg: FFTConfig, plan: BatchPlan) -> None:
-    """parallelism=none: no sharding, so every sharding option would be ignored."""
-    del plan  # same signature as every check
-    refuse_changed(cfg.parallelism, DEEPSPEED_ONLY, "read by DeepSpeed only")
-    refuse_changed(cfg.parallelism, FSDP_ONLY, "read by FSDP2 only")
-    refuse_changed(cfg.parallelism, HSDP_ONLY, "read by HSDP only; use parallelism=hsdp")
-
-
-def check_fsdp(cfg: FFTConfig, plan: BatchPlan) -> None:
-    """parallelism=fsdp: shards over every rank, so a shard group size would be ignored."""
-    check_fsdp_family(cfg)
-    del plan
-    refuse_changed(cfg.parallelism, HSDP_ONLY, "read by HSDP only; use parallelism=hsdp")
-
-
-def check_fsdp_family(cfg: FFTConfig) -> None:
-    """fsdp and hsdp: FSDP2 has no separate optimizer / parameter offload (refused, see below)."""
-    # FSDP2's CPUOffloadPolicy moves parameters, gradients and the optimizer step to the CPU all at
-    # once; it maps onto neither flag alone, and on a CPU-only machine it would change nothing that
-    # a test could see. Refuse rather than silently ignore; the DeepSpeed groups do offload.
-    refuse_changed(cfg.parallelism, ("offload_optimizer", "offload_params"),
-                   "FSDP2 CPU offload is not implemented; parallelism=zero2_offload and zero3_offload "
-                   "offload with DeepSpeed")
-    rest = tuple(f for f in DEEPSPEED_ONLY if f not in ("offload_optimizer", "offload_params"))
-    refuse_changed(cfg.parallelism, rest, "read by DeepSpeed only")
-

@@ -3,8 +3,16 @@ from __future__ import annotations
 
 from fft_dist.config import FFTConfig, Precision
 from fft_dist.strategy.backend import Backend, Row, register
-from fft_dist.strategy.options import check_fsdp
 from fft_dist.strategy.sizing import ModelShape, StateBytes, optimizer_bytes_per_param, planned
+
+
+# FSDP2's CPUOffloadPolicy moves parameters, gradients and the optimizer step to the CPU all at once; it
+# maps onto neither flag alone, and on a CPU-only machine it would change nothing a test could see. Refused
+# rather than silently ignored; the DeepSpeed groups do offload.
+_OFFLOAD = ("FSDP2 CPU offload is not implemented; parallelism=zero2_offload and zero3_offload offload "
+            "with DeepSpeed")
+FSDP2_OFFLOAD = {"offload_optimizer": _OFFLOAD, "offload_params": _OFFLOAD}
+"""fsdp's and hsdp's word on the DeepSpeed offload options (Backend.notes)."""
 
 
 def sharded_state(shape: ModelShape, cfg: FFTConfig, n: int, precision: Precision) -> StateBytes:
@@ -25,10 +33,10 @@ def memory(shape, cfg, setup) -> StateBytes:
 BACKEND = register(Backend(
     name="fsdp",
     strategy="fft_dist.strategy.fsdp:FSDPStrategy",
-    check=check_fsdp,
     memory=memory,
     # an all-gather in forward, another in backward and a reduce-scatter per micro step
     comm_volume=lambda grad_accum: 3 * grad_accum,
     options=("reshard_after_forward",),
+    notes=FSDP2_OFFLOAD,
     rows=(Row("fsdp"),),
 ))

@@ -14,8 +14,7 @@ from fft_dist.config import (
     BatchPlan, ConfigError, FFTConfig, OptimizerImplementation, OptimizerName, ParallelismConfig,
 )
 from fft_dist.strategy.backend import Backend, register
-from fft_dist.strategy.backends.fsdp import sharded_state
-from fft_dist.strategy.options import check_fsdp_family
+from fft_dist.strategy.backends.fsdp import FSDP2_OFFLOAD, sharded_state
 from fft_dist.strategy.sizing import planned
 
 AUTO = -1
@@ -41,8 +40,7 @@ def local_world_size(cfg: FFTConfig) -> int:
 
 
 def check_hsdp(cfg: FFTConfig, plan: BatchPlan) -> None:
-    """fsdp's refusals, fused SGD (as fsdp: fft_dist.device_defaults.check), and a shard group that fits."""
-    check_fsdp_family(cfg)
+    """Fused SGD (as fsdp: fft_dist.device_defaults.check), and a shard group that fits."""
     if (OptimizerImplementation(cfg.optimizer.implementation) == OptimizerImplementation.fused
             and OptimizerName(cfg.optimizer.name) == OptimizerName.sgd):
         raise ConfigError("optimizer.implementation=fused with optimizer=sgd does not run under parallelism=hsdp "
@@ -72,6 +70,7 @@ BACKEND = register(Backend(
     # fsdp's traffic inside a group, plus one all-reduce of the gradient shards across groups per step
     comm_volume=lambda grad_accum: 3 * grad_accum + 1,
     options=("reshard_after_forward", "shard_size"),
+    notes=FSDP2_OFFLOAD,
     rows=(),  # sized when the config chooses it: its shard groups depend on the nodes
     group_size=group_size,
     overrides=lambda setup: [f"parallelism.shard_size={setup.shard_size}"] if setup.shard_size else [],

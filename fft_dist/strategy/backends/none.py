@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from fft_dist.strategy.backend import Backend, Row, register
-from fft_dist.strategy.options import check_single
 from fft_dist.strategy.sizing import StateBytes, optimizer_bytes_per_param
 
 
@@ -16,7 +15,6 @@ def memory(shape, cfg, setup) -> StateBytes:
 BACKEND = register(Backend(
     name="none",
     strategy="fft_dist.strategy.single:SingleProcessStrategy",
-    check=check_single,
     memory=memory,
     comm_volume=lambda grad_accum: 0,
     rows=(Row("none"),),

@@ -10,8 +10,8 @@ from fft_dist.strategy.deepspeed_config import bucket_sizes, check_deepspeed
 from fft_dist.strategy.sizing import StateBytes, native_16bit, optimizer_bytes_per_param
 
 STRATEGY = "fft_dist.strategy.deepspeed:DeepSpeedStrategy"
-OPTIONS = ("offload_optimizer", "offload_params", "overlap_comm", "bf16_weights", "contiguous_gradients",
-           "reduce_bucket_size", "allgather_bucket_size", "deepspeed_overrides")
+OPTIONS = ("offload_optimizer", "overlap_comm", "bf16_weights", "contiguous_gradients", "reduce_bucket_size",
+           "allgather_bucket_size", "deepspeed_overrides")
 
 
 def memory(shape, cfg, setup) -> StateBytes:
@@ -64,11 +64,14 @@ ZERO2 = register(Backend(
     # one reduce-scatter per micro step plus one all-gather per step
     comm_volume=lambda grad_accum: grad_accum + 1,
     options=OPTIONS, rows=(Row("zero2"), Row("zero2_offload", offload=True)),
+    notes={"reshard_after_forward": "ZeRO-2 keeps whole weights on every rank",
+           "offload_params": "ZeRO-2 keeps whole weights on every GPU; use parallelism=zero3_offload"},
 ))
 ZERO3 = register(Backend(
     name="zero3", strategy=STRATEGY, check=check_deepspeed, memory=memory, deepspeed_stage=3,
     # an all-gather in forward, another in backward and a reduce-scatter per micro step
     comm_volume=lambda grad_accum: 3 * grad_accum,
-    options=OPTIONS + ("prefetch_bucket_size", "param_persistence_threshold"),
+    options=OPTIONS + ("offload_params", "prefetch_bucket_size", "param_persistence_threshold"),
+    notes={"reshard_after_forward": "ZeRO-3 always re-partitions after forward"},
     rows=(Row("zero3"), Row("zero3_offload", offload=True)),
 ))
