@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from helpers import REPO, TINY_JOB, child_env, train_losses
+from helpers import REPO, TINY_JOB, child_env, train_losses, SUPPORT
 from fft_dist.compose import compose, to_typed
 from fft_dist.config import BatchPlan, ConfigError, Parallelism
 from fft_dist.memory import BACKENDS, ModelShape, estimate, estimate_table, setup_for
@@ -117,8 +117,8 @@ main(sys.argv[1:])
 def test_a_backend_from_outside_the_package_runs_end_to_end(tmp_path):
     """tests/toy_backend.py registers `toy`; its yaml comes through --config-dir; one in-process rank trains."""
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", TOY_RUN.format(tests=str(REPO / "tests")), "train",
-                           "--config-dir", str(REPO / "tests" / "toy_conf"), "parallelism=toy", f"run.dir={run}",
+    proc = subprocess.run([sys.executable, "-c", TOY_RUN.format(tests=str(SUPPORT)), "train",
+                           "--config-dir", str(SUPPORT / "toy_conf"), "parallelism=toy", f"run.dir={run}",
                            "launcher.nproc_per_node=1", *TINY_JOB, "train.max_steps=2", "checkpoint.save_final=true"],
                           cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -25,10 +25,9 @@ from fft_dist.checkpoint import CheckpointError, CheckpointReader
 from fft_dist.checkpoint import format as fmt
 from checkpoint_worker import FlatShardStrategy, llama_shapes
 from checkpoint_helpers import RUN
-from helpers import descendants
+from helpers import descendants, REPO, SUPPORT
 
-REPO = Path(__file__).resolve().parents[1]
-WORKER = str(Path(__file__).resolve().parent / "checkpoint_worker.py")
+WORKER = str(SUPPORT / "checkpoint_worker.py")
 TOKENIZER = REPO / "fft_dist" / "assets" / "tokenizer"
 LLAMA = dict(vocab_size=97, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)  # 97 rows: not divisible by 2 or 3
@@ -564,7 +563,7 @@ print(json.dumps({"growth": rss("VmHWM") - base}))
 
 def _probe(*args: str) -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests"), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SUPPORT), env.get("PYTHONPATH")) if p)
     p = subprocess.run([sys.executable, "-c", MEMORY_PROBE, *args], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]

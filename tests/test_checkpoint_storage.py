@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 from checkpoint_helpers import RUN, llama_checkpoint, save, strategy
+from helpers import SUPPORT
 
 from fft_dist import checkpoint as ckpt
 from fft_dist.checkpoint import CheckpointError, ExportTargetError
 
-WORKER = str(Path(__file__).resolve().parent / "checkpoint_worker.py")
+WORKER = str(SUPPORT / "checkpoint_worker.py")
 
 
 def _mount(target: Path, options: str) -> Path:

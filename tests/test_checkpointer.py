@@ -19,9 +19,9 @@ from fft_dist import checkpoint as ckpt
 from fft_dist.checkpoint import Checkpointer, SaveResult, writer
 from checkpoint_helpers import RUN, strategy
 from checkpointer_worker import Deferred, recording
-from helpers import REPO, child_env
+from helpers import REPO, child_env, SUPPORT
 
-WORKER = str(Path(__file__).resolve().parent / "checkpointer_worker.py")
+WORKER = str(SUPPORT / "checkpointer_worker.py")
 PHASES = ("stage", "setup", "write", "gather", "commit")
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
-from helpers import REPO, TINY_JOB, child_env, fft_dist, train_losses
+from helpers import REPO, TINY_JOB, child_env, fft_dist, train_losses, SUPPORT
 from fft_dist.config import DataConfig, DataFormat
 from fft_dist.data import DataError, check_data_files, load_datasets
 from fft_dist.data.examples import IGNORE_INDEX
@@ -18,8 +18,8 @@ from fft_dist.errors import ConfigError
 from fft_dist.loss import CLASSES, TOKENS, objective_for
 from fft_dist.model import BUNDLED_TOKENIZER
 
-PLUGINS = REPO / "tests" / "plugins"
-TOY_CONF = REPO / "tests" / "toy_conf"
+PLUGINS = SUPPORT / "plugins"
+TOY_CONF = SUPPORT / "toy_conf"
 sys.path.insert(0, str(PLUGINS))
 import toy_format  # noqa: E402 - registers data.format=toy_qa
 

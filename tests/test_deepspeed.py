@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, child_env, step_records
+from helpers import REPO, child_env, step_records, SUPPORT
 from fft_dist.compose import compose, to_typed
 from fft_dist.config import BatchPlan, ConfigError, ModelConfig, Parallelism, ParallelismConfig, Precision, TrainConfig
 from fft_dist.strategy.deepspeed_config import build_deepspeed_config, hidden_size_of
 
-WORKER = Path(__file__).with_name("deepspeed_worker.py")
+WORKER = SUPPORT / "deepspeed_worker.py"
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(
     not HAS_DEEPSPEED, reason="DeepSpeed is not installed: pip install --no-build-isolation 'fft-dist[deepspeed]'"

@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 
-from helpers import REPO, child_env, fft_dist
+from helpers import REPO, child_env, fft_dist, SUPPORT
 from fft_dist import device_defaults as dd
 from fft_dist.compose import compose, resolve, to_typed
 from fft_dist.config import ConfigError, OptimizerImplementation as Impl, Precision
@@ -172,7 +172,7 @@ def test_estimate_takes_auto_as_a_gpu_with_bf16_and_counts_bf16_weights():
 
 def worker(mode: str, tmp_path, **env) -> list:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "gpu_defaults_worker.py"), mode, "--out", str(tmp_path)]
+           str(SUPPORT / "gpu_defaults_worker.py"), mode, "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(**env), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((tmp_path / f"{mode}.json").read_text())

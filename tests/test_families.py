@@ -25,10 +25,10 @@ import pytest
 
 from families import BY_NAME, FAMILIES, REPRESENTATIVE
 from family_checks import check_row, failed, first_batch_loss, read_worker_output, table
-from helpers import REPO, child_env
+from helpers import REPO, child_env, SUPPORT
 
 
-WORKER = Path(__file__).with_name("family_worker.py")
+WORKER = SUPPORT / "family_worker.py"
 ALL = [f.name for f in FAMILIES]
 OTHERS = [name for name in ALL if name not in REPRESENTATIVE]
 JOB = [

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import alive, catches_signal, child_env, children, read_metrics, REPO, TINY_JOB, train
+from helpers import alive, catches_signal, child_env, children, read_metrics, REPO, TINY_JOB, train, SUPPORT
 from fft_dist import checkpoint as ckpt
 from fft_dist.exit_codes import PREEMPTED, STOPPED_NO_CHECKPOINT
 
@@ -101,7 +101,7 @@ def test_a_stop_during_evaluation_checkpoints_within_a_batch(tmp_path):
     the whole evaluation (7 batches of 2 s each here, made slow by tests/hooks/slow_eval)."""
     flag = tmp_path / "slow"
     env = child_env(FFT_DIST_TEST_SLOW_EVAL=str(flag))
-    env["PYTHONPATH"] = f"{REPO / 'tests' / 'hooks' / 'slow_eval'}{os.pathsep}{env['PYTHONPATH']}"
+    env["PYTHONPATH"] = f"{SUPPORT / 'hooks' / 'slow_eval'}{os.pathsep}{env['PYTHONPATH']}"
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "fft_dist.cli", "train", f"run.dir={run}", *LONG_JOB,
                              "eval.every_steps=2", "eval.max_batches=0"], cwd=REPO, env=env,

@@ -7,11 +7,11 @@ import json
 import os
 
 import toy_launcher  # noqa: F401 - registers launcher=toy
-from helpers import REPO, TINY_JOB, child_env, fft_dist
+from helpers import REPO, TINY_JOB, child_env, fft_dist, SUPPORT
 from test_one_config_path import cli
 from fft_dist.launchers import REGISTRY
 
-TOY = ["--config-dir", str(REPO / "tests" / "toy_conf"), "launcher=toy", "parallelism=none",
+TOY = ["--config-dir", str(SUPPORT / "toy_conf"), "launcher=toy", "parallelism=none",
        "train.global_batch_size=2"]
 
 
@@ -30,7 +30,7 @@ def test_a_dry_run_prints_what_the_toy_launcher_would_run(tmp_path):
 def test_the_real_console_script_imports_a_launcher_named_in_fft_dist_plugins(tmp_path):
     """No fork: FFT_DIST_PLUGINS names the module, --config-dir holds its yaml."""
     env = child_env(FFT_DIST_PLUGINS="toy_launcher")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env["PYTHONPATH"]])
+    env["PYTHONPATH"] = os.pathsep.join([str(SUPPORT), env["PYTHONPATH"]])
     proc = fft_dist("launch", *TOY, *TINY_JOB, f"run.dir={tmp_path}", "launcher.dry_run=true", env=env)
     assert proc.returncode == 0 and proc.stdout.startswith("# toy launcher"), proc.stderr[-3000:]
     proc = fft_dist("launch", *TOY, f"run.dir={tmp_path}", "launcher.dry_run=true")

@@ -10,14 +10,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import REPO, TINY_JOB, child_env, fft_dist
+from helpers import REPO, TINY_JOB, child_env, fft_dist, SUPPORT
 from fft_dist.config import DataFormat, LossConfig
 from fft_dist.errors import ConfigError
 from fft_dist.loss import TOKENS, build_loss, check, registered
 from fft_dist.loss.router_aux import make_router_aux
 from fft_dist.loss.terms import TermContext
 
-PLUGINS = REPO / "tests" / "plugins"
+PLUGINS = SUPPORT / "plugins"
 sys.path.insert(0, str(PLUGINS))
 
 

@@ -21,14 +21,14 @@ import sys
 
 import pytest
 
-from helpers import REPO, child_env
+from helpers import REPO, child_env, SUPPORT
 from fft_dist.compose import compose, resolve, to_typed
 from fft_dist.memory import Setup, estimate, model_shape, model_state_bytes
 
 pytestmark = pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None,
                                 reason="DeepSpeed not installed")
 
-WORKER = REPO / "tests" / "deepspeed_worker.py"
+WORKER = SUPPORT / "deepspeed_worker.py"
 BUCKET = 50_000
 ARCH = ["model.arch.hidden_size=128", "model.arch.intermediate_size=256", "model.arch.num_hidden_layers=2",
         "model.arch.num_attention_heads=4", "model.arch.num_key_value_heads=2", "model.arch.vocab_size=2048"]

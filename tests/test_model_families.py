@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY_TRAIN, fft_dist, read_metrics, step_records, train
+from helpers import TINY_TRAIN, fft_dist, read_metrics, step_records, train, REPO
 
-BUNDLED = Path(__file__).resolve().parents[1] / "fft_dist" / "assets" / "tokenizer"
+BUNDLED = REPO / "fft_dist" / "assets" / "tokenizer"
 SMALL = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)
 

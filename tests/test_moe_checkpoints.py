@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from fft_dist import checkpoint as ckpt
-from helpers import REPO, TINY_TRAIN, child_env, descendants, fft_dist
+from helpers import REPO, TINY_TRAIN, child_env, descendants, fft_dist, SUPPORT
 
-WORKER = str(Path(__file__).resolve().parent / "moe_worker.py")
+WORKER = str(SUPPORT / "moe_worker.py")
 TOKENIZER = REPO / "fft_dist" / "assets" / "tokenizer"
 COMMON = dict(vocab_size=2048, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=128)
@@ -71,7 +71,7 @@ def run_worker(backend: str, folders: dict[str, Path], out: Path, *, nproc: int,
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
          "--monitor_interval", "0.2"]
     env = child_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env["PYTHONPATH"]])
+    env["PYTHONPATH"] = os.pathsep.join([str(SUPPORT), env["PYTHONPATH"]])
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([*launcher, WORKER, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

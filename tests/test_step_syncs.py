@@ -18,9 +18,9 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from helpers import TINY_JOB
+from helpers import TINY_JOB, REPO
 
-OURS = (str(Path(__file__).resolve().parents[1] / "fft_dist"), "/transformers/")
+OURS = (str(REPO / "fft_dist"), "/transformers/")
 HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__bool__,
               torch.Tensor.__int__, torch.Tensor.cpu, torch.Tensor.numpy}
 

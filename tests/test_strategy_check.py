@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from helpers import REPO
+
 from fft_dist.compose import compose, to_typed
 from fft_dist.config import BatchPlan, ConfigError, ParallelismConfig, Precision
 from fft_dist.strategy import check
 from fft_dist.strategy.backend import backends
 from fft_dist.strategy.options import DEEPSPEED_ONLY, FSDP_ONLY, HSDP_ONLY
 
-REPO = Path(__file__).resolve().parents[1]
 PLAN = BatchPlan(world_size=2, micro_batch_size=4, grad_accum=2, global_batch_size=16)
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="DeepSpeed is not installed")

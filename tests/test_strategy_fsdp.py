@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 
 # After a training forward: which parameters are still gathered (plain tensors) and which were
 # resharded (DTensors) before backward.

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from helpers import REPO, TINY_JOB, alive, child_env, descendants, read_metrics
+from helpers import REPO, TINY_JOB, alive, child_env, descendants, read_metrics, SUPPORT
 
-HOOK = REPO / "tests" / "hooks" / "pause_rank"
+HOOK = SUPPORT / "hooks" / "pause_rank"
 
 
 def gone_within(pids: list[int], seconds: float) -> list[int]:

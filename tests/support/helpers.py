@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+SUPPORT = Path(__file__).resolve().parent  # tests/support: these helpers, the workers, plugins, toy_conf, hooks
+REPO = SUPPORT.parents[1]
 
 # A ~100k-parameter Llama: hidden 64, 2 layers; uses the bundled 2048-token tokenizer.
 TINY_MODEL = [

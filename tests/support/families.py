@@ -18,7 +18,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TOKENIZER = Path(__file__).resolve().parents[1] / "fft_dist" / "assets" / "tokenizer"
+TOKENIZER = Path(__file__).resolve().parents[2] / "fft_dist" / "assets" / "tokenizer"
 SEED = 20260317
 """The seed of every folder's weights (not train.seed: a run that ignored model.path would show)."""
 
