@@ -1,6 +1,6 @@
 """The backend registry (fft_dist.strategy.backend): every backend is one descriptor; parallelism=hsdp's
 checks and sizing come from its own; and a backend defined under tests/ registers through the same point
-and runs once, end to end (tests/toy_backend.py + tests/toy_conf/parallelism/toy.yaml)."""
+and runs once, end to end (tests/support/toy_backend.py + tests/support/toy_conf/parallelism/toy.yaml)."""
 from __future__ import annotations
 
 import subprocess
@@ -28,7 +28,7 @@ main(sys.argv[1:])
 
 
 def test_a_backend_from_outside_the_package_runs_end_to_end(tmp_path):
-    """tests/toy_backend.py registers `toy`; its yaml comes through --config-dir; one in-process rank trains."""
+    """tests/support/toy_backend.py registers `toy`; its yaml comes through --config-dir; one in-process rank trains."""
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-c", TOY_RUN.format(tests=str(SUPPORT)), "train",
                            "--config-dir", str(SUPPORT / "toy_conf"), "parallelism=toy", f"run.dir={run}",

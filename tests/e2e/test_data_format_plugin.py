@@ -22,7 +22,7 @@ def plugin_env() -> dict[str, str]:
 
 
 def test_a_format_from_a_plugin_module_trains_on_two_ranks(tmp_path):
-    """tests/plugins/toy_format.py registers toy_qa; its yaml comes through --config-dir; loss.plugins
+    """tests/support/plugins/toy_format.py registers toy_qa; its yaml comes through --config-dir; loss.plugins
     imports it in the launcher's checks and on each rank before the data is built; two fsdp ranks train."""
     run, data = tmp_path / "run", write(tmp_path / "qa.jsonl", ROWS)
     proc = fft_dist("train", "--config-dir", str(TOY_CONF), "data=toy", f"data.path={data}", f"run.dir={run}",

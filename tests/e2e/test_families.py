@@ -1,10 +1,10 @@
-"""Model-family conformance (issue #16): every family of tests/families.py, trained from a
+"""Model-family conformance (issue #16): every family of tests/support/families.py, trained from a
 ``save_pretrained`` folder (``model.path``) with the real trainer, on every backend.
 
-Each backend runs as ONE job (tests/family_worker.py: one process group, fp32, gloo, 2 ranks; ``none``
+Each backend runs as ONE job (tests/support/family_worker.py: one process group, fp32, gloo, 2 ranks; ``none``
 one process) that loops over its families, so the ranks' start-up is paid once per backend. Each
 family: 3 steps with a checkpoint every step, then a resume from step 2 that runs step 3 again. The
-checks (tests/family_checks.py) then run here, row by row: step 1 against ``from_pretrained`` plus a
+checks (tests/support/family_checks.py) then run here, row by row: step 1 against ``from_pretrained`` plus a
 forward, the backends against ``none``, the exact resume, and the HF export's logits and key set. All
 rows are checked before the test asserts once, with the whole table (family x check) in the message.
 

@@ -1,6 +1,6 @@
 """FSDP and ZeRO-2 without model.path: rank 0 alone builds the seeded model and broadcasts it; the other
 ranks build on meta and allocate only their shards (FSDP) or their device copy (ZeRO-2). The initial
-weights stay bit-identical to a single process's. (ZeRO-2's host memory: tests/test_device_defaults.py.)"""
+weights stay bit-identical to a single process's. (ZeRO-2's host memory: tests/e2e/test_device_defaults.py.)"""
 from __future__ import annotations
 
 import importlib.util

@@ -1,5 +1,5 @@
 """One local rank runs in the launcher's own process (no torchrun, no second interpreter), and keeps
-the stop-signal contract of tests/test_launch.py: a stop signal during training checkpoints and
+the stop-signal contract of tests/e2e/test_launch_stops.py: a stop signal during training checkpoints and
 exits 75; one before the rank started exits 76 with nothing written."""
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ def test_preempted_run_resumes_with_resume_auto(tmp_path):
 @pytest.mark.slow
 def test_a_stop_during_evaluation_checkpoints_within_a_batch(tmp_path):
     """The ranks agree on a stop before every eval batch: 75 and a checkpoint within seconds, not after
-    the whole evaluation (7 batches of 2 s each here, made slow by tests/hooks/slow_eval)."""
+    the whole evaluation (7 batches of 2 s each here, made slow by tests/support/hooks/slow_eval)."""
     flag = tmp_path / "slow"
     env = child_env(FFT_DIST_TEST_SLOW_EVAL=str(flag))
     env["PYTHONPATH"] = f"{SUPPORT / 'hooks' / 'slow_eval'}{os.pathsep}{env['PYTHONPATH']}"

@@ -1,4 +1,4 @@
-"""A new launcher is one module plus one yaml: tests/toy_launcher.py registers a launcher through the
+"""A new launcher is one module plus one yaml: tests/support/toy_launcher.py registers a launcher through the
 package's own registration point, and `fft-dist launch launcher=toy` describes it (dry run), refuses
 the options it does not own, and runs it once (a real rank trains two steps)."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The estimate against reality (issue 11): per-rank model-state bytes measured on real processes
-(gloo, tests/deepspeed_worker.py memory mode: every live tensor's storage counted after a backward
+(gloo, tests/support/deepspeed_worker.py memory mode: every live tensor's storage counted after a backward
 and after a step) agree with `fft_dist.memory` within 10% for none / fsdp / zero2 / zero3, at 1, 2
 and 4 ranks, for a tiny model and for bench/memory.py's ~48M one.
 
@@ -11,7 +11,7 @@ What each side counts:
 - after the step: the same minus the gradients, which zero_grad frees (ZeRO-3 keeps its gradient
   partition buffer across steps, so nothing changes there).
 Activations are freed by then, so they are not part of this comparison (the 7B check in
-tests/test_memory.py covers the activation formula).
+tests/unit/test_memory.py covers the activation formula).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """No rank outlives its supervisor (issue #15 items 6 and 7): real launchers, real `kill -9`.
 
 The start-up race (the launcher dies before a rank arms its death signal) is made deterministic by a
-hook in tests/hooks/pause_rank that holds each rank just before it arms it.
+hook in tests/support/hooks/pause_rank that holds each rank just before it arms it.
 """
 from __future__ import annotations
 

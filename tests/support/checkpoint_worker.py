@@ -13,9 +13,9 @@ Gradients are a fixed function of (tensor, flat element, step), so AdamW (elemen
 the same numbers however the tensors are split: a run resumed at another world size or split
 must end where an uninterrupted one does.
 
-Worker: ``python -m torch.distributed.run --nproc_per_node N tests/checkpoint_worker.py ...`` (see
-``--help``), or ``python tests/checkpoint_worker.py ...`` as one process; used by
-tests/test_checkpoint*.py. bench/checkpoint.py imports :class:`FlatShardStrategy` from here.
+Worker: ``python -m torch.distributed.run --nproc_per_node N tests/support/checkpoint_worker.py ...`` (see
+``--help``), or ``python tests/support/checkpoint_worker.py ...`` as one process; used by
+tests/{unit,e2e}/test_checkpoint*.py. bench/checkpoint.py imports :class:`FlatShardStrategy` from here.
 """
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def llama_shapes(config) -> dict[str, tuple[int, ...]]:
 
 # -- the worker ------------------------------------------------------------------------------------
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python tests/checkpoint_worker.py")
+    p = argparse.ArgumentParser(prog="python tests/support/checkpoint_worker.py")
     p.add_argument("--spec", required=True, help="JSON: {'tensors': [[name, shape], ...], 'model_config': {...}}")
     p.add_argument("--ckpt-root", required=True)
     p.add_argument("--split", default="rows", choices=SPLITS)

@@ -1,6 +1,6 @@
-"""Worker for tests/test_checkpointer.py: the Checkpointer's phase API on 2 real gloo ranks.
+"""Worker for tests/e2e/test_checkpointer.py: the Checkpointer's phase API on 2 real gloo ranks.
 
-    python -m torch.distributed.run --nproc_per_node 2 --standalone tests/checkpointer_worker.py --root DIR --out PREFIX
+    python -m torch.distributed.run --nproc_per_node 2 --standalone tests/support/checkpointer_worker.py --root DIR --out PREFIX
 
 Rank r writes {PREFIX}.rank{r}.json with what it saw: the phases' order, the groups its collectives
 ran on, the timings returned, and the errors raised. The test asserts on those and on the folders.

@@ -1,7 +1,7 @@
-"""Worker for tests/test_deepspeed.py: drives strategies through the Strategy protocol only.
+"""Worker for tests/e2e/test_deepspeed.py: drives strategies through the Strategy protocol only.
 
-Run as one process (`python tests/deepspeed_worker.py ...`, world size 1) or under
-`python -m torch.distributed.run --nproc_per_node 2 tests/deepspeed_worker.py ...`.
+Run as one process (`python tests/support/deepspeed_worker.py ...`, world size 1) or under
+`python -m torch.distributed.run --nproc_per_node 2 tests/support/deepspeed_worker.py ...`.
 
 Modes (results go to OUT/<mode>.json):
   memory  per-rank bytes of every tensor held, by category, after backward and after step, on

@@ -1,4 +1,4 @@
-"""The model families the conformance suite (tests/test_families.py) trains from a `model.path` folder.
+"""The model families the conformance suite (tests/e2e/test_families.py) trains from a `model.path` folder.
 
 One row per family: a name, the transformers config class, and the tiny shape (hidden 64, 2 layers,
 4 attention heads and 2 key/value heads where the family has them, vocab 2048 to match the bundled

@@ -1,4 +1,4 @@
-"""The checks tests/test_families.py runs in the test process on what tests/family_worker.py left.
+"""The checks tests/e2e/test_families.py runs in the test process on what tests/support/family_worker.py left.
 
 Every (family, backend) row is checked on its own: a check that fails records its error's first
 line and the row goes on where it can, so one broken family hides nothing; :func:`table` prints

@@ -1,7 +1,7 @@
-"""Rank-side driver of tests/test_families.py: many model families inside ONE launched job.
+"""Rank-side driver of tests/e2e/test_families.py: many model families inside ONE launched job.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/family_worker.py --spec S --out O
-    python tests/family_worker.py --spec S --out O          # parallelism=none: one process, no torchrun
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/support/family_worker.py --spec S --out O
+    python tests/support/family_worker.py --spec S --out O          # parallelism=none: one process, no torchrun
 
 The start-up of a rank (imports: 6-8 s on 2 shared cores) is paid once per job, not per family.
 SPEC is a JSON file: ``{"overrides": [...common to every run...], "families": [{"name", "folder",
@@ -31,7 +31,7 @@ from pathlib import Path
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python tests/family_worker.py")
+    p = argparse.ArgumentParser(prog="python tests/support/family_worker.py")
     p.add_argument("--spec", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--timeout-s", type=int, default=300, help="collective timeout of the process group")

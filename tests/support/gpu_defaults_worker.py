@@ -1,4 +1,4 @@
-"""Worker for tests/test_device_defaults.py (issue 17), under `python -m torch.distributed.run --nproc_per_node 2`.
+"""Worker for tests/e2e/test_device_defaults.py (issue 17), under `python -m torch.distributed.run --nproc_per_node 2`.
 
 Modes (results go to OUT/<mode>.json, one row per rank):
   bf16        zero2 and zero3 with train.precision=bf16, parallelism.bf16_weights false (autocast over fp32

@@ -1,4 +1,4 @@
-"""Helpers of tests/test_launch_quoting.py, tests/test_launch_single.py, tests/test_launcher_extension.py, tests/test_launchers.py, tests/test_one_config_path.py, moved here unchanged when the tests were split into unit/ and e2e/:
+"""Helpers of tests/e2e/test_launch_quoting.py, tests/e2e/test_launch_stops.py, tests/test_launcher_extension.py, tests/test_launchers.py, tests/unit/test_one_config_path.py, moved here unchanged when the tests were split into unit/ and e2e/:
 used by e2e/test_cluster_defaults.py, e2e/test_launch_dry_runs.py, e2e/test_launch_local.py, e2e/test_launch_quoting.py, e2e/test_launch_slurm.py, e2e/test_launch_stops.py, e2e/test_launcher_extension.py, unit/test_cluster_defaults.py, unit/test_data_checks.py, unit/test_launch_options.py, unit/test_launch_quoting.py, unit/test_launcher_extension.py, unit/test_model_checks.py, unit/test_one_config_path.py."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Helpers of tests/test_locks.py, moved here unchanged when the tests were split into unit/ and e2e/:
+"""Helpers of tests/e2e/test_locks.py, moved here unchanged when the tests were split into unit/ and e2e/:
 used by e2e/test_locks.py, unit/test_locks.py."""
 from __future__ import annotations
 

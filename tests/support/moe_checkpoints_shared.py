@@ -1,4 +1,4 @@
-"""Helpers of tests/test_moe_checkpoints.py, moved here unchanged when the tests were split into unit/ and e2e/:
+"""Helpers of tests/e2e/test_moe_checkpoints.py, moved here unchanged when the tests were split into unit/ and e2e/:
 used by e2e/test_moe_checkpoints.py, unit/test_moe_checkpoints.py."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Worker for tests/test_moe_checkpoints.py: one backend, every model folder in turn, through the Strategy
+"""Worker for tests/e2e/test_moe_checkpoints.py: one backend, every model folder in turn, through the Strategy
 protocol and the real load_pretrained / save_checkpoint (as the trainer calls them).
 
 Run as one process (``parallelism none``) or under ``python -m torch.distributed.run --nproc_per_node 2``.

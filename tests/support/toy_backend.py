@@ -1,7 +1,7 @@
 """A backend defined outside the package, registered through the same point the built-ins use.
 
 It is parallelism=none under another name, plus a line on stderr that proves its strategy class ran:
-enough to show that one module (this) and one yaml (tests/toy_conf/parallelism/toy.yaml) add a backend.
+enough to show that one module (this) and one yaml (tests/support/toy_conf/parallelism/toy.yaml) add a backend.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The backend registry (fft_dist.strategy.backend): every backend is one descriptor; parallelism=hsdp's
 checks and sizing come from its own; and a backend defined under tests/ registers through the same point
-and runs once, end to end (tests/toy_backend.py + tests/toy_conf/parallelism/toy.yaml)."""
+and runs once, end to end (tests/support/toy_backend.py + tests/support/toy_conf/parallelism/toy.yaml)."""
 from __future__ import annotations
 
 import pytest

@@ -1,7 +1,7 @@
 """The checkpoint format: save / resume / reshard / crash safety / bad checkpoints / export / HF load.
 
 Multi-rank cases run real processes over gloo through ``python -m torch.distributed.run`` with
-the sharded test strategy of tests/checkpoint_worker.py (FSDP-like row shards,
+the sharded test strategy of tests/support/checkpoint_worker.py (FSDP-like row shards,
 ZeRO-3-like flat pieces, ZeRO-2-like group partitions that straddle tensors, uneven splits).
 Its AdamW updates are element-wise, so any resumed run must be *bit-identical* to an
 uninterrupted single-process reference, whatever the world size or split.

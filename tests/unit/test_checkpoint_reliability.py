@@ -1,6 +1,6 @@
 """Damaged checkpoints, hostile paths, corrupt metadata, non-finite values, keep_last protection.
 
-Single-process checkpoints of the test strategy (tests/checkpoint_worker.py) keep these fast;
+Single-process checkpoints of the test strategy (tests/support/checkpoint_worker.py) keep these fast;
 the collective paths are covered with 2 real ranks where a rank-local problem matters.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`fft_dist.memory` and `fft-dist estimate` (issue 11): the formulas, the seeds' worked 7B example,
 DeepSpeed's own estimators where they overlap, and the command's output (pure: no ranks).
 
-The comparison with per-rank bytes measured on real processes is tests/test_memory_measured.py.
+The comparison with per-rank bytes measured on real processes is tests/e2e/test_memory_measured.py.
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def test_deepspeed_estimators_where_they_overlap():
     differences, each pinned exactly:
     - ZeRO-2 GPU: both 2Ψ + 18Ψ/N (16-bit weights; 16-bit + fp32 gradient partition, master, Adam), and
       we add half the largest parameter to the 16-bit gradients: DeepSpeed's gradient buffer runs to
-      whole parameters at a partition's ends (measured, tests/test_memory_measured.py). Buckets are ours
+      whole parameters at a partition's ends (measured, tests/e2e/test_memory_measured.py). Buckets are ours
       on top (DeepSpeed leaves them out).
     - ZeRO-3 GPU: DeepSpeed says 4 x largest layer + 18Ψ/N; we count the same largest-module gather
       (weights + gradients, 2 + 2 bytes) but 20Ψ/N: the 16-bit gradient partition stays allocated while

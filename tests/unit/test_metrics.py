@@ -22,7 +22,7 @@ def test_check_logging_refuses_wandb_when_not_installed(monkeypatch):
 
 
 def test_check_logging_refuses_bad_mode_and_empty_project(monkeypatch):
-    monkeypatch.setenv("WANDB_API_KEY", "x")  # online needs a key (tests/test_model_checks.py)
+    monkeypatch.setenv("WANDB_API_KEY", "x")  # online needs a key (tests/unit/test_model_checks.py)
     check_logging(_cfg(enabled=True, mode="online"))
     with pytest.raises(ConfigError, match=r"logging\.wandb\.mode='disabled'"):
         check_logging(_cfg(enabled=True, mode="disabled"))

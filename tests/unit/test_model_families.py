@@ -1,7 +1,7 @@
 """Every model a user brings (issue #16 items 2-6): buffers after a meta-device build, attention a family
 cannot run, a model folder without a tokenizer, new tokens, and mismatches found before launch.
 
-The family-by-backend conformance matrix is tests/test_family_conformance.py; these are the cases
+The family-by-backend conformance matrix is tests/e2e/test_families.py; these are the cases
 each finding needs, as cheap as they can be (pure checks in process, dry runs before launch, few real runs).
 """
 from __future__ import annotations

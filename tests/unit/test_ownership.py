@@ -1,6 +1,6 @@
 """fft-dist deletes, moves or overwrites only what it made (issue #15 items 1-5, and the property test).
 
-Fast, single-process: checkpoints of the test strategy (tests/checkpoint_worker.py), the run-dir
+Fast, single-process: checkpoints of the test strategy (tests/support/checkpoint_worker.py), the run-dir
 claim with a typed config, and the export. The real multi-rank paths are in test_launch.py,
 test_checkpoint.py and test_checkpoint_e2e.py.
 """

@@ -36,7 +36,7 @@ def test_links_between_pages_resolve():
 
 
 def test_architecture_lists_the_enforced_layers():
-    """docs/ARCHITECTURE.md's layer table is fft_dist.LAYERS, row by row (tests/test_layers.py enforces those)."""
+    """docs/ARCHITECTURE.md's layer table is fft_dist.LAYERS, row by row (tests/unit/test_layers.py enforces those)."""
     import fft_dist
 
     text = (REPO / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
