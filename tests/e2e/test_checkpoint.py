@@ -22,8 +22,7 @@ import pytest
 import torch
 
 from fft_dist import checkpoint as ckpt
-from fft_dist.checkpoint import CheckpointReader
-from fft_dist.checkpoint import format as fmt
+from fft_dist.checkpoint import CheckpointReader, format as fmt
 from checkpoint_helpers import RUN
 from helpers import descendants, REPO, SUPPORT
 from checkpoint_shared import TOKENIZER, make_spec, reference, shapes_of, spec

@@ -15,12 +15,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from checkpoint_runs import ODD_TIED_JOB, losses_by_step, torchrun_train
 
 import pytest
 import torch
 
 from helpers import REPO, assert_close_rel, child_env, descendants, fft_dist, read_metrics
+from checkpoint_runs import ODD_TIED_JOB, losses_by_step, torchrun_train
 from fft_dist import checkpoint as ckpt
 from fft_dist.checkpoint import CheckpointReader
 

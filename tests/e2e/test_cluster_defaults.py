@@ -1,8 +1,8 @@
 """The first run on a GPU cluster (issue #17, cluster traps): CPUs asked for on SLURM and repeated on
 srun, OMP_NUM_THREADS from the CPUs a rank may run on, a container with a CUDA image (or on a GPU host)
 refused without launcher.gpus and one rank per GPU given, gloo following NCCL_SOCKET_IFNAME, NCCL's
-async error handling, and dist.timeout_s=auto. Fast: dry runs, pure functions and in-process checks
-(no GPU here: the host's GPUs and torch's CUDA are faked where a decision depends on them)."""
+async error handling, and dist.timeout_s=auto. Fast: dry runs, and generated scripts run by bash with
+srun stubbed (no GPU here: the host's GPUs and torch's CUDA are faked where a decision depends on them)."""
 from __future__ import annotations
 
 import subprocess

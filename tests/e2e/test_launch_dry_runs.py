@@ -1,6 +1,8 @@
-"""One local rank runs in the launcher's own process (no torchrun, no second interpreter), and keeps
-the stop-signal contract of tests/e2e/test_launch_stops.py: a stop signal during training checkpoints and
-exits 75; one before the rank started exits 76 with nothing written."""
+"""What each launcher would run, printed by `launcher.dry_run=true` (nothing trains): torchrun and local,
+deepspeed with and without a hostfile, the container command, and one local rank that runs in the
+launcher's own process unless a launcher.env value needs torchrun's agent; every generated script passes
+`bash -n`, values with spaces, quotes and `$` stay single words; `fft-dist train` takes only the local
+launcher; the shipped scripts/ parse. SLURM's dry runs are in test_launch_slurm.py."""
 from __future__ import annotations
 
 import pytest

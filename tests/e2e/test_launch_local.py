@@ -1,6 +1,6 @@
-"""One local rank runs in the launcher's own process (no torchrun, no second interpreter), and keeps
-the stop-signal contract of tests/e2e/test_launch_stops.py: a stop signal during training checkpoints and
-exits 75; one before the rank started exits 76 with nothing written."""
+"""Real local runs: one rank in the launcher's own process (none and zero3; launcher variables left in
+the environment, as inside a SLURM allocation, do not reach it), two ranks under torchrun and under the
+deepspeed launcher, and two nodes in two network namespaces whose losses equal a single node's."""
 from __future__ import annotations
 
 import os
@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from helpers import child_env, fft_dist, read_metrics, REPO, TINY_JOB
-from helpers import child_env, fft_dist, REPO, step_records, TINY_JOB
+from helpers import child_env, fft_dist, read_metrics, REPO, TINY_JOB, step_records
 from launch_checks import SINGLE, kill_job, launch
 
 

@@ -20,8 +20,7 @@ from fft_dist.launchers import check_launcher
 from fft_dist.launchers.container import container_argv
 from fft_dist.launchers.sbatch import SAFE, sbatch_lines, sbatch_script
 from fft_dist.launchers.shell import shell_line
-from launch_checks import bash_syntax_ok, dry_ok
-from launch_checks import SLURM, hydra_quoted
+from launch_checks import bash_syntax_ok, dry_ok, SLURM, hydra_quoted
 
 
 SEED = 20250615

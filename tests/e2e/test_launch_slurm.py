@@ -1,6 +1,14 @@
-"""`fft-dist launch`: what every launcher would run (dry runs, checked by bash and shlex), options a
-launcher does not use refused, and real runs under torchrun and the deepspeed launcher, including a
-torchrun group restart after `kill -9` of a rank that resumes to bit-identical weights."""
+"""SLURM. The dry run is a whole sbatch script (bash -n, the srun line per backend, a hostfile and one
+runner per node with the deepspeed launcher, requeue and signal lines that can be turned off, unsafe
+#SBATCH values refused), and scripts/slurm.sbatch matches the generator.
+
+A real SLURM (Debian's slurm-wlm + munge, one node on 127.0.0.1): `fft-dist launch launcher=slurm`
+submits a 2-rank CPU job that finishes; `scancel --signal=USR1` makes it checkpoint (exit 75) and
+requeue itself, and the requeued job resumes and ends with the uninterrupted job's exact losses.
+The fixture installs the packages when they are missing (root + apt-get), starts munged,
+slurmctld and slurmd with a private slurm.conf, and stops them afterwards. Where that is not
+possible the tests are skipped with the reason printed.
+"""
 from __future__ import annotations
 
 import os
@@ -17,7 +25,6 @@ import pytest
 
 from helpers import child_env, fft_dist, REPO, step_records, TINY_JOB
 from fft_dist import checkpoint as ckpt
-from helpers import TINY_JOB, child_env, fft_dist, step_records
 from launch_checks import ODD, bash_syntax_ok, dry, dry_ok, slurm_script
 
 

@@ -1,9 +1,10 @@
-"""Launching for real: stop signals to the launcher, the process group or one rank; kill -9 of the
-launcher; one run per run directory; never on top of another run's checkpoints.
-
-Every case runs the real `fft-dist train` (a launcher process plus 2 gloo ranks) and checks the
-exit code, the checkpoint on disk and that no process of the job is left.
-"""
+"""Stopping a real job: stop signals to the launcher, the process group or one rank checkpoint and exit
+75; one before any rank starts exits 76 with nothing written; kill -9 of the launcher stops the ranks
+before they write; one run per run directory, never on top of another run's checkpoints; one local rank in
+the launcher's own process keeps the same contract; a torchrun group restart after kill -9 of a rank
+resumes to bit-identical weights, a restart does not undo a stop signal, and Ctrl-C under the deepspeed
+launcher checkpoints and exits 75. Each case checks the exit code, the checkpoint on disk and that no
+process of the job is left."""
 from __future__ import annotations
 
 import os
@@ -16,11 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import alive, catches_signal, child_env, children, read_metrics, REPO, TINY_JOB, train, SUPPORT
+from helpers import (
+    alive, catches_signal, child_env, children, read_metrics, REPO, TINY_JOB, train, SUPPORT, step_records)
 from fft_dist import checkpoint as ckpt
 from fft_dist.exit_codes import PREEMPTED, STOPPED_NO_CHECKPOINT
-from helpers import catches_signal, child_env, children, read_metrics, REPO, TINY_JOB
-from helpers import child_env, children, REPO, step_records, TINY_JOB
 from fft_dist.checkpoint import CheckpointReader
 from launch_checks import SINGLE, flag, kill_job, launch
 
@@ -191,7 +191,7 @@ def test_new_run_never_touches_another_runs_checkpoints(tmp_path):
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2], "metrics of the old run are gone"
 
 
-def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
+def start_one_rank(run_dir: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fft_dist.cli", "train", f"run.dir={run_dir}", *TINY_JOB, *SINGLE,
                              "train.max_steps=400", *overrides], cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -199,7 +199,7 @@ def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
 
 def test_one_rank_trains_in_the_launchers_process_and_a_stop_signal_checkpoints(tmp_path):
     run = tmp_path / "run"
-    proc = start(run)
+    proc = start_one_rank(run)
     deadline = time.time() + 240
     while not ((run / "metrics.jsonl").exists() and '"loss"' in (run / "metrics.jsonl").read_text()):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()

@@ -7,8 +7,7 @@ import json
 import os
 
 from helpers import TINY_JOB, child_env, fft_dist, SUPPORT
-from launch_checks import cli
-from launch_checks import TOY
+from launch_checks import cli, TOY
 
 
 def test_the_real_console_script_imports_a_launcher_named_in_fft_dist_plugins(tmp_path):

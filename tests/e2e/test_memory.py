@@ -1,5 +1,6 @@
 """`fft_dist.memory` and `fft-dist estimate` (issue 11): the formulas, the seeds' worked 7B example,
-DeepSpeed's own estimators where they overlap, and the command's output (pure: no ranks).
+DeepSpeed's own estimators where they overlap, and the command's output (the console script in a child
+process: no ranks).
 
 The comparison with per-rank bytes measured on real processes is tests/e2e/test_memory_measured.py.
 """

@@ -1,4 +1,5 @@
-"""`fft-dist plan` (issue 11): the cheapest set-up that fits, keeping the global batch (pure: no ranks)."""
+"""`fft-dist plan` (issue 11): the cheapest set-up that fits, keeping the global batch (the console script
+in a child process: no ranks)."""
 from __future__ import annotations
 
 from helpers import fft_dist

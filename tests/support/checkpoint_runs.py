@@ -1,5 +1,6 @@
-"""Helpers of tests/test_checkpoint_e2e.py, moved here unchanged when the tests were split into unit/ and e2e/:
-used by e2e/test_checkpoint_runs.py."""
+"""Helpers and fixtures moved unchanged from tests/test_checkpoint_e2e.py when the tests were split into unit/ and
+e2e/ (issue 18), so that no test file imports another and nothing is copied. Used by
+e2e/test_checkpoint_runs.py, e2e/test_hsdp.py."""
 from __future__ import annotations
 
 import subprocess

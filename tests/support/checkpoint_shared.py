@@ -1,5 +1,6 @@
-"""Helpers of tests/test_checkpoint.py, moved here unchanged when the tests were split into unit/ and e2e/:
-used by e2e/test_checkpoint.py, unit/test_checkpoint.py."""
+"""Helpers and fixtures moved unchanged from tests/test_checkpoint.py when the tests were split into unit/ and e2e/
+(issue 18), so that no test file imports another and nothing is copied. Used by e2e/test_checkpoint.py,
+unit/test_checkpoint.py."""
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
-"""Helpers of tests/e2e/test_container.py, moved here unchanged when the tests were split into unit/ and e2e/:
-used by e2e/test_container.py, unit/test_container.py."""
+"""Helpers and fixtures moved unchanged from tests/test_container.py when the tests were split into unit/ and e2e/
+(issue 18), so that no test file imports another and nothing is copied. Used by e2e/test_container.py,
+unit/test_container.py."""
 from __future__ import annotations
 
 

@@ -1,5 +1,6 @@
-"""Helpers of tests/test_data_format_plugin.py, moved here unchanged when the tests were split into unit/ and e2e/:
-used by e2e/test_data_format_plugin.py, unit/test_data_format_plugin.py."""
+"""Helpers and fixtures moved unchanged from tests/test_data_format_plugin.py when the tests were split into unit/
+and e2e/ (issue 18), so that no test file imports another and nothing is copied. Used by
+e2e/test_data_format_plugin.py, unit/test_data_format_plugin.py."""
 from __future__ import annotations
 
 import json

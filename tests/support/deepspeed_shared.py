@@ -1,5 +1,6 @@
-"""Helpers of tests/e2e/test_deepspeed.py, moved here unchanged when the tests were split into unit/ and e2e/:
-used by e2e/test_deepspeed.py, unit/test_deepspeed.py."""
+"""Helpers and fixtures moved unchanged from tests/test_deepspeed.py when the tests were split into unit/ and e2e/
+(issue 18), so that no test file imports another and nothing is copied. Used by e2e/test_deepspeed.py,
+unit/test_deepspeed.py."""
 from __future__ import annotations
 
 import subprocess

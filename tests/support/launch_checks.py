@@ -1,5 +1,12 @@
-"""Helpers of tests/e2e/test_launch_quoting.py, tests/e2e/test_launch_stops.py, tests/test_launcher_extension.py, tests/test_launchers.py, tests/unit/test_one_config_path.py, moved here unchanged when the tests were split into unit/ and e2e/:
-used by e2e/test_cluster_defaults.py, e2e/test_launch_dry_runs.py, e2e/test_launch_local.py, e2e/test_launch_quoting.py, e2e/test_launch_slurm.py, e2e/test_launch_stops.py, e2e/test_launcher_extension.py, unit/test_cluster_defaults.py, unit/test_data_checks.py, unit/test_launch_options.py, unit/test_launch_quoting.py, unit/test_launcher_extension.py, unit/test_model_checks.py, unit/test_one_config_path.py."""
+"""Launch helpers: `fft-dist launch ... launcher.dry_run=true` and the console script called in this process,
+reading generated commands and scripts, and the shared option lists. Moved unchanged from
+tests/test_launchers.py, test_launch_single.py, test_launch_quoting.py, test_launcher_extension.py and
+test_one_config_path.py when the tests were split into unit/ and e2e/ (issue 18), so that no test file imports
+another and nothing is copied. Used by e2e/test_cluster_defaults.py, e2e/test_launch_dry_runs.py,
+e2e/test_launch_local.py, e2e/test_launch_quoting.py, e2e/test_launch_slurm.py, e2e/test_launch_stops.py,
+e2e/test_launcher_extension.py, unit/test_cluster_defaults.py, unit/test_data_checks.py,
+unit/test_launch_options.py, unit/test_launch_quoting.py, unit/test_launcher_extension.py,
+unit/test_model_checks.py, unit/test_one_config_path.py."""
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +18,7 @@ from pathlib import Path
 import shlex
 
 from fft_dist.preemption import STOP_SIGNALS
-from helpers import children, fft_dist, TINY_JOB
-from helpers import TINY_JOB, fft_dist, SUPPORT
+from helpers import children, fft_dist, TINY_JOB, SUPPORT
 
 
 def cli(*argv: str) -> tuple[int, str, str]:

@@ -1,5 +1,6 @@
-"""Helpers of tests/test_model_families.py, moved here unchanged when the tests were split into unit/ and e2e/:
-used by e2e/test_model_families.py, unit/test_model_families.py."""
+"""Helpers and fixtures moved unchanged from tests/test_model_families.py when the tests were split into unit/ and
+e2e/ (issue 18), so that no test file imports another and nothing is copied. Used by e2e/test_model_families.py,
+unit/test_model_families.py."""
 from __future__ import annotations
 
 

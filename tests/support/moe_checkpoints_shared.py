@@ -1,5 +1,6 @@
-"""Helpers of tests/e2e/test_moe_checkpoints.py, moved here unchanged when the tests were split into unit/ and e2e/:
-used by e2e/test_moe_checkpoints.py, unit/test_moe_checkpoints.py."""
+"""Helpers and fixtures moved unchanged from tests/test_moe_checkpoints.py when the tests were split into unit/ and
+e2e/ (issue 18), so that no test file imports another and nothing is copied. Used by
+e2e/test_moe_checkpoints.py, unit/test_moe_checkpoints.py."""
 from __future__ import annotations
 
 from pathlib import Path

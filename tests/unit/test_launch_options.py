@@ -1,6 +1,4 @@
-"""`fft-dist launch`: what every launcher would run (dry runs, checked by bash and shlex), options a
-launcher does not use refused, and real runs under torchrun and the deepspeed launcher, including a
-torchrun group restart after `kill -9` of a rank that resumes to bit-identical weights."""
+"""Options the chosen launcher does not use are refused (exit 2, naming the option) before anything runs."""
 from __future__ import annotations
 
 import pytest

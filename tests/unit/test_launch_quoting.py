@@ -12,8 +12,7 @@ from fft_dist.config import LauncherName
 from fft_dist.config.launcher import DeepspeedOptions, TorchrunOptions
 from fft_dist.launchers.deepspeed import deepspeed_argv
 from fft_dist.launchers.torchrun import TorchrunLauncher
-from launch_checks import dry, dry_ok
-from launch_checks import SLURM, hydra_quoted
+from launch_checks import dry, dry_ok, SLURM, hydra_quoted
 
 
 @pytest.mark.parametrize("override,message", [

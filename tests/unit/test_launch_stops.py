@@ -1,9 +1,5 @@
-"""Launching for real: stop signals to the launcher, the process group or one rank; kill -9 of the
-launcher; one run per run directory; never on top of another run's checkpoints.
-
-Every case runs the real `fft-dist train` (a launcher process plus 2 gloo ranks) and checks the
-exit code, the checkpoint on disk and that no process of the job is left.
-"""
+"""A stop signal that lands while the config is composed stays a stop (StartupInterrupted, exit 76); the
+real signals to real jobs are in tests/e2e/test_launch_stops.py."""
 from __future__ import annotations
 
 import signal

@@ -6,9 +6,8 @@ from __future__ import annotations
 import toy_launcher
 
 from helpers import TINY_JOB
-from launch_checks import cli
+from launch_checks import cli, TOY
 from fft_dist.launchers import REGISTRY
-from launch_checks import TOY
 
 
 def test_the_toy_launcher_is_registered_like_the_built_in_ones():
