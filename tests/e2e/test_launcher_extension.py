@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import toy_launcher  # noqa: F401 - registers launcher=toy
 from helpers import TINY_JOB, child_env, fft_dist, SUPPORT
 from launch_checks import cli, TOY
 

@@ -1,5 +1,6 @@
-"""The guard that keeps tests/unit in-process: a unit test that starts a process (subprocess, fork,
-multiprocessing, os.system) or a torch.distributed process group fails at that call, naming it.
+"""The guard that keeps tests/unit in-process: a unit test (or a fixture it uses, whatever its scope) that
+starts a process (subprocess, fork, multiprocessing, os.system) or a torch.distributed process group fails
+at that call, naming it.
 
 Such a test belongs in tests/e2e. The guard wraps the calls only to refuse them; it fakes nothing."""
 from __future__ import annotations
@@ -18,15 +19,44 @@ def _refuse(what: str):
     return refused
 
 
-@pytest.fixture(autouse=True)
-def in_process_only(monkeypatch):
-    monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("start a subprocess"))
-    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", _refuse("start a multiprocessing process"))
-    for name, what in (("fork", "fork"), ("system", "run os.system"), ("posix_spawn", "posix_spawn a process")):
-        if hasattr(os, name):
-            monkeypatch.setattr(os, name, _refuse(what))
+def _guarded() -> pytest.MonkeyPatch:
     import torch.distributed as dist
     import torch.distributed.distributed_c10d as c10d
 
-    monkeypatch.setattr(dist, "init_process_group", _refuse("init a torch.distributed process group"))
-    monkeypatch.setattr(c10d, "init_process_group", _refuse("init a torch.distributed process group"))
+    patch = pytest.MonkeyPatch()
+    patch.setattr(subprocess.Popen, "__init__", _refuse("start a subprocess"))
+    patch.setattr(multiprocessing.process.BaseProcess, "start", _refuse("start a multiprocessing process"))
+    for name, what in (("fork", "fork"), ("system", "run os.system"), ("posix_spawn", "posix_spawn a process")):
+        if hasattr(os, name):
+            patch.setattr(os, name, _refuse(what))
+    patch.setattr(dist, "init_process_group", _refuse("init a torch.distributed process group"))
+    patch.setattr(c10d, "init_process_group", _refuse("init a torch.distributed process group"))
+    return patch
+
+
+# Setup, call and teardown of every item under tests/unit (fixtures of any scope run in setup/teardown).
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    patch = _guarded()
+    try:
+        return (yield)
+    finally:
+        patch.undo()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    patch = _guarded()
+    try:
+        return (yield)
+    finally:
+        patch.undo()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    patch = _guarded()
+    try:
+        return (yield)
+    finally:
+        patch.undo()
