@@ -2,7 +2,7 @@
 
 One HSDP run serves every check: its losses match a single process's; its checkpoint has every range
 written by exactly one rank (the second replica group writes empty shards); and it resumes under fsdp x 2
-and zero3 x 2 with the uninterrupted run's losses (as tests/test_checkpoint_e2e.py does for fsdp).
+and zero3 x 2 with the uninterrupted run's losses (as tests/e2e/test_checkpoint_runs.py does for fsdp).
 """
 from __future__ import annotations
 

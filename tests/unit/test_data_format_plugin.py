@@ -1,4 +1,4 @@
-"""The data format as an extension point: the built-ins and a toy format from tests/plugins go through the
+"""The data format as an extension point: the built-ins and a toy format from tests/support/plugins go through the
 one registry (fft_dist.data.formats.register_format), and the toy one trains on two real ranks."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The loss as a component: terms normalised in one place, the registry, and a user's own term added
-from tests/plugins through loss.plugins (the same register_term the built-in router term uses)."""
+from tests/support/plugins through loss.plugins (the same register_term the built-in router term uses)."""
 from __future__ import annotations
 
 import sys

@@ -2,7 +2,7 @@
 
 Rows hold a question `q` and its answer `a`; each becomes the prompt "Q: <q>\\nA: " (context) and the
 completion "<a>" + EOS (loss). Run with ``loss.plugins=[toy_format] data=toy`` (this folder on
-PYTHONPATH, ``--config-dir tests/toy_conf`` for the yaml): the same plugin list that adds loss terms
+PYTHONPATH, ``--config-dir tests/support/toy_conf`` for the yaml): the same plugin list that adds loss terms
 registers the format on every rank before the data is built.
 """
 from __future__ import annotations
