@@ -34,9 +34,9 @@ def _guarded() -> pytest.MonkeyPatch:
     return patch
 
 
-# Setup, call and teardown of every item under tests/unit (fixtures of any scope run in setup/teardown).
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item):
+def in_process_only():
+    """Wraps each phase of every item under tests/unit (fixtures of any scope run in setup and teardown)."""
     patch = _guarded()
     try:
         return (yield)
@@ -44,19 +44,4 @@ def pytest_runtest_setup(item):
         patch.undo()
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item):
-    patch = _guarded()
-    try:
-        return (yield)
-    finally:
-        patch.undo()
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_teardown(item, nextitem):
-    patch = _guarded()
-    try:
-        return (yield)
-    finally:
-        patch.undo()
+pytest_runtest_setup = pytest_runtest_call = pytest_runtest_teardown = in_process_only

@@ -17,7 +17,6 @@ import re
 import pytest
 
 from helpers import REPO
-from container_shared import TIMINGS
 
 
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
@@ -115,13 +114,3 @@ def test_the_dockerfile_parser_catches_each_rule(old, new, message):
     assert any(message in p for p in problems), problems
 
 
-@pytest.fixture(scope="module", autouse=True)
-def report_timings(request):
-    """Each step's wall time, also in CI's output (where prints are captured)."""
-    yield
-    plugins = request.config.pluginmanager
-    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
-    if TIMINGS and reporter and capture:
-        lines = [f"  {name}: {seconds:.0f} s" for name, seconds in TIMINGS.items()]
-        with capture.global_and_fixture_disabled():  # teardown output is captured otherwise
-            reporter.write_line("\ncontainer test wall times:\n" + "\n".join(lines))
