@@ -1,7 +1,6 @@
-"""DeepSpeed ZeRO-2 / ZeRO-3 behind the Strategy protocol (issue 3).
+"""DeepSpeed ZeRO-2 / ZeRO-3 behind the Strategy protocol (issue 3), on real processes (the config builder
+is tested in process in tests/unit/test_deepspeed.py):
 
-- build_deepspeed_config: keys, bucket sizes, precision, offload, overrides and their errors (no processes;
-  the refusals of check() are in tests/unit/test_strategy_check.py);
 - the parity matrix through the real entry point (`torchrun -m fft_dist.train`): none (1 process) vs
   fsdp / zero2 / zero3 (2 ranks), accumulation 1 and 2, real rows of unequal length, 10 steps:
   per-step losses and grad norms (rel 1e-5) and the final weights and Adam states from each run's

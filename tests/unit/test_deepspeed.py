@@ -1,18 +1,7 @@
-"""DeepSpeed ZeRO-2 / ZeRO-3 behind the Strategy protocol (issue 3).
-
-- build_deepspeed_config: keys, bucket sizes, precision, offload, overrides and their errors (no processes;
-  the refusals of check() are in tests/unit/test_strategy_check.py);
-- the parity matrix through the real entry point (`torchrun -m fft_dist.train`): none (1 process) vs
-  fsdp / zero2 / zero3 (2 ranks), accumulation 1 and 2, real rows of unequal length, 10 steps:
-  per-step losses and grad norms (rel 1e-5) and the final weights and Adam states from each run's
-  checkpoint (relative L2 over the model 1e-5, every tensor 1e-4);
-- a cross-backend resume (none's step-5 checkpoint -> zero3 at 2 ranks);
-- per-rank model-state bytes vs the formulas, and peak RSS while building a ~20x model under zero.Init;
-- the launchers (torchrun is the parity matrix itself; fft-dist self-launch; the deepspeed launcher)
-  and the bad-input errors.
-
-Child processes run with OMP_NUM_THREADS=1 and DS_ACCELERATOR=cpu on gloo.
-"""
+"""DeepSpeed ZeRO-2 / ZeRO-3 behind the Strategy protocol (issue 3), in this process: build_deepspeed_config's
+keys, bucket sizes, precision, offload, overrides and their errors, and the shapes the decay split sees (the
+refusals of check() are in tests/unit/test_strategy_check.py; the parity matrix, the resumes, the memory and
+the launchers on real ranks are in tests/e2e/test_deepspeed.py)."""
 from __future__ import annotations
 
 import sys

@@ -1,12 +1,6 @@
-"""Mixture-of-Experts (and tied) folders written by ``save_pretrained`` load on every backend, export in the
-layout ``save_pretrained`` writes, and a folder in a layout transformers cannot map is refused before launch.
-
-Folders: tiny (hidden 64, 2 layers, 4 experts, top-2) Qwen2-MoE, Qwen3-MoE and Mixtral, random weights, one
-tensor per expert on disk while transformers 5 builds fused ``mlp.experts.gate_up_proj`` [E, 2I, H], plus a
-Qwen2 with ``tie_word_embeddings`` (no lm_head on disk). One worker job per backend loads them all in turn
-(tests/support/moe_worker.py): its first-step loss must equal ``from_pretrained`` + forward on the same micro
-batches, and its checkpoint must export to exactly ``save_pretrained``'s keys and shapes, with the same logits.
-"""
+"""Mixture-of-Experts folders written by ``save_pretrained`` (one tensor per expert on disk, while transformers
+5 builds fused ``mlp.experts.gate_up_proj`` [E, 2I, H]): a rank's range of the fused tensor reads only the
+experts it covers, in this process. Loading and exporting them on every backend is tests/e2e/test_moe_checkpoints.py."""
 from __future__ import annotations
 
 import pytest
