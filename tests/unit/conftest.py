@@ -34,14 +34,21 @@ def _guarded() -> pytest.MonkeyPatch:
     return patch
 
 
+GUARD = pytest.StashKey[pytest.MonkeyPatch]()
+
+
+# One guard per item from the start of its setup to the end of its teardown, so fixtures of any scope run
+# under it, and a fixture's own monkeypatch (tests/unit/test_cluster_defaults.py fakes the process group
+# call to read its arguments) layers on top and is undone first.
 @pytest.hookimpl(wrapper=True)
-def in_process_only():
-    """Wraps each phase of every item under tests/unit (fixtures of any scope run in setup and teardown)."""
-    patch = _guarded()
+def pytest_runtest_setup(item):
+    item.stash[GUARD] = _guarded()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
     try:
         return (yield)
     finally:
-        patch.undo()
-
-
-pytest_runtest_setup = pytest_runtest_call = pytest_runtest_teardown = in_process_only
+        item.stash[GUARD].undo()
