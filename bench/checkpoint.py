@@ -3,7 +3,7 @@
     python bench/checkpoint.py [--params 100e6] [--rounds 3] [--dir /tmp/fft-dist-bench]
 
 It starts itself under torch.distributed.run (``--worker``); each rank holds the test strategy of
-tests/checkpoint_worker.py (FlatShardStrategy) and times the rounds in-process.
+tests/support/checkpoint_worker.py (FlatShardStrategy) and times the rounds in-process.
 
 In one run it measures
   1. the raw sequential write speed of the disk that holds --dir: `dd ... conv=fsync` from
@@ -36,7 +36,7 @@ from machine_info import machine, record, versions
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_RUN = "be0c0be0c0be0c0b"  # the run id the benchmark's checkpoints belong to (keep_last prunes them)
-sys.path.insert(0, str(REPO / "tests"))  # FlatShardStrategy, the sharded test double of a real backend
+sys.path.insert(0, str(REPO / "tests" / "support"))  # FlatShardStrategy, the sharded test double of a real backend
 NOTE = ("- reading it: every saved byte is hashed (sha256) and copied into the page cache once, by 2 ranks on "
         "2 cores, so the save is CPU-bound here; this VM's disk bursts and then throttles (raw runs vary "
         "several-fold), so only the per-round ratio is a fair comparison. Our save adds a few MB of RSS (the NaN/inf check runs in 1M-element chunks); DCP's "

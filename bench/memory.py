@@ -16,7 +16,7 @@ measured here, not assumed: the same job, backend and rank count with a ~37k-par
 glibc keeps freed memory in its heap, so what setup and the steps free (ZeRO-3's setup, FSDP's
 gathered parameters and unsharded gradients, activations) stays in the peak. Set MALLOC_MMAP_THRESHOLD_=65536
 MALLOC_TRIM_THRESHOLD_=0 to measure live memory only; the ranks inherit this environment.
-The estimate's model-state bytes are shown next to it; tests/test_memory_measured.py checks those
+The estimate's model-state bytes are shown next to it; tests/e2e/test_memory_measured.py checks those
 against counted tensor bytes (within 10%).
 """
 from __future__ import annotations

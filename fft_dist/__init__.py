@@ -1,7 +1,7 @@
 """fft-dist: distributed full-parameter fine-tuning.
 
 Layers, bottom to top. A module imports only from its own layer or the ones below it (lazy
-imports inside functions included), and no two modules import each other; `tests/test_layers.py`
+imports inside functions included), and no two modules import each other; `tests/unit/test_layers.py`
 enforces both. The data flows up: typed config -> components -> the loop -> one rank -> launcher.
 """
 __version__ = "0.1.0"

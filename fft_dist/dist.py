@@ -202,7 +202,7 @@ def collective_device(group=None) -> torch.device:
     Under NCCL only CUDA tensors have a backend ("No backend type associated with device type cpu"
     for anything else); gloo serves the CPU. Every tensor collective of fft-dist goes through the
     helpers below, which move the tensor there and back, so a CPU tensor (an RNG state, a count) never
-    reaches an NCCL group as it is (tests/test_collectives.py checks that no other module calls one).
+    reaches an NCCL group as it is (tests/unit/test_collectives.py checks that no other module calls one).
     """
     types = [d.type for d in getattr(group or dist.group.WORLD, "_device_types", ())]
     if not types or "cpu" in types:

@@ -4,7 +4,7 @@ The model is built on the meta device, so the parameter count, the largest decod
 the largest single module are real without allocating anything. The model-state bytes come from each
 backend's descriptor (:mod:`fft_dist.strategy.backends`); activations and the table are assembled here.
 The byte rules per backend are docs/memory.md; the fp32 layouts are the ones
-measured per rank in tests/test_memory.py (and tests/test_deepspeed.py). Vocabulary:
+measured per rank in tests/unit/test_memory.py (and tests/e2e/test_deepspeed.py). Vocabulary:
 :mod:`fft_dist.strategy.sizing`.
 
 `auto` settings are estimated as a rank on a GPU with bf16 decides them (fft_dist.device_defaults:

@@ -33,7 +33,7 @@ TRAINER_SPEC = Obj({
     "last_eval_loss": LOSS, "first_eval_loss": LOSS, "last_eval_step": Nullable(COUNT),
     "stopped_early": Bool(),
 }, expected="the trainer's counters (an object)")
-"""``trainer``: :class:`fft_dist.trainer.TrainState`'s fields but ``step`` (tests/test_checkpoint_metadata.py
+"""``trainer``: :class:`fft_dist.trainer.TrainState`'s fields but ``step`` (tests/unit/test_checkpoint_metadata.py
 keeps the two in step)."""
 
 SINGLE_SOURCE_POSITION = Obj({

@@ -14,7 +14,7 @@ Recomputing costs one more [chunk, hidden] x [hidden, vocab] product per chunk, 
 
 The family's head rules (fft_dist.models.head.HeadRules: soft-capping, logit scaling) are applied to each
 chunk in fp32, then the loss in fp32, as :func:`fft_dist.loss.objectives.token_loss_sum` does on full
-logits; in fp32 the two agree to round-off (tests/test_chunked_loss.py).
+logits; in fp32 the two agree to round-off (tests/unit/test_chunked_loss.py).
 """
 from __future__ import annotations
 

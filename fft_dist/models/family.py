@@ -5,7 +5,7 @@ hidden size (GPT-2's ``n_embd``), the model class says which attention kernels i
 (``_supports_sdpa``), its ``_init_weights`` rebuilds every buffer (rotary frequencies, Gemma's
 embedding scale), its tied-weights keys say which output embedding is tied. A family needs code of
 its own here only for what transformers does not express; adding a family is then a row in the
-conformance suite (tests/families.py) and, only if it has such a quirk, an entry below.
+conformance suite (tests/support/families.py) and, only if it has such a quirk, an entry below.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Why: a backend used to be spread over about ten places (two dicts in this packag
 :func:`register` with a :class:`Backend` (its options and checks, its memory formula and communication
 volume, its strategy class) plus its yaml in ``conf/parallelism/``. The built-in ones live in
 :mod:`fft_dist.strategy.backends` (registered when the package is imported); a module of your own
-registers the same way (tests/toy_backend.py does).
+registers the same way (tests/support/toy_backend.py does).
 
 Adding a backend: a module that defines its Strategy class (or names an existing one) and calls
 ``register(Backend(...))``, and ``conf/parallelism/<name>.yaml`` with ``name: <name>``. A built-in one is

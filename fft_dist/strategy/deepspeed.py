@@ -6,7 +6,7 @@ The optimizer is ours (a client ``torch.optim`` optimizer with our decay / no-de
 lr comes from our schedule, and the loss normalisation is ours: DeepSpeed only shards, reduces,
 clips and steps.
 
-Numerics (the contract every backend meets, tests/test_deepspeed.py):
+Numerics (the contract every backend meets, tests/e2e/test_deepspeed.py):
 - fp32: the same weights at init (ZeRO-3 builds under ``zero.Init`` but runs HF's init at the
   usual moments on gathered parameters, so the random stream is the plain build's) and the same
   loss curve as ``none`` / ``fsdp`` to float round-off.
@@ -34,7 +34,7 @@ the same :class:`Fragment`s as FSDP2 and share one checkpoint format.
 Mixture-of-Experts: transformers 5 keeps an MoE layer's experts as fused 3-D parameters of one module
 (``mlp.experts.gate_up_proj``), which ZeRO-3 gathers whole when that module runs, so a rank whose tokens
 skip some experts gathers the same parameters as the others and no DeepSpeed leaf module
-(``set_z3_leaf_modules``) is needed (tests/test_moe_checkpoints.py starves experts on one rank, eager
+(``set_z3_leaf_modules``) is needed (tests/e2e/test_moe_checkpoints.py starves experts on one rank, eager
 and grouped_mm experts alike).
 
 ``import deepspeed`` happens only inside functions, so FSDP users never need it.

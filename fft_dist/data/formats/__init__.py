@@ -12,7 +12,7 @@ Adding a format without forking: in your own module ::
 
 then run with ``loss.plugins=[my_pkg.my_format] data.format=qa`` (a data group yaml of your own comes
 with ``--config-dir``). The same plugin list that adds loss terms is imported on every rank before
-the data is built. ``tests/plugins/toy_format.py`` is a worked example.
+the data is built. ``tests/support/plugins/toy_format.py`` is a worked example.
 """
 from fft_dist.data.formats.registry import (  # noqa: F401 - the package's API
     OBJECTIVES,
