@@ -39,7 +39,8 @@ class DataConfig:
     prompt_key: str = "prompt"
     completion_key: str = "completion"
     messages_key: str = "messages"
-    """chat: the column holding the list of {role, content} messages."""
+    """chat: the column holding the list of messages ({role, content}, tool_calls, ...). At its default a
+    ShareGPT `conversations` column or Alpaca `instruction`/`input`/`output` columns are read too."""
     chat_template: str | None = None
     """chat: a Jinja template string, or a path to a .jinja file; replaces the tokenizer's own template."""
     max_length: int = 256
@@ -66,6 +67,20 @@ class DataConfig:
     mixture: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Several weighted sources instead of `path`: name -> {path, weight, optional eval_path and other
     data.* settings for that source}. Metrics add eval_<name>_loss per source. See docs/data.md (mixtures)."""
+
+    # chat layout (issue 19)
+    role_key: str | None = None
+    """chat: the key of a message's role. None: `role`, else `from` (ShareGPT)."""
+    content_key: str | None = None
+    """chat: the key of a message's text. None: `content`, else `value` (ShareGPT)."""
+    roles: dict[str, str] = field(default_factory=dict)
+    """chat: role names as the data writes them -> system/developer/user/assistant/tool, on top of the
+    ShareGPT names (human: user, gpt: assistant, observation: tool), e.g. {bot: assistant}."""
+    train_on: str = "assistant"
+    """chat: which tokens carry the loss. assistant: every assistant turn (its text, tool calls and
+    end-of-turn token); last_assistant: the last assistant turn only; all: every token."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """chat: extra variables for the template, e.g. {enable_thinking: false} (Qwen3) or {date_string: 26 Jul 2024}."""
 
     def __post_init__(self) -> None:  # DataFormat.text and "text" are one name; messages print the plain name
         self.format = self.format.value if isinstance(self.format, Enum) else self.format

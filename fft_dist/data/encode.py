@@ -55,6 +55,10 @@ class Encoder:
         reason = "" if loss else ("no loss tokens left after truncation" if truncated else "no loss tokens")
         self.append(out, (ids, labels, loss, truncated, windowed, reason))
 
+    def skip(self, out: dict, reason: str) -> None:
+        """A row that yields no example, counted under `reason` (e.g. the chat template refused it)."""
+        self.append(out, ([], [], 0, False, False, reason))
+
     def emit_plain(self, out: dict, pairs: list, *, windows: bool) -> None:
         """(context ids, target ids) pairs: loss on the target and the EOS appended to it; with `windows`
         a sequence longer than data.max_length becomes data.stride windows."""

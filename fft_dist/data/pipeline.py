@@ -27,7 +27,7 @@ from fft_dist.data.sources import Source, check_options, load_sources, resolve_s
 from fft_dist.dist import all_gather_small, rank_world
 from fft_dist.errors import ConfigError, DataError
 
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 """Bump when the encoding changes, so old caches are not reused."""
 HELD_OUT_SEED = 0
 """The held-out eval split must not move when train.seed changes."""

@@ -91,9 +91,11 @@ def _folder_source(path: Path, key: str) -> Source:
 
 
 # -- the cheap pre-launch check ------------------------------------------------------------------------
-def expected_columns(cfg: DataConfig) -> dict[str, type]:
-    """The columns the format reads, with the Python type a JSON row must hold there."""
-    return get_format(cfg.format).column_names(cfg)
+def expected_columns(cfg: DataConfig, found=None) -> dict[str, Any]:
+    """The columns the format reads (from a source holding the columns `found`, where the format's layout
+    depends on them), with the Python type(s) a JSON row must hold there."""
+    fmt = get_format(cfg.format)
+    return fmt.column_names(cfg) if found is None else fmt.columns_in(cfg, found)
 
 
 def check_options(cfg: DataConfig) -> None:
@@ -150,24 +152,33 @@ def check_source(source: Source, cfg: DataConfig) -> int:
     if source.loader == "json":
         return sum(1 for _ in iter_json_rows(source.path, want, cfg, max_lines=PRECHECK_LINES))
     if source.loader == "text":
-        _have(source.path, ["text"], want)
+        _have(source.path, ["text"], expected_columns(cfg, ["text"]))
         return sum(1 for _ in _lines(source.path, PRECHECK_LINES, "text"))
     schema, rows = _columnar_schema(source)
+    want = expected_columns(cfg, schema.names)
     _have(source.path, list(schema.names), want)
     for column, kind in want.items():
         found = schema.field(column).type
         if not _holds(found, kind):
             raise DataError(f"{source.path}: column {column!r} is {found}, but data.format={cfg.format} reads "
-                            f"it as {KIND_NAMES[kind]}; convert the column (or point data.*_key at another one)")
+                            f"it as {kind_name(kind)}; convert the column (or point data.*_key at another one)")
     return rows
 
 
-KIND_NAMES = {str: "a string", list: "a list"}
+KIND_NAMES = {str: "a string", list: "a list", type(None): "null"}
 
 
-def _holds(arrow_type: Any, kind: type) -> bool:
+def kind_name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(KIND_NAMES.get(k, k.__name__) for k in kinds)
+
+
+def _holds(arrow_type: Any, kind) -> bool:
     """Whether a column of `arrow_type` gives Python values of `kind` (what a JSON row is checked for)."""
     import pyarrow as pa
+
+    if isinstance(kind, tuple):
+        return any(_holds(arrow_type, k) for k in kind if k is not type(None))
 
     if kind is str:
         return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_string_view(arrow_type)
@@ -228,19 +239,23 @@ def iter_json_rows(path: str | Path, want: dict[str, type], cfg: DataConfig | No
     reported where it is instead of as a decoder traceback. A .json file holding one array is
     checked as a whole (its rows are numbered from 1).
     """
-    row_problem = get_format(cfg.format).row_problem if cfg is not None else None
+    fmt = get_format(cfg.format) if cfg is not None else None
+    row_problem = fmt.row_problem if fmt is not None else None
+    layout = fmt is not None and fmt.source_columns is not None  # read from the file's first row
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file is {'a directory' if path.is_dir() else 'missing'}")
     for lineno, row in _json_rows(path, max_lines):
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        if layout:
+            want, layout = fmt.columns_in(cfg, row), False
         missing = [k for k in want if k not in row]
         if missing:
             raise DataError(f"{path}:{lineno}: missing column(s) {missing}; expected {list(want)}, found {sorted(row)}")
         bad = [k for k, t in want.items() if not isinstance(row[k], t)]
         if bad:
-            raise DataError(f"{path}:{lineno}: column(s) {bad} must be {want[bad[0]].__name__}s")
+            raise DataError(f"{path}:{lineno}: column(s) {bad} must be {kind_name(want[bad[0]])}")
         problem = row_problem(row, cfg) if row_problem is not None else None
         if problem:
             raise DataError(f"{path}:{lineno}: {problem}")
@@ -302,11 +317,19 @@ def load_sources(value: Any, cfg: DataConfig, *, key: str, work_dir: Path) -> Lo
     """Load every source of one split with `datasets` (local packaged loaders, no network)."""
     import datasets
 
+    fmt = get_format(cfg.format)
     parts, files, starts, total = [], [], [], 0
     for source in resolve_sources(value, key=key):
         if source.loader == "json":  # line-exact errors before pyarrow's own, less precise ones
-            if not sum(1 for _ in iter_json_rows(source.path, expected_columns(cfg), cfg)):
+            rows = sum(1 for _ in iter_json_rows(source.path, expected_columns(cfg), cfg))
+            if not rows:
                 continue  # an empty file adds no rows (the json loader cannot read it)
+            if fmt.as_text is not None:
+                parts.append(_json_as_text(source.path, cfg, work_dir))
+                files.append(source.path)
+                starts.append(total)
+                total += rows
+                continue
         elif source.path.is_file() and not source.path.stat().st_size:
             continue
         elif source.loader in ("text", "csv"):
@@ -323,16 +346,48 @@ def load_sources(value: Any, cfg: DataConfig, *, key: str, work_dir: Path) -> Lo
                                            cache_dir=str(work_dir / "hf"), **extra)
         except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
             raise DataError(f"{source.path}: could not be read as {source.loader} ({type(e).__name__}: {e})") from None
-        _have(source.path, list(ds.column_names), expected_columns(cfg))
-        parts.append(ds.select_columns(list(expected_columns(cfg)) + _optional_columns(cfg, ds.column_names)))
+        want = expected_columns(cfg, ds.column_names)
+        _have(source.path, list(ds.column_names), want)
+        ds = ds.select_columns(list(want) + _optional_columns(cfg, ds.column_names))
+        if fmt.as_text is not None:  # the same column types as a JSON source's, so they concatenate
+            ds = ds.map(fmt.as_text, features=_as_strings(list(want)), desc="fft-dist: reading",
+                        cache_file_name=str(work_dir / f"as-text-{len(parts)}.arrow"))
+        parts.append(ds)
         files.append(source.path)
         starts.append(total)
         total += len(ds)
     if not total:
         raise DataError(f"{key}={value}: the data set is empty (no rows)")
-    dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    try:
+        dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    except ValueError as e:
+        raise DataError(f"{key}={value}: the sources hold different columns ({e}); give sources of one layout, "
+                        "or one data.mixture entry per layout") from None
     return Loaded(dataset, files, starts)
 
 
-def _optional_columns(cfg: DataConfig, names: list[str]) -> list[str]:
-    return [c for c in get_format(cfg.format).optional_columns if c in names]
+def _json_rows_as_text(path: str, cfg: DataConfig):
+    """The checked rows of a JSON source, with the format's columns, nested values as JSON text."""
+    fmt = get_format(cfg.format)
+    want = None
+    for _, row in iter_json_rows(path, expected_columns(cfg), cfg):
+        want = want or list(expected_columns(cfg, row))
+        yield fmt.as_text({c: row.get(c) for c in want})
+
+
+def _json_as_text(path: Path, cfg: DataConfig, work_dir: Path):
+    import datasets
+
+    columns = list(expected_columns(cfg, next((r for _, r in _json_rows(path, None)), {})))  # the first row's layout
+    try:
+        return datasets.Dataset.from_generator(_json_rows_as_text, features=_as_strings(columns),
+                                               gen_kwargs={"path": str(path), "cfg": cfg}, cache_dir=str(work_dir / "hf"))
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = e.__cause__ or e
+        raise cause if isinstance(cause, DataError) else DataError(f"{path}: not readable as json ({cause})") from None
+
+
+def _as_strings(columns: list[str]):
+    import datasets
+
+    return datasets.Features({c: datasets.Value("string") for c in columns})
