@@ -391,3 +391,7 @@ def _as_strings(columns: list[str]):
     import datasets
 
     return datasets.Features({c: datasets.Value("string") for c in columns})
+
+
+def _optional_columns(cfg: DataConfig, names: list[str]) -> list[str]:
+    return [c for c in get_format(cfg.format).optional_columns if c in names]
