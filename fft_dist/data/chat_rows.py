@@ -39,11 +39,10 @@ def layout_columns(cfg: DataConfig, found) -> dict[str, Any]:
         out = {SHAREGPT_COLUMN: LIST_OR_TEXT}
     elif set(ALPACA_COLUMNS) <= found:
         out = {c: str for c in ALPACA_COLUMNS}
-        out.update({c: (str, type(None)) for c in ALPACA_OPTIONAL if c in found})
+        out.update({c: (str, type(None)) for c in ALPACA_OPTIONAL})
     else:
         out = {cfg.messages_key: LIST_OR_TEXT}
-    if TOOLS_COLUMN in found:
-        out[TOOLS_COLUMN] = OPTIONAL
+    out[TOOLS_COLUMN] = OPTIONAL  # kinds with None: a row or file may lack the column
     return out
 
 

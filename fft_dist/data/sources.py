@@ -18,6 +18,7 @@ from typing import Any
 
 from fft_dist.config import DataConfig
 from fft_dist.data.formats import all_formats, get_format
+from fft_dist.data.json_text import as_strings, load_as_text
 from fft_dist.errors import ConfigError, DataError
 
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
@@ -158,6 +159,8 @@ def check_source(source: Source, cfg: DataConfig) -> int:
     want = expected_columns(cfg, schema.names)
     _have(source.path, list(schema.names), want)
     for column, kind in want.items():
+        if column not in schema.names:
+            continue  # an optional column (chat's tools)
         found = schema.field(column).type
         if not _holds(found, kind):
             raise DataError(f"{source.path}: column {column!r} is {found}, but data.format={cfg.format} reads "
@@ -171,6 +174,11 @@ KIND_NAMES = {str: "a string", list: "a list", type(None): "null"}
 def kind_name(kind) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join(KIND_NAMES.get(k, k.__name__) for k in kinds)
+
+
+def _optional(kind) -> bool:
+    """A column a row or file may lack (its kinds include None: chat's `tools`)."""
+    return isinstance(kind, tuple) and type(None) in kind
 
 
 def _holds(arrow_type: Any, kind) -> bool:
@@ -189,7 +197,7 @@ def _holds(arrow_type: Any, kind) -> bool:
 
 
 def _have(path: Path, found: list[str], want: dict[str, type]) -> None:
-    missing = [k for k in want if k not in found]
+    missing = [k for k, t in want.items() if k not in found and not _optional(t)]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; expected {list(want)}, found {sorted(found)}")
 
@@ -250,10 +258,10 @@ def iter_json_rows(path: str | Path, want: dict[str, type], cfg: DataConfig | No
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
         if layout:
             want, layout = fmt.columns_in(cfg, row), False
-        missing = [k for k in want if k not in row]
+        missing = [k for k, t in want.items() if k not in row and not _optional(t)]
         if missing:
             raise DataError(f"{path}:{lineno}: missing column(s) {missing}; expected {list(want)}, found {sorted(row)}")
-        bad = [k for k, t in want.items() if not isinstance(row[k], t)]
+        bad = [k for k, t in want.items() if not isinstance(row.get(k), t)]
         if bad:
             raise DataError(f"{path}:{lineno}: column(s) {bad} must be {kind_name(want[bad[0]])}")
         problem = row_problem(row, cfg) if row_problem is not None else None
@@ -320,38 +328,20 @@ def load_sources(value: Any, cfg: DataConfig, *, key: str, work_dir: Path) -> Lo
     fmt = get_format(cfg.format)
     parts, files, starts, total = [], [], [], 0
     for source in resolve_sources(value, key=key):
+        ds = None
         if source.loader == "json":  # line-exact errors before pyarrow's own, less precise ones
-            rows = sum(1 for _ in iter_json_rows(source.path, expected_columns(cfg), cfg))
-            if not rows:
+            if not sum(1 for _ in iter_json_rows(source.path, expected_columns(cfg), cfg)):
                 continue  # an empty file adds no rows (the json loader cannot read it)
-            if fmt.as_text is not None:
-                parts.append(_json_as_text(source.path, cfg, work_dir))
-                files.append(source.path)
-                starts.append(total)
-                total += rows
-                continue
+            if fmt.as_text is not None:  # the first row's layout names the columns
+                columns = list(expected_columns(cfg, next((r for _, r in _json_rows(source.path, None)), {})))
+                ds = load_as_text(_checked_rows, source.path, cfg, columns, fmt.as_text, work_dir / "hf")
         elif source.path.is_file() and not source.path.stat().st_size:
             continue
         elif source.loader in ("text", "csv"):
             for _ in _lines(source.path, None, source.loader):
                 pass  # every line decodes (the pre-launch check read the first PRECHECK_LINES)
-        extra = {}
-        if source.loader == "csv":  # text, not numbers: a column of digits stays the strings it holds
-            extra["features"] = datasets.Features({name: datasets.Value("string") for name in csv_header(source.path)})
-        try:
-            if source.loader == "disk":
-                ds = datasets.load_from_disk(str(source.path))
-            else:
-                ds = datasets.load_dataset(source.loader, data_files=[str(source.path)], split="train",
-                                           cache_dir=str(work_dir / "hf"), **extra)
-        except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
-            raise DataError(f"{source.path}: could not be read as {source.loader} ({type(e).__name__}: {e})") from None
-        want = expected_columns(cfg, ds.column_names)
-        _have(source.path, list(ds.column_names), want)
-        ds = ds.select_columns(list(want) + _optional_columns(cfg, ds.column_names))
-        if fmt.as_text is not None:  # the same column types as a JSON source's, so they concatenate
-            ds = ds.map(fmt.as_text, features=_as_strings(list(want)), desc="fft-dist: reading",
-                        cache_file_name=str(work_dir / f"as-text-{len(parts)}.arrow"))
+        if ds is None:
+            ds = _load(source, cfg, fmt, work_dir, len(parts))
         parts.append(ds)
         files.append(source.path)
         starts.append(total)
@@ -366,31 +356,31 @@ def load_sources(value: Any, cfg: DataConfig, *, key: str, work_dir: Path) -> Lo
     return Loaded(dataset, files, starts)
 
 
-def _json_rows_as_text(path: str, cfg: DataConfig):
-    """The checked rows of a JSON source, with the format's columns, nested values as JSON text."""
-    fmt = get_format(cfg.format)
-    want = None
-    for _, row in iter_json_rows(path, expected_columns(cfg), cfg):
-        want = want or list(expected_columns(cfg, row))
-        yield fmt.as_text({c: row.get(c) for c in want})
-
-
-def _json_as_text(path: Path, cfg: DataConfig, work_dir: Path):
+def _load(source: Source, cfg: DataConfig, fmt, work_dir: Path, n: int):
     import datasets
 
-    columns = list(expected_columns(cfg, next((r for _, r in _json_rows(path, None)), {})))  # the first row's layout
+    extra = {}
+    if source.loader == "csv":  # text, not numbers: a column of digits stays the strings it holds
+        extra["features"] = datasets.Features({name: datasets.Value("string") for name in csv_header(source.path)})
     try:
-        return datasets.Dataset.from_generator(_json_rows_as_text, features=_as_strings(columns),
-                                               gen_kwargs={"path": str(path), "cfg": cfg}, cache_dir=str(work_dir / "hf"))
-    except datasets.exceptions.DatasetGenerationError as e:
-        cause = e.__cause__ or e
-        raise cause if isinstance(cause, DataError) else DataError(f"{path}: not readable as json ({cause})") from None
+        if source.loader == "disk":
+            ds = datasets.load_from_disk(str(source.path))
+        else:
+            ds = datasets.load_dataset(source.loader, data_files=[str(source.path)], split="train",
+                                       cache_dir=str(work_dir / "hf"), **extra)
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
+        raise DataError(f"{source.path}: could not be read as {source.loader} ({type(e).__name__}: {e})") from None
+    want = expected_columns(cfg, ds.column_names)
+    _have(source.path, list(ds.column_names), want)
+    ds = ds.select_columns([c for c in want if c in ds.column_names] + _optional_columns(cfg, ds.column_names))
+    if fmt.as_text is not None:  # the same column types as a JSON source's, so they concatenate
+        ds = ds.map(fmt.as_text, features=as_strings(ds.column_names), desc="fft-dist: reading",
+                    cache_file_name=str(work_dir / f"as-text-{n}.arrow"))
+    return ds
 
 
-def _as_strings(columns: list[str]):
-    import datasets
-
-    return datasets.Features({c: datasets.Value("string") for c in columns})
+def _checked_rows(path: str, cfg: DataConfig):
+    return iter_json_rows(path, expected_columns(cfg), cfg)
 
 
 def _optional_columns(cfg: DataConfig, names: list[str]) -> list[str]:
