@@ -136,3 +136,27 @@ def test_bad_chat_options_are_refused_before_launch(tmp_path, override, needle):
         check_data_files(DataConfig(path=path, format="chat", **override))
     with pytest.raises(ConfigError, match="applies to data.format=chat only"):
         check_data_files(DataConfig(path=path, **override))
+
+
+def test_unread_columns_are_reported(tmp_path):
+    from fft_dist.data.report import unread_lines
+
+    alpaca = write_jsonl(tmp_path / "a.jsonl", [{"id": 1, "instruction": "Add.", "input": "2 3", "output": "5"}])
+    lines = unread_lines(DataConfig(path=alpaca, prompt_key="instruction", completion_key="output"))
+    assert lines[0] == "not read by data.format=prompt_completion: column(s) input (they never reach the model)"
+    assert "data.format=chat reads instruction/input/output" in lines[1]
+    assert unread_lines(DataConfig(path=alpaca, format="chat")) == [], "chat reads every Alpaca column"
+
+
+def test_fft_dist_data_shows_the_spans_of_a_real_template(tmp_path):
+    from helpers import fft_dist
+
+    row = {"messages": [{"role": "user", "content": "Capital of Italy?"},
+                        {"role": "assistant", "content": "Rome.", "reasoning_content": "Italy: Rome."}],
+           "note": "checked by hand"}
+    path = write_jsonl(tmp_path / "c.jsonl", [row] * 4)
+    proc = fft_dist("data", f"data.path={path}", "data.format=chat", "data.eval_fraction=0",
+                    f"data.chat_template={TEMPLATES / 'qwen3.jinja'}", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "<|im_start|>assistant\n[[<think>\nItaly: Rome.\n</think>\n\nRome.<|im_end|>\n]]" in proc.stdout
+    assert "not read by data.format=chat: column(s) note" in proc.stdout

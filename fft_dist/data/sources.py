@@ -202,6 +202,16 @@ def _have(path: Path, found: list[str], want: dict[str, type]) -> None:
         raise DataError(f"{path}: missing column(s) {missing}; expected {list(want)}, found {sorted(found)}")
 
 
+def columns_of(source: Source, rows: int = 100) -> list[str]:
+    """The columns a source holds (JSON: the keys of its first `rows` rows), without loading it."""
+    if source.loader == "json":
+        keys: dict[str, None] = {}
+        for _, row in _json_rows(source.path, rows):
+            keys.update(dict.fromkeys(row if isinstance(row, dict) else ()))
+        return list(keys)
+    return ["text"] if source.loader == "text" else list(_columnar_schema(source)[0].names)
+
+
 def csv_header(path: Path) -> list[str]:
     """A CSV file's column names. CSV holds text: every column is read as strings (no type guessing)."""
     first = next(_lines(path, 1, "CSV"), (1, ""))[1]
