@@ -160,3 +160,18 @@ def test_fft_dist_data_shows_the_spans_of_a_real_template(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "<|im_start|>assistant\n[[<think>\nItaly: Rome.\n</think>\n\nRome.<|im_end|>\n]]" in proc.stdout
     assert "not read by data.format=chat: column(s) note" in proc.stdout
+
+
+def test_the_readme_rows_load_as_documented(tmp_path):
+    import re
+
+    from helpers import REPO
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Your data"):readme.index("## One example per launcher")]
+    rows = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", section, re.S)]
+    for k, row in enumerate(rows):
+        train, stats = load(tmp_path / str(k), write_jsonl(tmp_path / f"r{k}.jsonl", [row]),
+                            chat_template=str(TEMPLATES / "qwen2.5.jinja"), max_length=1024)
+        assert len(train) == 1 and not stats.dropped
+        assert len(runs(train[0])) == (2 if "tools" in row else 1), "the tool call, then the answer"

@@ -75,12 +75,12 @@ class DataConfig:
     """chat: the key of a message's text. None: `content`, else `value` (ShareGPT)."""
     roles: dict[str, str] = field(default_factory=dict)
     """chat: role names as the data writes them -> system/developer/user/assistant/tool, on top of the
-    ShareGPT names (human: user, gpt: assistant, observation: tool), e.g. {bot: assistant}."""
+    ShareGPT names (human: user, gpt: assistant, observation: tool); on the command line `+data.roles={bot:assistant}`."""
     train_on: str = "assistant"
     """chat: which tokens carry the loss. assistant: every assistant turn (its text, tool calls and
     end-of-turn token); last_assistant: the last assistant turn only; all: every token."""
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
-    """chat: extra variables for the template, e.g. {enable_thinking: false} (Qwen3) or {date_string: 26 Jul 2024}."""
+    """chat: extra variables for the template, e.g. `+data.chat_template_kwargs={enable_thinking:false}` (Qwen3)."""
 
     def __post_init__(self) -> None:  # DataFormat.text and "text" are one name; messages print the plain name
         self.format = self.format.value if isinstance(self.format, Enum) else self.format

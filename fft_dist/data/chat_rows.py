@@ -117,7 +117,7 @@ def _message(m, i: int, cfg: DataConfig) -> dict:
     role = names.get(role, role) if isinstance(role, str) else role
     if role not in CHAT_ROLES:
         raise RowProblem(f"message {i} has unknown role {m[role_key]!r} (known: {', '.join(CHAT_ROLES)}; "
-                         "map others with data.roles, e.g. data.roles={bot: assistant})")
+                         "map others with data.roles, e.g. +data.roles={bot:assistant})")
     # Keys a columnar file fills with null for messages that lack them are dropped: templates test
     # `'tool_calls' in message`, and a null there is not an absent key.
     out = {k: v for k, v in m.items() if v is not None and k not in (role_key, content_key)}
