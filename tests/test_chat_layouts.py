@@ -175,3 +175,14 @@ def test_the_readme_rows_load_as_documented(tmp_path):
                             chat_template=str(TEMPLATES / "qwen2.5.jinja"), max_length=1024)
         assert len(train) == 1 and not stats.dropped
         assert len(runs(train[0])) == (2 if "tools" in row else 1), "the tool call, then the answer"
+
+
+def test_sharegpt_function_calls_become_tool_calls(tmp_path):
+    row = {"tools": json.dumps(TOOLS_B), "conversations": [
+        {"from": "human", "value": "2 + 3?"},
+        {"from": "function_call", "value": json.dumps({"name": "add", "arguments": {"a": 2, "b": 3}})},
+        {"from": "observation", "value": "5"}, {"from": "gpt", "value": "It is 5."}]}
+    train, _ = load(tmp_path, write_jsonl(tmp_path / "f.jsonl", [row]), chat_template=str(TEMPLATES / "qwen2.5.jinja"),
+                    max_length=1024)
+    assert runs(train[0]) == ['<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>\n',
+                              "It is 5.<|im_end|>\n"]

@@ -19,6 +19,8 @@ from fft_dist.config import DataConfig
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "observation": "tool", "function": "tool"}
 """Role names the ShareGPT layout writes -> chat roles (data.roles adds to and overrides these)."""
+FUNCTION_CALL = "function_call"
+"""A ShareGPT turn whose value is a tool call ({name, arguments} as JSON text): an assistant turn with tool_calls."""
 SHAREGPT_COLUMN = "conversations"
 ALPACA_COLUMNS = ("instruction", "output")
 ALPACA_OPTIONAL = ("input", "system")
@@ -114,6 +116,10 @@ def _message(m, i: int, cfg: DataConfig) -> dict:
         raise RowProblem(f"message {i} has no {role_key!r} (set data.role_key to the key that holds the role)")
     names = {**SHAREGPT_ROLES, **dict(cfg.roles)}
     role = m[role_key]
+    if role == FUNCTION_CALL and role not in names:  # LLaMA-Factory's ShareGPT: the call as JSON text
+        calls = _parsed(m.get(content_key), "a function_call value")
+        m = {"role": "assistant", "content": None, "tool_calls": calls if isinstance(calls, list) else [calls]}
+        role_key, content_key, role = "role", "content", "assistant"
     role = names.get(role, role) if isinstance(role, str) else role
     if role not in CHAT_ROLES:
         raise RowProblem(f"message {i} has unknown role {m[role_key]!r} (known: {', '.join(CHAT_ROLES)}; "

@@ -80,7 +80,7 @@ def _generation_mask(tok, template, messages, tools, kwargs, train_on):
 def assistant_spans(tok, template: str, messages: list[dict], tools, kwargs: dict
                     ) -> tuple[str, list[tuple[int, int]]]:
     """(the rendering, one character span per assistant turn): header excluded, end-of-turn included."""
-    header, footer = turn_edges(tok, template, kwargs)
+    header, cuts, footer = turn_edges(tok, template, kwargs)
     text = render(tok, template, messages, tools, kwargs)
     marked = render(tok, template, [_marked(m, i) for i, m in enumerate(messages)], tools, kwargs)
     clean, where = _unmark(marked)
@@ -94,7 +94,7 @@ def assistant_spans(tok, template: str, messages: list[dict], tools, kwargs: dic
             continue
         following = min((where[j][0] for j in where if j > i), default=len(text))
         limit = at[0] if at else following
-        start = _after_header(tok, text, header, cursor, limit)
+        start = _after_header(text, header, cuts, cursor, limit)
         if start is None:
             start = at[0] if at else cursor
         end_from = at[1] if at else start
@@ -107,28 +107,25 @@ def assistant_spans(tok, template: str, messages: list[dict], tools, kwargs: dic
     return text, spans
 
 
-def _after_header(tok, text: str, header: str, lo: int, hi: int) -> int | None:
+def _after_header(text: str, header: str, cuts: list[int], lo: int, hi: int) -> int | None:
     """The end of the last generation header in text[lo:hi]. Where the template renders a longer header at
     generation time than inside the conversation (Qwen3 without thinking adds an empty think block), the
-    longest run of the header's whole tokens that is there, if it holds at least half its characters."""
-    if not header:
-        return None
-    ends = [end for _, end in tok(header, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
-    for k in sorted({*ends, len(header)}, reverse=True):
-        if 2 * k < len(header):
-            break
+    longest run of the header's whole tokens (`cuts`: where they end) that is there, if it holds at least half
+    its characters."""
+    for k in cuts:
         j = text.rfind(header[:k], lo, hi)
         if j >= 0:
             return j + k
     return None
 
 
-_EDGES: dict[str, tuple[str, str]] = {}
+_EDGES: dict[str, tuple[str, list[int], str]] = {}
 
 
-def turn_edges(tok, template: str, kwargs: dict) -> tuple[str, str]:
-    """(generation header, end-of-turn text) of the template, from probe conversations (cached)."""
-    key = json.dumps([template, kwargs, str(getattr(tok, "bos_token", "")), str(getattr(tok, "eos_token", ""))],
+def turn_edges(tok, template: str, kwargs: dict) -> tuple[str, list[int], str]:
+    """(generation header, where its tokens end (longest first), end-of-turn text) of the template, from
+    probe conversations (cached per template, variables and tokenizer)."""
+    key = json.dumps([template, kwargs, type(tok).__name__, len(tok), str(tok.all_special_tokens)],
                      sort_keys=True, default=str)
     if key not in _EDGES:
         user = {"role": "user", "content": _PROBE[0]}
@@ -140,7 +137,9 @@ def turn_edges(tok, template: str, kwargs: dict) -> tuple[str, str]:
         three = render(tok, template, [user, answer, {"role": "user", "content": _PROBE[2]}], None, kwargs)
         after_two, after_three = two.split(_PROBE[1], 1)[-1], three.split(_PROBE[1], 1)[-1]
         footer = after_two[:_common_prefix(tok, after_two, after_three)]
-        _EDGES[key] = (header, footer)
+        ends = [end for _, end in tok(header, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+        cuts = [k for k in sorted({*ends, len(header)}, reverse=True) if k and 2 * k >= len(header)]
+        _EDGES[key] = (header, cuts, footer)
     return _EDGES[key]
 
 
