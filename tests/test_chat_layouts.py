@@ -7,7 +7,7 @@ import json
 
 import datasets
 import pytest
-from test_chat_templates import TEMPLATES, loss_runs, tokenizer
+from chat_helpers import TEMPLATES, loss_runs, tokenizer
 
 from fft_dist.config import DataConfig
 from fft_dist.data import DataError, check_data_files, load_datasets

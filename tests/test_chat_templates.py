@@ -5,31 +5,15 @@ one rendering of the whole conversation; rows a template refuses are skipped and
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
+from chat_helpers import END_OF_TURN, FAMILY_OF, TEMPLATES, loss_runs, template, tokenizer
 
 from fft_dist.config import DataConfig
 from fft_dist.data import load_datasets
 from fft_dist.data.chat_rows import conversation
 from fft_dist.data.chat_spans import labelled
-from fft_dist.data.encode import IGNORE_INDEX
-from fft_dist.model import BUNDLED_TOKENIZER
 
-TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
-FAMILY = {  # template -> (bos, eos, the special tokens it writes), as the model's own tokenizer has them
-    "llama3.1": ("<|begin_of_text|>", "<|eot_id|>", ["<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
-                                                     "<|python_tag|>"]),
-    "qwen": (None, "<|im_end|>", ["<|im_start|>", "<think>", "</think>", "<tool_call>", "</tool_call>"]),
-    "mistral": ("<s>", "</s>", ["[INST]", "[/INST]"]),
-    "gemma": ("<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>"]),
-    "phi3": ("<s>", "<|endoftext|>", ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]),
-}
-FAMILY_OF = {"llama3.1": "llama3.1", "llama3.2": "llama3.1", "qwen2.5": "qwen", "qwen3": "qwen", "mistral": "mistral",
-             "gemma2": "gemma", "gemma3": "gemma", "phi3": "phi3"}
-END_OF_TURN = {"llama3.1": "<|eot_id|>", "llama3.2": "<|eot_id|>", "qwen2.5": "<|im_end|>\n", "qwen3": "<|im_end|>\n",
-               "mistral": "</s> ", "gemma2": "<end_of_turn>\n", "gemma3": "<end_of_turn>\n", "phi3": "<|end|>\n"}
 KWARGS = {"date_string": "26 Jul 2024"}  # Llama 3.x writes today's date otherwise
 TALK = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."},
         {"role": "user", "content": "And of Italy?"}, {"role": "assistant", "content": "Rome, since 1871."}]
@@ -43,36 +27,6 @@ TOOL_TALK = [{"role": "user", "content": "Weather in Paris?"},
                   "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
              {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "{\"sky\": \"sunny\"}"},
              {"role": "assistant", "content": "Sunny in Paris."}]
-
-
-_TOKENIZERS: dict = {}
-
-
-def tokenizer(name: str):
-    family = FAMILY_OF[name]
-    if family not in _TOKENIZERS:
-        bos, eos, specials = FAMILY[family]
-        tok = AutoTokenizer.from_pretrained(str(BUNDLED_TOKENIZER), local_files_only=True)
-        tok.add_tokens([t for t in (bos, eos, *specials) if t and t not in tok.get_vocab()], special_tokens=True)
-        tok.bos_token, tok.eos_token = bos, eos
-        _TOKENIZERS[family] = tok
-    return _TOKENIZERS[family]
-
-
-def template(name: str) -> str:
-    return (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
-
-
-def loss_runs(tok, ids, labels) -> list[str]:
-    runs, current = [], []
-    for t, label in zip(ids[1:], labels[1:]):
-        if label == IGNORE_INDEX:
-            if current:
-                runs.append(current)
-            current = []
-        else:
-            current.append(t)
-    return [tok.decode(r) for r in runs + ([current] if current else [])]
 
 
 def spans(name, messages, *, tools=None, train_on="assistant", **kwargs):

@@ -137,7 +137,8 @@ def _message(m, i: int, cfg: DataConfig) -> dict:
         if not out["tool_calls"]:
             del out["tool_calls"]
     if content is None and "tool_calls" not in out:
-        raise RowProblem(f"message {i} has no {content_key!r} (null content needs tool_calls)")
+        raise RowProblem(f"message {i} has no {content_key!r} (set data.content_key to the key that holds the "
+                         "text; a null text needs tool_calls)")
     if content is not None and not isinstance(content, str):
         raise RowProblem(f"message {i} {content_key} must be a string (or null with tool_calls)")
     # null (OpenAI's tool-call turns) reaches the template as "": Qwen3's official template concatenates
