@@ -66,7 +66,8 @@ def test_alpaca_rows_keep_their_input(tmp_path):
     tok = tokenizer("qwen2.5")
     assert tok.decode(train[0].input_ids) == ("<|im_start|>user\nTranslate to French.\n\ncheese<|im_end|>\n"
                                               "<|im_start|>assistant\nfromage<|im_end|>\n")
-    assert tok.decode(train[1].input_ids).startswith("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nSay hi.<")
+    assert tok.decode(train[1].input_ids).startswith(
+        "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nSay hi.<")
     assert [runs(e) for e in train] == [["fromage<|im_end|>\n"], ["hi<|im_end|>\n"]]
 
 
@@ -115,7 +116,8 @@ def test_parquet_rows_with_null_filled_keys_render_like_json_rows(tmp_path):
 
 def test_templates_with_generation_blocks_use_their_own_marks(tmp_path):
     marked = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% generation %}"
-              "{{ m.content }}<|im_end|>{% endgeneration %}\n{% else %}{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}")
+              "{{ m.content }}<|im_end|>{% endgeneration %}\n{% else %}{{ m.content }}<|im_end|>\n{% endif %}"
+              "{% endfor %}")
     rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                           {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]}]
     path = write_jsonl(tmp_path / "g.jsonl", rows)

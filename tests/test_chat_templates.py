@@ -74,7 +74,8 @@ def test_tool_calls_train_and_tool_results_do_not(name, call):
 
 
 def test_rows_a_template_refuses_are_skipped_and_counted(tmp_path):
-    rows = [{"messages": SYSTEM + TALK}, {"messages": TALK}, {"messages": TALK[:1] + TALK[2:]}]  # system; fine; user twice
+    # a system turn; a plain one; two user turns in a row
+    rows = [{"messages": SYSTEM + TALK}, {"messages": TALK}, {"messages": TALK[:1] + TALK[2:]}]
     path = tmp_path / "c.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     refused = "the chat template refused the row: "
