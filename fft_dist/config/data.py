@@ -43,7 +43,8 @@ class DataConfig:
     prompt_key: str = "prompt"
     completion_key: str = "completion"
     messages_key: str = "messages"
-    """chat: the column holding the list of {role, content} messages."""
+    """chat: the column holding the list of messages ({role, content}, tool_calls, ...). At its default a
+    ShareGPT `conversations` column or Alpaca `instruction`/`input`/`output` columns are read too."""
     chat_template: str | None = None
     """chat: a Jinja template string, or a path to a .jinja file; replaces the tokenizer's own template."""
     max_length: int = 256
@@ -81,6 +82,20 @@ class DataConfig:
     sample_by: str = "line"
     """text format, .txt sources: one row per line, per paragraph (blank-line separated) or per document
     (a whole file); the names of `datasets`' text loader. A long document is cut by `stride` or truncated."""
+
+    # chat layout (issue 19)
+    role_key: str | None = None
+    """chat: the key of a message's role. None: `role`, else `from` (ShareGPT)."""
+    content_key: str | None = None
+    """chat: the key of a message's text. None: `content`, else `value` (ShareGPT)."""
+    roles: dict[str, str] = field(default_factory=dict)
+    """chat: role names as the data writes them -> system/developer/user/assistant/tool, on top of the
+    ShareGPT names (human: user, gpt: assistant, observation: tool); on the command line `+data.roles={bot:assistant}`."""
+    train_on: str = "assistant"
+    """chat: which tokens carry the loss. assistant: every assistant turn (its text, tool calls and
+    end-of-turn token); last_assistant: the last assistant turn only; all: every token."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """chat: extra variables for the template, e.g. `+data.chat_template_kwargs={enable_thinking:false}` (Qwen3)."""
 
     def __post_init__(self) -> None:  # DataFormat.text and "text" are one name; messages print the plain name
         self.format = self.format.value if isinstance(self.format, Enum) else self.format

@@ -72,6 +72,10 @@ class Encoder:
         reason = "" if loss else ("no loss tokens left after truncation" if truncated else "no loss tokens")
         self.append(out, (ids, labels, loss, truncated, windowed, reason))
 
+    def skip(self, out: dict, reason: str) -> None:
+        """A row that yields no example, counted under `reason` (e.g. the chat template refused it)."""
+        self.append(out, ([], [], 0, False, False, reason))
+
     def emit_plain(self, out: dict, pairs: list, *, windows: bool) -> None:
         """(context ids, target ids) pairs: BOS first (data.add_bos), loss on the target and the EOS after it
         (data.add_eos); with `windows` a longer sequence becomes data.stride windows, each with the BOS first."""

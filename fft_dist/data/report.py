@@ -22,6 +22,33 @@ LOSS_OPEN, LOSS_CLOSE = "[[", "]]"
 BAR = 40
 
 
+BOOKKEEPING = {"id", "idx", "index", "uuid", "source", "url", "dataset", "meta", "metadata", "license", "lang",
+               "language", "category", "split", "hash", "timestamp", "created_at", "length", "num_tokens", "score"}
+"""Column names that label a row rather than hold what it teaches: not reported as unread."""
+HINTS = {"input": "an Alpaca `input`: data.format=chat reads instruction/input/output as one conversation",
+         "system": "a system prompt: data.format=chat reads it with Alpaca or messages rows",
+         "tools": "function schemas: data.format=chat passes them to the template",
+         "conversations": "ShareGPT turns: data.format=chat reads them",
+         "messages": "chat turns: data.format=chat reads them"}
+
+
+def unread_lines(cfg: DataConfig) -> list[str]:
+    """Columns of the sources that the format does not read (bookkeeping names aside): what never reaches
+    the model should be said, not dropped in silence."""
+    from fft_dist.data.formats import get_format
+    from fft_dist.data.sources import columns_of, expected_columns, resolve_sources
+
+    found: dict[str, None] = {}
+    for source in resolve_sources(cfg.path, key="data.path"):
+        found.update(dict.fromkeys(columns_of(source)))
+    read = {*expected_columns(cfg, list(found)), *get_format(cfg.format).optional_columns}
+    unread = [c for c in found if c not in read and c.lower() not in BOOKKEEPING]
+    if not unread:
+        return []
+    return [f"not read by data.format={cfg.format}: column(s) {', '.join(unread)} (they never reach the model)"] + [
+        f"  {c}: {HINTS[c]}" for c in unread if c in HINTS]
+
+
 def histogram_lines(stats: DataStats) -> list[str]:
     edges, counts = stats.length_edges, stats.lengths
     top = max(counts, default=0) or 1
@@ -113,6 +140,7 @@ def _source_report(cfg: DataConfig, tok, *, cache_dir, where: str = "data", term
     share = stats.loss_tokens / stats.tokens if stats.tokens else 0.0
     lines = [
         f"data: {cfg.name} (format {cfg.format}, max_length {cfg.max_length}) from {cfg.path}",
+        *unread_lines(cfg),
         f"cache: {stats.cache} ({'reused' if stats.reused else 'built now'})",
         f"train: {len(train)} examples from {stats.rows} rows",
         f"eval:  {len(evals)} examples from {eval_stats.rows} rows "

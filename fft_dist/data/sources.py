@@ -7,9 +7,7 @@ the file and the line (JSONL) or what was found (columnar files).
 """
 from __future__ import annotations
 
-import csv
 import glob
-import io
 import json
 import math
 import re
@@ -21,6 +19,9 @@ from typing import Any
 from fft_dist.config import DataConfig
 from fft_dist.data.encode import SPECIAL_CHOICES
 from fft_dist.data.formats import all_formats, get_format
+from fft_dist.data.file_rows import (PRECHECK_LINES, arrow_holds, columnar_schema, csv_header, iter_json_rows, json_rows,
+                                     kind_name, optional_kind, read_lines, text_rows)
+from fft_dist.data.json_text import as_strings, load_as_text
 from fft_dist.errors import ConfigError, DataError
 
 SAMPLE_BY = ("line", "paragraph", "document")
@@ -28,8 +29,6 @@ SAMPLE_BY = ("line", "paragraph", "document")
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
            ".arrow": "arrow"}
 """File extension -> `datasets` packaged loader."""
-PRECHECK_LINES = 100_000
-"""Lines of each JSONL file the launcher checks before starting ranks (all of a typical fine-tuning set)."""
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -96,9 +95,11 @@ def _folder_source(path: Path, key: str) -> Source:
 
 
 # -- the cheap pre-launch check ------------------------------------------------------------------------
-def expected_columns(cfg: DataConfig) -> dict[str, type]:
-    """The columns the format reads, with the Python type a JSON row must hold there."""
-    return get_format(cfg.format).column_names(cfg)
+def expected_columns(cfg: DataConfig, found=None) -> dict[str, Any]:
+    """The columns the format reads (from a source holding the columns `found`, where the format's layout
+    depends on them), with the Python type(s) a JSON row must hold there."""
+    fmt = get_format(cfg.format)
+    return fmt.column_names(cfg) if found is None else fmt.columns_in(cfg, found)
 
 
 def check_options(cfg: DataConfig) -> None:
@@ -180,149 +181,35 @@ def check_source(source: Source, cfg: DataConfig) -> int:
     if source.loader == "json":
         return sum(1 for _ in iter_json_rows(source.path, want, cfg, max_lines=PRECHECK_LINES))
     if source.loader == "text":
-        _have(source.path, ["text"], want)
+        _have(source.path, ["text"], expected_columns(cfg, ["text"]))
         return text_rows(source.path, cfg.sample_by)
-    schema, rows = _columnar_schema(source)
+    schema, rows = columnar_schema(source.path, source.loader)
+    want = expected_columns(cfg, schema.names)
     _have(source.path, list(schema.names), want)
     for column, kind in want.items():
+        if column not in schema.names:
+            continue  # an optional column (chat's tools)
         found = schema.field(column).type
-        if not _holds(found, kind):
+        if not arrow_holds(found, kind):
             raise DataError(f"{source.path}: column {column!r} is {found}, but data.format={cfg.format} reads "
-                            f"it as {KIND_NAMES[kind]}; convert the column (or point data.*_key at another one)")
+                            f"it as {kind_name(kind)}; convert the column (or point data.*_key at another one)")
     return rows
 
 
-def text_rows(path: Path, sample_by: str) -> int:
-    """Rows a .txt file gives under data.sample_by (within its first PRECHECK_LINES lines), as `datasets`
-    cuts it: every line; every block between blank lines; the whole file."""
-    if sample_by == "document":
-        return 1 if any(line.strip() for _, line in _lines(path, PRECHECK_LINES, "text")) else 0
-    if sample_by == "line":
-        return sum(1 for _ in _lines(path, PRECHECK_LINES, "text"))
-    paragraphs, blank = 0, True
-    for _, line in _lines(path, PRECHECK_LINES, "text"):
-        paragraphs += int(blank and bool(line.strip()))
-        blank = not line.strip()
-    return paragraphs
-
-
-KIND_NAMES = {str: "a string", list: "a list"}
-
-
-def _holds(arrow_type: Any, kind: type) -> bool:
-    """Whether a column of `arrow_type` gives Python values of `kind` (what a JSON row is checked for)."""
-    import pyarrow as pa
-
-    if kind is str:
-        return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_string_view(arrow_type)
-    if kind is list:
-        return any(check(arrow_type) for check in (pa.types.is_list, pa.types.is_large_list,
-                                                    pa.types.is_fixed_size_list, pa.types.is_list_view))
-    return True
-
-
 def _have(path: Path, found: list[str], want: dict[str, type]) -> None:
-    missing = [k for k in want if k not in found]
+    missing = [k for k, t in want.items() if k not in found and not optional_kind(t)]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; expected {list(want)}, found {sorted(found)}")
 
 
-def csv_header(path: Path) -> list[str]:
-    """A CSV file's column names. CSV holds text: every column is read as strings (no type guessing)."""
-    first = next(_lines(path, 1, "CSV"), (1, ""))[1]
-    return next(csv.reader(io.StringIO(first)), [])
-
-
-def _columnar_schema(source: Source):
-    """(arrow schema, rows) from a file's header or metadata, without reading its data."""
-    import pyarrow as pa
-
-    path = source.path
-    try:
-        if source.loader == "parquet":
-            import pyarrow.parquet as pq
-
-            meta = pq.ParquetFile(path)
-            return meta.schema_arrow, meta.metadata.num_rows
-        if source.loader == "csv":
-            rows = sum(1 for _ in _lines(path, None, "CSV")) - 1
-            return pa.schema([(name, pa.string()) for name in csv_header(path)]), max(rows, 0)
-        if source.loader == "arrow":
-            with pa.memory_map(str(path)) as mm:
-                try:
-                    reader = pa.ipc.open_stream(mm)
-                except pa.ArrowInvalid:
-                    reader = pa.ipc.open_file(mm)
-                return reader.schema, 1  # the row count needs a full read
-        import datasets
-
-        ds = datasets.load_from_disk(str(path))
-        return ds.features.arrow_schema, len(ds)
-    except DataError:
-        raise
-    except (OSError, ValueError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not a readable {source.loader} source ({type(e).__name__}: {e})") from None
-
-
-def iter_json_rows(path: str | Path, want: dict[str, type], cfg: DataConfig | None = None, *,
-                   max_lines: int | None = None):
-    """Yield (line number, row) of a JSON-lines file, checking each row; errors name the file and line.
-
-    Lines are decoded one by one, so a stray non-UTF-8 byte or a binary file (parquet, arrow) is
-    reported where it is instead of as a decoder traceback. A .json file holding one array is
-    checked as a whole (its rows are numbered from 1).
-    """
-    row_problem = get_format(cfg.format).row_problem if cfg is not None else None
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: data file is {'a directory' if path.is_dir() else 'missing'}")
-    for lineno, row in _json_rows(path, max_lines):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        missing = [k for k in want if k not in row]
-        if missing:
-            raise DataError(f"{path}:{lineno}: missing column(s) {missing}; expected {list(want)}, found {sorted(row)}")
-        bad = [k for k, t in want.items() if not isinstance(row[k], t)]
-        if bad:
-            raise DataError(f"{path}:{lineno}: column(s) {bad} must be {want[bad[0]].__name__}s")
-        problem = row_problem(row, cfg) if row_problem is not None else None
-        if problem:
-            raise DataError(f"{path}:{lineno}: {problem}")
-        yield lineno, row
-
-
-def _json_rows(path: Path, max_lines: int | None):
-    with path.open("rb") as f:
-        head = f.read(4096).lstrip()
-    if path.suffix.lower() == ".json" and head.startswith(b"["):
-        try:
-            rows = json.loads(path.read_bytes())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}: malformed JSON ({e})") from None
-        yield from enumerate(rows, start=1)
-        return
-    for lineno, line in _lines(path, max_lines, "JSONL"):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-
-
-def _lines(path: Path, max_lines: int | None, kind: str):
-    """(line number, text) of a text file, decoded line by line: a stray non-UTF-8 byte or a binary
-    file is reported with its file and line instead of a decoder traceback."""
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if max_lines is not None and lineno > max_lines:
-                return
-            if b"\0" in raw or (lineno == 1 and raw.startswith((b"PAR1", b"ARROW1"))):
-                raise DataError(f"{path}:{lineno}: a binary file (parquet/arrow?), not {kind} text")
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)") from None
+def columns_of(source: Source, rows: int = 100) -> list[str]:
+    """The columns a source holds (JSON: the keys of its first `rows` rows), without loading it."""
+    if source.loader == "json":
+        keys: dict[str, None] = {}
+        for _, row in json_rows(source.path, rows):
+            keys.update(dict.fromkeys(row if isinstance(row, dict) else ()))
+        return list(keys)
+    return ["text"] if source.loader == "text" else list(columnar_schema(source.path, source.loader)[0].names)
 
 
 # -- loading (on the rank that builds the cache) -----------------------------------------------------------
@@ -346,38 +233,64 @@ def load_sources(value: Any, cfg: DataConfig, *, key: str, work_dir: Path) -> Lo
     """Load every source of one split with `datasets` (local packaged loaders, no network)."""
     import datasets
 
+    fmt = get_format(cfg.format)
     parts, files, starts, total = [], [], [], 0
     for source in resolve_sources(value, key=key):
+        ds = None
         if source.loader == "json":  # line-exact errors before pyarrow's own, less precise ones
             if not sum(1 for _ in iter_json_rows(source.path, expected_columns(cfg), cfg)):
                 continue  # an empty file adds no rows (the json loader cannot read it)
+            if fmt.as_text is not None:  # the first row's layout names the columns
+                columns = list(expected_columns(cfg, next((r for _, r in json_rows(source.path, None)), {})))
+                ds = load_as_text(_checked_rows, source.path, cfg, columns, fmt.as_text, work_dir / "hf")
         elif source.path.is_file() and not source.path.stat().st_size:
             continue
         elif source.loader in ("text", "csv"):
-            for _ in _lines(source.path, None, source.loader):
+            for _ in read_lines(source.path, None, source.loader):
                 pass  # every line decodes (the pre-launch check read the first PRECHECK_LINES)
-        extra = {}
-        if source.loader == "text":  # by line, paragraph or document: the loader's own option
-            extra["sample_by"] = cfg.sample_by
-        if source.loader == "csv":  # text, not numbers: a column of digits stays the strings it holds
-            extra["features"] = datasets.Features({name: datasets.Value("string") for name in csv_header(source.path)})
-        try:
-            if source.loader == "disk":
-                ds = datasets.load_from_disk(str(source.path))
-            else:
-                ds = datasets.load_dataset(source.loader, data_files=[str(source.path)], split="train",
-                                           cache_dir=str(work_dir / "hf"), **extra)
-        except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
-            raise DataError(f"{source.path}: could not be read as {source.loader} ({type(e).__name__}: {e})") from None
-        _have(source.path, list(ds.column_names), expected_columns(cfg))
-        parts.append(ds.select_columns(list(expected_columns(cfg)) + _optional_columns(cfg, ds.column_names)))
+        if ds is None:
+            ds = _load(source, cfg, fmt, work_dir, len(parts))
+        parts.append(ds)
         files.append(source.path)
         starts.append(total)
         total += len(ds)
     if not total:
         raise DataError(f"{key}={value}: the data set is empty (no rows)")
-    dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    try:
+        dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    except ValueError as e:
+        raise DataError(f"{key}={value}: the sources hold different columns ({e}); give sources of one layout, "
+                        "or one data.mixture entry per layout") from None
     return Loaded(dataset, files, starts)
+
+
+def _load(source: Source, cfg: DataConfig, fmt, work_dir: Path, n: int):
+    import datasets
+
+    extra = {}
+    if source.loader == "text":  # by line, paragraph or document: the loader's own option
+        extra["sample_by"] = cfg.sample_by
+    if source.loader == "csv":  # text, not numbers: a column of digits stays the strings it holds
+        extra["features"] = datasets.Features({name: datasets.Value("string") for name in csv_header(source.path)})
+    try:
+        if source.loader == "disk":
+            ds = datasets.load_from_disk(str(source.path))
+        else:
+            ds = datasets.load_dataset(source.loader, data_files=[str(source.path)], split="train",
+                                       cache_dir=str(work_dir / "hf"), **extra)
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
+        raise DataError(f"{source.path}: could not be read as {source.loader} ({type(e).__name__}: {e})") from None
+    want = expected_columns(cfg, ds.column_names)
+    _have(source.path, list(ds.column_names), want)
+    ds = ds.select_columns([c for c in want if c in ds.column_names] + _optional_columns(cfg, ds.column_names))
+    if fmt.as_text is not None:  # the same column types as a JSON source's, so they concatenate
+        ds = ds.map(fmt.as_text, features=as_strings(ds.column_names), desc="fft-dist: reading",
+                    cache_file_name=str(work_dir / f"as-text-{n}.arrow"))
+    return ds
+
+
+def _checked_rows(path: str, cfg: DataConfig):
+    return iter_json_rows(path, expected_columns(cfg), cfg)
 
 
 def _optional_columns(cfg: DataConfig, names: list[str]) -> list[str]:

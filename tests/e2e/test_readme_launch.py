@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from doc_pages import all_text, block_after, command_lines
-from helpers import child_env
+from helpers import REPO, child_env
 from readme_launch_shared import COMMANDS, PLACEHOLDER
 
 
@@ -80,16 +81,21 @@ def run_as_printed(line: str, words: list[str], dry: bool, cwd) -> str:
 # between pages stays tested: run as printed, training lines with launcher.dry_run=true. Lines that name
 # the user's files (/models, /data, ./chatml.jinja, ./myconf) are placeholders; the sweep has its own test.
 USER_FILES = re.compile(r"(^|[\s='\[,])/(models|data)/|\.jinja\b")
+# Example files the docs name by their place in the repository (tests/fixtures/...: chat rows and real chat
+# templates) are not placeholders: such a line runs in a folder that holds a copy of tests/fixtures.
+FIXTURES = re.compile(r"tests/fixtures/\S+")
 
 
 OTHER_LINES = [c for prefix in ("fft-dist train", "fft-dist estimate", "fft-dist plan", "fft-dist data")
                for c in command_lines(prefix)
-               if not PLACEHOLDER.search(c) and not USER_FILES.search(c) and " -m " not in c
+               if not PLACEHOLDER.search(c) and not USER_FILES.search(FIXTURES.sub("", c)) and " -m " not in c
                and c not in {line for line, _ in VERBATIM}]
 
 
 @pytest.mark.parametrize("line", OTHER_LINES, ids=range(len(OTHER_LINES)))
 def test_every_other_page_line_runs_as_printed(line, tmp_path):
     words = shlex.split(line)[1:]
+    if FIXTURES.search(line):
+        shutil.copytree(REPO / "tests" / "fixtures", tmp_path / "tests" / "fixtures")
     run_as_printed(line, words, words[0] == "train", tmp_path)
     assert not (tmp_path / "runs").exists(), "a dry run must write nothing"

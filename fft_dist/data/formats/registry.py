@@ -47,10 +47,21 @@ class Format:
     """(cfg, dataset, training row indices) -> the class names (classification)."""
     packing: str | None = None
     """Why data.packing cannot apply to this format; None: it packs."""
+    source_columns: Callable[[DataConfig, Any], dict[str, Any]] | None = None
+    """(cfg, the columns a source or JSON row holds) -> the columns to read and their Python type(s), where
+    they depend on the layout found (chat: `messages`, ShareGPT `conversations` or Alpaca columns, and an
+    optional `tools`); None: :meth:`column_names`."""
+    as_text: Callable[[dict], dict] | None = None
+    """JSON sources: a checked row -> the row as stored, nested values as JSON text (chat: tool schemas
+    and arguments differ in shape from row to row, and Arrow needs one schema); `encode` parses them."""
 
     def column_names(self, cfg: DataConfig) -> dict[str, type]:
         """The columns a row must hold under `cfg` (option-named first), with their Python types."""
         return {**{getattr(cfg, option): kind for option, kind in self.columns.items()}, **self.fixed_columns}
+
+    def columns_in(self, cfg: DataConfig, found) -> dict[str, Any]:
+        """The columns to read from a source that holds the columns `found`."""
+        return self.source_columns(cfg, found) if self.source_columns is not None else self.column_names(cfg)
 
 
 _FORMATS: dict[str, Format] = {}
