@@ -170,6 +170,7 @@ def _shard_size(text: str) -> int:
 def export(argv: list[str]) -> int:
     """Exit 0 ok, 2 usage error (bad option, non-empty output folder without --force), 4 bad checkpoint."""
     from fft_dist.checkpoint import CheckpointError, ExportTargetError, export_hf
+    from fft_dist.checkpoint.interpolate import InterpolationUsageError
     from fft_dist.exit_codes import CHECKPOINT_ERROR, CONFIG_ERROR
 
     p = argparse.ArgumentParser(prog="fft-dist export")
@@ -180,11 +181,18 @@ def export(argv: list[str]) -> int:
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer folder (default: the checkpoint's own tokenizer/ copy)")
     p.add_argument("--force", action="store_true", help="replace a non-empty out_dir (atomically, when complete)")
+    p.add_argument("--interpolate-base", type=float, default=None, metavar="ALPHA",
+                   help="write (1 - ALPHA) * trained + ALPHA * base weights, ALPHA in [0, 1] (trades task skill for "
+                        "what the base model knew); needs --base")
+    p.add_argument("--base", type=Path, default=None,
+                   help="the Hugging Face folder the run started from (its model.path), for --interpolate-base")
     a = p.parse_args(argv)
+    if a.base is not None and a.interpolate_base is None:
+        p.error("--base is only used with --interpolate-base")
     try:
         export_hf(a.checkpoint, a.out_dir, dtype=a.dtype, max_shard_size=a.max_shard_size, tokenizer_dir=a.tokenizer,
-                  overwrite=a.force)
-    except ExportTargetError as e:
+                  overwrite=a.force, interpolate_base=a.interpolate_base, base=a.base)
+    except (ExportTargetError, InterpolationUsageError) as e:
         print(f"fft-dist: {e}", file=sys.stderr)
         return CONFIG_ERROR
     except CheckpointError as e:

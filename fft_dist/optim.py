@@ -25,6 +25,7 @@ from fft_dist.config import (
     SGDConfig,
     TrainConfig,
 )
+from fft_dist.models.layers import layer_depths
 from fft_dist.validate import warmup_steps_for
 
 
@@ -32,20 +33,33 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def layer_lr_scales(model: nn.Module, gamma: float) -> dict[str, float]:
+    """optimizer.layer_lr_decay: {parameter name: lr factor}. Decoder layer l (0-based) of L gets
+    gamma^(L - l), the input embeddings (and a head tied to them) gamma^(L + 1), the head and the
+    final norm gamma^0 = 1."""
+    n_layers, depths = layer_depths(model)
+    return {name: gamma ** (n_layers + 1 - depth) for name, depth in depths.items()}
+
+
 def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
-    """Trainable parameters split into weight-decay and no-decay groups (1-D tensors never decay)."""
-    decay, no_decay = [], []
+    """Trainable parameters split into weight-decay and no-decay groups (1-D tensors never decay), and,
+    with optimizer.layer_lr_decay < 1, by lr factor too: each such group carries its ``lr_scale``,
+    which set_lr multiplies the schedule's lr by."""
+    scales = layer_lr_scales(model, cfg.layer_lr_decay) if cfg.layer_lr_decay < 1.0 else {}
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if len(getattr(p, "ds_shape", p.shape)) < 2 or _matches(name, cfg.no_decay):  # ds_shape: ZeRO-3 partitioned
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return [g for g in groups if g["params"]]
+        # ds_shape: ZeRO-3 partitioned
+        decays = not (len(getattr(p, "ds_shape", p.shape)) < 2 or _matches(name, cfg.no_decay))
+        groups.setdefault((scales.get(name, 1.0), decays), []).append(p)
+    out = []
+    for (scale, decays), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1])):
+        group = {"params": params, "weight_decay": cfg.weight_decay if decays else 0.0}
+        if scales:
+            group["lr_scale"] = scale
+        out.append(group)
+    return out
 
 
 def optimizer_factory(cfg: OptimizerConfig, lr: float,
@@ -95,5 +109,6 @@ def lr_schedule(train: TrainConfig, total_steps: int) -> Callable[[int], float]:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's lr on every group, times the group's layer-wise factor (``lr_scale``, if any)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -159,6 +159,8 @@ def print_summary(summary) -> None:
             "",
             f"fft-dist: {summary.stopped} after {summary.steps} steps in {summary.seconds:.1f} s",
             _eval_line(summary),
+            *(f"  held-out {name}: loss {before:.4f} -> {after:.4f} ({after - before:+.4f})"
+              for name, (before, after) in summary.held_out.items()),
             f"  run dir:    {summary.run_dir}  (config.yaml, metrics.jsonl, tb/)",
             f"  checkpoint: {summary.checkpoint or 'none'}",
             *([f"  HF export:  {summary.export} (from {summary.export_source})"] if summary.export_source else []),

@@ -32,7 +32,8 @@ TRAINER_SPEC = Obj({
     "best_eval_loss": LOSS, "best_step": Nullable(COUNT), "evals_without_improvement": COUNT,
     "last_eval_loss": LOSS, "first_eval_loss": LOSS, "last_eval_step": Nullable(COUNT),
     "stopped_early": Bool(),
-}, expected="the trainer's counters (an object)")
+}, optional={"held_out_first": MapOf(LOSS), "held_out_last": MapOf(LOSS)},  # eval.sets (older checkpoints: none)
+    expected="the trainer's counters (an object)")
 """``trainer``: :class:`fft_dist.trainer.TrainState`'s fields but ``step`` (tests/unit/test_checkpoint_metadata.py
 keeps the two in step)."""
 

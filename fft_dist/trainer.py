@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from fft_dist.data import collate
 from fft_dist.data.training import load_training_data
 from fft_dist.dist import DistContext, all_reduce_sum, print0, seed_everything
 from fft_dist.errors import NonFiniteError
-from fft_dist.evaluation import EvalSets, evaluate, track
+from fft_dist.evaluation import EvalSets, evaluate, held_out_sets, track
 from fft_dist.loss import MAIN, build_loss, load_plugins
 from fft_dist.metrics import MetricsWriter, flops_per_token, peak_flops, peak_memory_mb
 from fft_dist.model import (
@@ -66,6 +66,9 @@ class TrainState:
     first_eval_loss: float | None = None
     last_eval_step: int | None = None
     stopped_early: bool = False
+    held_out_first: dict[str, float] = field(default_factory=dict)
+    """eval.sets: each set's first eval loss (step 0), the "before" of the forgetting report."""
+    held_out_last: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,6 +91,8 @@ class Summary:
     """The run the export belongs to (its marker; a resumed run may replace only its own export)."""
     eval_split: bool = True
     """Whether there was an eval split at all (a small data set may hold out no row)."""
+    held_out: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """eval.sets: name -> (loss before, loss after)."""
 
     @property
     def exit_code(self) -> int:
@@ -122,8 +127,10 @@ class Trainer:
         self.old_vocab = grow_vocab(self.hf_config, self.tokenizer, cfg.model)  # model.add_tokens ...
         self.tokenizer_files = save_run_tokenizer(self.tokenizer) if self.ctx.is_main else None
         load_plugins(list(cfg.loss.plugins))  # a plugin may register a data format: import it before the data
-        data = load_training_data(cfg.data, self.tokenizer, cache_dir=cfg.data.cache_dir or self.run_dir / "data_cache")
-        self.train_set, self.eval_set, stats = data.train, EvalSets(data.evals), data.stats
+        cache_dir = cfg.data.cache_dir or self.run_dir / "data_cache"
+        data = load_training_data(cfg.data, self.tokenizer, cache_dir=cache_dir)
+        held_out = held_out_sets(cfg.eval.sets, cfg.data, self.tokenizer, cache_dir=cache_dir)
+        self.train_set, self.eval_set, stats = data.train, EvalSets(data.evals, held_out), data.stats
         self.sampler = data.sampler(self.plan.global_batch_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
         if data.sources:
             print0("fft-dist: data mixture: " + ", ".join(f"{s.name} {s.share:.1%} of each batch ({len(p)} rows)"
@@ -281,7 +288,8 @@ class Trainer:
                           should_stop=lambda: self.stop_signal.received is not None)
         if losses is None:
             return False
-        record, line = track(self.state, losses, step, patience=self.cfg.eval.patience)
+        record, line = track(self.state, losses, step, patience=self.cfg.eval.patience, select=self.cfg.eval.select,
+                             held_out=list(self.cfg.eval.sets))
         self.metrics.write(record)
         self._say(line)
         return True
@@ -313,7 +321,8 @@ class Trainer:
         cfg, s = self.cfg, self.state
         start_time = time.perf_counter()
         stop_now = False  # a stop signal (agreed by all ranks) during a step or an evaluation
-        if s.step == 0 and self.eval_set and cfg.eval.every_steps:  # 0: evaluate only at the end
+        # 0: evaluate only at the end; held-out sets (eval.sets) always get their "before" at step 0
+        if s.step == 0 and self.eval_set and (cfg.eval.every_steps or cfg.eval.sets):
             stop_now = not self._eval_and_track(0)
         from fft_dist.progress import progress_bar
 
@@ -344,12 +353,17 @@ class Trainer:
             self._save(s.step)
         self.checkpoints.close()  # the end of training waits for a save in flight
         last_ckpt = self.checkpoints.last
+        held = {n: (s.held_out_first[n], s.held_out_last[n]) for n in s.held_out_first if n in s.held_out_last}
+        if held:  # the forgetting report: each held-out set's loss before and after
+            self.metrics.write({"step": s.step, "event": "forgetting", **{
+                f"eval_{n}_loss_{k}": v for n, (a, b) in held.items()
+                for k, v in (("before", a), ("after", b), ("change", b - a))}})
         self.metrics.close()
         summary = Summary(steps=s.step, seconds=time.perf_counter() - start_time, first_eval_loss=s.first_eval_loss,
                           final_eval_loss=s.last_eval_loss, best_eval_loss=s.best_eval_loss, best_step=s.best_step,
                           run_dir=str(self.run_dir), checkpoint=str(last_ckpt) if last_ckpt else None,
                           stopped=stopped, signal=stop_signal, tokenizer_dir=self.tokenizer_files,
-                          eval_split=bool(self.eval_set))
+                          eval_split=bool(self.eval_set), held_out=held)
         if stopped != "preempted" and cfg.checkpoint.export_final and last_ckpt is not None:
             summary.export_source = self.checkpoints.export_source()
             summary.export = self.run_dir / "hf"

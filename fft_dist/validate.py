@@ -7,6 +7,7 @@ are called next to this one by :mod:`fft_dist.launch`.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from fft_dist import device_defaults
@@ -75,6 +76,31 @@ def _check_ranges(cfg: FFTConfig) -> None:
     cfg.optimizer.check()  # each optimizer's own options (fft_dist.config.optimizer)
 
 
+def _check_eval_sets(cfg: FFTConfig) -> None:
+    """eval.sets / eval.select: names and weights (the entries' data settings are checked where they load)."""
+    for name, entry in cfg.eval.sets.items():
+        where = f"eval.sets.{name}"
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", str(name)) or name in ("task", "best"):
+            raise ConfigError(f"{where}: a set name must be letters, digits, '_' or '-' (it becomes the metric "
+                              "eval_<name>_loss) and not 'task' or 'best'")
+        if name in (cfg.data.mixture or {}):
+            raise ConfigError(f"{where}: data.mixture.{name} trains on a source of that name; a held-out set is never "
+                              "trained on, so give it another name")
+        if not hasattr(entry, "get") or entry.get("path") is None:
+            raise ConfigError(f"{where} has no path (e.g. +{where}.path=/data/web.jsonl +{where}.format=text)")
+        if "weight" in entry:
+            raise ConfigError(f"{where}.weight: a held-out set is never trained on, so it has no weight; drop it "
+                              "(eval.select weighs it in the choice of the best checkpoint)")
+    for key, weight in cfg.eval.select.items():
+        if key != "task" and key not in cfg.eval.sets:
+            raise ConfigError(f"eval.select.{key}: not 'task' or an eval.sets name (known: "
+                              f"{', '.join(['task', *cfg.eval.sets])})")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not _finite(weight) or weight < 0:
+            raise ConfigError(f"eval.select.{key}={weight!r} must be a finite number >= 0")
+    if cfg.eval.select and not sum(cfg.eval.select.values()) > 0:
+        raise ConfigError("eval.select: the weights add up to 0; give at least one a weight > 0")
+
+
 def _check_paths(cfg: FFTConfig) -> None:
     if cfg.model.path is not None:
         path = Path(cfg.model.path)
@@ -111,6 +137,7 @@ def validate(cfg: FFTConfig, world_size: int) -> BatchPlan:
     if cfg.train.max_steps:
         warmup_steps_for(cfg.train, cfg.train.max_steps)
     _check_paths(cfg)
+    _check_eval_sets(cfg)
     if cfg.checkpoint.export == ExportChoice.best and not cfg.checkpoint.keep_best:
         raise ConfigError("checkpoint.export=best needs checkpoint.keep_best=true (else the best one may be pruned)")
     if cfg.checkpoint.export == ExportChoice.best and not cfg.checkpoint.export_final:

@@ -14,6 +14,7 @@ from fft_dist.checkpoint import ownership
 from fft_dist.checkpoint.faults import check_fault_env, fault_point
 from fft_dist.checkpoint.format import CheckpointError
 from fft_dist.checkpoint.integrity import verify_checkpoint
+from fft_dist.checkpoint.interpolate import BaseMix, InterpolationUsageError, base_hint, check_alpha
 from fft_dist.checkpoint.layout import resolve_checkpoint
 from fft_dist.checkpoint.reader import CheckpointReader, read_train_state
 from fft_dist.checkpoint.safetensors_io import write_safetensors_lazy
@@ -131,7 +132,8 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def export_hf(checkpoint: Path, out_dir: Path, *, dtype: str = "float32", max_shard_size: str | int = "2GB",
               tokenizer_dir: Path | None = None, verify: bool = True, model_config: dict | None = None,
-              overwrite: bool = False, run_id: str | None = None) -> dict:
+              overwrite: bool = False, run_id: str | None = None, interpolate_base: float | None = None,
+              base: Path | None = None) -> dict:
     """Write `checkpoint` as a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads
     (a classifier: ``AutoModelForSequenceClassification``, with its label names and pad_token_id).
 
@@ -156,6 +158,9 @@ def export_hf(checkpoint: Path, out_dir: Path, *, dtype: str = "float32", max_sh
     the run it belongs to. A non-empty `out_dir` is refused (:class:`ExportTargetError`) unless
     `overwrite`, or its marker names `run_id` (a resumed run replaces its own export). Bad
     `dtype` or `max_shard_size`: ValueError; a bad checkpoint: CheckpointError.
+    `interpolate_base` (alpha in [0, 1]) writes (1 - alpha) * theta + alpha * theta_0, theta_0 read tensor by
+    tensor from the Hugging Face folder `base` (:mod:`fft_dist.checkpoint.interpolate`); no `base`:
+    InterpolationUsageError naming what to pass.
     Returns a summary dict (files, shards, bytes, tokenizer files).
     """
     out_dir = Path(os.path.abspath(out_dir))
@@ -164,9 +169,14 @@ def export_hf(checkpoint: Path, out_dir: Path, *, dtype: str = "float32", max_sh
     max_bytes = fmt.parse_size(max_shard_size)
     if max_bytes <= 0:
         raise ValueError(f"max_shard_size {max_shard_size!r}: must be more than 0 bytes")
+    if interpolate_base is not None:
+        check_alpha(interpolate_base)
     _check_target(out_dir, overwrite, run_id)
     check_fault_env()
     checkpoint = resolve_checkpoint(checkpoint)
+    if interpolate_base is not None and base is None:
+        raise InterpolationUsageError(f"--interpolate-base needs the weights the run started from: "
+                                f"{base_hint(read_train_state(checkpoint))}")
     problems = verify_checkpoint(checkpoint, checksums=verify)
     if problems:
         raise CheckpointError(f"cannot export {checkpoint}:\n  " + "\n  ".join(problems))
@@ -177,7 +187,8 @@ def export_hf(checkpoint: Path, out_dir: Path, *, dtype: str = "float32", max_sh
     tmp.mkdir()
     try:
         summary = _write_export(checkpoint, tmp, dtype=dtype, max_bytes=max_bytes, tokenizer_dir=tokenizer_dir,
-                                model_config=model_config)
+                                model_config=model_config,
+                                mix=(interpolate_base, base) if interpolate_base is not None else None)
         ownership.write_export_marker(tmp, run_id=run_id, step=read_train_state(checkpoint)["step"])
         _check_target(out_dir, overwrite, run_id)  # something may have appeared there meanwhile
         _swap_in(tmp, out_dir, owner=token)
@@ -189,7 +200,7 @@ def export_hf(checkpoint: Path, out_dir: Path, *, dtype: str = "float32", max_sh
 
 
 def _write_export(checkpoint: Path, out_dir: Path, *, dtype: str, max_bytes: int, tokenizer_dir: Path | None,
-                  model_config: dict | None) -> dict:
+                  model_config: dict | None, mix: tuple[float, Path] | None = None) -> dict:
     out_dtype = EXPORT_DTYPES[dtype]
     state = read_train_state(checkpoint)
     model_config = model_config or state.get("model_config")
@@ -216,7 +227,8 @@ def _write_export(checkpoint: Path, out_dir: Path, *, dtype: str, max_bytes: int
     shapes = {key: shape for g in groups for key, shape in g.outputs.items()}
     sizes = [(key, fmt.numel(shape) * elem) for key, shape in shapes.items()]
     shards = _plan_shards(sizes, max_bytes)
-    produce_key = _Reverted(reader, model, groups, out_dtype)
+    base_mix = BaseMix(mix[1], mix[0], model) if mix else None
+    produce_key = _Reverted(reader, model, groups, out_dtype, base_mix)
 
     weight_map: dict[str, str] = {}
     files = []
@@ -230,6 +242,8 @@ def _write_export(checkpoint: Path, out_dir: Path, *, dtype: str, max_bytes: int
         files.append(fname)
         fault_point("mid_export")
     reader.close()
+    if base_mix is not None:
+        base_mix.close()
     total = sum(s for _, s in sizes)
     with open(out_dir / WEIGHTS_INDEX, "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total, "total_parameters": total // elem}, "weight_map": weight_map},
@@ -254,8 +268,9 @@ class _Reverted:
     cast, reverted by transformers (:func:`fft_dist.models.conversions.revert`) and kept until its last key is
     written, so memory holds one group at a time (a fused expert tensor and its per-expert pieces)."""
 
-    def __init__(self, reader: CheckpointReader, model, groups: list[ExportGroup], dtype: torch.dtype):
-        self._reader, self._model, self._dtype = reader, model, dtype
+    def __init__(self, reader: CheckpointReader, model, groups: list[ExportGroup], dtype: torch.dtype,
+                 mix: BaseMix | None = None):
+        self._reader, self._model, self._dtype, self._mix = reader, model, dtype, mix
         self._group_of = {key: g for g in groups for key in g.outputs}
         self._pending: dict[str, torch.Tensor] = {}
 
@@ -263,7 +278,8 @@ class _Reverted:
         if key not in self._pending:
             group = self._group_of[key]
             self._pending = {}
-            values = {n: self._reader.read_full(n).to(self._dtype) for n in group.names}
+            mix = self._mix or (lambda _name, value: value)
+            values = {n: mix(n, self._reader.read_full(n)).to(self._dtype) for n in group.names}
             self._reader.close()  # unmap: safetensors reads through mmap, and mapped pages count as RSS
             out = revert(self._model, values)
             del values

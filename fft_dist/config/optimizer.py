@@ -42,11 +42,17 @@ class OptimizerConfig:
     implementation: OptimizerImplementation = OptimizerImplementation.auto
     """torch's kernel for the update: single_tensor (a loop over parameters), foreach (batched) or fused (one
     kernel). auto: fused (Adam/AdamW) or foreach (SGD) on CUDA, single_tensor on CPU; decided on the rank."""
+    layer_lr_decay: float = 1.0
+    """Layer-wise lr decay gamma in (0, 1]: decoder layer l (0-based) of L trains at lr * gamma^(L - l), the
+    input embeddings (and a head tied to them) at lr * gamma^(L + 1), the head and final norm at lr.
+    1.0: one lr for all."""
 
     def check(self) -> None:
         """Values that cannot run: a ConfigError naming the option."""
         if not _finite(self.weight_decay, 0.0):
             raise ConfigError(f"optimizer.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not (_finite(self.layer_lr_decay, 0.0) and 0.0 < self.layer_lr_decay <= 1.0):
+            raise ConfigError(f"optimizer.layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
 
 
 @dataclass

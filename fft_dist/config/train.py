@@ -2,8 +2,9 @@
 (micro batch x ranks x accumulation) every component reads."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from fft_dist.errors import ConfigError
 
@@ -74,6 +75,14 @@ class EvalConfig:
     """Sequences per eval forward on one rank."""
     max_batches: int = 0
     """Cap on eval micro-batches per rank (0: the whole eval split)."""
+    sets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Held-out sets evaluated but never trained on (a forgetting report): name -> a data.mixture entry without
+    the weight ({path, format, ...}); every file row is evaluated at step 0 and at each evaluation, logged as
+    eval_<name>_loss, and the end of the run shows its loss before and after. The name must not be a
+    data.mixture source."""
+    select: dict[str, float] = field(default_factory=dict)
+    """Which loss picks the best checkpoint (and drives patience): weights over `task` (eval_loss) and the
+    eval.sets names, e.g. {task: 1.0, general: 0.5}. Empty: the task loss alone."""
 
 
 @dataclass(frozen=True)

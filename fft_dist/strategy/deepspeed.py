@@ -52,6 +52,7 @@ from fft_dist.device_defaults import DeviceDefaults
 from fft_dist.dist import DistContext
 from fft_dist.model import compile_layers
 from fft_dist.models.head import Head, deferred_head
+from fft_dist.optim import set_lr
 from fft_dist.strategy.base import (
     Capabilities,
     Fragment,
@@ -189,9 +190,7 @@ class DeepSpeedStrategy(Strategy):
                 f"step() after {self._micro} backward() calls; the batch plan has {self.plan.grad_accum} "
                 "micro batches per optimizer step"
             )
-        lr = float(self.lr_at(step))
-        for group in self._base.param_groups:
-            group["lr"] = lr
+        set_lr(self._base, float(self.lr_at(step)))  # keeps each group's layer-wise lr_scale
         self.engine.step()
         self._micro = 0
         norm = self.engine.get_global_grad_norm()
