@@ -22,6 +22,7 @@ Each term's value is logged per step under its ``metric`` (``loss/<name>`` unles
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fft_dist.data.formats import get_format
@@ -72,6 +73,9 @@ def build_loss(cfg: LossConfig, *, fmt: str, model_config: Any) -> StepLoss:
         if objective.unit != TOKENS.unit:
             raise ConfigError(f"loss.kd.weight={cfg.kd.weight}: distillation compares next-token distributions, "
                               f"and data.format={fmt} trains a classification head; set loss.kd.weight=0")
+        if cfg.kd.reference is not None and not (Path(cfg.kd.reference) / "config.json").is_file():
+            raise ConfigError(f"loss.kd.reference={cfg.kd.reference!r} is not a Hugging Face model folder (no "
+                              "config.json there)")
         kd = Distillation(weight=cfg.kd.weight, temperature=cfg.kd.temperature)
     return StepLoss(objective, terms, model_config, chunk_size=cfg.chunk_size, kd=kd)
 

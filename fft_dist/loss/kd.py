@@ -192,3 +192,20 @@ class ChunkedHeadWithKD:
         kd = chunked_kl_sum(rows, embedding.weight, getattr(embedding, "bias", None), rules, self.ref,
                             self.temperature, self.chunk)
         return torch.stack([ce, kd])
+
+
+class Reference:
+    """The frozen reference as the loop uses it: for each micro batch, what the distillation part reads (the
+    reference's :class:`RefChunks` under loss.chunk_size, else its full logits), from the same inputs."""
+
+    def __init__(self, frozen, *, chunked: bool):
+        self.frozen, self.chunked = frozen, chunked
+        """`frozen`: a FrozenModel (fft_dist.strategy.base) the strategy hosts."""
+
+    def for_batch(self, batch: dict):
+        inputs = (batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
+        if not self.chunked:
+            return self.frozen.forward(*inputs).logits
+        rows = ReferenceRows(batch["labels"])
+        self.frozen.forward(*inputs, head=rows)
+        return rows.result
