@@ -76,3 +76,94 @@ def test_kd_is_refused_with_a_classification_format():
     with pytest.raises(ConfigError, match="loss.kd.weight"):
         check(LossConfig(kd=KDConfig(weight=0.5)), fmt="classification")
     check(LossConfig(kd=KDConfig(weight=0.5)), fmt="text")
+
+
+# -- real runs: 2 gloo ranks, fp32, the tiny Llama ---------------------------------------------------------------
+import importlib.util  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from family_checks import same_state  # noqa: E402
+from helpers import TINY_JOB, step_records, train  # noqa: E402
+
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+KD_JOB = (*TINY_JOB, "train.max_steps=4", "train.warmup_steps=1", "loss.chunk_size=16", "loss.kd.weight=0.5",
+          "loss.kd.temperature=2", "loss.l2sp.weight=0.1")
+PARTS = ("loss", "kd_loss", "l2sp_loss")
+
+
+def parts(run: Path) -> dict[int, tuple[float, ...]]:
+    return {r["step"]: tuple(r[k] for k in PARTS) for r in step_records(run)}
+
+
+def assert_parity(got: dict, want: dict, what: str) -> None:
+    """loss and l2sp_loss within 1e-5 relative; kd_loss within 1e-5 of the loss: it is a KL between nearly equal
+    distributions (0 at step 1), so its own relative round-off is that of the logits over their small change."""
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4], what
+    for step in want:
+        (loss, kd, l2sp), (loss0, kd0, l2sp0) = got[step], want[step]
+        assert abs(loss - loss0) <= 1e-5 * abs(loss0), (what, step, loss, loss0)
+        assert abs(l2sp - l2sp0) <= 1e-5 * abs(l2sp0), (what, step, l2sp, l2sp0)
+        assert abs(kd - kd0) <= 1e-5 * abs(loss0), (what, step, kd, kd0)
+    assert want[1][1] == 0.0 and want[4][1] > 0 and want[4][2] > want[1][2] > 0  # the terms are live
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("kd") / "fsdp"
+    train(run, *KD_JOB, "checkpoint.every_steps=2", "checkpoint.save_final=true", parallelism="fsdp")
+    return run
+
+
+def test_kd_and_l2sp_agree_between_none_and_fsdp(fsdp_run, tmp_path):
+    train(tmp_path / "none", *KD_JOB, nproc=1, parallelism="none")
+    assert_parity(parts(fsdp_run), parts(tmp_path / "none"), "fsdp x2 vs none")
+
+
+def test_resume_with_kd_and_l2sp_is_bit_identical_under_fsdp(fsdp_run, tmp_path):
+    """The reference and theta0 are rebuilt from the start (not checkpointed): steps 3-4 and the final weights and
+    optimizer states of a run resumed at step 2 are the uninterrupted run's, bit for bit."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(fsdp_run / "checkpoints" / "step-0000002", run / "checkpoints" / "step-0000002")
+    train(run, *KD_JOB, "checkpoint.save_final=true", "resume=auto", parallelism="fsdp")
+    full, resumed = parts(fsdp_run), parts(run)
+    assert sorted(resumed) == [3, 4] and [resumed[s] for s in (3, 4)] == [full[s] for s in (3, 4)]
+    assert same_state(fsdp_run / "checkpoints" / "step-0000004", run / "checkpoints" / "step-0000004") is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="DeepSpeed is not installed")
+def test_kd_and_l2sp_agree_under_zero2_and_zero3(fsdp_run, tmp_path):
+    """The reference is a ZeRO-3 inference engine under both; the pull goes into the fp32 master partition."""
+    for parallelism in ("zero2", "zero3"):
+        train(tmp_path / parallelism, *KD_JOB, parallelism=parallelism)
+        assert_parity(parts(tmp_path / parallelism), parts(fsdp_run), f"{parallelism} x2 vs fsdp x2")
+
+
+def test_a_large_l2sp_weight_keeps_the_weights_near_the_start(tmp_path):
+    """||theta - theta0||^2 = l2sp_loss / lambda: with lambda x lr = 0.3 per step it ends well below lambda ~ 0's
+    (1e-6: a pull of 3e-9 per step, which logs the distance without changing the run measurably)."""
+    job = (*TINY_JOB, "train.max_steps=4", "train.warmup_steps=1")
+    distance = {}
+    for weight in (1e-6, 100.0):
+        train(tmp_path / str(weight), *job, f"loss.l2sp.weight={weight}", nproc=1, parallelism="none")
+        distance[weight] = step_records(tmp_path / str(weight))[-1]["l2sp_loss"] / weight
+    print(f"||theta - theta0||^2 after 4 steps: {distance}")
+    assert distance[100.0] < 0.5 * distance[1e-6]
+
+
+def test_bad_values_exit_2_naming_the_option(tmp_path):
+    from helpers import fft_dist
+
+    for override, option in (("loss.kd.weight=-1", "loss.kd.weight"), ("loss.kd.temperature=0", "loss.kd.temperature"),
+                             ("loss.l2sp.weight=inf", "loss.l2sp.weight"),
+                             (f"loss.kd.reference={tmp_path}", "loss.kd.reference")):
+        proc = fft_dist("train", *TINY_JOB, f"run.dir={tmp_path / 'run'}", "loss.kd.weight=0.5", override,
+                        "--cfg", "job")
+        if option == "loss.kd.reference":  # --cfg job stops before the checks; a dry run does them
+            proc = fft_dist("train", *TINY_JOB, f"run.dir={tmp_path / 'run'}", "loss.kd.weight=0.5", override,
+                            "launcher.dry_run=true")
+        assert proc.returncode == 2 and option in proc.stderr + proc.stdout, (override, proc.stdout, proc.stderr)
+    help_text = fft_dist("train", "--help").stdout
+    assert "loss.kd.temperature" in help_text and "loss.l2sp.weight" in help_text
