@@ -5,9 +5,10 @@ In process (fp32, tiny models from tests/test_chunked_loss.py's rows):
 - the chunked KL equals the full-logits one within 1e-6 relative (and its gradient within 1e-6 in norm), with a
   temperature and with Gemma-2's soft-capping;
 - the options refuse bad values (exit 2 naming the option) and distillation with a classification format.
-Real runs (2 gloo ranks, fp32, tiny Llama; tests/kd_worker.py is not needed: the CLI itself is the worker):
-- with both on, none, fsdp x2, zero2 x2 and zero3 x2 agree within 1e-5 relative (loss, kd_loss, l2sp_loss);
-- a resume with both on is bit-identical to the uninterrupted run under fsdp;
+Real runs through the CLI (2 gloo ranks, fp32, the tiny Llama, loss.chunk_size=16; one run per backend):
+- with both on, none, fsdp x2, zero2 x2 and zero3 x2 agree within 1e-5 (loss, l2sp_loss relative; kd_loss
+  relative to the loss: see assert_parity);
+- a resume with both on is bit-identical to the uninterrupted run under fsdp and (slow) zero3;
 - a large loss.l2sp.weight keeps theta closer to theta0 than 0 does (direction).
 """
 from __future__ import annotations
@@ -123,22 +124,30 @@ def test_kd_and_l2sp_agree_between_none_and_fsdp(fsdp_run, tmp_path):
 def test_resume_with_kd_and_l2sp_is_bit_identical_under_fsdp(fsdp_run, tmp_path):
     """The reference and theta0 are rebuilt from the start (not checkpointed): steps 3-4 and the final weights and
     optimizer states of a run resumed at step 2 are the uninterrupted run's, bit for bit."""
-    run = tmp_path / "run"
+    resume_at_step_2(fsdp_run, tmp_path / "run", "fsdp")
+
+
+def resume_at_step_2(full: Path, run: Path, parallelism: str) -> None:
+    """Resume `full`'s step-2 checkpoint in a fresh run dir to step 4: bit-identical to `full` (the parts of steps
+    3-4 and every tensor of the final checkpoint)."""
     (run / "checkpoints").mkdir(parents=True)
-    shutil.copytree(fsdp_run / "checkpoints" / "step-0000002", run / "checkpoints" / "step-0000002")
-    train(run, *KD_JOB, "checkpoint.save_final=true", "resume=auto", parallelism="fsdp")
-    full, resumed = parts(fsdp_run), parts(run)
-    assert sorted(resumed) == [3, 4] and [resumed[s] for s in (3, 4)] == [full[s] for s in (3, 4)]
-    assert same_state(fsdp_run / "checkpoints" / "step-0000004", run / "checkpoints" / "step-0000004") is None
+    shutil.copytree(full / "checkpoints" / "step-0000002", run / "checkpoints" / "step-0000002")
+    train(run, *KD_JOB, "checkpoint.save_final=true", "resume=auto", parallelism=parallelism)
+    want, got = parts(full), parts(run)
+    assert sorted(got) == [3, 4] and [got[s] for s in (3, 4)] == [want[s] for s in (3, 4)], parallelism
+    assert same_state(full / "checkpoints" / "step-0000004", run / "checkpoints" / "step-0000004") is None
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="DeepSpeed is not installed")
-def test_kd_and_l2sp_agree_under_zero2_and_zero3(fsdp_run, tmp_path):
-    """The reference is a ZeRO-3 inference engine under both; the pull goes into the fp32 master partition."""
-    for parallelism in ("zero2", "zero3"):
-        train(tmp_path / parallelism, *KD_JOB, parallelism=parallelism)
-        assert_parity(parts(tmp_path / parallelism), parts(fsdp_run), f"{parallelism} x2 vs fsdp x2")
+def test_kd_and_l2sp_under_zero2_and_zero3(fsdp_run, tmp_path):
+    """The reference is a ZeRO-3 inference engine under both; the pull goes into the fp32 master partition. Both
+    agree with fsdp x2; a zero3 resume is bit-identical."""
+    train(tmp_path / "zero2", *KD_JOB, parallelism="zero2")
+    assert_parity(parts(tmp_path / "zero2"), parts(fsdp_run), "zero2 x2 vs fsdp x2")
+    train(tmp_path / "zero3", *KD_JOB, "checkpoint.every_steps=2", "checkpoint.save_final=true", parallelism="zero3")
+    assert_parity(parts(tmp_path / "zero3"), parts(fsdp_run), "zero3 x2 vs fsdp x2")
+    resume_at_step_2(tmp_path / "zero3", tmp_path / "zero3_resumed", "zero3")
 
 
 def test_a_large_l2sp_weight_keeps_the_weights_near_the_start(tmp_path):
@@ -153,17 +162,20 @@ def test_a_large_l2sp_weight_keeps_the_weights_near_the_start(tmp_path):
     assert distance[100.0] < 0.5 * distance[1e-6]
 
 
-def test_bad_values_exit_2_naming_the_option(tmp_path):
+def test_bad_values_are_refused_naming_the_option(tmp_path):
+    from fft_dist.config.loss import KDConfig, L2SPConfig
+    from fft_dist.errors import ConfigError
     from helpers import fft_dist
 
-    for override, option in (("loss.kd.weight=-1", "loss.kd.weight"), ("loss.kd.temperature=0", "loss.kd.temperature"),
-                             ("loss.l2sp.weight=inf", "loss.l2sp.weight"),
-                             (f"loss.kd.reference={tmp_path}", "loss.kd.reference")):
-        proc = fft_dist("train", *TINY_JOB, f"run.dir={tmp_path / 'run'}", "loss.kd.weight=0.5", override,
-                        "--cfg", "job")
-        if option == "loss.kd.reference":  # --cfg job stops before the checks; a dry run does them
-            proc = fft_dist("train", *TINY_JOB, f"run.dir={tmp_path / 'run'}", "loss.kd.weight=0.5", override,
-                            "launcher.dry_run=true")
+    for make, option in ((lambda: KDConfig(weight=-1.0), "loss.kd.weight"),
+                         (lambda: KDConfig(temperature=0.0), "loss.kd.temperature"),
+                         (lambda: L2SPConfig(weight=float("inf")), "loss.l2sp.weight")):
+        with pytest.raises(ConfigError, match=option):
+            make()
+    run = f"run.dir={tmp_path / 'run'}"
+    for override, option in (("loss.kd.temperature=-2", "loss.kd.temperature"),  # typed: stops at compose
+                             (f"loss.kd.reference={tmp_path}", "loss.kd.reference")):  # a folder without config.json
+        proc = fft_dist("train", *TINY_JOB, run, "loss.kd.weight=0.5", override, "launcher.dry_run=true")
         assert proc.returncode == 2 and option in proc.stderr + proc.stdout, (override, proc.stdout, proc.stderr)
     help_text = fft_dist("train", "--help").stdout
     assert "loss.kd.temperature" in help_text and "loss.l2sp.weight" in help_text

@@ -43,7 +43,8 @@ class Anchor:
         if missing:
             raise RuntimeError(f"loss.l2sp: this rank holds {missing[:3]} now but had no such range when theta0 was "
                                "taken (the strategy's ranges changed)")
-        source = _Pulled(live, self.start, lr * self.weight)
+        module = getattr(strategy, "module", None) or getattr(strategy, "model", None)  # DeepSpeed: the HF model
+        source = _Pulled(live, self.start, lr * self.weight, dict(module.named_parameters()) if module else {})
         strategy.load_fragments(source)
         return source.squares if source.squares is not None else torch.zeros((), dtype=torch.float64)
 
@@ -56,8 +57,10 @@ class _Pulled:
     """A FragmentSource serving the pulled value of each of this rank's ``param`` ranges (nothing else), read
     once each, as load_fragments reads them."""
 
-    def __init__(self, live: dict, start: dict, rate: float):
-        self.live, self.start, self.rate = live, start, rate
+    def __init__(self, live: dict, start: dict, rate: float, whole: dict):
+        self.live, self.start, self.rate, self.whole = live, start, rate, whole
+        """`whole`: name -> parameter, for what load_fragments reads beyond the rank's fragments (ZeRO-2 keeps a
+        frozen parameter whole on every rank, owned by rank 0): served unchanged (no optimizer moves it)."""
         self.squares: torch.Tensor | None = None
         """fp64 on the parameters' device (no host sync per range)."""
         self._by_name: dict[str, list[int]] = {}
@@ -68,6 +71,9 @@ class _Pulled:
         return kind == "param" and name in self._by_name
 
     def read(self, name: str, kind: str, start: int, stop: int) -> torch.Tensor:
+        if kind == "param" and (name, start) not in self.live and name in self.whole \
+                and not self.whole[name].requires_grad:
+            return self.whole[name].detach().reshape(-1)[start:stop].clone()
         if kind != "param" or (name, start) not in self.live:
             raise KeyError(f"loss.l2sp: no range {name}[{start}:{stop}] ({kind}) on this rank")
         theta, theta0 = self.live[(name, start)], self.start[(name, start)]
