@@ -68,6 +68,20 @@ def test_chunked_kl_equals_full_logits(family, temperature):
         assert rel <= 1e-6 and grad_rel <= 1e-6
 
 
+def test_a_bf16_reference_is_within_its_stated_tolerance():
+    """loss.kd.reference_dtype=bf16: kd_loss within 1e-2 of its value with an fp32 reference (as documented)."""
+    model = tiny_model("llama")
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    b = batch(model.config.vocab_size)
+    fp32, _ = _kd_and_grads(model, reference, b, 7, 1.0)
+    bf16, _ = _kd_and_grads(model, reference.to(torch.bfloat16), b, 7, 1.0)
+    print(f"kd with an fp32 reference {fp32:.6f}, bf16 {bf16:.6f} (rel {abs(bf16 - fp32) / fp32:.1e})")
+    assert abs(bf16 - fp32) <= 1e-2 * fp32
+
+
 def test_kd_is_refused_with_a_classification_format():
     from fft_dist.config import LossConfig
     from fft_dist.config.loss import KDConfig
