@@ -193,3 +193,28 @@ def test_bad_values_are_refused_naming_the_option(tmp_path):
         assert proc.returncode == 2 and option in proc.stderr + proc.stdout, (override, proc.stdout, proc.stderr)
     help_text = fft_dist("train", "--help").stdout
     assert "loss.kd.temperature" in help_text and "loss.l2sp.weight" in help_text
+
+
+def _save_tiny(folder: Path, seed: int) -> Path:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_the_reference_comes_from_model_path_or_loss_kd_reference(tmp_path):
+    """Under model.path the reference is that folder, loaded into the frozen FSDP2 model (built on meta): kd_loss
+    is 0 at step 1. loss.kd.reference names another folder: kd_loss is not 0 there."""
+    start, other = _save_tiny(tmp_path / "start", 1), _save_tiny(tmp_path / "other", 2)
+    job = [a for a in KD_JOB if not a.startswith("model.")] + ["train.max_steps=2", f"model.path={start}",
+                                                                 "model.tokenizer=bundled"]
+    train(tmp_path / "own", *job, parallelism="fsdp")
+    own = parts(tmp_path / "own")
+    assert own[1][1] == 0.0 and own[2][1] > 0
+    train(tmp_path / "named", *job, f"loss.kd.reference={other}", nproc=1, parallelism="none")
+    named = parts(tmp_path / "named")
+    assert named[1][0] == pytest.approx(own[1][0], rel=1e-6) and named[1][1] > 0.01
