@@ -57,4 +57,11 @@ def anchor(cfg: FFTConfig, strategy) -> Anchor | None:
     resume loads a checkpoint into it."""
     if not cfg.loss.l2sp.weight:
         return None
-    return Anchor.capture(cfg.loss.l2sp.weight, strategy.fragments())
+    from fft_dist.dist import all_reduce_sum
+
+    held = Anchor.capture(cfg.loss.l2sp.weight, strategy.fragments())
+    if float(all_reduce_sum([0.0 if held.start else 1.0])[0]):  # agreed: every rank raises or none does
+        raise ConfigError(f"loss.l2sp.weight={cfg.loss.l2sp.weight}: parallelism={cfg.parallelism.name.value} leaves "
+                          "some ranks without parameter ranges of their own (hsdp: the replica groups after the "
+                          "first), so the pull would not reach their copies; set loss.l2sp.weight=0")
+    return held

@@ -14,10 +14,15 @@ Real runs through the CLI (2 gloo ranks, fp32, the tiny Llama, loss.chunk_size=1
 from __future__ import annotations
 
 import copy
+import importlib.util
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+from family_checks import same_state
+from helpers import TINY_JOB, fft_dist, step_records, train
 from test_chunked_loss import batch, tiny_model
 
 
@@ -94,13 +99,6 @@ def test_kd_is_refused_with_a_classification_format():
 
 
 # -- real runs: 2 gloo ranks, fp32, the tiny Llama ---------------------------------------------------------------
-import importlib.util  # noqa: E402
-import shutil  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from family_checks import same_state  # noqa: E402
-from helpers import TINY_JOB, step_records, train  # noqa: E402
-
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 KD_JOB = (*TINY_JOB, "train.max_steps=4", "train.warmup_steps=1", "loss.chunk_size=16", "loss.kd.weight=0.5",
           "loss.kd.temperature=2", "loss.l2sp.weight=0.1")
@@ -179,7 +177,6 @@ def test_a_large_l2sp_weight_keeps_the_weights_near_the_start(tmp_path):
 def test_bad_values_are_refused_naming_the_option(tmp_path):
     from fft_dist.config.loss import KDConfig, L2SPConfig
     from fft_dist.errors import ConfigError
-    from helpers import fft_dist
 
     for make, option in ((lambda: KDConfig(weight=-1.0), "loss.kd.weight"),
                          (lambda: KDConfig(temperature=0.0), "loss.kd.temperature"),

@@ -11,7 +11,10 @@ Two ways, as the cross-entropy: on the full logits (``loss.chunk_size=0``: :func
 by chunk (:func:`chunked_kl_sum`), where neither model's tokens x vocabulary logits ever exist: the reference's
 forward runs first with :class:`ReferenceRows` as its head (its last hidden rows of the loss-bearing tokens,
 and a copy of its output embedding while the backend has it gathered: vocabulary x hidden, once per micro
-batch), then the model's head computes both chunks' logits, and backward recomputes them.
+batch), then the model's head computes both chunks' logits, and backward recomputes them. Costs beside the
+cross-entropy's: the model's chunk logits are computed again for the KL (one more head matmul in forward and
+one in backward; a fused kernel could share them), the reference's head matmul twice, and in backward an
+fp32 vocabulary x hidden accumulator for the weight's gradient.
 """
 from __future__ import annotations
 
