@@ -153,10 +153,12 @@ def resume_at_step_2(full: Path, run: Path, parallelism: str) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="DeepSpeed is not installed")
 def test_kd_and_l2sp_under_zero2_and_zero3(fsdp_run, tmp_path):
-    """The reference is a ZeRO-3 inference engine under both; the pull goes into the fp32 master partition. Both
-    agree with fsdp x2; a zero3 resume is bit-identical."""
-    train(tmp_path / "zero2", *KD_JOB, parallelism="zero2")
-    assert_parity(parts(tmp_path / "zero2"), parts(fsdp_run), "zero2 x2 vs fsdp x2")
+    """The reference is a ZeRO-3 inference engine under both; the pull goes into the fp32 master partition. zero2
+    (with a frozen layer: ZeRO-2 keeps it whole on every rank, outside its partitions) agrees with none, zero3
+    with fsdp x2; a zero3 resume is bit-identical."""
+    train(tmp_path / "zero2", *KD_JOB, "model.freeze_layers=1", parallelism="zero2")
+    train(tmp_path / "none", *KD_JOB, "model.freeze_layers=1", nproc=1, parallelism="none")
+    assert_parity(parts(tmp_path / "zero2"), parts(tmp_path / "none"), "zero2 x2 vs none, a layer frozen")
     train(tmp_path / "zero3", *KD_JOB, "checkpoint.every_steps=2", "checkpoint.save_final=true", parallelism="zero3")
     assert_parity(parts(tmp_path / "zero3"), parts(fsdp_run), "zero3 x2 vs fsdp x2")
     resume_at_step_2(tmp_path / "zero3", tmp_path / "zero3_resumed", "zero3")
