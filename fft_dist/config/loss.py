@@ -61,7 +61,8 @@ class L2SPConfig:
     """lambda: after each optimizer step, theta <- theta - lr x lambda x (theta - theta0) on each rank's own
     shard (decoupled, like AdamW's weight decay but toward theta0, the weights the run started from: model.path
     or the seeded initial weights, rebuilt from that source on a resume). lambda x ||theta - theta0||^2 is logged
-    as l2sp_loss. Costs one more copy of the rank's parameter shard. 0: off."""
+    as l2sp_loss. Costs one more copy of the rank's parameter shard. Not under parallelism=hsdp (refused: its
+    later replica groups own no ranges). 0: off."""
 
     def __post_init__(self) -> None:
         self.weight = _weight(self.weight, "loss.l2sp.weight")
