@@ -19,7 +19,7 @@ LAYERS: list[list[str]] = [
     #                                                  checks see the chosen backend's descriptor)
     ["memory", "planner"],                           # will it fit: per-GPU bytes, the cheapest set-up that fits
     ["checkpoint"],                                  # one format over every strategy's fragments
-    ["trainer", "run_checkpoints", "train_state", "rundir", "locks", "evaluation"],  # the loop, a run's
+    ["trainer", "run_checkpoints", "train_state", "rundir", "locks", "evaluation", "reference"],  # the loop, a run's
     #                                                  checkpoints, its saved state's spec, the run directory and
     #                                                  its locks (flock or a lease), eval losses
     ["rank"],                                        # one rank's life (python -m fft_dist.train runs it)

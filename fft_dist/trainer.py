@@ -22,6 +22,8 @@ from fft_dist.dist import DistContext, all_reduce_sum, print0, seed_everything
 from fft_dist.errors import NonFiniteError
 from fft_dist.evaluation import EvalSets, evaluate, held_out_sets, track
 from fft_dist.loss import MAIN, build_loss, load_plugins
+from fft_dist.loss.kd import METRIC as KD_METRIC
+from fft_dist.loss.l2sp import METRIC as L2SP_METRIC
 from fft_dist.metrics import MetricsWriter, flops_per_token, peak_flops, peak_memory_mb
 from fft_dist.model import (
     apply_freeze,
@@ -42,10 +44,9 @@ from fft_dist.models.family import embedding_rows
 from fft_dist.models.vocab import GrownVocabulary
 from fft_dist.optim import lr_schedule, optimizer_factory
 from fft_dist.preemption import StopSignal, signal_name
+from fft_dist.reference import anchor, host_reference
 from fft_dist.run_checkpoints import RunCheckpoints
 from fft_dist.strategy import device_defaults as decide_device_defaults, make_strategy
-
-
 
 
 @dataclass
@@ -158,15 +159,19 @@ class Trainer:
         self.strategy = make_strategy(cfg, self.plan, self.ctx, self.defaults)
         make_optimizer = optimizer_factory(cfg.optimizer, cfg.train.lr, self.defaults.optimizer_implementation)
         self.strategy.setup(build_model=build, make_optimizer=make_optimizer, lr_at=self.lr_at)
+        grown = (lambda source: GrownVocabulary(source, self.grown, old_rows=self.old_vocab)) if self.grown else None
         if cfg.model.path is not None:
             from fft_dist import checkpoint as ckpt
 
-            grown = (lambda source: GrownVocabulary(source, self.grown, old_rows=self.old_vocab)) if self.grown else None
             fresh = ckpt.load_pretrained(self.strategy, cfg.model.path, new_head=self.new_head, seed=cfg.train.seed,
                                          init_std=getattr(self.hf_config, "initializer_range", 0.02), wrap=grown)
             if fresh:  # what transformers' from_pretrained warns as "newly initialized", in our words
                 print0(f"fft-dist: warning: model.path={cfg.model.path} has no {', '.join(fresh)}: a new task head, "
                        "initialised fresh (seeded by train.seed); train it before trusting its predictions")
+        # the starting point, from its source (a resume loads its checkpoint only after this): loss.kd, loss.l2sp
+        self.anchor = anchor(cfg, self.strategy)
+        self.reference = host_reference(cfg, self.strategy, self.hf_config, wrap=grown,
+                                        build=lambda: (torch.manual_seed(cfg.train.seed), build_model(self.hf_config))[1])
         self.flops_per_token = flops_per_token(self.strategy.model, self.hf_config, cfg.data.max_length)
         self.peak_flops = peak_flops(self.ctx.device)
         print0(
@@ -243,9 +248,10 @@ class Trainer:
         n = len(self.loss.names)
         sums = self.loss.new_sums(device, spare=1)  # one slot per loss part, then the stop flag
         for batch in batches:
+            ref = self.reference.for_batch(batch) if self.reference else None  # loss.kd: the same micro batch
             out = self.strategy.forward(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"),
-                                        head=self.loss.head(batch))  # loss.chunk_size: no full logits
-            self.strategy.backward(self.loss.micro_batch(batch, out, counts, sums))
+                                        head=self.loss.head(batch, ref))  # loss.chunk_size: no full logits
+            self.strategy.backward(self.loss.micro_batch(batch, out, counts, sums, ref))
         sums[n] = float(self.stop_signal.received is not None)
         # on the device; none where the backend computes it inside its update (its declared capabilities)
         norm = None if self.strategy.capabilities.norm_in_update else self.strategy.grad_norm()
@@ -262,6 +268,10 @@ class Trainer:
                 f"loss is {loss_value} at step {step + 1}; stopping without applying or saving this step "
                 f"(the last good checkpoint, if any, is in {self.ckpt_root}). Lower train.lr or check the data.")
         grad_norm = self.strategy.apply_update(step, values[n + 3] if norm is not None else None)
+        metrics = self.loss.metrics(parts)
+        if self.anchor is not None:  # loss.l2sp: the decoupled pull, once per applied update
+            squares = self.anchor.pull(self.strategy, self.lr_at(step) if math.isfinite(grad_norm) else 0.0)
+            metrics[L2SP_METRIC] = self.anchor.value(float(all_reduce_sum(squares.reshape(1), device)[0]))
         # fp16's loss scaler skips overflowing steps by design: that is not divergence
         if not math.isfinite(grad_norm) and not skip and self.defaults.precision != Precision.fp16:
             raise NonFiniteError(
@@ -270,7 +280,7 @@ class Trainer:
                 "train.on_nonfinite=skip to drop such steps and go on.")
         return {"loss": loss_value, "grad_norm": grad_norm, "tokens": int(global_tokens),
                 "inputs": int(global_inputs), "stop": any_stop > 0, "skipped": not math.isfinite(grad_norm),
-                "parts": self.loss.metrics(parts)}
+                "parts": metrics}
 
     def _say(self, message: str) -> None:
         """A rank-0 console line that does not break the progress bar."""
@@ -383,5 +393,6 @@ class Trainer:
         if out["skipped"]:
             self._say(f"fft-dist: warning: step {s.step}: gradient norm {out['grad_norm']}; update skipped "
                       f"({s.skipped_steps} so far)")
-        self._bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", refresh=False)
+        shown = {k: f"{v:.4g}" for k, v in out["parts"].items() if k in (KD_METRIC, L2SP_METRIC)}
+        self._bar.set_postfix(loss=f"{out['loss']:.4f}", **shown, lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", refresh=False)
         self._bar.update(1)

@@ -2,11 +2,70 @@
 register terms or formats."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from fft_dist.errors import ConfigError
 from fft_dist.plugins import check_names as check_plugin_names
+
+
+class ReferenceDtype(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+def _weight(value: Any, option: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{option}={value!r}: a finite number >= 0 (0: off)")
+    return float(value)
+
+
+@dataclass
+class KDConfig:
+    """Distillation from the model the run started from (fft_dist/loss/kd.py)."""
+
+    weight: float = 0.0
+    """lambda of the distillation term T^2 x KL(reference || model), summed over the loss-bearing tokens and
+    divided by the global count of those tokens (like the cross-entropy); logged as kd_loss. 0: off (no
+    reference model is built). Token objectives only (refused with a classification format)."""
+    temperature: float = 1.0
+    """T > 0: both models' logits are divided by T before the softmax; the term is multiplied by T^2 so its
+    gradient keeps the same scale whatever T (Hinton et al.)."""
+    reference: str | None = None
+    """A Hugging Face model folder to distil from (same architecture and vocabulary); null: the model the run
+    started from (model.path, or the seeded initial weights). Rebuilt from this source on a resume (never
+    checkpointed); frozen and sharded like the backend (a plain copy under none, FSDP2 under fsdp/hsdp,
+    ZeRO-3 inference under zero2/zero3: its parameter bytes / N per rank)."""
+    reference_dtype: ReferenceDtype = ReferenceDtype.auto
+    """The reference's parameter dtype: auto (as the trainable model's), fp32, or bf16 (half the bytes; its
+    logits then differ from fp32's by about 1e-2 relative, so kd_loss is good to about 1e-2 of its value)."""
+
+    def __post_init__(self) -> None:
+        self.weight = _weight(self.weight, "loss.kd.weight")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ConfigError(f"loss.kd.temperature={t!r}: a finite number > 0")
+        self.temperature = float(t)
+        if self.reference is not None and (not isinstance(self.reference, str) or not self.reference.strip()):
+            raise ConfigError(f"loss.kd.reference={self.reference!r}: a model folder, or null (the starting model)")
+
+
+@dataclass
+class L2SPConfig:
+    """A pull toward the starting weights (L2-SP, fft_dist/loss/l2sp.py)."""
+
+    weight: float = 0.0
+    """lambda: after each optimizer step, theta <- theta - lr x lambda x (theta - theta0) on each rank's own
+    shard (decoupled, like AdamW's weight decay but toward theta0, the weights the run started from: model.path
+    or the seeded initial weights, rebuilt from that source on a resume). lambda x ||theta - theta0||^2 is logged
+    as l2sp_loss. Costs one more copy of the rank's parameter shard. Not under parallelism=hsdp (refused: its
+    later replica groups own no ranges). 0: off."""
+
+    def __post_init__(self) -> None:
+        self.weight = _weight(self.weight, "loss.l2sp.weight")
 
 
 @dataclass
@@ -26,6 +85,10 @@ class LossConfig:
     head. Backward recomputes each chunk (one more head matmul). 0: off (the model's full logits). The
     family's head rules still apply (tied heads, Gemma-2's soft-capping, Granite's and Cohere's logit
     scaling). Token objectives only: a classification head is never chunked. E.g. 1024."""
+    kd: KDConfig = field(default_factory=KDConfig)
+    """Distillation from the starting (or a named) model: loss.kd.weight, temperature, reference, reference_dtype."""
+    l2sp: L2SPConfig = field(default_factory=L2SPConfig)
+    """The decoupled pull toward the starting weights: loss.l2sp.weight."""
 
     def __post_init__(self) -> None:  # typed once on the launcher: a path or code never reaches a rank
         check_plugin_names(self.plugins, "loss.plugins")

@@ -5,6 +5,8 @@
 - :mod:`.router_aux`: the MoE router's load-balancing loss, the built-in term.
 - :mod:`.total`: the step's loss; the one place every part is normalised by its global count.
 - :mod:`.chunked`: the token cross-entropy computed chunk by chunk with the output head (``loss.chunk_size``).
+- :mod:`.kd`: distillation from a frozen reference (``loss.kd``), on full logits or chunk by chunk.
+- :mod:`.l2sp`: the decoupled pull toward the starting weights (``loss.l2sp``), applied after each step.
 
 Adding a term without forking: in your own module ::
 
@@ -20,9 +22,11 @@ Each term's value is logged per step under its ``metric`` (``loss/<name>`` unles
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fft_dist.data.formats import get_format
+from fft_dist.errors import ConfigError
 from fft_dist.loss import router_aux as _router_aux  # noqa: F401 - registers the built-in term
 from fft_dist.loss.objectives import (  # noqa: F401 - the package's API
     CLASSES,
@@ -35,6 +39,7 @@ from fft_dist.loss.objectives import (  # noqa: F401 - the package's API
     token_loss_sum,
 )
 from fft_dist.loss.chunked import ChunkedHead, chunked_token_loss_sum  # noqa: F401
+from fft_dist.loss.kd import Distillation, ReferenceRows, kl_logits_sum  # noqa: F401
 from fft_dist.loss.router_aux import router_aux_loss  # noqa: F401
 from fft_dist.loss.terms import (  # noqa: F401
     Contribution,
@@ -63,7 +68,16 @@ def build_loss(cfg: LossConfig, *, fmt: str, model_config: Any) -> StepLoss:
     load_plugins(list(cfg.plugins))
     objective = objective_for(fmt)
     terms = build_terms(cfg.terms, TermContext(model_config=model_config, objective_unit=objective.unit))
-    return StepLoss(objective, terms, model_config, chunk_size=cfg.chunk_size)
+    kd = None
+    if cfg.kd.weight:
+        if objective.unit != TOKENS.unit:
+            raise ConfigError(f"loss.kd.weight={cfg.kd.weight}: distillation compares next-token distributions, "
+                              f"and data.format={fmt} trains a classification head; set loss.kd.weight=0")
+        if cfg.kd.reference is not None and not (Path(cfg.kd.reference) / "config.json").is_file():
+            raise ConfigError(f"loss.kd.reference={cfg.kd.reference!r} is not a Hugging Face model folder (no "
+                              "config.json there)")
+        kd = Distillation(weight=cfg.kd.weight, temperature=cfg.kd.temperature)
+    return StepLoss(objective, terms, model_config, chunk_size=cfg.chunk_size, kd=kd)
 
 
 def check(cfg: LossConfig, *, fmt: str, model_config: Any = None) -> None:

@@ -72,8 +72,9 @@ class FrozenModel(Protocol):
     """The model as the backend holds it (FSDP2 module, ZeRO-3 engine, plain module): for inspection only."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None):
-        """The model's output (``.logits``) for a micro batch, under ``torch.no_grad`` and the run's precision."""
+                position_ids: torch.Tensor | None = None, head: Head | None = None):
+        """The model's output (``.logits``) for a micro batch, under ``torch.no_grad`` and the run's precision;
+        with `head`, as :meth:`Strategy.forward`'s (the distillation's reference rows under loss.chunk_size)."""
 
     def local_numel(self) -> int:
         """Parameter elements this rank holds between forwards (its shards or partitions, plus any parameter

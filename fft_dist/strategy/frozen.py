@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fft_dist.models.head import Head, deferred_head
 from fft_dist.strategy.base import FragmentSource, model_inputs
 
 # (tensor) -> (1-D local view, full shape, flat offset): the strategy's own view of what a rank holds.
@@ -43,8 +44,8 @@ class TorchFrozenModel:
         self._after_forward = after_forward
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None):
-        with torch.no_grad(), self._autocast():
+                position_ids: torch.Tensor | None = None, head: Head | None = None):
+        with torch.no_grad(), self._autocast(), deferred_head(self.module, head):
             out = self.module(**model_inputs(input_ids, attention_mask, position_ids, self.device))
         self._after_forward()
         return out

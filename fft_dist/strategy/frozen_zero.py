@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fft_dist.models.head import Head, deferred_head
 from fft_dist.strategy.base import FragmentSource, model_inputs
 from fft_dist.strategy.deepspeed_compat import ScopedZero3Linear, hf_init_on_gathered_params, keep_arange_dtype
 from fft_dist.strategy.frozen import freeze
@@ -47,8 +48,8 @@ class ZeroFrozenModel:
         self.rank = rank
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None):
-        with torch.no_grad():
+                position_ids: torch.Tensor | None = None, head: Head | None = None):
+        with torch.no_grad(), deferred_head(self.module.module, head):
             return self.module(**model_inputs(input_ids, attention_mask, position_ids, self.device))
 
     def _parameters(self) -> list[tuple[str, nn.Parameter]]:
