@@ -255,14 +255,14 @@ def measure_peak(fn) -> tuple[int, object]:
 
 
 def mode_build(args, ctx) -> None:
-    from fft_dist.device_defaults import resolve
+    from fft_dist.strategy import device_defaults
     from fft_dist.model import build_model
     from fft_dist.strategy.deepspeed import DeepSpeedStrategy
 
     model_cfg = tiny_config(scale=args.scale, vocab=args.vocab, layers=args.layers, intermediate=args.intermediate)
     cfg = make_cfg("zero3", micro=1, global_batch=ctx.world_size, steps=1)
     plan = batch_plan(cfg.train, ctx.world_size)
-    strategy = DeepSpeedStrategy(cfg, plan, ctx, resolve(cfg, ctx.device))
+    strategy = DeepSpeedStrategy(cfg, plan, ctx, device_defaults(cfg, ctx.device))
     # warm-up: import the modeling code and touch every code path once, outside the measurement
     warm = strategy.build_partitioned(lambda: build_model(tiny_config()))
     warm = build_model(tiny_config())

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from chunked_shared import RULES, batch, tiny_model
+from families import BY_NAME
 
 def loss_and_grads(model, b: dict, chunk: int | None, rules=None):
     from fft_dist.loss import ChunkedHead, token_loss_sum
