@@ -3,36 +3,20 @@ that run by hand (bash checks it); output to a closed pipe ends quietly (real pi
 In process: tests/unit/test_cli_mends.py."""
 from __future__ import annotations
 
-import contextlib
-import io
-import signal
 import subprocess
 import sys
 
 from checkpoint_helpers import llama_checkpoint
 from helpers import REPO, TINY_JOB, child_env
+from launch_checks import cli
 from fft_dist.compose import load_yaml
-from fft_dist.preemption import STOP_SIGNALS
 
 SLURM = ("launcher=slurm", "launcher.nproc_per_node=2", "launcher.gpus_per_node=0", *TINY_JOB)
 
 
 def launch(*overrides: str) -> tuple[int, str, str]:
     """`fft-dist launch ...` in this process (a dry run starts nothing)."""
-    from fft_dist.cli import main
-
-    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main(["launch", *overrides])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    return code, out.getvalue(), err.getvalue()
+    return cli("launch", *overrides)
 
 
 def test_dry_run_write_leaves_the_config_and_the_script_that_the_printed_command_submits(tmp_path):

@@ -47,20 +47,8 @@ ODD = "/tmp/fft dist's $HOME run"  # a space, a quote and a $: must reach the ra
 
 def dry(*overrides: str) -> subprocess.CompletedProcess:
     """`fft-dist launch ... launcher.dry_run=true` in this process (a dry run starts nothing; seconds saved)."""
-    from fft_dist.cli import main
-
-    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main(["launch", *overrides, "launcher.dry_run=true"])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        for sig, handler in handlers.items():  # the launcher's stop-signal forwarding is not pytest's
-            signal.signal(sig, handler)
-    return subprocess.CompletedProcess(["fft-dist", "launch", *overrides], code, out.getvalue(), err.getvalue())
+    code, out, err = cli("launch", *overrides, "launcher.dry_run=true")
+    return subprocess.CompletedProcess(["fft-dist", "launch", *overrides], code, out, err)
 
 
 def dry_ok(*overrides: str) -> str:
