@@ -9,8 +9,6 @@ Modes (results go to OUT/<mode>.json, one row per rank):
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -18,7 +16,8 @@ import torch.distributed as dist
 from deepspeed_worker import (
     IGNORE, SEED, _trim, make, make_cfg, measure_peak, micro_batches, tiny_config, token_loss_sum)
 from fft_dist.config import Precision
-from fft_dist.dist import all_reduce_sum, init_distributed, seed_everything
+from fft_dist.dist import all_reduce_sum, seed_everything
+from worker_main import run_ranks
 
 
 def run_steps(strategy, plan, ctx, vocab: int, steps: int) -> list[float]:
@@ -104,23 +103,9 @@ def main() -> None:
     ap.add_argument("mode", choices=["bf16", "zero2build"])
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    ctx = init_distributed("gloo", 300)
-    try:
-        rows = {"bf16": mode_bf16, "zero2build": mode_zero2build}[args.mode](args, ctx)
-        gathered = [None] * ctx.world_size
-        dist.all_gather_object(gathered, rows)
-        if ctx.rank == 0:
-            (Path(args.out) / f"{args.mode}.json").write_text(json.dumps(gathered, indent=1))
-            print(json.dumps(gathered, indent=1), flush=True)
-    finally:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+    run_ranks(lambda ctx: {"bf16": mode_bf16, "zero2build": mode_zero2build}[args.mode](args, ctx), args.out,
+              f"{args.mode}.json", echo=True)
 
 
 if __name__ == "__main__":
     main()
-    from fft_dist.dist import exit_rank
-
-    exit_rank(0)  # skip finalisation: torch 2.13's gloo can abort there (see exit_rank)

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from deepspeed_worker import IGNORE, SEED, all_reduce_sum, make_cfg, micro_batches, tiny_config, token_loss_sum
 from fft_dist.config import OptimizerName, Schedule, SGDConfig, batch_plan
-from fft_dist.dist import init_distributed, seed_everything
+from fft_dist.dist import seed_everything
+from worker_main import run_ranks
 from fft_dist.model import build_model
 from fft_dist.optim import lr_schedule, optimizer_factory
 from fft_dist.strategy import make_strategy
@@ -102,25 +101,9 @@ def main() -> None:
     ap.add_argument("--gamma", type=float, default=0.5)
     ap.add_argument("--layers", type=int, default=3)
     args = ap.parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    ctx = init_distributed("gloo", 300)
-    try:
-        results = {backend: check_backend(backend, args, ctx) for backend in args.backends}
-        rows = [None] * ctx.world_size
-        if ctx.world_size > 1:
-            dist.all_gather_object(rows, results)
-        else:
-            rows = [results]
-        if ctx.rank == 0:
-            (Path(args.out) / "layer_lr.json").write_text(json.dumps(rows, indent=1))
-    finally:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+    run_ranks(lambda ctx: {backend: check_backend(backend, args, ctx) for backend in args.backends}, args.out,
+              "layer_lr.json")
 
 
 if __name__ == "__main__":
     main()
-    from fft_dist.dist import exit_rank
-
-    exit_rank(0)  # skip finalisation: torch 2.13's gloo can abort there (see exit_rank)
