@@ -85,10 +85,11 @@ def check(cfg: FFTConfig) -> None:
         raise ConfigError(f"parallelism.bf16_weights=true keeps bf16 weights, but train.precision={precision.value}; "
                           "use train.precision=bf16 (or auto), or parallelism.bf16_weights=false")
     if (OptimizerImplementation(cfg.optimizer.implementation) == OptimizerImplementation.fused
-            and OptimizerName(cfg.optimizer.name) == OptimizerName.sgd
+            and not cfg.optimizer.sharded_fused
             and Parallelism(cfg.parallelism.name) == Parallelism.fsdp):
-        raise ConfigError("optimizer.implementation=fused with optimizer=sgd does not run under parallelism=fsdp "
-                          "(torch has no sharded fused SGD); use optimizer.implementation=foreach or auto")
+        name = OptimizerName(cfg.optimizer.name).value
+        raise ConfigError(f"optimizer.implementation=fused with optimizer={name} does not run under parallelism=fsdp "
+                          f"(torch has no sharded fused {name}); use optimizer.implementation=foreach or auto")
 
 
 @dataclass(frozen=True)
@@ -156,10 +157,8 @@ def decide(cfg: FFTConfig, device: DeviceInfo, *, deepspeed_stage: int | None) -
     precision = pick("train.precision", Precision(cfg.train.precision),
                      Precision.bf16 if (cuda and device.bf16) or (stage and bf16_wanted) else Precision.fp32)
     deterministic = pick("train.deterministic", toggle(cfg.train.deterministic, "train.deterministic"), not cuda)
-    sgd = OptimizerName(cfg.optimizer.name) == OptimizerName.sgd
     implementation = pick("optimizer.implementation", OptimizerImplementation(cfg.optimizer.implementation),
-                          OptimizerImplementation.single_tensor if not cuda else
-                          OptimizerImplementation.foreach if sgd else OptimizerImplementation.fused)
+                          cfg.optimizer.cuda_implementation if cuda else OptimizerImplementation.single_tensor)
     overlap = bf16_weights = False
     if stage:  # DeepSpeed reads these; for the other backends they stay at their (refused-if-set) defaults
         overlap = pick("parallelism.overlap_comm", toggle(cfg.parallelism.overlap_comm, "parallelism.overlap_comm"),

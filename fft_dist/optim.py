@@ -15,16 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fft_dist.config import (
-    AdamWConfig,
-    ConfigError,
-    OptimizerConfig,
-    OptimizerImplementation,
-    OptimizerName,
-    Schedule,
-    SGDConfig,
-    TrainConfig,
-)
+from fft_dist.config import ConfigError, OptimizerConfig, OptimizerImplementation, Schedule, TrainConfig
 from fft_dist.models.layers import layer_depths
 from fft_dist.validate import warmup_steps_for
 
@@ -79,12 +70,7 @@ def optimizer_factory(cfg: OptimizerConfig, lr: float,
         groups = param_groups(model, cfg)
         if not groups:
             raise ConfigError("no trainable parameters: model.freeze / model.freeze_layers froze everything")
-        if isinstance(cfg, SGDConfig):
-            return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kernel)
-        if isinstance(cfg, AdamWConfig):  # AdamConfig has AdamW's options; the name says which update
-            kind = torch.optim.Adam if cfg.name == OptimizerName.adam else torch.optim.AdamW
-            return kind(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, **kernel)
-        raise ValueError(f"no optimizer for {type(cfg).__name__}")
+        return cfg.build(groups, lr=lr, **kernel)
 
     return make
 

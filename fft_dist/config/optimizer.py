@@ -1,11 +1,17 @@
 """The optimizer's part of the schema: one dataclass per `optimizer=` option, so an option the chosen
 optimizer does not have is refused instead of silently ignored (the mechanism: :mod:`fft_dist.config.variants`).
+
+Each dataclass is also the one home of what differs between optimizers: how torch builds it
+(:meth:`OptimizerConfig.build`), how many state bytes it keeps per trainable parameter (the memory
+estimate) and which of torch's kernels it has. Nothing else branches on the optimizer's name, so a new
+optimizer is its dataclass here, its name, and its ``conf/optimizer/<name>.yaml``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any, ClassVar
 
 from fft_dist.config.variants import Variants
 from fft_dist.errors import ConfigError
@@ -47,6 +53,19 @@ class OptimizerConfig:
     input embeddings (and a head tied to them) at lr * gamma^(L + 1), the head and final norm at lr.
     1.0: one lr for all."""
 
+    cuda_implementation: ClassVar[OptimizerImplementation] = OptimizerImplementation.fused
+    """What implementation=auto picks on CUDA (single_tensor on CPU, where the parity tests were written)."""
+    sharded_fused: ClassVar[bool] = True
+    """Whether torch's fused kernel runs on DTensor shards (fsdp, hsdp); if not, fused is refused there."""
+
+    def state_bytes_per_param(self) -> int:
+        """Optimizer-state bytes per trainable parameter (fp32 states), for the memory estimate."""
+        raise NotImplementedError(f"{type(self).__name__} does not say its state size")
+
+    def build(self, groups: list[dict], *, lr: float, foreach: bool, fused: bool) -> Any:
+        """The torch optimizer over `groups` (fft_dist.optim.param_groups), with the kernel chosen."""
+        raise NotImplementedError(f"no optimizer for {type(self).__name__}")
+
     def check(self) -> None:
         """Values that cannot run: a ConfigError naming the option."""
         if not _finite(self.weight_decay, 0.0):
@@ -64,6 +83,15 @@ class AdamWConfig(OptimizerConfig):
     """Decay rates of the first and second moment estimates, each in [0, 1)."""
     eps: float = 1e-8
     """Added to the second moment's square root (numerical stability)."""
+
+    def state_bytes_per_param(self) -> int:
+        return 8  # exp_avg + exp_avg_sq
+
+    def build(self, groups: list[dict], *, lr: float, foreach: bool, fused: bool) -> Any:
+        import torch
+
+        kind = torch.optim.Adam if self.name == OptimizerName.adam else torch.optim.AdamW  # Adam: AdamW's options
+        return kind(groups, lr=lr, betas=tuple(self.betas), eps=self.eps, foreach=foreach, fused=fused)
 
     def check(self) -> None:
         for i, beta in enumerate(self.betas):
@@ -95,6 +123,18 @@ class SGDConfig(OptimizerConfig):
     """Momentum factor (0: plain SGD, no momentum buffer)."""
     nesterov: bool = False
     """Nesterov momentum (needs momentum > 0)."""
+
+    cuda_implementation: ClassVar[OptimizerImplementation] = OptimizerImplementation.foreach
+    sharded_fused: ClassVar[bool] = False  # torch has no fused SGD over DTensor shards
+
+    def state_bytes_per_param(self) -> int:
+        return 4 if self.momentum else 0  # the momentum buffer
+
+    def build(self, groups: list[dict], *, lr: float, foreach: bool, fused: bool) -> Any:
+        import torch
+
+        return torch.optim.SGD(groups, lr=lr, momentum=self.momentum, nesterov=self.nesterov, foreach=foreach,
+                               fused=fused)
 
     def check(self) -> None:
         if not _finite(self.momentum, 0.0):

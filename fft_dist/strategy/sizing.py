@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fft_dist.config import FFTConfig, OptimizerName, Parallelism, Precision
+from fft_dist.config import FFTConfig, Parallelism, Precision
 from fft_dist.device_defaults import PLANNING_GPU, DeviceDefaults, decide
 from fft_dist.strategy.backend import row_backend
 
@@ -71,10 +71,8 @@ class StateBytes:
 
 
 def optimizer_bytes_per_param(cfg: FFTConfig) -> int:
-    name = OptimizerName(cfg.optimizer.name)
-    if name in (OptimizerName.adamw, OptimizerName.adam):
-        return 8  # exp_avg + exp_avg_sq in fp32
-    return 4 if cfg.optimizer.momentum else 0  # SGD: the momentum buffer
+    """The chosen optimizer's state bytes per trainable parameter (its own config says)."""
+    return cfg.optimizer.state_bytes_per_param()
 
 
 def planned(cfg: FFTConfig, backend: str) -> DeviceDefaults:

@@ -58,3 +58,21 @@ def test_the_typed_config_is_the_options_own_dataclass_on_every_path(tmp_path):
     (tmp_path / "config.yaml").write_text(to_yaml(typed("optimizer=sgd")).replace("nesterov: false", "nesterov: false\n  betas: [0.9, 0.9]"))
     with pytest.raises(ConfigError, match=r"optimizer\.betas is not an option of optimizer=sgd"):
         load_yaml(tmp_path / "config.yaml")
+
+
+def test_each_optimizer_says_how_it_is_built_and_sized_in_its_own_dataclass():
+    """One home per optimizer: building and sizing read the dataclass, never branch on its name."""
+    from fft_dist.config import OPTIMIZERS, OptimizerConfig
+    from fft_dist.strategy.sizing import optimizer_bytes_per_param
+
+    model = torch.nn.Linear(4, 4)
+    expected = {"adamw": (torch.optim.AdamW, 8), "adam": (torch.optim.Adam, 8), "sgd": (torch.optim.SGD, 4)}
+    assert set(OPTIMIZERS.schemas) == set(expected)
+    for name, schema in OPTIMIZERS.schemas.items():
+        assert schema.build is not OptimizerConfig.build and schema.state_bytes_per_param is not \
+            OptimizerConfig.state_bytes_per_param, name
+        cfg = typed(f"optimizer={name}")
+        built = optimizer_factory(cfg.optimizer, 0.1)(model)
+        assert type(built) is expected[name][0]
+        assert optimizer_bytes_per_param(cfg) == expected[name][1]
+    assert optimizer_bytes_per_param(typed("optimizer=sgd", "optimizer.momentum=0")) == 0

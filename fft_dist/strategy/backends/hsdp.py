@@ -42,9 +42,10 @@ def local_world_size(cfg: FFTConfig) -> int:
 def check_hsdp(cfg: FFTConfig, plan: BatchPlan) -> None:
     """Fused SGD (as fsdp: fft_dist.device_defaults.check), and a shard group that fits."""
     if (OptimizerImplementation(cfg.optimizer.implementation) == OptimizerImplementation.fused
-            and OptimizerName(cfg.optimizer.name) == OptimizerName.sgd):
-        raise ConfigError("optimizer.implementation=fused with optimizer=sgd does not run under parallelism=hsdp "
-                          "(torch has no sharded fused SGD); use optimizer.implementation=foreach or auto")
+            and not cfg.optimizer.sharded_fused):
+        name = OptimizerName(cfg.optimizer.name).value
+        raise ConfigError(f"optimizer.implementation=fused with optimizer={name} does not run under parallelism=hsdp "
+                          f"(torch has no sharded fused {name}); use optimizer.implementation=foreach or auto")
     shard_size(cfg.parallelism, world_size=plan.world_size, local_world_size=local_world_size(cfg))
 
 
