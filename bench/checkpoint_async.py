@@ -18,7 +18,8 @@ interleaved rounds (the order of the variants rotates every round) of:
              accelerator), a DefaultStager kept across saves (its StateDictStager reuses the copies; pinned
              and shared memory off: no accelerator), and the same with use_async_staging=True (the copy
              runs on a thread too; "blocking" is then until its
-             staging_completion, since training may not change the state before that). FileSystemWriter
+             staging_completion, since training may not change the state before that); and the kept
+             DefaultStager with DCP's own torch.save serialization instead of safetensors. FileSystemWriter
              writes no checksums, so each DCP variant is also timed with a second pass that reads the
              rank's files back and hashes them (what keeping our manifest's checksums would cost), and
              it does not keep our layout (model/ + optim/ per rank, our header metadata): it is the
@@ -48,7 +49,7 @@ from machine_info import machine, record, versions
 
 REPO = Path(__file__).resolve().parents[1]
 OWN = ("own", "own nice")
-DCP = ("dcp default", "dcp cached", "dcp async-staging")
+DCP = ("dcp default", "dcp cached", "dcp async-staging", "dcp cached torch_save")
 VARIANTS = ("copy", *OWN, *DCP)
 LOOP_N = 1024  # matmul size of the compute loop's step (2 matmuls per step)
 BASELINE_STEPS = 30
@@ -165,7 +166,8 @@ def dcp_save(variant: str, state, folder: Path, rank: int, pg, stager_holder: di
     from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-    writer = FileSystemWriter(str(folder), sync_files=True, serialization_format=SerializationFormat.SAFETENSORS)
+    fmt = SerializationFormat.TORCH_SAVE if variant.endswith("torch_save") else SerializationFormat.SAFETENSORS
+    writer = FileSystemWriter(str(folder), sync_files=True, serialization_format=fmt)
     stager = None  # "dcp default": the writer is its own stager (BlockingAsyncStager: a fresh copy per save)
     if variant != "dcp default":  # one DefaultStager kept across saves: its StateDictStager reuses the copies
         stager = stager_holder.setdefault(variant, DefaultStager(StagingOptions(
