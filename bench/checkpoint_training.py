@@ -238,7 +238,7 @@ def main(argv: list[str]) -> int:
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
     rows, checks = summary(rounds, copies)
-    model = "model=tiny_llama " + " ".join(arch_overrides(args.tiny))
+    model = " ".join(["model=tiny_llama", *arch_overrides(args.tiny)])
     text = "\n".join([
         f"## Checkpoint saves in training: synchronous against asynchronous ({time.strftime('%Y-%m-%d %H:%M %Z')})",
         "", f"- command: `python bench/checkpoint.py --train {' '.join(argv)}`".rstrip(),
