@@ -1,6 +1,7 @@
 """Checkpoint throughput: save / load GB/s of model + optimizer state at 2 ranks, against the raw disk.
 
     python bench/checkpoint.py [--params 100e6] [--rounds 3] [--dir /tmp/fft-dist-bench]
+    python bench/checkpoint.py --train [--modes off on] ...   # real fft-dist training runs: see checkpoint_training.py
 
 It starts itself under torch.distributed.run (``--worker``); each rank holds the test strategy of
 tests/support/checkpoint_worker.py (FlatShardStrategy) and times the rounds in-process.
@@ -346,4 +347,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--train"]:
+        from checkpoint_training import main as train_main
+
+        sys.exit(train_main(sys.argv[2:]))
     sys.exit(worker(sys.argv[2:]) if sys.argv[1:2] == ["--worker"] else main())
