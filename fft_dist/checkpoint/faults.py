@@ -17,6 +17,7 @@ KILL_RANK_ENV = "FFT_DIST_FAULT_KILL_RANK"
 KILL_STEP_ENV = "FFT_DIST_FAULT_KILL_STEP"
 
 FAULT_POINTS = (
+    "mid_stage",            # a rank is half-way through staging its fragments (training is blocked)
     "mid_model_shard",      # a rank is half-way through writing its model shard
     "after_model_shards",
     "after_optim_shards",
