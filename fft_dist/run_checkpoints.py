@@ -90,6 +90,8 @@ class RunCheckpoints:
         self._log, self._say = log, say
         self._warned: set[str] = set()
         self._reported: int | None = None
+        self._async_decided: bool | None = None
+        """None: not asked yet; False: checkpoint.async_save=auto, decided at the first save."""
         self.root = Path(cfg.checkpoint.dir)
         self.run_id: str = broadcast_small(run_identity(Path(cfg.run.dir)) if ctx.is_main else None)
         self.generation_config = read_generation_config(cfg.model.path)
@@ -157,15 +159,22 @@ class RunCheckpoints:
         return path, envelope
 
     def choose_async(self, strategy) -> None:
-        """Decide checkpoint.async_save on every rank alike and say why (rank 0). Collective: each
-        rank counts its fragments' bytes (what its staging buffer will hold) against its host's memory."""
-        mine = (socket.gethostname(), staged_bytes(strategy), mem_available())
-        hosts = all_gather_small(mine) if self.cfg.checkpoint.async_save == AsyncSave.auto else [mine]
-        on, why = decide_async(self.cfg.checkpoint.async_save, hosts)
+        """Decide checkpoint.async_save on every rank alike and say why (rank 0). Collective. ``auto``
+        is decided at the first save (the :meth:`save` calls this), when the fragments hold every
+        optimizer state (a fresh torch optimizer makes its states at its first step): each rank counts
+        its fragments' bytes (what its staging buffer will hold) against its host's available memory."""
+        mode = self.cfg.checkpoint.async_save
+        if mode == AsyncSave.auto and self._async_decided is None:
+            self._async_decided = False  # the first save decides
+            return
+        self._async_decided = True
+        mine = (socket.gethostname(), staged_bytes(strategy) if mode == AsyncSave.auto else 0, mem_available())
+        hosts = all_gather_small(mine) if mode == AsyncSave.auto else [mine]
+        on, why = decide_async(mode, hosts)
         self.saver.use_async(on)
         how = ("asynchronous (a host staging buffer per rank, a background writer)" if on
                else "synchronous (training waits for each save)")
-        print0(f"fft-dist: checkpoints are {how}: {why}")
+        self._say(f"fft-dist: checkpoints are {how}: {why}")
 
     def _report(self, result: ckpt.SaveResult | None, step: int) -> None:
         """Log a committed save's timings; warn (once each) when saves are too slow for the run's settings."""
@@ -200,6 +209,8 @@ class RunCheckpoints:
     def save(self, strategy, step: int, *, train_state, meta: dict, best: bool) -> ckpt.SaveResult | None:
         """Save `step` as this run's; `best`: it holds the best-evaluated weights so far (kept with keep_best,
         exported with export=best). `train_state`: see :meth:`Checkpointer.save`. Collective."""
+        if self._async_decided is False:
+            self.choose_async(strategy)
         previous = self.saver.last_step
         result = self.saver.save(strategy, step, train_state, best=best,
                                  meta={**meta, "generation_config": self.generation_config})
