@@ -173,7 +173,8 @@ def test_bad_checkpoint_2_ranks_all_ranks_raise_the_same(spec, saved2, tmp_path)
 @pytest.mark.parametrize("point,rank,asynchronous", [
     ("mid_model_shard", "1", False), ("before_rename", "0", False),
     # checkpoint.async_save (issue 21): staging (the training thread), writing and committing (the writer thread)
-    ("mid_stage", "1", True), ("mid_model_shard", "1", True), ("before_rename", "0", True)])
+    ("mid_stage", "1", True), pytest.param("mid_model_shard", "1", True, marks=pytest.mark.slow),
+    ("before_rename", "0", True)])
 def test_sigkill_during_save_keeps_previous(spec, tmp_path, point, rank, asynchronous):
     """2 ranks; one is SIGKILLed while staging, while writing its model shard, or (rank 0) just before the
     commit rename; with asynchronous saves the last two happen in the rank's background writer."""

@@ -11,12 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from checkpoint_runs import ODD_TIED_JOB
 from helpers import REPO, child_env, descendants, read_metrics
 from fft_dist import checkpoint as ckpt
 from fft_dist.exit_codes import PREEMPTED
 
 
+@pytest.mark.slow
 def test_a_stop_signal_during_an_async_save_finishes_it_then_saves_the_current_step(tmp_path):
     run = tmp_path / "run"
     job = [o for o in ODD_TIED_JOB if not o.startswith(("train.max_steps=", "checkpoint.every_steps=",
