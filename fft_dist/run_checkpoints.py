@@ -6,12 +6,15 @@ run.dir, :mod:`fft_dist.rundir`), the checkpoint to resume from (verified on eve
 back past corrupt ones), newer damaged folders set aside so no save lands on them, and the run's
 :class:`~fft_dist.checkpoint.Checkpointer`, which makes every save with the run id, the keep_last /
 keep_best rules and the metadata the export needs, and knows the run's last and best checkpoints.
+It also decides ``checkpoint.async_save`` (:meth:`RunCheckpoints.choose_async`) and reports each
+committed save's timings as ``ckpt_block_s`` / ``ckpt_write_s``, with the warnings they call for.
 """
 from __future__ import annotations
 
 import json
 import socket
 from pathlib import Path
+from typing import Callable
 
 from fft_dist import checkpoint as ckpt
 from fft_dist.checkpoint.collective import agree_or_raise
@@ -19,8 +22,9 @@ from fft_dist.checkpoint import ownership
 from fft_dist.checkpoint.format import TRAIN_STATE_FILE
 from fft_dist.checkpoint.layout import SHARED_FS_HELP, read_shared_probe, write_shared_probe
 from fft_dist.checkpoint.ownership import Reason
-from fft_dist.config import ExportChoice, FFTConfig
-from fft_dist.dist import DistContext, broadcast_small, print0
+from fft_dist.checkpoint.stage import staged_bytes
+from fft_dist.config import AsyncSave, ExportChoice, FFTConfig
+from fft_dist.dist import DistContext, all_gather_small, broadcast_small, print0
 from fft_dist.rundir import run_identity
 from fft_dist.train_state import parse_trainer_state
 
@@ -37,11 +41,57 @@ def read_generation_config(model_path: str | None) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
+AUTO_ASYNC_SHARE = 0.5
+"""checkpoint.async_save=auto: the staging buffers of a host's ranks may take at most this share of the
+memory it has available (MemAvailable) when the run starts; the rest stays for data, the page cache and
+whatever grows later."""
+
+
+def mem_available() -> int | None:
+    """This host's available memory in bytes (Linux's MemAvailable), None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def decide_async(mode: AsyncSave, hosts: list[tuple[str, int, int | None]]) -> tuple[bool, str]:
+    """(async or not, why) from every rank's (host, staging bytes, host's available bytes)."""
+    if mode != AsyncSave.auto:
+        return mode == AsyncSave.on, f"checkpoint.async_save={mode.value}"
+    need: dict[str, int] = {}
+    for host, nbytes, _ in hosts:
+        need[host] = need.get(host, 0) + nbytes
+    gib = 1 << 30
+
+    def size(n: int) -> str:
+        return f"{n / gib:.2f} GiB" if n >= gib else f"{n / (1 << 20):.1f} MiB"
+
+    for host, _, avail in hosts:
+        if avail is None:
+            return False, f"the available memory of {host} is unknown"
+        if need[host] > AUTO_ASYNC_SHARE * avail:
+            return False, (f"the staging buffers of {host}'s ranks ({size(need[host])}) exceed "
+                           f"{AUTO_ASYNC_SHARE:.0%} of its {avail / gib:.1f} GiB available")
+    host, _, avail = max(hosts, key=lambda h: need[h[0]])
+    return True, (f"the staging buffers of {host}'s ranks ({size(need[host])}) fit in "
+                  f"{AUTO_ASYNC_SHARE:.0%} of its {avail / gib:.1f} GiB available")
+
+
 class RunCheckpoints:
     """The checkpoints of one run (collective methods are called by every rank)."""
 
-    def __init__(self, cfg: FFTConfig, ctx: DistContext):
+    def __init__(self, cfg: FFTConfig, ctx: DistContext, *, log: Callable[[dict], None] = lambda record: None,
+                 say: Callable[[str], None] = print0):
         self.cfg, self.ctx = cfg, ctx
+        self._log, self._say = log, say
+        self._warned: set[str] = set()
+        self._reported: int | None = None
+        self._async_decided: bool | None = None
+        """None: not asked yet; False: checkpoint.async_save=auto, decided at the first save."""
         self.root = Path(cfg.checkpoint.dir)
         self.run_id: str = broadcast_small(run_identity(Path(cfg.run.dir)) if ctx.is_main else None)
         self.generation_config = read_generation_config(cfg.model.path)
@@ -108,6 +158,49 @@ class RunCheckpoints:
         self.saver.best = envelope["train_state"]["trainer"]["best_checkpoint"]  # kept out of pruning again
         return path, envelope
 
+    def choose_async(self, strategy) -> None:
+        """Decide checkpoint.async_save on every rank alike and say why (rank 0). Collective. ``auto``
+        is decided at the first save (the :meth:`save` calls this), when the fragments hold every
+        optimizer state (a fresh torch optimizer makes its states at its first step): each rank counts
+        its fragments' bytes (what its staging buffer will hold) against its host's available memory."""
+        mode = self.cfg.checkpoint.async_save
+        if mode == AsyncSave.auto and self._async_decided is None:
+            self._async_decided = False  # the first save decides
+            return
+        self._async_decided = True
+        mine = (socket.gethostname(), staged_bytes(strategy) if mode == AsyncSave.auto else 0, mem_available())
+        hosts = all_gather_small(mine) if mode == AsyncSave.auto else [mine]
+        on, why = decide_async(mode, hosts)
+        self.saver.use_async(on)
+        how = ("asynchronous (a host staging buffer per rank, a background writer)" if on
+               else "synchronous (training waits for each save)")
+        self._say(f"fft-dist: checkpoints are {how}: {why}")
+
+    def _report(self, result: ckpt.SaveResult | None, step: int) -> None:
+        """Log a committed save's timings; warn (once each) when saves are too slow for the run's settings."""
+        if result is None or result.step == self._reported:
+            return
+        self._reported = result.step
+        t = result.timings
+        self._log({"step": step, "event": "checkpoint", "checkpoint_step": result.step,
+                   "ckpt_block_s": t.blocked, "ckpt_write_s": t.written})
+        lead = getattr(self.cfg.launcher, "signal_lead_s", 0)
+        save_s = t.blocked + t.written
+        if lead and 2 * save_s > lead and "lead" not in self._warned:
+            self._warned.add("lead")
+            self._say(f"fft-dist: warning: a save takes {save_s:.0f} s; a stop signal during a save costs two "
+                      f"(that one, then the current step's), {2 * save_s:.0f} s, more than launcher.signal_lead_s="
+                      f"{lead}: raise it, or the job may be killed before its checkpoint is committed")
+        if t.waited > 0.05 and "every" not in self._warned:
+            self._warned.add("every")
+            self._say(f"fft-dist: warning: the save of step {result.step} was still being written when the next "
+                      f"one was due (training waited {t.waited:.1f} s); raise checkpoint.every_steps="
+                      f"{self.cfg.checkpoint.every_steps}")
+
+    def poll(self, step: int) -> None:
+        """Log the save in flight if it has committed (rank-local, never blocks)."""
+        self._report(self.saver.poll(), step)
+
     def load(self, strategy, path: Path) -> dict:
         """Load `path` (already verified by :meth:`choose_resume`: no second pass over the data)."""
         return ckpt.load_checkpoint(strategy, path, verify=False,
@@ -116,8 +209,14 @@ class RunCheckpoints:
     def save(self, strategy, step: int, *, train_state, meta: dict, best: bool) -> ckpt.SaveResult | None:
         """Save `step` as this run's; `best`: it holds the best-evaluated weights so far (kept with keep_best,
         exported with export=best). `train_state`: see :meth:`Checkpointer.save`. Collective."""
-        return self.saver.save(strategy, step, train_state, best=best,
-                               meta={**meta, "generation_config": self.generation_config})
+        if self._async_decided is False:
+            self.choose_async(strategy)
+        previous = self.saver.last_step
+        result = self.saver.save(strategy, step, train_state, best=best,
+                                 meta={**meta, "generation_config": self.generation_config})
+        if self.saver.result is not None and self.saver.last_step != previous:  # the save before, or this one
+            self._report(self.saver.result, step)
+        return result
 
     @property
     def last(self) -> Path | None:
@@ -129,9 +228,18 @@ class RunCheckpoints:
         """The step of this run's newest save (committed, or in flight)."""
         return self.saver.newest_step
 
-    def close(self) -> None:
-        """Wait for a save in flight; no save after this. Collective."""
-        self.saver.close()
+    def close(self, step: int) -> None:
+        """Wait for a save in flight (the end of training, a stop, the export wait for it); no save after
+        this. Collective."""
+        self._report(self.saver.close(), step)
+
+    def abandon(self) -> None:
+        """Training failed: wait for the save in flight before the rank leaves (and releases the run's locks),
+        keeping training's error (the save's own, if it failed too, is said on rank 0)."""
+        try:
+            self.saver.close()
+        except Exception as e:  # noqa: BLE001 - training's error is the one reported
+            print0(f"fft-dist: the save in flight failed too: {e}")
 
     def export_source(self) -> Path:
         """The checkpoint ``checkpoint.export_final`` writes: the last one, or the best-eval one."""

@@ -18,6 +18,8 @@ holding one stays resumable. Every other number is a finite count (0 <= n < 2**5
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from fft_dist.checkpoint.spec import Bool, Float, Forms, Int, Invalid, MapOf, Nullable, Obj, Spec, Str, parse
 
 COUNT = Int(0)
@@ -34,7 +36,7 @@ TRAINER_SPEC = Obj({
     "stopped_early": Bool(),
 }, optional={"held_out_first": MapOf(LOSS), "held_out_last": MapOf(LOSS)},  # eval.sets (older checkpoints: none)
     expected="the trainer's counters (an object)")
-"""``trainer``: :class:`fft_dist.trainer.TrainState`'s fields but ``step`` (tests/unit/test_checkpoint_metadata.py
+"""``trainer``: :class:`TrainState`'s fields but ``step`` (tests/unit/test_checkpoint_metadata.py
 keeps the two in step)."""
 
 SINGLE_SOURCE_POSITION = Obj({
@@ -70,3 +72,26 @@ def parse_trainer_state(saved: dict, where: str) -> dict:
     :data:`TRAINER_STATE_SPEC` and returned as it is; else a CheckpointError
     ``"<where>: field train_state.<path>: expected ..., got ..."``. `where`: the train_state.json path."""
     return parse(TRAINER_STATE_SPEC, saved, str(where), at=("train_state",))
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer states that an exact resume needs."""
+
+    step: int = 0
+    """Optimizer steps taken. Saved once, as the checkpoint's own step, not in the trainer dict."""
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    """Steps whose update was dropped for a non-finite gradient norm (train.on_nonfinite=skip)."""
+    best_checkpoint: str | None = None
+    """The saved checkpoint (folder name) taken at the best eval loss; kept with checkpoint.keep_best."""
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    last_eval_loss: float | None = None
+    first_eval_loss: float | None = None
+    last_eval_step: int | None = None
+    stopped_early: bool = False
+    held_out_first: dict[str, float] = field(default_factory=dict)
+    """eval.sets: each set's first eval loss (step 0), the "before" of the forgetting report."""
+    held_out_last: dict[str, float] = field(default_factory=dict)

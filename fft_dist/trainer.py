@@ -46,30 +46,8 @@ from fft_dist.optim import lr_schedule, optimizer_factory
 from fft_dist.preemption import StopSignal, signal_name
 from fft_dist.reference import anchor, host_reference
 from fft_dist.run_checkpoints import RunCheckpoints
+from fft_dist.train_state import TrainState
 from fft_dist.strategy import device_defaults as decide_device_defaults, make_strategy
-
-
-@dataclass
-class TrainState:
-    """Everything besides weights and optimizer states that an exact resume needs."""
-
-    step: int = 0
-    """Optimizer steps taken. Saved once, as the checkpoint's own step, not in the trainer dict."""
-    tokens_seen: int = 0
-    skipped_steps: int = 0
-    """Steps whose update was dropped for a non-finite gradient norm (train.on_nonfinite=skip)."""
-    best_checkpoint: str | None = None
-    """The saved checkpoint (folder name) taken at the best eval loss; kept with checkpoint.keep_best."""
-    best_eval_loss: float | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
-    last_eval_loss: float | None = None
-    first_eval_loss: float | None = None
-    last_eval_step: int | None = None
-    stopped_early: bool = False
-    held_out_first: dict[str, float] = field(default_factory=dict)
-    """eval.sets: each set's first eval loss (step 0), the "before" of the forgetting report."""
-    held_out_last: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -118,7 +96,7 @@ class Trainer:
     # -- building ---------------------------------------------------------------------------
     def _build(self) -> None:
         cfg = self.cfg
-        self.checkpoints = RunCheckpoints(cfg, self.ctx)
+        self.checkpoints = RunCheckpoints(cfg, self.ctx, log=self.metrics.write, say=self._say)
         if cfg.checkpoint.save_final or cfg.checkpoint.every_steps:
             self.checkpoints.check_writable()
         self.defaults = decide_device_defaults(cfg, self.ctx.device)  # every `auto`, for this rank's device
@@ -185,6 +163,8 @@ class Trainer:
             f"accum {self.plan.grad_accum} x world {self.plan.world_size} | {self.total_steps} steps"
         )
         print0(f"fft-dist: {self.defaults.banner()}")
+        if cfg.checkpoint.save_final or cfg.checkpoint.every_steps:
+            self.checkpoints.choose_async(self.strategy)  # checkpoint.async_save (auto: at the first save)
         self.metrics.write(self.defaults.record())
 
     def _tokenizer_line(self) -> str:
@@ -327,6 +307,13 @@ class Trainer:
 
     def run(self) -> Summary:
         self._build()
+        try:
+            return self._run()
+        except BaseException:
+            self.checkpoints.abandon()  # a save in flight ends before the rank (and its run's locks) goes
+            raise
+
+    def _run(self) -> Summary:
         self._resume()
         cfg, s = self.cfg, self.state
         start_time = time.perf_counter()
@@ -346,6 +333,7 @@ class Trainer:
             s.tokens_seen += out["inputs"]
             s.skipped_steps += int(out["skipped"])
             self._log_step(out, dt)
+            self.checkpoints.poll(s.step)  # a background save that committed: its timings into the metrics
             stop_now = out["stop"]
             if not stop_now and cfg.eval.every_steps and s.step % cfg.eval.every_steps == 0 and s.step < self.total_steps:
                 stop_now = not self._eval_and_track(s.step)
@@ -361,7 +349,7 @@ class Trainer:
             stopped, stop_signal = "preempted", signal_name(received) if received else "a signal to another rank"
         if (stop_now or cfg.checkpoint.save_final) and self.checkpoints.saved_step != s.step:
             self._save(s.step)
-        self.checkpoints.close()  # the end of training waits for a save in flight
+        self.checkpoints.close(s.step)  # the end of training, a stop and the export wait for a save in flight
         last_ckpt = self.checkpoints.last
         held = {n: (s.held_out_first[n], s.held_out_last[n]) for n in s.held_out_first if n in s.held_out_last}
         if held:  # the forgetting report: each held-out set's loss before and after

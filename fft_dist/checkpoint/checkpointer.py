@@ -3,9 +3,11 @@
 Why a class and why phases: what a run knows about its saves (the last checkpoint, the best one,
 the save in flight) lives in one place, and each phase reads only what the one before it left, so
 an asynchronous save (issue 21) can stage in the foreground and hand write and commit to a
-background runner without reopening the training loop. Today's save is synchronous: the runner is
-:func:`run_now`, the phases run back to back inside :meth:`Checkpointer.save`, and
-:meth:`Checkpointer.wait` returns at once.
+background runner without reopening the training loop. A synchronous save (the runner is
+:func:`run_now`) runs the phases back to back inside :meth:`Checkpointer.save`. An asynchronous one
+(``async_save=True``, ``checkpoint.async_save``) stages into a host :class:`StagingBuffer` and hands
+write and commit to a :class:`~fft_dist.checkpoint.background.BackgroundWriter`; the next save,
+:meth:`Checkpointer.wait` and :meth:`Checkpointer.close` wait for it (at most one save in flight).
 
 - **stage** (local): this rank's fragments checked and laid out, its RNG captured
   (:mod:`fft_dist.checkpoint.stage`).
@@ -21,6 +23,7 @@ come back as a :class:`SaveResult` per save.
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import dataclass, field
@@ -33,7 +36,8 @@ from fft_dist.checkpoint.collective import agree_or_raise
 from fft_dist.checkpoint.commit import after_commit, build_index, prepare_temp, write_and_rename
 from fft_dist.checkpoint.faults import check_fault_env
 from fft_dist.checkpoint.format import CheckpointError
-from fft_dist.checkpoint.stage import Staged, stage_fragments
+from fft_dist.checkpoint.background import BackgroundWriter
+from fft_dist.checkpoint.stage import Staged, StagingBuffer, stage_fragments
 from fft_dist.checkpoint.writer import write_shards
 from fft_dist.dist import all_gather_small, rank_world
 
@@ -53,7 +57,15 @@ class SaveTimings:
     """Index, metadata, manifest, rename, ``latest`` and pruning."""
     total: float
     blocked: float
-    """How long :meth:`Checkpointer.save` held its caller (synchronous: the whole save)."""
+    """How long :meth:`Checkpointer.save` held its caller (synchronous: the whole save; asynchronous: the
+    stage copy, plus any wait for the save before it). Logged as ``ckpt_block_s``."""
+    waited: float = 0.0
+    """Of `blocked`, the wait for the previous save still in flight (0 when it was done)."""
+
+    @property
+    def written(self) -> float:
+        """Write and commit, wherever they ran (logged as ``ckpt_write_s``)."""
+        return self.setup + self.write + self.gather + self.commit
 
 
 @dataclass(frozen=True)
@@ -146,7 +158,7 @@ class Checkpointer:
     """
 
     def __init__(self, root: Path, *, run_id: str, keep_last: int, keep_best: bool = False, group: Any = _OWN,
-                 timeout_s: float | None = None, runner: Runner = run_now):
+                 timeout_s: float | None = None, runner: Runner = run_now, async_save: bool = False):
         self.root, self.run_id = Path(root), run_id
         self.keep_last, self.keep_best = keep_last, keep_best
         self.group = own_group(timeout_s) if group is _OWN else group
@@ -159,9 +171,32 @@ class Checkpointer:
         """The step of the newest save asked of this Checkpointer (committed, or in flight until :meth:`wait`):
         what "is this step saved already?" must compare with."""
         self._runner = runner
+        self._buffer: StagingBuffer | None = None
         self._pending: Pending | None = None
         self._job: _Save | None = None
         self._closed = False
+        if async_save:
+            self.use_async(True)
+
+    def use_async(self, on: bool) -> None:
+        """Switch between synchronous saves and asynchronous ones (staged copy, background writer).
+        Rank-local, but every rank must choose the same; never with a save in flight."""
+        if self._pending is not None:
+            raise RuntimeError("use_async() with a save in flight")
+        if on and self._buffer is None:
+            self._buffer, self._runner = StagingBuffer(), BackgroundWriter()
+        elif not on and self._buffer is not None:
+            self._close_writer()
+            self._buffer, self._runner = None, run_now
+
+    @property
+    def is_async(self) -> bool:
+        return self._buffer is not None
+
+    @property
+    def staging_bytes(self) -> int:
+        """Host memory held by the staging buffer (0 for synchronous saves)."""
+        return self._buffer.nbytes if self._buffer is not None else 0
 
     # -- the public API --------------------------------------------------------------------------------
     def save(self, strategy, step: int, train_state: dict | Callable[[str | None], dict], *, best: bool = False,
@@ -180,12 +215,16 @@ class Checkpointer:
         """
         if self._closed:
             raise RuntimeError("this Checkpointer is closed: it saves nothing more")
+        t_wait = time.perf_counter()
         self.wait()
-        check_fault_env()
         t0 = time.perf_counter()
+        waited = t0 - t_wait
+        check_fault_env()
         if best:
             self.best = fmt.step_dir_name(step)
         state = train_state(self.best) if callable(train_state) else train_state
+        if self.is_async:  # captured now: training goes on and may change what the caller passed
+            state, meta = copy.deepcopy(state), copy.deepcopy(meta)
         rank, world = rank_world()
         name = fmt.step_dir_name(step)
         keep = {self.best} if self.keep_best and self.best else set()
@@ -194,10 +233,23 @@ class Checkpointer:
                     protect=set(protect) | keep, backend=getattr(strategy, "name", "unknown"), t0=t0)
         self.stage(job, strategy)
         self.newest_step = step
+        job.seconds["waited"] = waited
+        job.seconds["blocked"] = waited + time.perf_counter() - t0  # before the runner: it may finish the job first
         pending = self._runner(lambda: self._write_and_commit(job))  # synchronous: raises a failed save's error
+        if not self.is_async:
+            job.seconds["blocked"] = waited + time.perf_counter() - t0
         self._pending, self._job = pending, job
-        job.seconds["blocked"] = time.perf_counter() - t0
         return self.wait() if self._pending.done() else None
+
+    def poll(self) -> SaveResult | None:
+        """The save in flight's result if it has committed since the last call (rank-local, never blocks;
+        None otherwise). A failed save is left for :meth:`wait` to raise, where every rank calls it."""
+        pending = self._pending
+        if pending is None or not pending.done():
+            return None
+        if getattr(pending, "exception", lambda: None)() is not None:
+            return None
+        return self.wait()
 
     def wait(self) -> SaveResult | None:
         """Block until the save in flight is committed (raising its error, if it failed); returns the
@@ -208,17 +260,23 @@ class Checkpointer:
             pending.result()
             s = job.seconds
             timings = SaveTimings(stage=s["stage"], setup=s["setup"], write=s["write"], gather=s["gather"],
-                                  commit=s["commit"], total=s["total"], blocked=s.get("blocked", s["total"]))
+                                  commit=s["commit"], total=s["total"], blocked=s.get("blocked", s["total"]),
+                                  waited=s.get("waited", 0.0))
             self.result = SaveResult(step=job.step, path=job.final, timings=timings)
             self.last, self.last_step = job.final, job.step
         return self.result
 
     def close(self) -> SaveResult | None:
-        """Wait for the save in flight, then refuse further saves. Idempotent."""
+        """Wait for the save in flight, then refuse further saves (the background writer ends). Idempotent."""
         try:
             return self.wait()
         finally:
             self._closed = True
+            self._close_writer()
+
+    def _close_writer(self) -> None:
+        if isinstance(self._runner, BackgroundWriter):
+            self._runner.close()
 
     @property
     def closed(self) -> bool:
@@ -230,7 +288,7 @@ class Checkpointer:
         the write phase's agreement, so that every rank raises together."""
         t = time.perf_counter()
         try:
-            job.staged = stage_fragments(strategy, rank=job.rank, world=job.world, step=job.step)
+            job.staged = stage_fragments(strategy, rank=job.rank, world=job.world, step=job.step, into=self._buffer)
         except Exception as e:  # noqa: BLE001 - reported on every rank in the write phase
             job.problems.append(f"rank {job.rank}: {_describe(e)}")
         job.seconds["stage"] = time.perf_counter() - t

@@ -2,21 +2,25 @@
 
 Set ``FFT_DIST_FAULT_KILL_AT`` to one of :data:`FAULT_POINTS`; optionally
 ``FFT_DIST_FAULT_KILL_RANK`` (default 0, or ``all``) and ``FFT_DIST_FAULT_KILL_STEP`` (only the
-save of that step). An unknown point name is an error, so a typo cannot make a crash test pass
+save of that step). With ``FFT_DIST_FAULT_DELAY_S`` the point pauses that many seconds instead of
+killing: a test can then land a stop signal while an asynchronous save is being written. An unknown point name is an error, so a typo cannot make a crash test pass
 without crashing anything. Unset (the normal case), :func:`fault_point` costs one env lookup.
 """
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 from fft_dist.dist import rank_world
 
 KILL_AT_ENV = "FFT_DIST_FAULT_KILL_AT"
 KILL_RANK_ENV = "FFT_DIST_FAULT_KILL_RANK"
 KILL_STEP_ENV = "FFT_DIST_FAULT_KILL_STEP"
+DELAY_ENV = "FFT_DIST_FAULT_DELAY_S"
 
 FAULT_POINTS = (
+    "mid_stage",            # a rank is half-way through staging its fragments (training is blocked)
     "mid_model_shard",      # a rank is half-way through writing its model shard
     "after_model_shards",
     "after_optim_shards",
@@ -41,6 +45,12 @@ def check_fault_env() -> None:
     if not (rank == "all" or rank.isdigit()) or not (step == "" or step.lstrip("-").isdigit()):
         raise ValueError(f"{KILL_RANK_ENV}={rank!r} / {KILL_STEP_ENV}={step!r}: expected a rank number or 'all', "
                          f"and a step number")
+    delay = os.environ.get(DELAY_ENV, "")
+    try:
+        if delay and not 0 <= float(delay) <= 3600:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{DELAY_ENV}={delay!r}: expected seconds (0 to 3600)") from None
 
 
 def fault_point(name: str, step: int | None = None) -> None:
@@ -57,5 +67,8 @@ def fault_point(name: str, step: int | None = None) -> None:
         return
     want_rank = os.environ.get(KILL_RANK_ENV, "0")
     if want_rank != "all" and int(want_rank) != rank_world()[0]:
+        return
+    if os.environ.get(DELAY_ENV):
+        time.sleep(float(os.environ[DELAY_ENV]))
         return
     os.kill(os.getpid(), signal.SIGKILL)

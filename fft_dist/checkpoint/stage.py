@@ -2,9 +2,12 @@
 
 Staging is everything a save must take from the live training state at the moment of the save:
 which ranges of which tensors this rank stores (the index entries), the tensors themselves, and
-the rank's RNG state. After it, the write and the commit read only what was staged, so that an
-asynchronous save (issue 21) can stage into a host buffer here and let training go on. Today the
-staged tensors are the live storage itself (no copy): the synchronous save writes them at once.
+the rank's RNG state. After it, the write and the commit read only what was staged. A synchronous
+save stages the live storage itself (no copy: it is written before training goes on); an
+asynchronous one copies every fragment into a :class:`StagingBuffer` in host memory (allocated at
+the first save and reused; pinned when CUDA is there, so the device-to-host copies are fast) and
+training goes on while a background writer reads the copy. The NaN/inf check runs in the write
+phase (:func:`check_finite`), on what was staged, so that it does not block training either.
 
 Nothing here is collective and nothing touches the disk; a problem is raised as a CheckpointError
 that the save reports on every rank (:mod:`fft_dist.checkpoint.checkpointer`).
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fft_dist.checkpoint import format as fmt
+from fft_dist.checkpoint.faults import fault_point
 from fft_dist.checkpoint.format import CheckpointError
 from fft_dist.checkpoint.rng import capture_rng
 
@@ -58,13 +62,66 @@ def first_nonfinite(t: torch.Tensor) -> int | None:
     return None
 
 
-def stage_fragments(strategy, *, rank: int, world: int, step: int) -> Staged:
+class StagingBuffer:
+    """Host tensors that hold one rank's fragments between a save's stage and its write, one per
+    fragment key, allocated at the first save and reused by every later one (a fragment whose size
+    or dtype changed gets a new one). Pinned on CUDA machines: page-locked memory is what lets the
+    device-to-host copy run at full speed."""
+
+    def __init__(self) -> None:
+        self._tensors: dict[str, torch.Tensor] = {}
+        self.pin = torch.cuda.is_available()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors.values())
+
+    def copy(self, key: str, src: torch.Tensor) -> torch.Tensor:
+        """`src` copied into this key's host tensor (asynchronously from a device: see :meth:`settle`)."""
+        buf = self._tensors.get(key)
+        if buf is None or buf.numel() != src.numel() or buf.dtype != src.dtype:
+            buf = torch.empty(src.numel(), dtype=src.dtype, device="cpu", pin_memory=self.pin)
+            self._tensors[key] = buf
+        buf.copy_(src.reshape(-1), non_blocking=self.pin and src.is_cuda)
+        return buf
+
+    def settle(self) -> None:
+        """Wait for the device-to-host copies in flight (none on CPU)."""
+        if self.pin and torch.cuda.is_initialized():
+            torch.cuda.current_stream().synchronize()
+
+
+def staged_bytes(strategy) -> int:
+    """The bytes this rank's fragments hold: what a :class:`StagingBuffer` costs in host memory."""
+    total = 0
+    for frag in strategy.fragments():
+        stop = min(int(frag.flat_start) + frag.local.numel(), fmt.numel(frag.full_shape))
+        total += max(0, stop - int(frag.flat_start)) * frag.local.element_size()
+    return total
+
+
+def check_finite(staged: Staged) -> None:
+    """Refuse NaN/inf in any staged fragment (params and optimizer states: a NaN in either ruins the
+    resume); the error names the tensor, its kind and the flat element."""
+    where = {e[7]: e for e in staged.entries}
+    for key, t in (*staged.model_items, *staged.optim_items):
+        bad = first_nonfinite(t)
+        if bad is not None:
+            name, kind, start = where[key][0], where[key][1], where[key][4]
+            raise CheckpointError(f"{name} ({kind}) holds NaN/inf (first at flat element {start + bad}); "
+                                  f"a checkpoint never stores non-finite values")
+
+
+def stage_fragments(strategy, *, rank: int, world: int, step: int, into: StagingBuffer | None = None) -> Staged:
     """Walk ``strategy.fragments()`` once: every fragment trimmed to its tensor (ZeRO-3's last
-    partition may carry padding), refused if it holds NaN/inf or repeats a key, and filed under the
-    model or the optimizer shard. The RNG state is captured first, as the save found it."""
+    partition may carry padding), refused if it repeats a key, copied `into` the staging buffer when
+    one is given, and filed under the model or the optimizer shard. The RNG state is captured first,
+    as the save found it. The ``mid_stage`` fault point fires once the first fragment is staged."""
     staged = Staged(rank=rank, world=world, step=step, rng=capture_rng())
     seen: set[str] = set()
-    for frag in strategy.fragments():
+    for i, frag in enumerate(strategy.fragments()):
+        if i == 1:
+            fault_point("mid_stage", step)
         local = frag.local.detach()
         if local.dim() != 1:
             local = local.reshape(-1)
@@ -75,16 +132,16 @@ def stage_fragments(strategy, *, rank: int, world: int, step: int) -> Staged:
             continue
         if stop - start != local.numel():
             local = local[: stop - start]
-        bad = first_nonfinite(local)  # params and optimizer states: a NaN in either ruins the resume
-        if bad is not None:
-            raise CheckpointError(f"{frag.name} ({frag.kind}) holds NaN/inf (first at flat element {start + bad}); "
-                                  f"a checkpoint never stores non-finite values")
         key = fmt.tensor_key(frag.name, frag.kind, start)
         if key in seen:
             raise CheckpointError(f"rank {rank} yielded {frag.name} ({frag.kind}) at {start} twice")
         seen.add(key)
+        if into is not None:
+            local = into.copy(key, local)
         is_param = frag.kind == fmt.PARAM_KIND
         (staged.model_items if is_param else staged.optim_items).append((key, local))
         staged.entries.append([frag.name, frag.kind, [int(d) for d in frag.full_shape], fmt.dtype_name(local.dtype),
                                start, stop, staged.model_file if is_param else staged.optim_file, key])
+    if into is not None:
+        into.settle()
     return staged

@@ -2,7 +2,8 @@
 
 Each rank writes ``model/`` and ``optim/`` shards into the save's temporary folder; every byte is
 hashed while it is written and each file is fsynced (:func:`write_safetensors`), so the commit
-needs no second pass over the data. The fault points of this phase (``mid_model_shard``,
+needs no second pass over the data. With ``checkpoint.async_save`` this runs in the rank's background
+writer thread, on the staging buffer's copy. The fault points of this phase (``mid_model_shard``,
 ``after_model_shards``, ``after_optim_shards``) are where the crash-safety tests kill a rank.
 
 Why not ``torch.distributed.checkpoint`` (DCP) with ``HuggingFaceStorageWriter``: DCP names files
@@ -21,12 +22,14 @@ from pathlib import Path
 from fft_dist.checkpoint import format as fmt
 from fft_dist.checkpoint.faults import fault_point
 from fft_dist.checkpoint.safetensors_io import write_safetensors
-from fft_dist.checkpoint.stage import Staged
+from fft_dist.checkpoint.stage import Staged, check_finite
 
 
 def write_shards(staged: Staged, tmp: Path) -> list[dict]:
     """Write this rank's model and optimizer shards into `tmp`; returns their {path, size, sha256}
-    records for the manifest. Local (no collective): errors go to the caller, which shares them."""
+    records for the manifest. Local (no collective): errors go to the caller, which shares them.
+    NaN/inf in what was staged is refused first (:func:`check_finite`), before a byte is written."""
+    check_finite(staged)
     meta = {"format": "pt", "fft_dist_format": str(fmt.FORMAT_VERSION), "rank": str(staged.rank),
             "world_size": str(staged.world), "step": str(staged.step)}
     step = staged.step

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fft_dist.errors import ConfigError  # noqa: F401 - re-exported: the schema's own error
-from fft_dist.config.checkpoint import CheckpointConfig, ExportChoice  # noqa: F401
+from fft_dist.config.checkpoint import AsyncSave, CheckpointConfig, ExportChoice  # noqa: F401
 from fft_dist.config.data import DataConfig, DataFormat  # noqa: F401
 from fft_dist.config.launcher import LAUNCHERS, LauncherConfig, LauncherName  # noqa: F401
 from fft_dist.config.loss import LossConfig  # noqa: F401

@@ -5,6 +5,12 @@ from dataclasses import dataclass
 from enum import Enum
 
 
+class AsyncSave(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 class ExportChoice(str, Enum):
     last = "last"
     best = "best"
@@ -15,6 +21,10 @@ class CheckpointConfig:
     dir: str = "${run.dir}/checkpoints"
     every_steps: int = 0
     """Save every N optimizer steps (0: only at the end if save_final)."""
+    async_save: AsyncSave = AsyncSave.auto
+    """Write checkpoints in a background thread while training goes on: each save copies the rank's share of
+    weights + optimizer states into a host staging buffer (that much more host memory per rank), then trains on.
+    auto: on when every rank's buffer fits in half the host memory available; off: saves block training."""
     keep_last: int = 2
     """Intact checkpoints of this run kept; older ones of this run are pruned after each commit."""
     keep_best: bool = False

@@ -170,12 +170,18 @@ def test_bad_checkpoint_2_ranks_all_ranks_raise_the_same(spec, saved2, tmp_path)
 
 
 # -- crash safety: SIGKILL during a save -----------------------------------------------------------------
-@pytest.mark.parametrize("point,rank", [("mid_model_shard", "1"), ("before_rename", "0")])
-def test_sigkill_during_save_keeps_previous(spec, tmp_path, point, rank):
-    """2 ranks; one is SIGKILLed while writing its model shard, or rank 0 just before the commit rename."""
+@pytest.mark.parametrize("point,rank,asynchronous", [
+    ("mid_model_shard", "1", False), ("before_rename", "0", False),
+    # checkpoint.async_save (issue 21): staging (the training thread), writing and committing (the writer thread)
+    ("mid_stage", "1", True), pytest.param("mid_model_shard", "1", True, marks=pytest.mark.slow),
+    ("before_rename", "0", True)])
+def test_sigkill_during_save_keeps_previous(spec, tmp_path, point, rank, asynchronous):
+    """2 ranks; one is SIGKILLed while staging, while writing its model shard, or (rank 0) just before the
+    commit rename; with asynchronous saves the last two happen in the rank's background writer."""
     root = tmp_path / "ckpts"
+    mode = ["--async-save"] if asynchronous else []
     proc = torchrun(2, "--spec", str(spec), "--ckpt-root", str(root), "--split", "uneven", "--steps", "4",
-                    "--save-every", "2", "--keep-last", "1",
+                    "--save-every", "2", "--keep-last", "1", *mode,
                     env={"FFT_DIST_FAULT_KILL_AT": point, "FFT_DIST_FAULT_KILL_RANK": rank,
                          "FFT_DIST_FAULT_KILL_STEP": "4"})
     assert proc.returncode != 0
@@ -188,7 +194,7 @@ def test_sigkill_during_save_keeps_previous(spec, tmp_path, point, rank):
     if point == "mid_model_shard":
         # resume=auto picks step 2, finishes bit-exactly, and the leftover .tmp is cleaned up
         run_ok(torchrun(2, "--spec", str(spec), "--ckpt-root", str(root), "--split", "rows", "--steps", "4",
-                        "--resume", "auto", "--keep-last", "1"))
+                        "--resume", "auto", "--keep-last", "1", *mode))
         assert_matches(reference(spec, 4), root / "step-0000004")
         assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000004"]
 

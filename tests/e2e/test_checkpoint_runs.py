@@ -38,9 +38,9 @@ def assert_same_state(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
-    """fsdp, 2 ranks, 8 steps, checkpoints at 4 and 8, and an HF export at the end."""
+    """fsdp, 2 ranks, 8 steps, checkpoints at 4 and 8 saved asynchronously, and an HF export at the end."""
     run = tmp_path_factory.mktemp("full") / "run"
-    torchrun_train(run, "checkpoint.export_final=true")
+    torchrun_train(run, "checkpoint.export_final=true", "checkpoint.async_save=on")
     return run
 
 
@@ -107,9 +107,14 @@ def run_with_step4_of(source: Path, tmp_path: Path) -> Path:
 
 
 def resume_and_assert_exact(full_run: Path, tmp_path: Path, parallelism: str) -> None:
-    """Stop at step 4 (its checkpoint), resume to 8: bit-identical losses, eval losses, weights, state."""
+    """Stop at step 4 (its checkpoint), resume to 8: bit-identical losses, eval losses, weights, state.
+    The full run saved asynchronously (checkpoint.async_save=on), the resumed one synchronously: a checkpoint
+    written by the background writer while training went on holds exactly the state of its step."""
+    saves = [r for r in read_metrics(full_run) if r.get("event") == "checkpoint"]
+    assert [r["checkpoint_step"] for r in saves] == [4, 8] and all(r["ckpt_write_s"] > 0 for r in saves)
     run = run_with_step4_of(full_run, tmp_path)
-    torchrun_train(run, "resume=auto", parallelism=parallelism)
+    proc = torchrun_train(run, "resume=auto", "checkpoint.async_save=off", parallelism=parallelism)
+    assert "checkpoints are synchronous" in proc.stdout
     full, resumed = losses_by_step(full_run), losses_by_step(run)
     assert sorted(resumed) == [5, 6, 7, 8]
     assert [resumed[s] for s in range(5, 9)] == [full[s] for s in range(5, 9)]  # bit-identical
@@ -201,7 +206,7 @@ def uninterrupted_zero(tmp_path_factory):
     def get(backend: str) -> Path:
         if backend not in runs:
             runs[backend] = tmp_path_factory.mktemp(backend) / "run"
-            torchrun_train(runs[backend], parallelism=backend)
+            torchrun_train(runs[backend], "checkpoint.async_save=on", parallelism=backend)
         return runs[backend]
 
     return get

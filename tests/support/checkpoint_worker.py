@@ -196,6 +196,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="rank r writes {out}.rank{r}.json")
     p.add_argument("--no-verify", action="store_true")
     p.add_argument("--protect", default="", help="comma-separated step folders that pruning must keep")
+    p.add_argument("--async-save", action="store_true", help="one Checkpointer with asynchronous saves (issue 21)")
     p.add_argument("--nan-at", type=int, default=0, help="make one parameter element NaN before saving this step")
     return p.parse_args(argv)
 
@@ -239,18 +240,25 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"model_config": spec.get("model_config"), "backend": f"flatshard-{args.split}",
                 "config_yaml": "test: true\n", "tokenizer_dir": spec.get("tokenizer_dir")}
         protect = [p for p in args.protect.split(",") if p]
+        saver = ckpt.Checkpointer(root, run_id=RUN_ID, keep_last=args.keep_last, async_save=True) \
+            if args.async_save else None
         while step < args.steps:
             strategy.train_step(step)
             step += 1
             if step == args.nan_at and strategy.params:
                 next(iter(strategy.params.values())).data.view(-1)[-1] = float("nan")
             if args.save_every and step % args.save_every == 0 or step == args.steps:
-                ckpt.save_checkpoint(strategy, ckpt_root=root, step=step, keep_last=args.keep_last,
-                                     train_state={"step": step, "tokens_seen": 100 * step}, meta=meta,
-                                     protect=protect, run_id=RUN_ID)
+                state = {"step": step, "tokens_seen": 100 * step}
+                if saver is not None:  # training goes on at once, mutating what the save staged a copy of
+                    saver.save(strategy, step, state, meta=meta, protect=protect)
+                else:
+                    ckpt.save_checkpoint(strategy, ckpt_root=root, step=step, keep_last=args.keep_last,
+                                         train_state=state, meta=meta, protect=protect, run_id=RUN_ID)
                 result.setdefault("saved", []).append(step)
                 result.setdefault("rand_after_save", {})[str(step)] = [torch.rand(3).tolist(), random.random(),
                                                                         float(np.random.rand())]
+        if saver is not None:
+            saver.close()
     except ckpt.CheckpointError as e:
         result["error"] = str(e)
     if args.out:
