@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 from fft_dist.dist import rank_world
@@ -68,7 +69,9 @@ def fault_point(name: str, step: int | None = None) -> None:
     want_rank = os.environ.get(KILL_RANK_ENV, "0")
     if want_rank != "all" and int(want_rank) != rank_world()[0]:
         return
-    if os.environ.get(DELAY_ENV):
+    if os.environ.get(DELAY_ENV):  # said first, so a test knows the phase it interrupts has been reached
+        print(f"fft-dist fault point {name}: rank {rank_world()[0]} pauses {os.environ[DELAY_ENV]} s at step {step}",
+              file=sys.stderr, flush=True)
         time.sleep(float(os.environ[DELAY_ENV]))
         return
     os.kill(os.getpid(), signal.SIGKILL)

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -139,21 +140,47 @@ def test_signal_before_any_rank_starts_exits_76_and_says_nothing_was_saved(tmp_p
 
 
 @pytest.mark.slow
-def test_kill_9_of_the_launcher_stops_the_ranks_before_they_write_anything(tmp_path):
+@pytest.mark.parametrize("point", ["mid_stage", "after_model_shards", "before_rename"])
+def test_kill_9_of_the_launcher_in_each_phase_of_an_async_save_keeps_the_previous_checkpoint(tmp_path, point):
+    """kill -9 of the launcher while step 4's asynchronous save is staging (the training thread), writing or
+    committing (the writer thread, paused there): the ranks die with it and write nothing more, step 2 still
+    verifies, and resume=auto takes it (issue 21)."""
     run = tmp_path / "run"
-    proc = start(run, "checkpoint.every_steps=1", "checkpoint.keep_last=1000")
-    ranks = wait_for_steps(proc, run, steps=2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
-    deadline = time.time() + 10
-    while any(alive(p) for p in ranks) and time.time() < deadline:
-        time.sleep(0.05)
-    assert not [p for p in ranks if alive(p)], "the ranks outlived their launcher"
-    before = sorted(p.name for p in (run / "checkpoints").iterdir())
-    logged = len(read_metrics(run))
-    time.sleep(3)
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    env = {**child_env(), "FFT_DIST_FAULT_KILL_AT": point, "FFT_DIST_FAULT_KILL_RANK": "all",
+           "FFT_DIST_FAULT_KILL_STEP": "4", "FFT_DIST_FAULT_DELAY_S": "120"}
+    proc = subprocess.Popen([sys.executable, "-m", "fft_dist.cli", "train", f"run.dir={run}", *LONG_JOB,
+                             "checkpoint.every_steps=2", "checkpoint.keep_last=1000", "checkpoint.async_save=on"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    reached, lines = threading.Event(), []
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if f"fault point {point}:" in line:
+                reached.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert reached.wait(240), "".join(lines)[-3000:]
+        ranks = children(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        deadline = time.time() + 10
+        while any(alive(p) for p in ranks) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in ranks if alive(p)], "the ranks outlived their launcher"
+    finally:
+        kill_job(proc)
+    root = run / "checkpoints"
+    before, logged = sorted(p.name for p in root.iterdir()), len(read_metrics(run))
+    time.sleep(2)
+    assert sorted(p.name for p in root.iterdir()) == before, "a rank wrote on without its launcher"
     assert len(read_metrics(run)) == logged, "no rank may go on training unsupervised"
+    assert ckpt.verify_checkpoint(root / "step-0000002") == []
+    assert not (root / "step-0000004").exists()
+    assert ckpt.find_resume("auto", root) == root / "step-0000002"
 
 
 # -- the run directory ---------------------------------------------------------------------------------
