@@ -152,7 +152,7 @@ def estimate(shape: ModelShape, cfg: FFTConfig, setup: Setup) -> dict[str, Any]:
     params, grads, master, optim, detail, cpu = (state.params, state.grads, state.master, state.optim,
                                                  state.detail, state.cpu)
     eager = shape.attention == "eager"
-    chunk = 0 if cfg.data.format == DataFormat.classification.value else cfg.loss.chunk_size  # a class head: never
+    chunk = cfg.loss.chunk_for(token_objective=cfg.data.format != DataFormat.classification.value)
     acts = {on: activation_bytes(shape, micro_batch=setup.micro_batch, seq_len=setup.seq_len, checkpointing=on,
                                  precision=precision, eager_attention=eager, chunk=chunk)
             for on in (False, True)}
