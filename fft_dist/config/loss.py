@@ -77,6 +77,10 @@ about 1 TFLOP per chunk), so the loop over chunks costs no measurable speed; a t
 chunk. Parity with the full logits (1e-6) is tested on none, fsdp, hsdp, zero2 and zero3."""
 
 
+BUILT_IN_TERMS = frozenset({"router_aux"})
+"""loss.terms that never read the full logits (auto chunking stays on with them)."""
+
+
 @dataclass
 class LossConfig:
     """The loss: the data format's cross-entropy (logged as `loss`) plus these named terms."""
@@ -92,8 +96,8 @@ class LossConfig:
     """Tokens per chunk of the output projection and cross-entropy (training and evaluation), so no tokens x
     vocabulary logits exist: memory grows with chunk x vocabulary, and only loss-bearing tokens go through the
     head. Backward recomputes each chunk (one more head matmul). 0: off (the model's full logits). -1 (the
-    default): auto, 1024 for token objectives unless loss.plugins is set (a plugin's term may read the full
-    logits, which chunking does not compute: set a size to chunk with it). The family's head rules still
+    default): auto, 1024 for token objectives unless loss.terms names a term other than the built-in router_aux
+    (such a term may read the full logits, which chunking does not compute: set a size to chunk with it). The family's head rules still
     apply (tied heads, Gemma-2's soft-capping, Granite's and Cohere's logit scaling). A classification head is
     never chunked."""
     kd: KDConfig = field(default_factory=KDConfig)
@@ -112,5 +116,5 @@ class LossConfig:
         if not token_objective:
             return 0
         if self.chunk_size == AUTO_CHUNK:
-            return 0 if self.plugins else DEFAULT_CHUNK
+            return 0 if any(name not in BUILT_IN_TERMS for name in self.terms) else DEFAULT_CHUNK
         return self.chunk_size
