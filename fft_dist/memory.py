@@ -208,13 +208,13 @@ def kept_copies(shape: ModelShape, cfg: FFTConfig, setup: Setup) -> tuple[dict[s
         else:
             held = shape.params // (setup.shard_size or n)
         out["kd_reference"] = e * held
-    if cfg.loss.l2sp.weight:
+    if cfg.loss.l2sp.weight and not descriptor.group_size:  # replica groups (hsdp): L2-SP is refused there
         if descriptor.single_process:
             theta0 = 4 * shape.params
         elif descriptor.deepspeed_stage is not None:
             theta0 = 4 * shape.trainable // n
         else:
-            theta0 = 4 * shape.params // (setup.shard_size or n)
+            theta0 = 4 * shape.params // n
         if any(r.name == backend and r.offload for r in descriptor.rows):
             cpu += theta0
         else:
