@@ -152,7 +152,7 @@ def estimate(shape: ModelShape, cfg: FFTConfig, setup: Setup) -> dict[str, Any]:
     params, grads, master, optim, detail, cpu = (state.params, state.grads, state.master, state.optim,
                                                  state.detail, state.cpu)
     eager = shape.attention == "eager"
-    chunk = 0 if cfg.data.format == DataFormat.classification.value else cfg.loss.chunk_size  # a class head: never
+    chunk = cfg.loss.chunk_for(token_objective=cfg.data.format != DataFormat.classification.value)
     acts = {on: activation_bytes(shape, micro_batch=setup.micro_batch, seq_len=setup.seq_len, checkpointing=on,
                                  precision=precision, eager_attention=eager, chunk=chunk)
             for on in (False, True)}
@@ -162,6 +162,9 @@ def estimate(shape: ModelShape, cfg: FFTConfig, setup: Setup) -> dict[str, Any]:
     # training's saved activations and eval's forward never coexist: the larger one is the peak
     per_gpu = {"params": params, "grads": grads, "master": master, "optimizer": optim,
                "activations": max(acts[setup.checkpointing], eval_acts), "buffers": buffers}
+    copies, cpu_copies = kept_copies(shape, cfg, setup)
+    per_gpu.update(copies)
+    cpu += cpu_copies
     per_gpu["total"] = sum(per_gpu.values())
     return {"parallelism": backend, "gpus": n, "params": psi, "trainable_params": t,
             "micro_batch_size": setup.micro_batch, "seq_len": setup.seq_len,
@@ -170,6 +173,53 @@ def estimate(shape: ModelShape, cfg: FFTConfig, setup: Setup) -> dict[str, Any]:
             "activations_by_checkpointing": {"off": acts[False], "on": acts[True]},
             "train_activations": acts[setup.checkpointing], "eval_activations": eval_acts,
             "cpu_bytes_per_gpu": cpu, "detail": detail, **({"shard_size": setup.shard_size} if setup.shard_size else {})}
+
+
+KEPT = {"kd_reference": "kd reference", "l2sp_theta0": "l2sp theta0"}
+"""per_gpu_bytes keys of what a run keeps beside the model (only present when on) -> their names in the table."""
+
+
+def kept_copies(shape: ModelShape, cfg: FFTConfig, setup: Setup) -> tuple[dict[str, int], int]:
+    """What loss.kd and loss.l2sp keep beside the trainable model, per GPU (named entries) and per GPU in CPU
+    memory (theta0 of an offloaded row lives with its fp32 partition). The reference (fft_dist/reference.py):
+    its parameter bytes / N, in loss.kd.reference_dtype (auto: as the trainable weights are held: fp32 under
+    none / fsdp / hsdp, DeepSpeed's weight dtype on the ZeRO rows), as a plain copy (none), FSDP2 (fsdp: /N,
+    hsdp: /shard group) or ZeRO-3 inference (zero2 and zero3: /N, but parameters under ZeRO-3's persistence
+    threshold stay whole). theta0 (fft_dist/loss/l2sp.py): a copy of the rank's own parameter ranges, fp32:
+    the whole model (none), its FSDP2 shard (fsdp), the fp32 master partition of the trainable ones (ZeRO)."""
+    backend, n = setup.parallelism, setup.gpus
+    descriptor = registry.row_backend(backend)
+    out: dict[str, int] = {}
+    cpu = 0
+    if cfg.loss.kd.weight:
+        dtype = cfg.loss.kd.reference_dtype.value
+        zero = descriptor.deepspeed_stage is not None
+        e = {"bf16": 2, "fp32": 4}.get(dtype) or (2 if zero and native_16bit(cfg, backend) else 4)
+        if descriptor.single_process:
+            held = shape.params
+        elif zero:
+            from fft_dist.strategy.backends.zero import _deepspeed_par
+            from fft_dist.strategy.deepspeed_config import bucket_sizes
+
+            threshold = bucket_sizes(_deepspeed_par(cfg.parallelism, "zero3"), hidden_size=shape.hidden,
+                                     on_gpu=True)["param_persistence_threshold"]
+            persistent = sum(size for size in shape.param_sizes if size <= threshold)
+            held = (shape.params - persistent) // n + persistent
+        else:
+            held = shape.params // (setup.shard_size or n)
+        out["kd_reference"] = e * held
+    if cfg.loss.l2sp.weight and not descriptor.group_size:  # replica groups (hsdp): L2-SP is refused there
+        if descriptor.single_process:
+            theta0 = 4 * shape.params
+        elif descriptor.deepspeed_stage is not None:
+            theta0 = 4 * shape.trainable // n
+        else:
+            theta0 = 4 * shape.params // n
+        if any(r.name == backend and r.offload for r in descriptor.rows):
+            cpu += theta0
+        else:
+            out["l2sp_theta0"] = theta0
+    return out, cpu
 
 
 def model_state_bytes(row: dict[str, Any]) -> int:
@@ -244,4 +294,7 @@ def format_table(rows: list[dict[str, Any]], gpu_mem: int | None = None) -> str:
         if gpu_mem is not None:
             line += "  yes" if r["fits"] else "  no"
         lines.append(line)
+        kept = [f"{name} {b[key] / GIB:.2f}" for key, name in KEPT.items() if key in b]
+        if kept:
+            lines.append(f"{'':19s}of the total: {', '.join(kept)} GiB")
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from typing import Any
 
 from fft_dist.config import FFTConfig
 from fft_dist.memory import (
-    GIB, HEADROOM, USABLE, ModelShape, Setup, budget, configured_shard_size, estimate, fits, limit, runs_eval,
+    GIB, HEADROOM, KEPT, USABLE, ModelShape, Setup, budget, configured_shard_size, estimate, fits, limit, runs_eval,
 )
 from fft_dist.strategy import backend as registry
 
@@ -136,6 +136,7 @@ def _reasons(cfg: FFTConfig, shape: ModelShape, rows, chosen: dict[str, Any], ac
            f"{chosen['train_activations'] / GIB:.1f} and eval {chosen['eval_activations'] / GIB:.1f}: {peak}), buffers "
            f"{b['buffers'] / GIB:.1f}): {b['total'] / budget(gpu_mem):.0%} of the budget, within "
            f"{budget_text(gpu_mem, headroom)}."]
+    out += _kept_reason(chosen)
     cheaper: dict[tuple, tuple[Setup, dict[str, Any]]] = {}  # a training set-up's smallest eval batch tried
     for _, setup, _, row in rows[: next(i for i, r in enumerate(rows) if r[3] is chosen)]:
         cheaper[(setup.parallelism, setup.micro_batch, setup.checkpointing)] = (setup, row)
@@ -159,6 +160,13 @@ def _reasons(cfg: FFTConfig, shape: ModelShape, rows, chosen: dict[str, Any], ac
         out.append(f"offload needs {chosen['cpu_bytes_per_gpu'] / GIB:.1f} GiB of CPU memory per GPU "
                    f"({chosen['cpu_bytes_per_gpu'] * chosen['gpus'] / GIB:.1f} GiB in all).")
     return out
+
+
+def _kept_reason(chosen: dict[str, Any]) -> list[str]:
+    """What loss.kd / loss.l2sp keep beside the model, named (they are in the total)."""
+    b = chosen["per_gpu_bytes"]
+    kept = [f"{name} {b[key] / GIB:.2f} GiB" for key, name in KEPT.items() if key in b]
+    return [f"the total includes {', '.join(kept)} per GPU."] if kept else []
 
 
 def _overrides(cfg: FFTConfig, setup: Setup) -> list[str]:

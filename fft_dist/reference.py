@@ -49,7 +49,7 @@ def host_reference(cfg: FFTConfig, strategy, hf_config, *, build: Callable[[], A
                               f"same parameters and shapes (model vs folder): {', '.join(wrong[:6])}")
         frozen.load_fragments(source)
         source.close()
-    return Reference(frozen, chunked=bool(cfg.loss.chunk_size))
+    return Reference(frozen, chunked=bool(cfg.loss.chunk_for(token_objective=True)))  # kd: tokens only
 
 
 def anchor(cfg: FFTConfig, strategy) -> Anchor | None:

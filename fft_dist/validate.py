@@ -101,6 +101,16 @@ def _check_eval_sets(cfg: FFTConfig) -> None:
         raise ConfigError("eval.select: the weights add up to 0; give at least one a weight > 0")
 
 
+def _check_l2sp(cfg: FFTConfig) -> None:
+    """loss.l2sp under hsdp: the pull is applied on each rank's own parameter ranges, and hsdp's replica groups
+    after the first own none (the ranks also refuse it, fft_dist/reference.py; this says so before launch)."""
+    if cfg.loss.l2sp.weight and cfg.parallelism.name == Parallelism.hsdp:
+        raise ConfigError(f"loss.l2sp.weight={cfg.loss.l2sp.weight}: parallelism=hsdp replicates the shards over "
+                          "replica groups whose ranks own no parameter ranges, so the pull toward the starting "
+                          "weights would not reach their copies; use parallelism=fsdp (or zero2/zero3) or set "
+                          "loss.l2sp.weight=0")
+
+
 def _check_paths(cfg: FFTConfig) -> None:
     if cfg.model.path is not None:
         path = Path(cfg.model.path)
@@ -138,6 +148,7 @@ def validate(cfg: FFTConfig, world_size: int) -> BatchPlan:
         warmup_steps_for(cfg.train, cfg.train.max_steps)
     _check_paths(cfg)
     _check_eval_sets(cfg)
+    _check_l2sp(cfg)
     if cfg.checkpoint.export == ExportChoice.best and not cfg.checkpoint.keep_best:
         raise ConfigError("checkpoint.export=best needs checkpoint.keep_best=true (else the best one may be pruned)")
     if cfg.checkpoint.export == ExportChoice.best and not cfg.checkpoint.export_final:

@@ -68,6 +68,19 @@ class L2SPConfig:
         self.weight = _weight(self.weight, "loss.l2sp.weight")
 
 
+AUTO_CHUNK = -1
+"""loss.chunk_size's default: decided by :meth:`LossConfig.chunk_for`."""
+DEFAULT_CHUNK = 1024
+"""What auto chunks by. The loss then holds about 10 x 1024 x vocabulary bytes (1.3 GB at 128k, bf16) instead of
+10 x tokens x vocabulary (10.5 GB at 2 x 4096 tokens); a 1024-row head matmul still fills a GPU (h = 4096:
+about 1 TFLOP per chunk), so the loop over chunks costs no measurable speed; a tiny run's micro batch is one
+chunk. Parity with the full logits (1e-6) is tested on none, fsdp, hsdp, zero2 and zero3."""
+
+
+BUILT_IN_TERMS = frozenset({"router_aux"})
+"""loss.terms that never read the full logits (auto chunking stays on with them)."""
+
+
 @dataclass
 class LossConfig:
     """The loss: the data format's cross-entropy (logged as `loss`) plus these named terms."""
@@ -79,12 +92,14 @@ class LossConfig:
     plugins: list[str] = field(default_factory=list)
     """Importable module names (a.b.c, never paths) that register terms with fft_dist.loss.register_term;
     imported on every rank before training (a malformed name is refused when the config is typed)."""
-    chunk_size: int = 0
+    chunk_size: int = -1
     """Tokens per chunk of the output projection and cross-entropy (training and evaluation), so no tokens x
     vocabulary logits exist: memory grows with chunk x vocabulary, and only loss-bearing tokens go through the
-    head. Backward recomputes each chunk (one more head matmul). 0: off (the model's full logits). The
-    family's head rules still apply (tied heads, Gemma-2's soft-capping, Granite's and Cohere's logit
-    scaling). Token objectives only: a classification head is never chunked. E.g. 1024."""
+    head. Backward recomputes each chunk (one more head matmul). 0: off (the model's full logits). -1 (the
+    default): auto, 1024 for token objectives unless loss.terms names a term other than the built-in router_aux
+    (such a term may read the full logits, which chunking does not compute: set a size to chunk with it). The family's head rules still
+    apply (tied heads, Gemma-2's soft-capping, Granite's and Cohere's logit scaling). A classification head is
+    never chunked."""
     kd: KDConfig = field(default_factory=KDConfig)
     """Distillation from the starting (or a named) model: loss.kd.weight, temperature, reference, reference_dtype."""
     l2sp: L2SPConfig = field(default_factory=L2SPConfig)
@@ -92,5 +107,14 @@ class LossConfig:
 
     def __post_init__(self) -> None:  # typed once on the launcher: a path or code never reaches a rank
         check_plugin_names(self.plugins, "loss.plugins")
-        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 0:
-            raise ConfigError(f"loss.chunk_size={self.chunk_size!r}: tokens per chunk, an integer >= 0 (0: off)")
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < AUTO_CHUNK:
+            raise ConfigError(f"loss.chunk_size={self.chunk_size!r}: tokens per chunk, an integer >= 0 (0: off), or "
+                              f"{AUTO_CHUNK} (auto: {DEFAULT_CHUNK})")
+
+    def chunk_for(self, *, token_objective: bool) -> int:
+        """The chunk size a run uses (0: full logits): auto resolved, and never for a classification head."""
+        if not token_objective:
+            return 0
+        if self.chunk_size == AUTO_CHUNK:
+            return 0 if any(name not in BUILT_IN_TERMS for name in self.terms) else DEFAULT_CHUNK
+        return self.chunk_size

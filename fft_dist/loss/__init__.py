@@ -77,7 +77,8 @@ def build_loss(cfg: LossConfig, *, fmt: str, model_config: Any) -> StepLoss:
             raise ConfigError(f"loss.kd.reference={cfg.kd.reference!r} is not a Hugging Face model folder (no "
                               "config.json there)")
         kd = Distillation(weight=cfg.kd.weight, temperature=cfg.kd.temperature)
-    return StepLoss(objective, terms, model_config, chunk_size=cfg.chunk_size, kd=kd)
+    return StepLoss(objective, terms, model_config, chunk_size=cfg.chunk_for(token_objective=objective.unit == TOKENS.unit),
+                    kd=kd)
 
 
 def check(cfg: LossConfig, *, fmt: str, model_config: Any = None) -> None:

@@ -7,7 +7,8 @@ model's (1e-6); after two optimizer steps of the trainable model they are unchan
 parameter requires or holds a gradient, its output has no graph, it stays in eval mode; it holds total / N
 parameter elements per rank (N: the shard group); its storage is in no fragment and a saved checkpoint
 holds each tensor once, with the trained values (the frozen model loaded from it gives the trained logits).
-A bf16 copy stores half the bytes.
+A bf16 copy stores half the bytes. `fft-dist estimate`'s kd reference line (fp32 and bf16) and its l2sp theta0
+line (a copy of the rank's own parameter ranges, loss.l2sp) are within 10% of the bytes each rank holds.
 """
 from __future__ import annotations
 
@@ -55,6 +56,14 @@ def check(ranks: list[dict], backend: str, shard_group: int) -> None:
         assert r["local_bytes"] == 4 * local and r["dtypes"] == ["torch.float32"], r
         assert r["bf16_dtypes"] == ["torch.bfloat16"] and r["bf16_local_bytes"] == r["local_bytes"] // 2, r
         assert r["bf16_diff"] < 0.05, r  # bf16 weights and compute against fp32, logits of order 1
+        print(f"  estimate: kd reference {r['estimate_reference_auto']} B fp32, {r['estimate_reference_bf16']} B bf16 "
+              f"(held {r['local_bytes']}, {r['bf16_local_bytes']}); l2sp theta0 {r['estimate_theta0']} B (held "
+              f"{r['anchor_bytes']})")
+        for held, estimated in ((r["local_bytes"], r["estimate_reference_auto"]),
+                                (r["bf16_local_bytes"], r["estimate_reference_bf16"])):
+            assert abs(estimated - held) <= 0.10 * held, r
+        if backend != "hsdp":  # L2-SP is refused under hsdp
+            assert abs(r["estimate_theta0"] - r["anchor_bytes"]) <= 0.10 * r["anchor_bytes"], r
 
 
 def test_frozen_model_single_process(tmp_path):

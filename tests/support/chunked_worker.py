@@ -1,11 +1,11 @@
 """Worker for tests/e2e/test_chunked_loss.py: the chunked loss (loss.chunk_size) against the full logits on a backend.
 
-Run under `python -m torch.distributed.run --nproc_per_node 2 tests/support/chunked_worker.py --out OUT --backends fsdp zero3`.
+Run under `python -m torch.distributed.run --nproc_per_node 2 tests/support/chunked_worker.py --out OUT --backends fsdp zero2 zero3 hsdp`.
 For every backend and model (an untied Llama, a tied one; --models gemma2 adds a soft-capped Gemma-2), in one process group: train
 three optimizer steps of two micro batches each through the trainer's own loss path (StepLoss: counts,
 ``Strategy.forward(head=loss.head(batch))``, ``micro_batch``, backward, step) with loss.chunk_size=0 and with
-a chunk of 5 tokens, then evaluate one no-grad batch; OUT/chunked.json holds the step losses and eval
-losses per rank (rank 0 writes it).
+a chunk of 5 tokens, then evaluate one no-grad batch; OUT/chunked.json holds the step losses, gradient norms
+and eval losses per rank (rank 0 writes it).
 """
 from __future__ import annotations
 
@@ -43,10 +43,12 @@ def model_config(name: str):
 def run(backend: str, model: str, chunk: int, ctx) -> dict:
     model_cfg = model_config(model)
     cfg = make_cfg(backend, micro=1, global_batch=2 * ctx.world_size, steps=3)
+    if backend == "hsdp":  # a 2-replica mesh of 1-rank shard groups: the replicas' all-reduce is on the path
+        cfg.parallelism.shard_size = 1
     seed_everything(SEED, True)
     strategy, plan = make(cfg, ctx, model_cfg)
     loss = build_loss(LossConfig(chunk_size=chunk), fmt="text", model_config=model_cfg)
-    losses = []
+    losses, norms = [], []
     strategy.train(True)
     for step in range(3):
         batches = micro_batches(step, plan, ctx.rank, model_cfg.vocab_size)
@@ -55,14 +57,14 @@ def run(backend: str, model: str, chunk: int, ctx) -> dict:
         for batch in batches:
             out = strategy.forward(batch["input_ids"], batch["attention_mask"], head=loss.head(batch))
             strategy.backward(loss.micro_batch(batch, out, counts, sums))
-        strategy.step(step)
+        norms.append(float(strategy.step(step)))  # the pre-clip global gradient norm
         losses.append(float(all_reduce_sum(sums, ctx.device)[0]) / float(counts[0]))
     strategy.train(False)
     batch = micro_batches(3, plan, ctx.rank, model_cfg.vocab_size)[0]
     with torch.no_grad():
         out = strategy.forward(batch["input_ids"], batch["attention_mask"], head=loss.head(batch))
         eval_sum = float(loss.main_sum(batch, out))
-    row = {"losses": losses, "eval_sum": eval_sum, "logits_none": out.logits is None}
+    row = {"losses": losses, "grad_norms": norms, "eval_sum": eval_sum, "logits_none": out.logits is None}
     del strategy, out
     gc.collect()
     return row

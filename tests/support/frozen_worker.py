@@ -49,6 +49,26 @@ def logits(fn, batch) -> torch.Tensor:
         return fn(batch["input_ids"], batch["attention_mask"]).logits.float().clone()
 
 
+def estimated_kept(cfg, model_cfg, backend: str, world: int) -> dict:
+    """`fft-dist estimate`'s per-GPU lines for the reference (fp32 and bf16) and theta0 of this very set-up."""
+    import copy
+
+    from fft_dist.config.loss import ReferenceDtype
+    from fft_dist.memory import estimate, model_shape, setup_for
+
+    cfg = copy.deepcopy(cfg)
+    cfg.model.arch = {k: v for k, v in model_cfg.to_dict().items() if not k.startswith("_")}
+    cfg.loss.kd.weight, cfg.loss.l2sp.weight = 0.5, 0.1
+    shape = model_shape(cfg)
+    out = {}
+    for dtype in ("auto", "bf16"):
+        cfg.loss.kd.reference_dtype = ReferenceDtype(dtype)
+        row = estimate(shape, cfg, setup_for(cfg, backend, world))["per_gpu_bytes"]
+        out[f"estimate_reference_{dtype}"] = row["kd_reference"]
+        out["estimate_theta0"] = row.get("l2sp_theta0", 0)
+    return out
+
+
 def check_backend(backend: str, args, ctx) -> dict:
     model_cfg = tiny_config(vocab=args.vocab)
     cfg = make_cfg(backend, micro=1, global_batch=ctx.world_size, steps=4)
@@ -66,6 +86,11 @@ def check_backend(backend: str, args, ctx) -> dict:
     strategy.setup(build_model=build, make_optimizer=optimizer_factory(cfg.optimizer, cfg.train.lr),
                    lr_at=lr_schedule(cfg.train, cfg.train.max_steps))
     frozen = strategy.host_frozen(build)
+    from fft_dist.loss.l2sp import Anchor
+
+    anchor = Anchor.capture(0.1, strategy.fragments())  # theta0 as loss.l2sp holds it (its bytes are compared)
+    anchor_bytes = sum(t.numel() * t.element_size() for t in anchor.start.values())
+    del anchor
     total = sum(int(getattr(p, "ds_numel", p.numel())) for p in frozen.module.parameters())
     trainable_total = sum(int(getattr(p, "ds_numel", p.numel())) for p in
                           (getattr(strategy, "module", None) or strategy.model).parameters())
@@ -95,6 +120,7 @@ def check_backend(backend: str, args, ctx) -> dict:
         "shared_with_fragments": len(storages(frozen_locals(frozen)) & fragment_storages),
         "optimizer": type(getattr(frozen.module, "optimizer", None)).__name__,
     }
+    row.update(anchor_bytes=anchor_bytes, **estimated_kept(cfg, model_cfg, backend, ctx.world_size))
     # A saved checkpoint holds the trainable model only: each tensor once, with the trained values.
     root = Path(args.out) / f"ckpt-{backend}"
     path = ckpt.save_checkpoint(strategy, ckpt_root=root, step=2, keep_last=1, run_id="f0f0f0f0f0f0f0f0",

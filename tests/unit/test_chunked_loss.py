@@ -212,7 +212,13 @@ def test_chunk_size_is_an_option_with_a_range(tmp_path):
     from fft_dist.compose import compose, resolve, to_typed
     from fft_dist.errors import ConfigError
 
-    assert to_typed(resolve(compose([]))).loss.chunk_size == 0
-    assert to_typed(resolve(compose(["loss.chunk_size=512"]))).loss.chunk_size == 512
-    with pytest.raises(ConfigError, match=r"loss.chunk_size=-1"):
-        to_typed(resolve(compose(["loss.chunk_size=-1"])))
+    default = to_typed(resolve(compose([]))).loss
+    assert default.chunk_size == -1  # auto: on for token objectives, off with a term of one's own, or classification
+    assert default.chunk_for(token_objective=True) == 1024 and default.chunk_for(token_objective=False) == 0
+    own = to_typed(resolve(compose(["+loss.terms.z_loss={weight:0.1}"]))).loss
+    assert own.chunk_for(token_objective=True) == 0  # a term of one's own may read the full logits
+    assert to_typed(resolve(compose(["~loss.terms.router_aux"]))).loss.chunk_for(token_objective=True) == 1024
+    assert to_typed(resolve(compose(["loss.chunk_size=512"]))).loss.chunk_for(token_objective=True) == 512
+    assert to_typed(resolve(compose(["loss.chunk_size=0"]))).loss.chunk_for(token_objective=True) == 0
+    with pytest.raises(ConfigError, match=r"loss.chunk_size=-2"):
+        to_typed(resolve(compose(["loss.chunk_size=-2"])))

@@ -2,7 +2,7 @@
 - the KL of a model with itself is 0 and so is its gradient, on full logits and chunked;
 - the chunked KL equals the full-logits one within 1e-6 relative (and its gradient within 1e-6 in norm), with a
   temperature and with Gemma-2's soft-capping; a bf16 reference stays within its stated tolerance;
-- distillation with a classification format is refused.
+- distillation with a classification format is refused; L2-SP under hsdp is refused before launch (exit 2).
 Real runs (parity between backends, exact resume, L2-SP): tests/e2e/test_kd_l2sp.py.
 """
 from __future__ import annotations
@@ -85,3 +85,17 @@ def test_kd_is_refused_with_a_classification_format():
     with pytest.raises(ConfigError, match="loss.kd.weight"):
         check(LossConfig(kd=KDConfig(weight=0.5)), fmt="classification")
     check(LossConfig(kd=KDConfig(weight=0.5)), fmt="text")
+
+
+def test_l2sp_under_hsdp_is_refused_before_launch(tmp_path):
+    """The launcher's validation says it (exit 2, naming both options); the ranks' own refusal stays behind it."""
+    from launch_checks import cli
+    from helpers import TINY_JOB
+
+    code, _, err = cli("train", *TINY_JOB, f"run.dir={tmp_path}", "parallelism=hsdp", "parallelism.shard_size=1",
+                       "launcher.nproc_per_node=2", "loss.l2sp.weight=0.1", "launcher.dry_run=true")
+    assert code == 2 and "loss.l2sp.weight=0.1: parallelism=hsdp" in err, err
+    from fft_dist.compose import compose, resolve, to_typed
+    from fft_dist.validate import validate
+
+    validate(to_typed(resolve(compose([*TINY_JOB, "loss.l2sp.weight=0.1"]))), 2)  # fsdp (the default): accepted

@@ -59,7 +59,7 @@ def test_every_term_is_normalised_by_its_global_count_whatever_the_split():
 def test_router_aux_term_keeps_the_loops_old_arithmetic_bit_for_bit():
     """The term gives exactly what the trainer computed inline before it became a term."""
     config = SimpleNamespace(output_router_logits=True, router_aux_loss_coef=0.02)
-    loss = build_loss(LossConfig(), fmt=DataFormat.text, model_config=config)
+    loss = build_loss(LossConfig(chunk_size=0), fmt=DataFormat.text, model_config=config)  # fed full logits
     batches, aux = [batch(1), batch(2)], [torch.tensor(1.7), torch.tensor(2.3)]
     counts = torch.tensor(loss.local_counts(batches), dtype=torch.float64)
     sums = loss.new_sums("cpu")

@@ -236,7 +236,7 @@ def test_eval_batch_is_the_peak_at_128k_vocab(capsys):
     """Llama 3 8B, 2048 tokens, bf16, training micro batch 1: eval's forward at its default micro batch
     of 8 needs more than training's saved activations, and the estimate's total follows eval.micro_batch_size."""
     job = ["model=llama3_8b", "data.max_length=2048", "train.micro_batch_size=1", "train.precision=bf16",
-           "--gpus", "8", "--json"]
+           "loss.chunk_size=0", "--gpus", "8", "--json"]  # the full logits (the default chunks them)
 
     def fsdp_row(*extra: str) -> dict:
         assert cli.estimate([*job, *extra]) == 0
@@ -254,3 +254,24 @@ def test_eval_batch_is_the_peak_at_128k_vocab(capsys):
     assert cli.estimate(job[:-1] + ["eval.micro_batch_size=8"]) == 0  # the table shows both peaks
     out = capsys.readouterr().out
     assert "eval micro batch 8" in out and " train " in out and " eval " in out
+
+
+def test_the_reference_and_theta0_are_named_lines_of_the_total(capsys):
+    """loss.kd's reference (its bytes / N in loss.kd.reference_dtype) and loss.l2sp's theta0 (the rank's fp32
+    ranges) are in the total and named in the table and the plan; their per-rank bytes are measured against
+    real ranks in tests/e2e/test_frozen_model.py."""
+    from fft_dist import planner
+
+    base = ["model=llama3_8b", "data.max_length=2048", "train.precision=bf16"]
+    cfg = typed(*base, "loss.kd.weight=0.5", "loss.kd.reference_dtype=bf16", "loss.l2sp.weight=0.1")
+    shape = model_shape(cfg)
+    plain = estimate(shape, typed(*base), Setup("fsdp", 8, 1, 2048, True))["per_gpu_bytes"]
+    both = estimate(shape, cfg, Setup("fsdp", 8, 1, 2048, True))["per_gpu_bytes"]
+    assert both["kd_reference"] == 2 * (shape.params // 8) and both["l2sp_theta0"] == 4 * (shape.params // 8)
+    assert both["total"] - plain["total"] == both["kd_reference"] + both["l2sp_theta0"]
+    offload = estimate(shape, cfg, Setup("zero3_offload", 8, 1, 2048, True))
+    assert "l2sp_theta0" not in offload["per_gpu_bytes"]  # theta0 sits beside the fp32 partition, in CPU memory
+    assert cli.estimate([*base, "loss.kd.weight=0.5", "loss.l2sp.weight=0.1", "--gpus", "8"]) == 0
+    assert "of the total: kd reference" in capsys.readouterr().out
+    choice = planner.best_plan(cfg, shape, gpus=8, gpu_mem=80 * 2**30)
+    assert any(r.startswith("the total includes kd reference") for r in choice.reasons)

@@ -91,6 +91,7 @@ FP32 = "train.precision=fp32"  # the cases below were sized in fp32 / bf16 autoc
 
 
 AUTOCAST = "parallelism.bf16_weights=false"
+FULL_LOGITS = "loss.chunk_size=0"  # the eval-batch and checkpointing cases were sized with the full logits
 
 
 def planned(capsys, *argv: str) -> tuple[float, str]:
@@ -113,7 +114,7 @@ def test_plan_leaves_headroom(capsys):
 
 
 def test_plan_recommends_checkpointing_where_activations_dominate(capsys, llama8b):
-    _, out = planned(capsys, *README_8B, FP32)
+    _, out = planned(capsys, *README_8B, FP32, FULL_LOGITS)
     assert "train.micro_batch_size=1" in out.splitlines()[-1]  # fp32: micro 1 without checkpointing fits
     assert "recommended: activation checkpointing" in out
     lines = out.splitlines()
@@ -128,11 +129,11 @@ def test_plan_recommends_checkpointing_where_activations_dominate(capsys, llama8
 def test_plan_halves_the_eval_batch_before_anything_costlier(capsys):
     """bf16 at 2048 tokens and a 128k vocabulary: eval's logits at micro batch 8 (19.6 GiB) do not fit
     beside zero2's states; at 4 they do, which costs less than checkpointing or more communication."""
-    need, out = planned(capsys, *README_8B, "train.precision=bf16", AUTOCAST)
+    need, out = planned(capsys, *README_8B, "train.precision=bf16", AUTOCAST, FULL_LOGITS)
     overrides = out.splitlines()[-1].split()
     assert "eval.micro_batch_size=4" in overrides and "model.activation_checkpointing=false" in overrides, out
     assert "eval.micro_batch_size 8 -> 4" in out
-    _, without_eval = planned(capsys, *README_8B, "train.precision=bf16", AUTOCAST, "data.eval_fraction=0")
+    _, without_eval = planned(capsys, *README_8B, "train.precision=bf16", AUTOCAST, FULL_LOGITS, "data.eval_fraction=0")
     assert "eval.micro_batch_size" not in without_eval.splitlines()[-1]
 
 
