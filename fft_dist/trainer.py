@@ -40,7 +40,9 @@ from fft_dist.model import (
     task_of,
     tokenizer_dir,
 )
+from fft_dist.config.loss import AUTO_CHUNK
 from fft_dist.models.family import embedding_rows
+from fft_dist.models.head import chunking_holds
 from fft_dist.models.vocab import GrownVocabulary
 from fft_dist.optim import lr_schedule, optimizer_factory
 from fft_dist.preemption import StopSignal, signal_name
@@ -150,6 +152,11 @@ class Trainer:
         self.anchor = anchor(cfg, self.strategy)
         self.reference = host_reference(cfg, self.strategy, self.hf_config, wrap=grown,
                                         build=lambda: (torch.manual_seed(cfg.train.seed), build_model(self.hf_config))[1])
+        if self.loss.chunk_size and cfg.loss.chunk_size == AUTO_CHUNK and not chunking_holds(self.strategy.forward,
+                                                                                             self.ctx.device):
+            self.loss.chunk_size = 0  # auto never refuses: an explicit size would (fft_dist.models.head)
+            print0(f"fft-dist: loss.chunk_size=auto: the {self.hf_config.model_type} model's logits are not what "
+                   "fft-dist's head rules make of its config, so the loss uses the full logits")
         self.flops_per_token = flops_per_token(self.strategy.model, self.hf_config, cfg.data.max_length)
         self.peak_flops = peak_flops(self.ctx.device)
         print0(

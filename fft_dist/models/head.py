@@ -130,19 +130,47 @@ def probe_row(vocab: int, device) -> torch.Tensor:
     return torch.linspace(-100.0, 100.0, vocab, device=device, dtype=torch.float32).view(1, 1, vocab)
 
 
-def check_rules(model: nn.Module, row: torch.Tensor, produced: Any, rules: HeadRules) -> None:
-    """Once per model: the family's forward turned the probe row into what `rules` say (else: refused)."""
+def rules_hold(model: nn.Module, row: torch.Tensor, produced: Any, rules: HeadRules) -> bool:
+    """Whether the family's forward turned the probe row into what `rules` say (remembered once true)."""
     if model in _VERIFIED:
-        return
+        return True
     expected = rules.apply(row)
     ok = isinstance(produced, torch.Tensor) and produced.shape == expected.shape and torch.allclose(
         produced.detach().float(), expected, rtol=8e-3, atol=1e-3)  # a 16-bit cast of the logits passes
-    if not ok:
+    if ok:
+        _VERIFIED.add(model)
+    return ok
+
+
+def check_rules(model: nn.Module, row: torch.Tensor, produced: Any, rules: HeadRules) -> None:
+    """Once per model: the family's forward turned the probe row into what `rules` say (else: refused)."""
+    if not rules_hold(model, row, produced, rules):
         raise ConfigError(
             f"loss.chunk_size: {type(model).__name__} changes its logits after the output projection in a way fft-dist's "
             f"head rules ({rules}) do not reproduce, so the chunked loss would differ from the model's; set "
             "loss.chunk_size=0 (or teach fft_dist/models/head.py the family's rule)")
-    _VERIFIED.add(model)
+
+
+class RulesCheck:
+    """A head that computes nothing and only records (in :attr:`holds`) whether chunking reproduces the
+    family's logits: how ``loss.chunk_size=auto`` decides, before training, whether it may chunk, where an
+    explicit size is refused instead (:func:`check_rules`)."""
+
+    def __init__(self) -> None:
+        self.holds: bool | None = None
+
+    def __call__(self, hidden: torch.Tensor, embedding: nn.Module, rules: HeadRules) -> torch.Tensor:
+        return hidden.new_zeros(())
+
+
+def chunking_holds(forward: Callable[..., Any], device: torch.device | str) -> bool:
+    """One no-grad forward of a 2-token row through `forward` (a Strategy's) with a :class:`RulesCheck`:
+    True when the family's head rules reproduce its logits. Collective where `forward` is."""
+    check = RulesCheck()
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    with torch.no_grad():
+        forward(ids, torch.ones_like(ids), head=check)
+    return bool(check.holds)
 
 
 @contextlib.contextmanager
@@ -153,8 +181,15 @@ def deferred_head(model: nn.Module, head: Head | None):
     if head is None:
         yield
         return
-    embedding = output_embedding(model)
-    parent, attr = _parent_of(model, embedding)
+    try:
+        embedding = output_embedding(model)
+        parent, attr = _parent_of(model, embedding)
+    except ConfigError:
+        if not isinstance(head, RulesCheck):
+            raise
+        head.holds = False  # nothing to chunk: the forward runs as it is
+        yield
+        return
     rules = head_rules(model.config)
     weight = embedding.weight
     vocab = int(getattr(weight, "ds_shape", weight.shape)[0])  # ZeRO-3 keeps the full shape in ds_shape
@@ -166,6 +201,9 @@ def deferred_head(model: nn.Module, head: Head | None):
             out = original(*args, **kwargs)
         finally:
             setattr(parent, attr, embedding)
+        if isinstance(head, RulesCheck):  # asked, not enforced: loss.chunk_size=auto
+            head.holds = probe.hidden is not None and rules_hold(model, probe.row, out.logits, rules)
+            return out
         if probe.hidden is None:
             raise ConfigError(f"loss.chunk_size: {type(model).__name__}'s forward did not call its output embedding; "
                               "set loss.chunk_size=0")

@@ -54,3 +54,12 @@ def test_a_run_with_chunking_logs_the_same_losses(tmp_path):
                       ([v for _, v in eval_losses(tmp_path / "chunked")], [v for _, v in eval_losses(tmp_path / "full")])):
         assert len(got) == len(want) > 1
         assert all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(got, want)), (got, want)
+
+
+def test_auto_chunking_falls_back_to_full_logits_where_the_head_rules_do_not_hold(tmp_path):
+    """The trainer's check before training: a Llama whose config names a soft-cap that its forward never applies
+    trains with loss.chunk_size=auto on the full logits (said once), where an explicit size would be refused."""
+    proc = train(tmp_path / "run", *TINY_JOB, "train.max_steps=2", "+model.arch.final_logit_softcapping=30.0",
+                 nproc=1, parallelism="none")
+    assert "loss.chunk_size=auto: the llama model's logits are not what fft-dist's head rules make" in proc.stdout
+    assert len(train_losses(tmp_path / "run")) == 2

@@ -107,6 +107,28 @@ def test_an_unknown_head_rule_is_refused(monkeypatch):
         loss_and_grads(model, batch(model.config.vocab_size), 7)
 
 
+def test_auto_chunking_asks_instead_of_refusing():
+    """loss.chunk_size=auto's check before training (fft_dist.models.head.chunking_holds): true where the rules
+    reproduce the family's logits (Gemma-2's soft-capping), false, without an error, where they do not (a Llama
+    whose config names a soft-cap its forward never applies); the trainer then uses the full logits."""
+    from fft_dist.models.head import chunking_holds, deferred_head
+
+    def forward_of(model):
+        def forward(ids, mask, head=None):
+            with deferred_head(model, head):
+                return model(input_ids=ids, attention_mask=mask)
+        return forward
+
+    assert chunking_holds(forward_of(tiny_model("gemma2")), "cpu")
+    assert chunking_holds(forward_of(tiny_model("llama")), "cpu")
+    unknown = tiny_model("llama")
+    unknown.config.final_logit_softcapping = 30.0  # read by the head rules, ignored by LlamaForCausalLM
+    assert not chunking_holds(forward_of(unknown), "cpu")
+    from fft_dist.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"do not reproduce"):  # an explicit size is still refused
+        loss_and_grads(unknown, batch(unknown.config.vocab_size), 7)
+
+
 def test_a_term_reading_the_full_logits_is_refused_under_chunking():
     from fft_dist.errors import ConfigError
     from fft_dist.loss import Contribution, StepLoss, TOKENS
