@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -178,7 +179,7 @@ def variant_overrides(variant: str, value: float | None, files: dict) -> list[st
 
 def fine_tune(variant: str, value: float | None, seed: int, *, base: Path, files: dict, work: Path,
               steps: int) -> dict:
-    tag = re.sub(r"[^a-z0-9]+", "_", f"{variant} {value} s{seed}")
+    tag = re.sub(r"[^a-z0-9.]+", "_", f"{variant} {'' if value is None else value} s{seed}".lower())
     run = work / tag
     data = [] if variant == "d replay 10%" else [f"data.path={files['b']['train']}", "data.format=text",
                                                  f"data.eval_path={files['b']['val']}"]
@@ -319,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     final = {v: [r for r in first + second if r["variant"] == v and r["value"] == chosen.get(v)] for v in order}
     rows, table = summarise(final, chosen)
     wall = time.time() - t0
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = children.ru_utime + children.ru_stime
     grid_lines = ["| variant | knob | A val rise (seed 0) | B val loss (seed 0) |", "|---|---|---|---|"]
     for r in first:
         knob = "-" if r["value"] is None else f"{GRID[r['variant']][0]}={r['value']:g}"
@@ -338,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
         f"- choice of each knob: grid {{{', '.join(f'{k}: {v[1]}' for k, v in GRID.items())}}}, on seed 0, by "
         f"{SELECT_RULE}; seeds {a.seeds}; the table is on the test splits, mean ± std over seeds.",
         f"- before fine-tuning (the base): A test loss {rows[0]['a_before']:.3f}, B test loss {rows[0]['b_before']:.3f}.",
-        f"- wall time: {wall:.0f} s in all (base {t_base:.0f} s)",
+        f"- wall time: {wall:.0f} s in all (base {t_base:.0f} s); CPU time of all its processes {cpu:.0f} s "
+        f"(load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)",
         "",
         table,
         "",
