@@ -54,7 +54,8 @@ def held_out_sets(sets: dict, data: DataConfig, tok, *, cache_dir) -> list[EvalS
             key = f".{e.full_key}" if getattr(e, "full_key", None) else ""
             raise ConfigError(f"{where}{key}: {str(e).splitlines()[0]}") from None
         # the whole file is the eval split (the train side, capped at one row, is not used)
-        _, split, _ = load_datasets(replace(cfg, eval_path=cfg.path), tok, cache_dir=cache_dir, where=where)
+        _, split, _ = load_datasets(replace(cfg, eval_path=cfg.path), tok, cache_dir=cache_dir, where=where,
+                                    eval_only=True)
         out.append(EvalSet(str(name), 0.0, split))
     return out
 
@@ -66,6 +67,10 @@ class EvalSets:
     def __init__(self, sets: list[EvalSet], held_out: list[EvalSet] = ()):
         self.sets = list(sets)
         self.held_out = list(held_out)
+        if self.held_out and not self:  # they would never be evaluated (the loop evaluates when there are task sets)
+            raise ConfigError(f"eval.sets.{self.held_out[0].name}: held-out sets are evaluated beside the task's eval "
+                              "split, and this run's data has none; give it one (data.eval_fraction > 0, data.eval_path, "
+                              "or an eval_path per data.mixture source)")
 
     def __iter__(self):
         return iter(self.sets)

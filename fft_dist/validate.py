@@ -78,6 +78,9 @@ def _check_ranges(cfg: FFTConfig) -> None:
 
 def _check_eval_sets(cfg: FFTConfig) -> None:
     """eval.sets / eval.select: names and weights (the entries' data settings are checked where they load)."""
+    if cfg.eval.sets and not cfg.data.mixture and cfg.data.eval_path is None and not cfg.data.eval_fraction:
+        raise ConfigError(f"eval.sets.{next(iter(cfg.eval.sets))}: held-out sets are evaluated beside the task's eval "
+                          "split, and data.eval_fraction=0 with no data.eval_path leaves none; give it one")
     for name, entry in cfg.eval.sets.items():
         where = f"eval.sets.{name}"
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", str(name)) or name in ("task", "best"):

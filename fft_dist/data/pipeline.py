@@ -144,7 +144,7 @@ def _stats(encoded, rows: int, max_length: int) -> DataStats:
         lengths=[int(c) for c in counts], length_edges=[int(e) for e in edges])
 
 
-def build_cache(cfg: DataConfig, tok, target: Path, fp: str, *, where: str = "data") -> None:
+def build_cache(cfg: DataConfig, tok, target: Path, fp: str, *, where: str = "data", eval_only: bool = False) -> None:
     """Read, split, tokenise and save both splits under `target` (atomically: a rename at the end)."""
     import datasets
 
@@ -180,7 +180,8 @@ def build_cache(cfg: DataConfig, tok, target: Path, fp: str, *, where: str = "da
                                    num_proc=_num_proc(cfg, len(encoded)))
                     stats[name]["packed_rows"] = len(encoded)
             stats[name]["labels"] = labels
-            _check_nonempty(name, stats[name], cfg, where)
+            if not (eval_only and name == "train"):  # a held-out set's train side is never used
+                _check_nonempty(name, stats[name], cfg, where)
             if encoded is not None:
                 encoded.save_to_disk(str(tmp / name))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
@@ -243,11 +244,12 @@ def _agree(problem: tuple[str, str] | None, group=None) -> None:
         raise (ConfigError if first[0] == "ConfigError" else DataError)(first[1])
 
 
-def _step(should_build: bool, cfg: DataConfig, tok, target: Path, fp: str, group, where: str) -> bool:
+def _step(should_build: bool, cfg: DataConfig, tok, target: Path, fp: str, group, where: str,
+          eval_only: bool = False) -> bool:
     built, problem = False, None
     if should_build and not _complete(target):
         try:
-            build_cache(cfg, tok, target, fp, where=where)
+            build_cache(cfg, tok, target, fp, where=where, eval_only=eval_only)
             built = True
         except (DataError, ConfigError) as e:
             problem = (type(e).__name__, str(e))
@@ -255,12 +257,13 @@ def _step(should_build: bool, cfg: DataConfig, tok, target: Path, fp: str, group
     return built
 
 
-def load_datasets(cfg: DataConfig, tok, *, cache_dir: str | Path | None = None, where: str = "data"
-                  ) -> tuple[TokenizedSplit, TokenizedSplit, DataStats]:
+def load_datasets(cfg: DataConfig, tok, *, cache_dir: str | Path | None = None, where: str = "data",
+                  eval_only: bool = False) -> tuple[TokenizedSplit, TokenizedSplit, DataStats]:
     """Train and eval splits (memory-mapped), and the training split's stats. Collective under torch.distributed.
 
     `cache_dir` (else data.cache_dir, else a temporary folder) holds one folder per fingerprint.
     `where` is the config key errors name (data, or data.mixture.<name> for a mixture's source).
+    `eval_only`: only the eval split is used (an eval.sets entry), so an empty train split is no error.
     """
     import datasets
 
@@ -272,9 +275,9 @@ def load_datasets(cfg: DataConfig, tok, *, cache_dir: str | Path | None = None, 
     rank, world = rank_world()
     existed = _complete(target)
     group = _wait_group()
-    _step(rank == 0, cfg, tok, target, fp, group, where)
+    _step(rank == 0, cfg, tok, target, fp, group, where, eval_only)
     if world > 1:  # a node that cannot see rank 0's cache builds its own copy
-        _step(int(os.environ.get("LOCAL_RANK", rank)) == 0, cfg, tok, target, fp, group, where)
+        _step(int(os.environ.get("LOCAL_RANK", rank)) == 0, cfg, tok, target, fp, group, where, eval_only)
         import torch.distributed as dist
 
         dist.destroy_process_group(group)

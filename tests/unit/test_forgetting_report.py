@@ -43,3 +43,27 @@ def test_bad_sets_are_refused(overrides, message):
     with pytest.raises(ConfigError) as e:
         validate(typed(*overrides), 2)
     assert message in str(e.value)
+
+
+def test_held_out_sets_need_a_task_eval_split():
+    """Held-out sets are evaluated beside the task's eval split; without one they would silently never run."""
+    with pytest.raises(ConfigError, match=r"eval.sets.general: held-out sets are evaluated beside the task's eval"):
+        validate(typed("data.eval_fraction=0", *SETS), 2)
+
+
+def test_a_held_out_set_whose_first_row_has_no_loss_tokens_loads(tmp_path):
+    """Every row of a held-out set is an eval row; a first row whose prompt outlasts data.max_length (no loss
+    tokens) is dropped from it like any other such row, not taken for an empty training split."""
+    import json
+
+    from fft_dist.evaluation import held_out_sets
+    from fft_dist.model import load_tokenizer
+
+    rows = [{"prompt": "x " * 400, "completion": " y"}] + [{"prompt": f"def f{i}():", "completion": " pass"}
+                                                           for i in range(5)]
+    path = tmp_path / "held.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = typed("data.max_length=64")
+    sets = held_out_sets({"code": {"path": str(path), "format": "prompt_completion"}}, cfg.data,
+                         load_tokenizer(cfg.model), cache_dir=tmp_path / "cache")
+    assert [s.name for s in sets] == ["code"] and len(sets[0].split) == 5
