@@ -324,7 +324,8 @@ def estimate(argv: list[str]) -> int:
           + (f"eval micro batch {evals}" if evals else "no eval set") + ", activation checkpointing "
           f"{'on' if cfg.model.activation_checkpointing else 'off'}. GiB per GPU; activations: the larger of train "
           "(saved for backward) and eval (one eval forward); tr+AC / tr-AC: train with checkpointing toggled; cpu: "
-          "offload memory per GPU" + (f"; fits: within {budget_text(a.gpu_mem, a.headroom)}" if a.gpu_mem else "")
+          "offload memory per GPU; stage: host memory per GPU of checkpoint.async_save's staging buffer (a copy of the "
+          "rank's fp32 weights and optimizer states; not in total)" + (f"; fits: within {budget_text(a.gpu_mem, a.headroom)}" if a.gpu_mem else "")
           + " (README: Memory planning):")
     print(format_table(rows, a.gpu_mem))
     return 0

@@ -16,6 +16,7 @@ import dataclasses
 from typing import Any
 
 from fft_dist.config import DataFormat, FFTConfig, Precision
+from fft_dist.config.checkpoint import AsyncSave
 from fft_dist.strategy import backend as registry
 from fft_dist.strategy.sizing import (  # noqa: F401 - re-exported: memory's public vocabulary
     ModelShape, Setup, native_16bit, optimizer_bytes_per_param, planned,
@@ -166,7 +167,7 @@ def estimate(shape: ModelShape, cfg: FFTConfig, setup: Setup) -> dict[str, Any]:
     per_gpu.update(copies)
     cpu += cpu_copies
     per_gpu["total"] = sum(per_gpu.values())
-    return {"parallelism": backend, "gpus": n, "params": psi, "trainable_params": t,
+    return {"staging_bytes_per_gpu": staging_bytes(shape, cfg, setup), "parallelism": backend, "gpus": n, "params": psi, "trainable_params": t,
             "micro_batch_size": setup.micro_batch, "seq_len": setup.seq_len,
             "activation_checkpointing": setup.checkpointing, "eval_micro_batch_size": setup.eval_micro_batch,
             "per_gpu_bytes": per_gpu,
@@ -220,6 +221,17 @@ def kept_copies(shape: ModelShape, cfg: FFTConfig, setup: Setup) -> tuple[dict[s
         else:
             out["l2sp_theta0"] = theta0
     return out, cpu
+
+
+def staging_bytes(shape: ModelShape, cfg: FFTConfig, setup: Setup) -> int:
+    """Host memory of checkpoint.async_save's staging buffer per GPU (0 when off): a copy of what the rank
+    checkpoints, its share of the fp32 weights and of the optimizer states (fft_dist/checkpoint/stage.py; the
+    rank decides auto against the host's available memory at its first save)."""
+    if cfg.checkpoint.async_save == AsyncSave.off:
+        return 0
+    descriptor = registry.row_backend(setup.parallelism)
+    share = 1 if descriptor.single_process else (setup.shard_size or setup.gpus)
+    return (4 * shape.params + optimizer_bytes_per_param(cfg) * shape.trainable) // share
 
 
 def model_state_bytes(row: dict[str, Any]) -> int:
@@ -280,7 +292,7 @@ def format_table(rows: list[dict[str, Any]], gpu_mem: int | None = None) -> str:
     cols = ["params", "grads", "master", "optimizer", "activations", "buffers", "total"]
     toggled = "tr-AC" if rows and rows[0]["activation_checkpointing"] else "tr+AC"  # training's, AC toggled
     head = (f"{'backend':14s} {'gpus':>4s} " + " ".join(f"{c[:6]:>7s}" for c in cols)
-            + f" {'train':>7s} {toggled:>7s} {'eval':>7s} {'cpu':>7s}")
+            + f" {'train':>7s} {toggled:>7s} {'eval':>7s} {'cpu':>7s} {'stage':>7s}")
     if gpu_mem is not None:
         head += "  fits"
     lines = [head]
@@ -290,7 +302,7 @@ def format_table(rows: list[dict[str, Any]], gpu_mem: int | None = None) -> str:
         name = r["parallelism"] + (f" shard {r['shard_size']}" if r.get("shard_size") else "")
         line = (f"{name:14s} {r['gpus']:4d} " + " ".join(f"{b[c] / GIB:7.2f}" for c in cols)
                 + "".join(f" {x / GIB:7.2f}" for x in (r["train_activations"], other, r["eval_activations"],
-                                                        r["cpu_bytes_per_gpu"])))
+                                                        r["cpu_bytes_per_gpu"], r["staging_bytes_per_gpu"])))
         if gpu_mem is not None:
             line += "  yes" if r["fits"] else "  no"
         lines.append(line)

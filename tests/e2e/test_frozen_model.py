@@ -62,6 +62,11 @@ def check(ranks: list[dict], backend: str, shard_group: int) -> None:
         for held, estimated in ((r["local_bytes"], r["estimate_reference_auto"]),
                                 (r["bf16_local_bytes"], r["estimate_reference_bf16"])):
             assert abs(estimated - held) <= 0.10 * held, r
+        # the estimate is per GPU at its fullest: hsdp's later replica groups checkpoint nothing
+        fullest = max(results[backend]["staged_bytes"] for results in ranks)
+        print(f"  estimate: async checkpoint staging {r['estimate_staging']} B (this rank's fragments: "
+              f"{r['staged_bytes']}, the fullest rank's: {fullest})")
+        assert abs(r["estimate_staging"] - fullest) <= 0.10 * fullest, r
         if backend != "hsdp":  # L2-SP is refused under hsdp
             assert abs(r["estimate_theta0"] - r["anchor_bytes"]) <= 0.10 * r["anchor_bytes"], r
 

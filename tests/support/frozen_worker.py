@@ -66,6 +66,7 @@ def estimated_kept(cfg, model_cfg, backend: str, world: int) -> dict:
         row = estimate(shape, cfg, setup_for(cfg, backend, world))["per_gpu_bytes"]
         out[f"estimate_reference_{dtype}"] = row["kd_reference"]
         out["estimate_theta0"] = row.get("l2sp_theta0", 0)
+    out["estimate_staging"] = estimate(shape, cfg, setup_for(cfg, backend, world))["staging_bytes_per_gpu"]
     return out
 
 
@@ -120,7 +121,10 @@ def check_backend(backend: str, args, ctx) -> dict:
         "shared_with_fragments": len(storages(frozen_locals(frozen)) & fragment_storages),
         "optimizer": type(getattr(frozen.module, "optimizer", None)).__name__,
     }
-    row.update(anchor_bytes=anchor_bytes, **estimated_kept(cfg, model_cfg, backend, ctx.world_size))
+    from fft_dist.checkpoint.stage import staged_bytes
+
+    row.update(anchor_bytes=anchor_bytes, staged_bytes=staged_bytes(strategy),  # what an async save copies
+               **estimated_kept(cfg, model_cfg, backend, ctx.world_size))
     # A saved checkpoint holds the trainable model only: each tensor once, with the trained values.
     root = Path(args.out) / f"ckpt-{backend}"
     path = ckpt.save_checkpoint(strategy, ckpt_root=root, step=2, keep_last=1, run_id="f0f0f0f0f0f0f0f0",
