@@ -199,10 +199,10 @@ def kept_copies(shape: ModelShape, cfg: FFTConfig, setup: Setup) -> tuple[dict[s
         if descriptor.single_process:
             held = shape.params
         elif zero:
-            from fft_dist.strategy.backends.zero import _deepspeed_par
+            from fft_dist.strategy.backends.zero import deepspeed_parallelism
             from fft_dist.strategy.deepspeed_config import bucket_sizes
 
-            threshold = bucket_sizes(_deepspeed_par(cfg.parallelism, "zero3"), hidden_size=shape.hidden,
+            threshold = bucket_sizes(deepspeed_parallelism(cfg.parallelism, "zero3"), hidden_size=shape.hidden,
                                      on_gpu=True)["param_persistence_threshold"]
             persistent = sum(size for size in shape.param_sizes if size <= threshold)
             held = (shape.params - persistent) // n + persistent

@@ -21,7 +21,7 @@ def memory(shape, cfg, setup) -> StateBytes:
     psi, t, k = shape.params, shape.trainable, optimizer_bytes_per_param(cfg)
     w = 2 if native_16bit(cfg, backend) else 4
     detail: dict[str, int] = {}
-    buckets = bucket_sizes(_deepspeed_par(cfg.parallelism, backend), hidden_size=shape.hidden, on_gpu=True)
+    buckets = bucket_sizes(deepspeed_parallelism(cfg.parallelism, backend), hidden_size=shape.hidden, on_gpu=True)
     detail["reduce_bucket"] = buckets["reduce_bucket_size"] * w
     master = 4 * t // n
     # 16-bit modes also make an fp32 copy of the gradient partition for the optimizer step
@@ -52,7 +52,7 @@ def memory(shape, cfg, setup) -> StateBytes:
     return StateBytes(params=params, grads=grads, master=master, optim=optim, detail=detail, cpu=cpu)
 
 
-def _deepspeed_par(par: ParallelismConfig, backend: str) -> ParallelismConfig:
+def deepspeed_parallelism(par: ParallelismConfig, backend: str) -> ParallelismConfig:
     """The configured bucket fields when the config is a DeepSpeed one, else auto."""
     if Parallelism(par.name) in (Parallelism.zero2, Parallelism.zero3):
         return par
