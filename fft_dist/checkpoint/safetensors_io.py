@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,15 @@ if _HASH_THREAD:
     from concurrent.futures import ThreadPoolExecutor
 
     _HASH_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fft-dist-sha256")
+
+_THIS_THREAD = threading.local()
+
+
+def hash_in_this_thread() -> None:
+    """From now on, files this thread writes are hashed in it, not on the sha256 helper thread: what a
+    low-priority background writer wants (fft_dist/checkpoint/background.py), since the helper runs at the
+    rank's own priority and would compete with training for the cores."""
+    _THIS_THREAD.inline_hash = True
 
 
 @dataclass
@@ -107,7 +117,7 @@ def write_safetensors_lazy(path: Path, specs: list[tuple[str, tuple[int, ...], t
     h = hashlib.sha256()
     # sha256 runs on a helper thread, one chunk behind the write() of the same bytes (both release
     # the GIL), so hashing overlaps the copy into the page cache when a spare core exists.
-    hasher = _HASH_POOL if _HASH_THREAD else None
+    hasher = _HASH_POOL if _HASH_THREAD and not getattr(_THIS_THREAD, "inline_hash", False) else None
     if not digest:
         h = _NoHash()
     try:
