@@ -8,11 +8,15 @@ only after the save in flight was waited for. The GIL is not a bottleneck: the w
 time in hashlib and in ``write()``/``fsync()``, which release the GIL for each of their 64 MB
 slices (:mod:`fft_dist.checkpoint.safetensors_io`), and in gloo collectives, which wait in C++. It
 hashes in its own thread rather than on the sha256 helper a synchronous save uses, which runs at the
-rank's priority (measured, 2 ranks on 2 cores: steps during a write 1.44x slower with the helper).
+rank's priority.
 
-Why a low priority: on Linux each thread has its own nice value, so the writer raises its own by
-:data:`NICE_INCREMENT` when it starts; where the cores are all busy (data loading, a CPU-bound
-rank) the scheduler serves the training threads first, and the write simply takes longer.
+Why SCHED_IDLE: on Linux each thread has its own scheduling policy, so the writer puts itself under
+SCHED_IDLE when it starts (or, where that is refused, raises its nice value by
+:data:`NICE_INCREMENT`): it gets a core only when no training thread wants one, and a training thread
+that wakes (a collective's reply, a kernel's end) preempts it at once. Measured in
+``bench/checkpoint.py --train`` (52M parameters, fsdp on 2 ranks, 2 cores): steps during a write ran
+1.48x a step without one at nice +10 (a waking thread waits for the writer's slice to end, and a step
+has dozens of such wake-ups), 1.17x under SCHED_IDLE. The write simply takes longer when the cores are busy.
 """
 from __future__ import annotations
 
