@@ -15,8 +15,8 @@ SCHED_IDLE when it starts (or, where that is refused, raises its nice value by
 :data:`NICE_INCREMENT`): it gets a core only when no training thread wants one, and a training thread
 that wakes (a collective's reply, a kernel's end) preempts it at once. Measured in
 ``bench/checkpoint.py --train`` (52M parameters, fsdp on 2 ranks, 2 cores): steps during a write ran
-1.48x a step without one at nice +10 (a waking thread waits for the writer's slice to end, and a step
-has dozens of such wake-ups), 1.17x under SCHED_IDLE. The write simply takes longer when the cores are busy.
+1.48x a step without one at nice +10 (likely because a waking thread may wait out the writer's slice,
+and a step has dozens of wake-ups; not profiled), 1.17x under SCHED_IDLE. The write simply takes longer when the cores are busy.
 """
 from __future__ import annotations
 
@@ -36,12 +36,11 @@ def lower_own_priority(increment: int = NICE_INCREMENT) -> bool:
     thread wants one, and any waking thread preempts it at once), else raise its nice value (Linux: per
     thread); False where neither is possible."""
     tid = threading.get_native_id()
-    if not os.environ.get("FFT_DIST_CKPT_WRITER_NICE_ONLY"):
-        try:
-            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-            return True
-        except (AttributeError, OSError):
-            pass
+    try:
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        return True
+    except (AttributeError, OSError):
+        pass
     try:
         now = os.getpriority(os.PRIO_PROCESS, tid)
         os.setpriority(os.PRIO_PROCESS, tid, min(19, now + increment))
