@@ -4,6 +4,7 @@ tests/support goes first on sys.path, so every test file, and every worker start
 helpers by plain name (``from helpers import ...``, ``from families import ...``)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -33,3 +34,22 @@ def family_folders(tmp_path_factory):
         return made[name]
 
     return get
+
+
+RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""What makes `fft-dist train` believe a launcher started it as a rank (fft_dist.launch.launched_by_launcher)."""
+
+
+@pytest.fixture(autouse=True)
+def _environment_as_it_was():
+    """Every test leaves os.environ as it found it. Code run in pytest's own process may set variables (a
+    one-process init_distributed sets RANK and WORLD_SIZE); left behind, they would make a later in-process
+    `fft-dist train` run as a rank, train here and end pytest with os._exit, silently."""
+    before = dict(os.environ)
+    assert not any(k in before for k in RANK_ENV), f"pytest runs with rank variables set: {sorted(set(RANK_ENV) & set(before))}"
+    yield
+    for key in set(os.environ) - set(before):
+        del os.environ[key]
+    for key, value in before.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value

@@ -129,7 +129,8 @@ def main() -> int:
         events.append("close again")
         again = saver.close()
         out["deferred"].update(events=events, closed_step=closed.step, again_same=again is closed,
-                               last=saver.last_step, blocked=closed.timings.blocked, total=closed.timings.total)
+                               last=saver.last_step, blocked=closed.timings.blocked - closed.timings.waited,  # its own blocking
+                               total=closed.timings.total)
 
         # C: the one-off save of the same state, for a byte comparison with B's step 4
         ckpt.save_checkpoint(strategy(4), ckpt_root=root / "oneoff", step=4, train_state={"step": 4}, keep_last=5,
