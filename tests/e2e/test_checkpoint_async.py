@@ -4,19 +4,15 @@ first), and the run exits 75 with both committed. The kill -9 cases are in test_
 resume from asynchronously saved checkpoints in test_checkpoint_runs.py."""
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from checkpoint_runs import ODD_TIED_JOB
-from helpers import REPO, child_env, descendants, read_metrics
+from checkpoint_runs import ODD_TIED_JOB, stop_train_ranks
+from helpers import REPO, child_env, read_metrics
 from fft_dist import checkpoint as ckpt
-from fft_dist.exit_codes import PREEMPTED
 
 
 @pytest.mark.slow
@@ -37,13 +33,7 @@ def test_a_stop_signal_during_an_async_save_finishes_it_then_saves_the_current_s
         if root.is_dir() and len(list(root.glob("step-0000002.*.tmp/model/*.safetensors"))) == 2:
             break
         time.sleep(0.01)
-    workers = [p for p in descendants(proc.pid)
-               if "fft_dist.train" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
-    assert len(workers) == 2, workers
-    for pid in workers:
-        os.kill(pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=240)
-    assert f"exitcode  : {PREEMPTED}" in out, out[-4000:]
+    out = stop_train_ranks(proc)
     assert "checkpoints are asynchronous" in out
     saves = {r["checkpoint_step"]: r for r in read_metrics(run) if r.get("event") == "checkpoint"}
     k = max(saves)

@@ -8,9 +8,7 @@ evaluation every 2 steps and early-stopping bookkeeping, all of which must survi
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, assert_close_rel, child_env, descendants, fft_dist, read_metrics
-from checkpoint_runs import ODD_TIED_JOB, losses_by_step, torchrun_train
+from helpers import REPO, assert_close_rel, child_env, fft_dist, read_metrics
+from checkpoint_runs import ODD_TIED_JOB, losses_by_step, stop_train_ranks, torchrun_train
 from fft_dist import checkpoint as ckpt
 from fft_dist.checkpoint import CheckpointReader
 
@@ -233,7 +231,6 @@ def test_cross_backend_zero2_to_fsdp(uninterrupted_zero, tmp_path):
 def test_preemption_signal_checkpoints_and_resumes_exactly(uninterrupted, tmp_path):
     """SIGTERM to every rank (what SLURM does to all tasks) mid-run: finish the step, checkpoint,
     exit 75; then resume=auto in the same run dir finishes with bit-identical losses and weights."""
-    from fft_dist.exit_codes import PREEMPTED
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
@@ -247,13 +244,7 @@ def test_preemption_signal_checkpoints_and_resumes_exactly(uninterrupted, tmp_pa
         if metrics.exists() and any('"loss"' in line for line in metrics.read_text().splitlines()):
             break  # step 1 is done
         time.sleep(0.01)
-    workers = [p for p in descendants(proc.pid)
-               if "fft_dist.train" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
-    assert len(workers) == 2, workers
-    for pid in workers:
-        os.kill(pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=240)
-    assert f"exitcode  : {PREEMPTED}" in out, out[-4000:]
+    stop_train_ranks(proc)
     stopped = losses_by_step(run)
     k = max(stopped)
     assert 1 <= k < 8, f"the signal should stop the run early (stopped after step {k})"

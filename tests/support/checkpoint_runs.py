@@ -3,11 +3,13 @@ e2e/ (issue 18), so that no test file imports another and nothing is copied. Use
 e2e/test_checkpoint_runs.py, e2e/test_hsdp.py."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from helpers import REPO, child_env, read_metrics
+from helpers import REPO, child_env, descendants, read_metrics
 
 
 ODD_TIED_JOB = [
@@ -49,3 +51,17 @@ def torchrun_train(run_dir: Path, *overrides: str, nproc: int = 2, parallelism: 
 def losses_by_step(run_dir: Path, key: str = "loss") -> dict[int, float]:
     """The last record per step (resume=auto appends to the same metrics.jsonl)."""
     return {r["step"]: r[key] for r in read_metrics(run_dir) if key in r}
+
+
+def stop_train_ranks(proc: subprocess.Popen) -> str:
+    """SIGTERM both `fft_dist.train` ranks under torchrun `proc`; return its output once it has exited 75."""
+    from fft_dist.exit_codes import PREEMPTED
+
+    workers = [p for p in descendants(proc.pid)
+               if "fft_dist.train" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+    assert len(workers) == 2, workers
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert f"exitcode  : {PREEMPTED}" in out, out[-4000:]
+    return out
