@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine_info import machine, record, versions
+from machine_info import job_env, machine, record, versions
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH_50M = {"hidden_size": 640, "intermediate_size": 1728, "num_hidden_layers": 10, "num_attention_heads": 10,
@@ -92,19 +92,10 @@ def copy_time(shapes, nproc: int = 2) -> float:
     return max(out)
 
 
-def env(src: Path) -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-             TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(src), e.get("PYTHONPATH", "")) if p)
-    for k in ("FFT_DIST_CONFIG", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
-    return e
-
-
 def knows_async(src: Path) -> bool:
     code = ("import sys; from fft_dist.config.checkpoint import CheckpointConfig as C; "
             "sys.exit(0 if 'async_save' in C.__dataclass_fields__ else 1)")
-    return subprocess.run([sys.executable, "-c", code], env=env(src), cwd=src).returncode == 0
+    return subprocess.run([sys.executable, "-c", code], env=job_env(src), cwd=src).returncode == 0
 
 
 def train_once(mode: str, *, src: Path, work: Path, args, with_option: bool) -> dict:
@@ -117,7 +108,7 @@ def train_once(mode: str, *, src: Path, work: Path, args, with_option: bool) -> 
            "checkpoint.save_final=false", "checkpoint.keep_last=2", f"run.dir={run_dir}",
            *([f"checkpoint.async_save={mode}"] if with_option else [])]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=src, env=env(src), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=src, env=job_env(src), capture_output=True, text=True, timeout=900)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"mode {mode} failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-2000:]}\n"

@@ -44,7 +44,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from machine_info import machine, record, versions
+from machine_info import job_env, machine, record, versions
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS_A = REPO / "fft_dist" / "assets" / "stdlib_docstrings.jsonl"
@@ -123,18 +123,9 @@ def split_rows(path: Path, n_val: int, n_test: int, keep: tuple[str, ...], work:
 
 # ---------------------------------------------------------------------------------------------- runs
 
-def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-             TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), e.get("PYTHONPATH", "")) if p)
-    for k in ("FFT_DIST_CONFIG", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
-    return e
-
-
 def fft_dist(args: list[str], log: Path) -> None:
     cmd = [PYTHON, "-m", "fft_dist.cli", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(cmd, cwd=REPO, env=job_env(REPO), capture_output=True, text=True, timeout=1800)
     log.write_text(" ".join(cmd) + "\n\n" + proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"exit {proc.returncode}: {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-3000:]}")

@@ -1,4 +1,5 @@
-"""The machine line every bench/RESULTS.md entry carries (results mean nothing without it)."""
+"""The machine line every bench/RESULTS.md entry carries (results mean nothing without it), and the
+environment a bench's fft-dist jobs run under."""
 from __future__ import annotations
 
 import os
@@ -39,3 +40,14 @@ def record(text: str, results_md: Path | None = None, *, no_record: bool = False
     with open(results_md, "a", encoding="utf-8") as f:
         f.write(head + text + "\n")
     print(f"appended to {results_md}")
+
+
+def job_env(src: Path) -> dict:
+    """os.environ for an fft-dist job of a bench: one thread per rank, offline, `src` importable first, and
+    no rank variables of an outer launcher."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+             TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(src), e.get("PYTHONPATH", "")) if p)
+    for k in ("FFT_DIST_CONFIG", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
