@@ -40,16 +40,25 @@ RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR
 """What makes `fft-dist train` believe a launcher started it as a rank (fft_dist.launch.launched_by_launcher)."""
 
 
+_last_test = [None]
+
+
 @pytest.fixture(autouse=True)
-def _environment_as_it_was():
+def _environment_as_it_was(request):
     """Every test leaves os.environ as it found it. Code run in pytest's own process may set variables (a
     one-process init_distributed sets RANK and WORLD_SIZE); left behind, they would make a later in-process
     `fft-dist train` run as a rank, train here and end pytest with os._exit, silently."""
+    leaked = sorted(set(RANK_ENV) & set(os.environ))
+    if leaked:  # set outside any test's own scope (a module or session fixture): fail here once, not every test after
+        for key in leaked:
+            del os.environ[key]
+        pytest.fail(f"rank variables {leaked} were left in pytest's environment by a fixture wider than one test; "
+                    f"removed (a test after {_last_test[0]!r} would otherwise have run as a rank)")
     before = dict(os.environ)
-    assert not any(k in before for k in RANK_ENV), f"pytest runs with rank variables set: {sorted(set(RANK_ENV) & set(before))}"
     yield
     for key in set(os.environ) - set(before):
         del os.environ[key]
     for key, value in before.items():
         if os.environ.get(key) != value:
             os.environ[key] = value
+    _last_test[0] = request.node.nodeid

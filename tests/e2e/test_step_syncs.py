@@ -40,10 +40,12 @@ class FloatHostReads(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def trainer_for(tmp_path_factory):
+    """Function-scoped, so the autouse fixture that restores os.environ sees it start and end: the
+    one-process group sets RANK, WORLD_SIZE and MASTER_*, which must not outlive this test."""
     from fft_dist.compose import prepare
-    from fft_dist.dist import init_distributed
+    from fft_dist.dist import destroy, init_distributed
     from fft_dist.trainer import Trainer
 
     ctx = init_distributed("gloo", 120)
@@ -57,7 +59,8 @@ def trainer_for(tmp_path_factory):
         trainer._build()
         return trainer
 
-    return make
+    yield make
+    destroy()
 
 
 def test_a_step_reads_the_device_once_whatever_the_accumulation(trainer_for):

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from helpers import REPO
 
@@ -49,9 +48,7 @@ destroy()
 
 
 def gathered_after_forward(reshard: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # an in-process group (test_step_syncs)
-        env.pop(key, None)  # leaves MASTER_PORT set to a port its store still holds
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # no rank variables: tests/conftest.py keeps them out of pytest
     proc = subprocess.run([sys.executable, "-c", SCRIPT, reshard], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
