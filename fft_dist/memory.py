@@ -226,7 +226,8 @@ def kept_copies(shape: ModelShape, cfg: FFTConfig, setup: Setup) -> tuple[dict[s
 def staging_bytes(shape: ModelShape, cfg: FFTConfig, setup: Setup) -> int:
     """Host memory of checkpoint.async_save's staging buffer per GPU (0 when off): a copy of what the rank
     checkpoints, its share of the fp32 weights and of the optimizer states (fft_dist/checkpoint/stage.py; the
-    rank decides auto against the host's available memory at its first save)."""
+    rank decides auto before training with this formula at its real share
+    (stage.projected_staging_bytes), against its host's available memory)."""
     if cfg.checkpoint.async_save == AsyncSave.off:
         return 0
     descriptor = registry.row_backend(setup.parallelism)

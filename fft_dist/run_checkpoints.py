@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 from fft_dist import checkpoint as ckpt
 from fft_dist.checkpoint.collective import agree_or_raise
@@ -22,7 +22,7 @@ from fft_dist.checkpoint import ownership
 from fft_dist.checkpoint.format import TRAIN_STATE_FILE
 from fft_dist.checkpoint.layout import SHARED_FS_HELP, read_shared_probe, write_shared_probe
 from fft_dist.checkpoint.ownership import Reason
-from fft_dist.checkpoint.stage import staged_bytes
+from fft_dist.checkpoint.stage import projected_staging_bytes
 from fft_dist.config import AsyncSave, ExportChoice, FFTConfig
 from fft_dist.dist import DistContext, all_gather_small, broadcast_small, print0
 from fft_dist.rundir import run_identity
@@ -90,8 +90,6 @@ class RunCheckpoints:
         self._log, self._say = log, say
         self._warned: set[str] = set()
         self._reported: int | None = None
-        self._async_decided: bool | None = None
-        """None: not asked yet; False: checkpoint.async_save=auto, decided at the first save."""
         self.root = Path(cfg.checkpoint.dir)
         self.run_id: str = broadcast_small(run_identity(Path(cfg.run.dir)) if ctx.is_main else None)
         self.generation_config = read_generation_config(cfg.model.path)
@@ -158,17 +156,15 @@ class RunCheckpoints:
         self.saver.best = envelope["train_state"]["trainer"]["best_checkpoint"]  # kept out of pruning again
         return path, envelope
 
-    def choose_async(self, strategy) -> None:
-        """Decide checkpoint.async_save on every rank alike and say why (rank 0). Collective. ``auto``
-        is decided at the first save (the :meth:`save` calls this), when the fragments hold every
-        optimizer state (a fresh torch optimizer makes its states at its first step): each rank counts
-        its fragments' bytes (what its staging buffer will hold) against its host's available memory."""
+    def choose_async(self, strategy, *, frozen: Collection[str] = ()) -> None:
+        """Decide checkpoint.async_save on every rank alike, before training, and say why (rank 0, under
+        the banner). Collective. ``auto`` counts each rank's staging buffer as it will be once the
+        optimizer has its states (the formula of `estimate`'s ``stage``, with the rank's real share;
+        `frozen` parameters get no states) against its host's available memory."""
         mode = self.cfg.checkpoint.async_save
-        if mode == AsyncSave.auto and self._async_decided is None:
-            self._async_decided = False  # the first save decides
-            return
-        self._async_decided = True
-        mine = (socket.gethostname(), staged_bytes(strategy) if mode == AsyncSave.auto else 0, mem_available())
+        nbytes = (projected_staging_bytes(strategy, state_bytes_per_param=self.cfg.optimizer.state_bytes_per_param(),
+                                          frozen=frozen) if mode == AsyncSave.auto else 0)
+        mine = (socket.gethostname(), nbytes, mem_available())
         hosts = all_gather_small(mine) if mode == AsyncSave.auto else [mine]
         on, why = decide_async(mode, hosts)
         self.saver.use_async(on)
@@ -209,8 +205,6 @@ class RunCheckpoints:
     def save(self, strategy, step: int, *, train_state, meta: dict, best: bool) -> ckpt.SaveResult | None:
         """Save `step` as this run's; `best`: it holds the best-evaluated weights so far (kept with keep_best,
         exported with export=best). `train_state`: see :meth:`Checkpointer.save`. Collective."""
-        if self._async_decided is False:
-            self.choose_async(strategy)
         previous = self.saver.last_step
         result = self.saver.save(strategy, step, train_state, best=best,
                                  meta={**meta, "generation_config": self.generation_config})

@@ -171,7 +171,7 @@ class Trainer:
         )
         print0(f"fft-dist: {self.defaults.banner()}")
         if cfg.checkpoint.save_final or cfg.checkpoint.every_steps:
-            self.checkpoints.choose_async(self.strategy)  # checkpoint.async_save (auto: at the first save)
+            self.checkpoints.choose_async(self.strategy, frozen=self.frozen)  # checkpoint.async_save
         self.metrics.write(self.defaults.record())
 
     def _tokenizer_line(self) -> str:

@@ -15,6 +15,7 @@ that the save reports on every rank (:mod:`fft_dist.checkpoint.checkpointer`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Collection
 
 import torch
 
@@ -91,13 +92,30 @@ class StagingBuffer:
             torch.cuda.current_stream().synchronize()
 
 
+def _owned_elements(frag) -> int:
+    """The elements of `frag` inside its tensor (ZeRO-3's last partition may carry padding)."""
+    stop = min(int(frag.flat_start) + frag.local.numel(), fmt.numel(frag.full_shape))
+    return max(0, stop - int(frag.flat_start))
+
+
 def staged_bytes(strategy) -> int:
     """The bytes this rank's fragments hold: what a :class:`StagingBuffer` costs in host memory."""
-    total = 0
-    for frag in strategy.fragments():
-        stop = min(int(frag.flat_start) + frag.local.numel(), fmt.numel(frag.full_shape))
-        total += max(0, stop - int(frag.flat_start)) * frag.local.element_size()
-    return total
+    return sum(_owned_elements(frag) * frag.local.element_size() for frag in strategy.fragments())
+
+
+def projected_staging_bytes(strategy, *, state_bytes_per_param: int, frozen: Collection[str]) -> int:
+    """What this rank's staging buffer will hold once its optimizer has states, known before the first
+    step: :func:`staged_bytes` where the optimizer has made its states (DeepSpeed at start, a resumed
+    run), else the weights' bytes plus `state_bytes_per_param` for each trainable element the rank owns
+    (a fresh torch optimizer makes its states at its first step). The formula of `estimate`'s
+    ``stage`` column, with this rank's real share."""
+    frags = list(strategy.fragments())
+    if any(frag.kind != "param" for frag in frags):
+        return staged_bytes(strategy)
+    frozen = set(frozen)
+    weights = sum(_owned_elements(frag) * frag.local.element_size() for frag in frags)
+    trainable = sum(_owned_elements(frag) for frag in frags if frag.name not in frozen)
+    return weights + state_bytes_per_param * trainable
 
 
 def check_finite(staged: Staged) -> None:

@@ -173,9 +173,21 @@ def test_nonfinite_loss_after_resume_keeps_the_last_good_checkpoint(uninterrupte
 def test_reshard_2_ranks_to_1(uninterrupted, tmp_path):
     """fsdp x 2 -> parallelism=none x 1 (accumulation 2 -> 4): same losses within round-off."""
     run = tmp_path / "run"
-    torchrun_train(run, f"resume={uninterrupted / 'checkpoints' / 'step-0000004'}", nproc=1, parallelism="none")
+    proc = torchrun_train(run, f"resume={uninterrupted / 'checkpoints' / 'step-0000004'}", nproc=1,
+                          parallelism="none")
+    assert_async_chosen_under_the_banner(proc.stdout)
     full, resumed = losses_by_step(uninterrupted), losses_by_step(run)
     assert_close_rel([resumed[s] for s in range(5, 9)], [full[s] for s in range(5, 9)], 1e-5, "fsdp x2 -> none x1")
+
+
+def assert_async_chosen_under_the_banner(stdout: str) -> None:
+    """checkpoint.async_save=auto (the default) is decided before the first step, and the line under the banner
+    says so and why: this tiny model's staging buffers fit this host's memory."""
+    lines = stdout.splitlines()
+    banner = next(i for i, line in enumerate(lines) if line.startswith("fft-dist: defaults on "))
+    chosen = lines[banner + 1]
+    assert chosen.startswith("fft-dist: checkpoints are asynchronous") and "staging buffers of" in chosen, \
+        stdout[-3000:]
 
 
 @pytest.mark.slow
@@ -190,7 +202,8 @@ def test_reshard_2_ranks_to_4(uninterrupted, tmp_path):
 def test_cross_backend_fsdp_to_zero3(uninterrupted, tmp_path):
     pytest.importorskip("deepspeed")
     run = tmp_path / "run"
-    torchrun_train(run, f"resume={uninterrupted / 'checkpoints' / 'step-0000004'}", parallelism="zero3")
+    proc = torchrun_train(run, f"resume={uninterrupted / 'checkpoints' / 'step-0000004'}", parallelism="zero3")
+    assert_async_chosen_under_the_banner(proc.stdout)  # DeepSpeed has made its optimizer states already
     full, resumed = losses_by_step(uninterrupted), losses_by_step(run)
     assert_close_rel([resumed[s] for s in range(5, 9)], [full[s] for s in range(5, 9)], 1e-5, "fsdp -> zero3")
 

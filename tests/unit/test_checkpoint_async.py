@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from checkpoint_helpers import RUN, strategy
+from checkpoint_worker import FlatShardStrategy
 from fft_dist import checkpoint as ckpt
 from fft_dist.checkpoint import CheckpointReader, Checkpointer
 from fft_dist.checkpoint.background import NICE_INCREMENT, BackgroundWriter
 from fft_dist.checkpoint.faults import FAULT_POINTS
-from fft_dist.checkpoint.stage import staged_bytes
+from fft_dist.checkpoint.stage import projected_staging_bytes, staged_bytes
 from fft_dist.config import AsyncSave
 from fft_dist.run_checkpoints import AUTO_ASYNC_SHARE, decide_async, mem_available
 
@@ -47,7 +48,7 @@ def test_the_staging_buffer_is_allocated_once_and_the_writer_runs_at_a_lower_pri
     saver.wait()
     buffers = dict(saver._buffer._tensors)  # noqa: SLF001 - the reuse is the point under test
     nbytes = saver.staging_bytes
-    assert nbytes == staged_bytes(s) > 0  # what checkpoint.async_save=auto counts before the first save
+    assert nbytes == staged_bytes(s) > 0
     s.train_step(1)
     saver.save(s, 2, {"step": 2})
     writer = saver._runner  # noqa: SLF001
@@ -115,3 +116,18 @@ def test_on_and_off_are_taken_as_given():
     assert decide_async(AsyncSave.on, [("a", 10 * GIB, 1)]) == (True, "checkpoint.async_save=on")
     assert decide_async(AsyncSave.off, [("a", 1, 10 * GIB)]) == (False, "checkpoint.async_save=off")
     assert mem_available() is None or mem_available() > 0
+
+
+def test_auto_counts_the_buffer_before_the_optimizer_has_made_its_states():
+    """checkpoint.async_save=auto decides before training, when a fresh torch optimizer has no states yet:
+    the projection (weights + 8 bytes of AdamW state per trainable element) is what the buffer will hold
+    at the first save, short only of AdamW's scalar step counters; frozen parameters get no states."""
+    fresh, trained = strategy(steps=0), strategy(steps=1)
+    assert {f.kind for f in fresh.fragments()} == {"param"}
+    counters = 4 * len(trained.params)  # one fp32 'step' per tensor, not per element
+    assert projected_staging_bytes(fresh, state_bytes_per_param=8, frozen=()) == staged_bytes(trained) - counters
+    assert projected_staging_bytes(trained, state_bytes_per_param=8, frozen=()) == staged_bytes(trained)  # exact
+    name = next(iter(fresh.params))
+    frozen = FlatShardStrategy(fresh.shapes, split="rows", rank=0, world=1, frozen=(name,))
+    assert projected_staging_bytes(frozen, state_bytes_per_param=8, frozen=(name,)) == \
+        staged_bytes(trained) - counters - 8 * fresh.params[name].numel()
