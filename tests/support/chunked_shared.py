@@ -1,4 +1,4 @@
-"""What tests/unit/test_chunked_loss.py and the distillation tests share: tiny models of four families with
+"""What tests/unit/test_chunked_loss.py and the distillation tests share: tiny models of five families with
 their head rules set so that they change the loss, and one batch with padding and a prompt without loss."""
 from __future__ import annotations
 
@@ -7,14 +7,21 @@ import torch
 from families import BY_NAME
 
 # the head rule at a value that changes a tiny random model's loss (the defaults barely touch logits of order 0.1)
-RULES = {"llama": {}, "qwen2": {}, "gemma2": {"final_logit_softcapping": 0.5}, "granite": {"logits_scaling": 0.25}}
+RULES = {"llama": {}, "qwen2": {}, "gemma2": {"final_logit_softcapping": 0.5}, "granite": {"logits_scaling": 0.25},
+         "cohere": {"logit_scale": 4.0}}
+NOT_IN_FAMILIES = {"granite": "GraniteConfig", "cohere": "CohereConfig"}
+"""Families with no row in tests/support/families.py (the conformance suite does not train them): built from
+the Llama row's sizes with their own config class."""
 
 
 def tiny_model(family: str):
-    from transformers import AutoModelForCausalLM, GraniteConfig
+    import transformers
+    from transformers import AutoModelForCausalLM
 
-    if family == "granite":  # no row in tests/support/families.py (it is not trained by the conformance suite)
-        config = GraniteConfig(**{**BY_NAME["llama"].config().to_dict(), "model_type": "granite"})
+    if family in NOT_IN_FAMILIES:
+        kind = getattr(transformers, NOT_IN_FAMILIES[family])
+        sizes = BY_NAME["llama"].config().to_dict()
+        config = kind(**{k: v for k, v in sizes.items() if k not in ("model_type", "tie_word_embeddings")})
     else:
         config = BY_NAME[family].config()
     for key, value in RULES[family].items():

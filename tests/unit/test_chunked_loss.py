@@ -1,7 +1,7 @@
 """The chunked loss (loss.chunk_size, issue 20), in process: the output projection and cross-entropy chunk by chunk.
 
-- Parity in fp32: for a plain Llama, a tied head (Qwen2), Gemma-2 (final logit soft-capping) and Granite
-  (logits scaling), built from tests/support/families.py's rows with transformers' own config classes, the
+- Parity in fp32: for a plain Llama, a tied head (Qwen2), Gemma-2 (final logit soft-capping), Granite
+  (logits scaling) and Cohere (logit scale, tied head), built from tests/support/families.py's rows with transformers' own config classes, the
   chunked loss equals the full-logits one within 1e-6 relative and the gradients within 1e-6 in norm
   (||dg|| / ||g||); the head rule is set so that it changes the loss (a guard checks that it does).
 - A family whose forward changes the logits in a way the head rules do not know is refused (ConfigError); a
@@ -44,7 +44,7 @@ def test_chunked_equals_full_logits_in_fp32(family):
     from fft_dist.models.head import HeadRules, head_rules
 
     model = tiny_model(family)
-    assert model.config.tie_word_embeddings == (family in ("qwen2", "gemma2"))  # Gemma-2 ties its head too
+    assert model.config.tie_word_embeddings == (family in ("qwen2", "gemma2", "cohere"))  # their classes' default
     b = batch(model.config.vocab_size)
     ref_loss, ref_grad = loss_and_grads(model, b, None)
     for chunk in (7, 4096):  # chunks that do not divide the 101 loss tokens, and one chunk for all
