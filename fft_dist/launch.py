@@ -171,6 +171,8 @@ def _launch(overrides: list[str], config_dirs: list[str] | None, forwarder: Sign
         except BrokenPipeError:  # `... | head`: the reader has what it wanted
             sys.stdout = open(os.devnull, "w", encoding="utf-8")
         return exit_codes.OK
+    if forwarder.received is not None:  # its StartupInterrupted was lost (raised where Python swallows exceptions:
+        raise StartupInterrupted(forwarder.received)  # a finaliser, a weakref callback): still no rank may start
     if starter.supervises:
         become_supervisor()
     return starter.run(job)
