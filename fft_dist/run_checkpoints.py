@@ -81,6 +81,25 @@ def decide_async(mode: AsyncSave, hosts: list[tuple[str, int, int | None]]) -> t
                   f"{AUTO_ASYNC_SHARE:.0%} of its {avail / gib:.1f} GiB available")
 
 
+def save_warnings(t: ckpt.SaveTimings, *, step: int, signal_lead_s: int,
+                  every_steps: int) -> list[tuple[str, str]]:
+    """(kind, message) for each way a committed save is too slow for the run's settings: a stop signal during
+    a save costs two saves (that one, then the current step's), so twice a save must fit in the launcher's
+    signal lead; and a save still being written when the next was due made training wait."""
+    warnings = []
+    save_s = t.blocked + t.written
+    if signal_lead_s and 2 * save_s > signal_lead_s:
+        warnings.append(("lead", f"fft-dist: warning: a save takes {save_s:.0f} s; a stop signal during a save costs "
+                                 f"two (that one, then the current step's), {2 * save_s:.0f} s, more than "
+                                 f"launcher.signal_lead_s={signal_lead_s}: raise it, or the job may be killed "
+                                 f"before its checkpoint is committed"))
+    if t.waited > 0.05:
+        warnings.append(("every", f"fft-dist: warning: the save of step {step} was still being written when the "
+                                  f"next one was due (training waited {t.waited:.1f} s); raise "
+                                  f"checkpoint.every_steps={every_steps}"))
+    return warnings
+
+
 class RunCheckpoints:
     """The checkpoints of one run (collective methods are called by every rank)."""
 
@@ -134,9 +153,10 @@ class RunCheckpoints:
     def choose_resume(self) -> tuple[Path, dict] | None:
         """(the checkpoint to resume from, its train_state.json) or None for a fresh start. Collective.
 
-        The trainer's sections of its train state are checked against their spec first. The checkpoint is hashed on every rank (a corrupt newest one falls back to the next older
-        intact one); newer damaged folders of this run are then set aside so that no save lands on
-        them, and anything else newer stops the run here, before training.
+        The trainer's sections of its train state are checked against their spec first. The checkpoint is
+        hashed on every rank (a corrupt newest one falls back to the next older intact one); newer damaged
+        folders of this run are then set aside so that no save lands on them, and anything else newer stops
+        the run here, before training.
         """
         if self.cfg.resume_request.fresh:
             return None
@@ -180,18 +200,12 @@ class RunCheckpoints:
         t = result.timings
         self._log({"step": step, "event": "checkpoint", "checkpoint_step": result.step,
                    "ckpt_block_s": t.blocked, "ckpt_write_s": t.written})
-        lead = getattr(self.cfg.launcher, "signal_lead_s", 0)
-        save_s = t.blocked + t.written
-        if lead and 2 * save_s > lead and "lead" not in self._warned:
-            self._warned.add("lead")
-            self._say(f"fft-dist: warning: a save takes {save_s:.0f} s; a stop signal during a save costs two "
-                      f"(that one, then the current step's), {2 * save_s:.0f} s, more than launcher.signal_lead_s="
-                      f"{lead}: raise it, or the job may be killed before its checkpoint is committed")
-        if t.waited > 0.05 and "every" not in self._warned:
-            self._warned.add("every")
-            self._say(f"fft-dist: warning: the save of step {result.step} was still being written when the next "
-                      f"one was due (training waited {t.waited:.1f} s); raise checkpoint.every_steps="
-                      f"{self.cfg.checkpoint.every_steps}")
+        lead = getattr(self.cfg.launcher, "signal_lead_s", 0)  # a launcher without a lead sends no early signal
+        for key, message in save_warnings(t, step=result.step, signal_lead_s=lead,
+                                          every_steps=self.cfg.checkpoint.every_steps):
+            if key not in self._warned:
+                self._warned.add(key)
+                self._say(message)
 
     def poll(self, step: int) -> None:
         """Log the save in flight if it has committed (rank-local, never blocks)."""

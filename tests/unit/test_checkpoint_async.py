@@ -17,7 +17,7 @@ from fft_dist.checkpoint.background import NICE_INCREMENT, BackgroundWriter
 from fft_dist.checkpoint.faults import FAULT_POINTS
 from fft_dist.checkpoint.stage import projected_staging_bytes, staged_bytes
 from fft_dist.config import AsyncSave
-from fft_dist.run_checkpoints import AUTO_ASYNC_SHARE, decide_async, mem_available
+from fft_dist.run_checkpoints import AUTO_ASYNC_SHARE, decide_async, mem_available, save_warnings
 
 GIB = 1 << 30
 
@@ -131,3 +131,23 @@ def test_auto_counts_the_buffer_before_the_optimizer_has_made_its_states():
     frozen = FlatShardStrategy(fresh.shapes, split="rows", rank=0, world=1, frozen=(name,))
     assert projected_staging_bytes(frozen, state_bytes_per_param=8, frozen=(name,)) == \
         staged_bytes(trained) - counters - 8 * fresh.params[name].numel()
+
+
+def _timings(*, blocked: float, written: float, waited: float = 0.0) -> ckpt.SaveTimings:
+    return ckpt.SaveTimings(stage=blocked - waited, setup=0.0, write=written, gather=0.0, commit=0.0,
+                            total=blocked + written, blocked=blocked, waited=waited)
+
+
+def test_a_save_too_slow_for_the_signal_lead_or_the_save_interval_is_warned():
+    """A stop during a save costs two saves, so twice (block + write) must fit in launcher.signal_lead_s; a save
+    that made the next one wait names checkpoint.every_steps. A launcher without a lead (0) is never warned."""
+    quick = _timings(blocked=0.2, written=20.0)
+    assert save_warnings(quick, step=4, signal_lead_s=120, every_steps=2) == []
+    assert save_warnings(_timings(blocked=0.2, written=80.0), step=4, signal_lead_s=0, every_steps=2) == []
+    [(kind, message)] = save_warnings(_timings(blocked=0.2, written=70.0), step=4, signal_lead_s=120, every_steps=2)
+    assert kind == "lead" and "a save takes 70 s" in message
+    assert "140 s, more than launcher.signal_lead_s=120" in message
+    [(kind, message)] = save_warnings(_timings(blocked=3.0, written=20.0, waited=2.5), step=6, signal_lead_s=120,
+                                      every_steps=2)
+    assert kind == "every" and "save of step 6" in message and "checkpoint.every_steps=2" in message
+    assert "waited 2.5 s" in message
