@@ -98,9 +98,13 @@ def _owned_elements(frag) -> int:
     return max(0, stop - int(frag.flat_start))
 
 
+def _bytes_held(frags) -> int:
+    return sum(_owned_elements(frag) * frag.local.element_size() for frag in frags)
+
+
 def staged_bytes(strategy) -> int:
     """The bytes this rank's fragments hold: what a :class:`StagingBuffer` costs in host memory."""
-    return sum(_owned_elements(frag) * frag.local.element_size() for frag in strategy.fragments())
+    return _bytes_held(strategy.fragments())
 
 
 def projected_staging_bytes(strategy, *, state_bytes_per_param: int, frozen: Collection[str]) -> int:
@@ -110,12 +114,11 @@ def projected_staging_bytes(strategy, *, state_bytes_per_param: int, frozen: Col
     (a fresh torch optimizer makes its states at its first step). The formula of `estimate`'s
     ``stage`` column, with this rank's real share."""
     frags = list(strategy.fragments())
+    held = _bytes_held(frags)
     if any(frag.kind != "param" for frag in frags):
-        return staged_bytes(strategy)
+        return held
     frozen = set(frozen)
-    weights = sum(_owned_elements(frag) * frag.local.element_size() for frag in frags)
-    trainable = sum(_owned_elements(frag) for frag in frags if frag.name not in frozen)
-    return weights + state_bytes_per_param * trainable
+    return held + state_bytes_per_param * sum(_owned_elements(frag) for frag in frags if frag.name not in frozen)
 
 
 def check_finite(staged: Staged) -> None:
